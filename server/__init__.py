@@ -1,0 +1,1 @@
+"""The image handler: the queue of scan jobs and its dispatch to Free scanners."""

@@ -1,0 +1,1 @@
+"""The gRPC skin: servicers that convert protobuf to domain objects and back, and status mapping."""

@@ -1,0 +1,76 @@
+"""The one place where handler errors become gRPC statuses, and where clients read them back.
+
+On the wire an error is the gRPC status code from the catalogue, the message
+``HNDL-0NN: text[: detail]`` and a ``google.rpc.ErrorInfo`` detail whose ``reason`` is the code,
+so clients can match on the code without parsing the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server.errors import Catalogue, HandlerError
+
+ERROR_DOMAIN = "imagehandler.v1"
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def to_rpc_status(error: HandlerError) -> grpc.Status:
+    """The gRPC status for a handler error, with the ErrorInfo detail attached."""
+    info = error_details_pb2.ErrorInfo(
+        reason=error.code,
+        domain=ERROR_DOMAIN,
+        metadata={"text": error.text, "detail": error.detail},
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(
+            code=error.status.value[0],  # grpc.StatusCode values are (number, name)
+            message=error.message,
+            details=[detail],
+        )
+    )
+    return status
+
+
+async def abort(context: grpc.aio.ServicerContext[object, object], error: HandlerError) -> None:
+    """End the call with the error's status; never returns normally (grpc raises)."""
+    status = to_rpc_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+@dataclass(frozen=True)
+class RemoteError:
+    """An error as a client reads it from a failed call."""
+
+    code: str  # "HNDL-0NN", or "" when the server sent no ErrorInfo
+    message: str
+    status: grpc.StatusCode
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def read_rpc_error(error: grpc.RpcError) -> RemoteError:
+    """The HNDL code and message of a failed call (works for sync and aio errors)."""
+    status_code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+    details: str = error.details() or ""  # type: ignore[attr-defined]
+    metadata = error.trailing_metadata() or ()  # type: ignore[attr-defined]
+    for key, value in metadata:
+        if key != _DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        for any_detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if any_detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+                return RemoteError(info.reason, status.message, status_code)
+    if Catalogue.by_code(details[:8]) is not None:
+        return RemoteError(details[:8], details, status_code)
+    return RemoteError("", f"{status_code.name}: {details}", status_code)
+
