@@ -1,0 +1,54 @@
+"""``image-handler serve``: run the handler until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from server import config as config_module
+from server import logs
+from server.app import HandlerServer
+from server.errors import HandlerError
+
+
+async def serve(config: config_module.Config) -> None:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    server = HandlerServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"image-handler listening on {server.address}", file=sys.stderr, flush=True)
+    await stop.wait()
+    structlog.get_logger("imagehandler").info("handler.stopping", grace_period=config.grace_period)
+    await server.stop(config.grace_period)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="image-handler", description="The image handler: a queue of scan jobs for scanners."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="run the handler")
+    config_module.add_arguments(serve_parser)
+    args = parser.parse_args(argv)
+    config = config_module.from_namespace(args)
+    try:
+        zone = logs.resolve_timezone(config.timezone)
+        logs.configure(config.log_format, config.log_level, zone)
+        config.check()
+        asyncio.run(serve(config))
+    except HandlerError as error:
+        print(f"image-handler: {error.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

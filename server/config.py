@@ -1,0 +1,154 @@
+"""Handler configuration: one dataclass, read from flags with IMAGE_HANDLER_* environment
+variables as their defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from server.errors import Catalogue, HandlerError
+from server.model import Policy
+
+ENV_PREFIX = "IMAGE_HANDLER_"
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path(".data")
+    # Runs without a result before a job is ERROR.
+    max_runs: int = 3
+    # A run's limit when the job does not set max_run_time (seconds).
+    default_max_run_time: float = 1800.0
+    # How long a run may go without progress or a heartbeat naming the job (seconds).
+    result_wait: float = 300.0
+    heartbeat_interval: float = 5.0
+    # A scanner silent this long is gone; its jobs go back to the queue.
+    heartbeat_timeout: float = 15.0
+    default_policies: tuple[Policy, ...] = tuple(Policy)
+    # Share of assignments the interactive lane gets while both lanes have work.
+    interactive_share: float = 0.8
+    result_workers: int = 10
+    # PENDING jobs allowed at once; 0 means no limit.
+    queue_limit: int = 0
+    max_batch: int = 1000
+    timezone: str = "UTC"
+    log_format: str = "auto"  # auto: JSON unless stderr is a terminal
+    log_level: str = "info"
+    grace_period: float = 30.0
+    reflection: bool = True
+
+    def check(self) -> None:
+        """HNDL-003 for scanner settings that cannot work."""
+        problems = []
+        if self.max_runs < 1:
+            problems.append(f"max_runs must be at least 1, got {self.max_runs}")
+        for name in ("default_max_run_time", "result_wait", "heartbeat_interval"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            problems.append(
+                f"heartbeat_timeout ({self.heartbeat_timeout}s) must exceed "
+                f"heartbeat_interval ({self.heartbeat_interval}s)"
+            )
+        if not 0 < self.interactive_share <= 1:
+            problems.append(f"interactive_share must be in (0, 1], got {self.interactive_share}")
+        if self.result_workers < 1:
+            problems.append(f"result_workers must be at least 1, got {self.result_workers}")
+        if self.queue_limit < 0:
+            problems.append(f"queue_limit must be 0 (none) or positive, got {self.queue_limit}")
+        if problems:
+            raise HandlerError(
+                Catalogue.SCANNER_CONFIG_INVALID,
+                "; ".join(problems),
+                status=Catalogue.SCANNER_CONFIG_INVALID.entry.statuses[1],
+            )
+
+
+def parse_policies(text: str) -> tuple[Policy, ...]:
+    names = [part.strip().upper() for part in text.split(",") if part.strip()]
+    try:
+        return tuple(Policy[name] for name in names)
+    except KeyError as exc:
+        raise argparse.ArgumentTypeError(
+            f"unknown policy {exc.args[0].lower()}; "
+            f"choose from {', '.join(p.name.lower() for p in Policy)}"
+        ) from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_HELP: dict[str, str] = {
+    "listen": "gRPC address HOST:PORT (port 0 picks a free one)",
+    "data_dir": "directory for the handler's state",
+    "max_runs": "runs without a result before a job is ERROR",
+    "default_max_run_time": "seconds a run may take when the job sets no max_run_time",
+    "result_wait": "seconds a run may go without progress or heartbeat before HNDL-004",
+    "heartbeat_interval": "seconds between heartbeats on scanner streams",
+    "heartbeat_timeout": "seconds of silence after which a scanner is gone",
+    "default_policies": "comma-separated policies for jobs that name none ('' = none: HNDL-014)",
+    "interactive_share": "share of assignments for the interactive lane while both lanes wait",
+    "result_workers": "result workers (the seed's scanWorkers)",
+    "queue_limit": "most PENDING jobs at once; 0 = no limit",
+    "max_batch": "most jobs in one SubmitJobs call",
+    "timezone": "IANA time zone for log timestamps, or 'local' (HNDL-015 when unknown)",
+    "log_format": "auto, json or console",
+    "log_level": "debug, info, warning or error",
+    "grace_period": "seconds SIGTERM waits for running jobs",
+    "reflection": "serve gRPC server reflection (true/false)",
+}
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, environ: dict[str, str] | None = None) -> None:
+    """One flag per Config field; each defaults to IMAGE_HANDLER_<FIELD> when it is set."""
+    env = os.environ if environ is None else environ
+    defaults = Config()
+    for f in fields(Config):
+        default: Any = getattr(defaults, f.name)
+        convert: Any
+        if f.name == "default_policies":
+            convert = parse_policies
+        elif isinstance(default, bool):
+            convert = _bool
+        elif isinstance(default, Path):
+            convert = Path
+        else:
+            convert = type(default)
+        env_name = ENV_PREFIX + f.name.upper()
+        shown = ",".join(p.name.lower() for p in default) if f.name == "default_policies" else default
+        env_value = env.get(env_name)
+        parser.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            type=convert,
+            default=convert(env_value) if env_value is not None else default,
+            help=f"{_HELP.get(f.name, f.name)} [env {env_name}; default {shown}]",
+        )
+
+
+def from_namespace(namespace: argparse.Namespace) -> Config:
+    return Config(**{f.name: getattr(namespace, f.name) for f in fields(Config)})
+
+
+def parse(argv: Sequence[str], environ: dict[str, str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(prog="image-handler serve")
+    add_arguments(parser, environ)
+    return from_namespace(parser.parse_args(argv))
+
+
+__all__ = ["Config", "add_arguments", "field", "from_namespace", "parse", "parse_policies"]

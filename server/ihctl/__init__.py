@@ -1,0 +1,42 @@
+"""ihctl, the operator CLI of the image handler (console script ``ihctl``).
+
+Modules: :mod:`.args` (the command line and the requests built from it), :mod:`.commands`
+(one handler call per command), :mod:`.render` (tables, views, JSON; pure functions),
+:mod:`.names` (enum values <-> CLI words, from the protobuf descriptors).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import grpc
+
+from server.ihctl import commands, render
+from server.ihctl.args import build_parser
+from server.transport.status import read_rpc_error
+
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ihctl; returns the exit code (see ``ihctl --help``)."""
+    args = build_parser(os.environ).parse_args(argv)
+    output = commands.Output(out=sys.stdout, err=sys.stderr, json=args.json)
+    try:
+        with grpc.insecure_channel(args.handler) as channel:
+            client = commands.Client.over(channel, args.handler, args.timeout)
+            return commands.run(args, client, output)
+    except grpc.RpcError as err:
+        output.note(render.remote_error_text(read_rpc_error(err), args.handler))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (ihctl watch | head): stop quietly, like other tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

@@ -1,0 +1,562 @@
+"""The job manager: owns the jobs, the queue, the scanner sessions and the timers.
+
+It runs on one asyncio loop and knows nothing of gRPC: the transport calls it with domain
+objects and implements the callbacks through which it talks to scanners. Every status change
+goes through :func:`server.state_machine.move` via :meth:`JobManager._move`, which also keeps
+the indexes, publishes the event and logs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from sortedcontainers import SortedDict
+
+from server import state_machine
+from server.config import Config
+from server.dispatcher import Dispatcher
+from server.errors import Catalogue, HandlerError
+from server.events import EventBus
+from server.model import Job, JobFailure, JobSpec, JobStatus, Lane, ObjectKind, Trigger
+from server.queue import JobQueue
+from server.results import ResultPipeline
+from server.retry import RetryPolicy, RunFailure
+from server.scanners import (
+    AssignJobs,
+    CancelRun,
+    RejectMessage,
+    ScannerMessage,
+    ScannerProfile,
+    ScannerRegistry,
+    ScannerSession,
+)
+
+log = structlog.get_logger("imagehandler")
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def failure_of(error: HandlerError) -> JobFailure:
+    return JobFailure(error.code, error.message, error.detail)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    by_status: dict[JobStatus, int]
+    pending_by_lane: dict[Lane, int]
+    oldest_pending: dict[Lane, datetime | None]
+    scanners_connected: int
+    scanners_free: int
+    scanners_busy: int
+    free_slots: int
+    started_at: datetime
+    queue_limit: int
+    result_backlog: int
+
+
+class JobManager:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.jobs: dict[str, Job] = {}
+        self._by_seq: SortedDict[int, Job] = SortedDict()
+        self._next_seq = 1
+        self._active_by_key: dict[tuple[Any, ...], Job] = {}
+        self._by_idempotency_key: dict[str, Job] = {}
+        self.status_counts: Counter[JobStatus] = Counter()
+        self.queue = JobQueue(config.interactive_share)
+        self.scanners = ScannerRegistry()
+        self.dispatcher = Dispatcher(self.queue)
+        self.events = EventBus()
+        self.retry = RetryPolicy(config.max_runs)
+        self.results = ResultPipeline(config.result_workers, self._finish_result)
+        self._run_timers: dict[str, asyncio.TimerHandle] = {}
+        self._watchdogs: dict[str, asyncio.TimerHandle] = {}
+        self._dispatch_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.accepting_submits = True
+        self.started_at = now_utc()
+
+    # ----- life cycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.results.start()
+
+    async def stop(self) -> None:
+        self.accepting_submits = False
+        for handle in (*self._run_timers.values(), *self._watchdogs.values()):
+            handle.cancel()
+        self._run_timers.clear()
+        self._watchdogs.clear()
+        await self.results.stop()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("JobManager.start() was not called")
+        return self._loop
+
+    # ----- submitting -------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> tuple[Job, bool]:
+        """Queue a job, or return the existing one for the same key or object."""
+        return self.submit_many([spec])[0]
+
+    def submit_many(self, specs: Sequence[JobSpec]) -> list[tuple[Job, bool]]:
+        if not self.accepting_submits:
+            raise HandlerError(
+                Catalogue.SYSTEM_ERROR,
+                "the handler is shutting down and takes no new jobs; submit to another replica "
+                "or retry after it restarts",
+                status=Catalogue.SYSTEM_ERROR.entry.statuses[2],
+            )
+        if len(specs) > self.config.max_batch:
+            raise HandlerError(
+                Catalogue.SCAN_PARAMS_EMPTY,
+                f"{len(specs)} jobs in one batch; at most {self.config.max_batch} are allowed",
+            )
+        # Decide duplicates first so the queue limit counts only jobs that would be new.
+        existing = [self._existing(spec) for spec in specs]
+        fresh = sum(1 for job in existing if job is None)
+        limit = self.config.queue_limit
+        if limit and fresh and len(self.queue) + fresh > limit:
+            raise HandlerError(
+                Catalogue.SYSTEM_ERROR,
+                f"queue full (limit {limit}): {len(self.queue)} pending, {fresh} more asked; "
+                "retry later or raise --queue-limit",
+                status=Catalogue.SYSTEM_ERROR.entry.statuses[1],
+            )
+        out: list[tuple[Job, bool]] = []
+        for spec, found in zip(specs, existing, strict=True):
+            if found is None:
+                # A batch may repeat an object: the second copy is a duplicate of the first.
+                found = self._existing(spec)
+            if found is not None:
+                out.append((found, True))
+            else:
+                out.append((self._create(spec), False))
+        self.request_dispatch()
+        return out
+
+    def _existing(self, spec: JobSpec) -> Job | None:
+        if spec.idempotency_key:
+            job = self._by_idempotency_key.get(spec.idempotency_key)
+            if job is not None:
+                return job
+        job = self._active_by_key.get(spec.dedup_key())
+        if job is not None and job.status.active:
+            return job
+        return None
+
+    def _create(self, spec: JobSpec) -> Job:
+        at = now_utc()
+        job = Job(id=str(uuid.uuid4()), seq=self._next_seq, spec=spec, created_at=at)
+        self._next_seq += 1
+        self.jobs[job.id] = job
+        self._by_seq[job.seq] = job
+        self._active_by_key[spec.dedup_key()] = job
+        if spec.idempotency_key:
+            self._by_idempotency_key[spec.idempotency_key] = job
+        self.queue.push(job)
+        transition = state_machine.record_creation(job, at)
+        self.status_counts[JobStatus.PENDING] += 1
+        log.info(
+            "job.submitted",
+            job_id=job.id,
+            kind=job.kind.name,
+            object=spec.target.display(),
+            trigger=spec.trigger.name,
+            lane=spec.lane.name,
+            status=JobStatus.PENDING.name,
+        )
+        self.events.publish(job, transition)
+        return job
+
+    # ----- reading ----------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        if not job_id:
+            raise HandlerError(Catalogue.JOB_ID_INVALID, "job_id is empty; pass the id SubmitJob returned")
+        try:
+            uuid.UUID(job_id)
+        except ValueError:
+            raise HandlerError(
+                Catalogue.JOB_ID_INVALID,
+                f"{job_id[:80]!r} is not a job id (job ids are UUIDs as SubmitJob returns them)",
+            ) from None
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise HandlerError(
+                Catalogue.JOB_ID_INVALID,
+                f"no job with id {job_id}",
+                status=Catalogue.JOB_ID_INVALID.entry.statuses[1],
+            )
+        return job
+
+    def position(self, job: Job) -> int:
+        return self.queue.position(job) if job.status is JobStatus.PENDING else 0
+
+    def list_jobs(
+        self,
+        *,
+        statuses: frozenset[JobStatus],
+        kinds: frozenset[ObjectKind],
+        triggers: frozenset[Trigger],
+        after_seq: int,
+        page_size: int,
+    ) -> tuple[list[Job], int | None]:
+        """A page of jobs in arrival order after ``after_seq``; the next cursor or None."""
+        size = page_size or DEFAULT_PAGE_SIZE
+        if size < 0 or size > MAX_PAGE_SIZE:
+            raise HandlerError(
+                Catalogue.SCAN_PARAMS_EMPTY, f"page_size {page_size} must be 0..{MAX_PAGE_SIZE}"
+            )
+        page: list[Job] = []
+        for seq in self._by_seq.irange(minimum=after_seq, inclusive=(False, True)):
+            job = self._by_seq[seq]
+            if statuses and job.status not in statuses:
+                continue
+            if kinds and job.kind not in kinds:
+                continue
+            if triggers and job.spec.trigger not in triggers:
+                continue
+            if len(page) == size:
+                return page, page[-1].seq
+            page.append(job)
+        return page, None
+
+    def stats(self) -> QueueStats:
+        connected = self.scanners.connected()
+        return QueueStats(
+            by_status=dict(self.status_counts),
+            pending_by_lane={lane: self.queue.lane_size(lane) for lane in Lane},
+            oldest_pending={
+                lane: (job.created_at if (job := self.queue.oldest(lane)) else None)
+                for lane in Lane
+            },
+            scanners_connected=len(connected),
+            scanners_free=sum(1 for s in connected if s.is_free),
+            scanners_busy=sum(1 for s in connected if not s.is_free),
+            free_slots=sum(s.free_slots for s in connected if s.is_free),
+            started_at=self.started_at,
+            queue_limit=self.config.queue_limit,
+            result_backlog=self.results.backlog,
+        )
+
+    def processing_by_scanner(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for job in self.results.in_pipeline.values():
+            out.setdefault(job.scanner_id, []).append(job.id)
+        return out
+
+    # ----- cancelling -------------------------------------------------------------------
+
+    def cancel(self, job_id: str, reason: str = "") -> Job:
+        job = self.get(job_id)
+        why = reason or "cancelled by a client"
+        if job.status is JobStatus.PENDING:
+            self.queue.remove(job)
+            self._move(job, JobStatus.CANCELLED, reason=why)
+        elif job.status is JobStatus.IN_PROGRESS:
+            session = self._holder(job)
+            self._release(job, session)
+            if session is not None:
+                session.send(CancelRun(job.id, why))
+            self._move(job, JobStatus.CANCELLED, reason=why)
+            self.request_dispatch()
+        else:
+            raise HandlerError(
+                Catalogue.JOB_ID_INVALID,
+                f"job {job.id} is {job.status.name}; only PENDING or IN_PROGRESS jobs can be "
+                "cancelled",
+                status=Catalogue.JOB_ID_INVALID.entry.statuses[2],
+            )
+        return job
+
+    # ----- scanners ---------------------------------------------------------------------
+
+    def connect_scanner(
+        self,
+        profile: ScannerProfile,
+        send: Callable[[ScannerMessage], None],
+        close: Callable[[HandlerError], None],
+    ) -> ScannerSession:
+        if self.scanners.live(profile.scanner_id) is not None:
+            # Refused, not replaced: a second stream must not take over a live scanner's jobs.
+            # UNAVAILABLE so a scanner that reconnects before its old stream timed out retries.
+            raise HandlerError(
+                Catalogue.SYSTEM_ERROR,
+                f"scanner id {profile.scanner_id!r} is already connected; a scanner id may hold "
+                f"one stream (retry after {self.config.heartbeat_timeout:g}s if the old one died)",
+                status=Catalogue.SYSTEM_ERROR.entry.statuses[2],
+            )
+        at = now_utc()
+        session = ScannerSession(
+            profile=profile,
+            session_id=str(uuid.uuid4()),
+            connected_at=at,
+            send=send,
+            close=close,
+            last_seen_at=at,
+            last_seen=self.loop.time(),
+        )
+        self.scanners.add(session)
+        self._arm_watchdog(session)
+        log.info(
+            "scanner.connected",
+            scanner_id=profile.scanner_id,
+            session_id=session.session_id,
+            slots=profile.slots,
+            kinds=sorted(k.name for k in profile.kinds),
+            engine=profile.engine,
+            version=profile.version,
+        )
+        return session
+
+    def touch(self, session: ScannerSession) -> None:
+        """Any message from a scanner shows it is alive."""
+        session.last_seen = self.loop.time()
+        session.last_seen_at = now_utc()
+
+    def ready(self, session: ScannerSession, free_slots: int) -> None:
+        was_free = session.is_free
+        session.accepting = free_slots > 0
+        self.dispatcher.refresh(session)
+        if session.is_free != was_free:
+            log.info(
+                "scanner.status",
+                scanner_id=session.scanner_id,
+                status=session.status.name,
+                free_slots=session.free_slots,
+            )
+        self.request_dispatch()
+
+    def drain(self, session: ScannerSession) -> None:
+        session.draining = True
+        self.dispatcher.refresh(session)
+        log.info("scanner.draining", scanner_id=session.scanner_id, jobs=list(session.held))
+
+    def heartbeat(self, session: ScannerSession, active_job_ids: Iterable[str]) -> None:
+        now = self.loop.time()
+        for job_id in active_job_ids:
+            job = session.held.get(job_id)
+            if job is not None:
+                job.last_activity = now
+
+    def progress(self, session: ScannerSession, job_id: str, stage: str, percent: int) -> None:
+        job = session.held.get(job_id)
+        if job is None:
+            self._reject(session, job_id, "progress")
+            return
+        job.last_activity = self.loop.time()
+        log.debug(
+            "job.progress",
+            job_id=job_id,
+            scanner_id=session.scanner_id,
+            run=job.runs,
+            stage=stage,
+            percent=percent,
+        )
+
+    def result(self, session: ScannerSession, job_id: str, run: int, result: object) -> None:
+        job = session.held.get(job_id)
+        if job is None or (run and run != job.runs):
+            self._reject(session, job_id, "result", run=run)
+            return
+        self._release(job, session)
+        session.jobs_finished += 1
+        job.result = result
+        self._move(job, JobStatus.PROCESSING_RESULTS, reason="result received")
+        self.results.submit(job)
+        self.request_dispatch()
+
+    def failure(self, session: ScannerSession, job_id: str, failure: RunFailure) -> None:
+        job = session.held.get(job_id)
+        if job is None:
+            self._reject(session, job_id, "failure")
+            return
+        session.jobs_failed += 1
+        self._end_run(job, session, failure)
+
+    def disconnect(self, session: ScannerSession, failure: RunFailure) -> None:
+        """The stream ended: every run it held ends without a result. Idempotent."""
+        if not session.connected:
+            return
+        session.connected = False
+        self.dispatcher.refresh(session)
+        self.scanners.remove(session)
+        handle = self._watchdogs.pop(session.session_id, None)
+        if handle is not None:
+            handle.cancel()
+        held = list(session.held.values())
+        log.info(
+            "scanner.disconnected",
+            scanner_id=session.scanner_id,
+            session_id=session.session_id,
+            reason=failure.detail,
+            jobs_returned=[job.id for job in held],
+        )
+        for job in held:
+            self._end_run(job, session, failure)
+
+    def _reject(self, session: ScannerSession, job_id: str, what: str, run: int = 0) -> None:
+        if job_id in self.jobs and self.jobs[job_id].scanner_id == session.scanner_id:
+            detail = (
+                f"{what} for job {job_id} run {run or '?'} is stale: the run is over "
+                f"(job is {self.jobs[job_id].status.name}, run {self.jobs[job_id].runs})"
+            )
+        else:
+            detail = f"{what} for job {job_id or '(empty)'}, which is not assigned to scanner {session.scanner_id} in this session"
+        error = HandlerError(
+            Catalogue.JOB_ID_INVALID, detail, status=Catalogue.JOB_ID_INVALID.entry.statuses[2]
+        )
+        log.warning("scanner.message_rejected", scanner_id=session.scanner_id, job_id=job_id, error=error.message)
+        session.send(RejectMessage(error, job_id))
+
+    # ----- dispatch ---------------------------------------------------------------------
+
+    def request_dispatch(self) -> None:
+        """Dispatch soon, once: many submits or results in one loop turn share one pass."""
+        if not self._dispatch_scheduled and self._loop is not None:
+            self._dispatch_scheduled = True
+            self._loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_scheduled = False
+        batches = self.dispatcher.dispatch(self._assign)
+        for session, jobs in batches.items():
+            session.send(AssignJobs(tuple(jobs)))
+
+    def _assign(self, job: Job, session: ScannerSession) -> None:
+        self._move(job, JobStatus.IN_PROGRESS, scanner_id=session.scanner_id, reason="assigned")
+        session.held[job.id] = job
+        now = self.loop.time()
+        job.run_deadline = now + job.spec.max_run_time
+        job.last_activity = now
+        self._arm_run_timer(job, min(job.run_deadline, now + self.config.result_wait))
+
+    def _holder(self, job: Job) -> ScannerSession | None:
+        session = self.scanners.live(job.scanner_id)
+        return session if session is not None and job.id in session.held else None
+
+    def _release(self, job: Job, session: ScannerSession | None) -> None:
+        """The run is over on the scanner's side: free its slot and its timer."""
+        if session is not None:
+            session.held.pop(job.id, None)
+            self.dispatcher.refresh(session)
+        handle = self._run_timers.pop(job.id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _end_run(self, job: Job, session: ScannerSession | None, failure: RunFailure) -> None:
+        self._release(job, session)
+        error = HandlerError(failure.kind, failure.detail)
+        decision = self.retry.decide(job.runs, failure)
+        if decision.retry:
+            self._move(job, JobStatus.PENDING, reason=decision.reason, error=failure_of(error))
+            self.queue.push(job)
+        else:
+            self._move(job, JobStatus.ERROR, reason=decision.reason, error=failure_of(error))
+        self.request_dispatch()
+
+    # ----- timers -----------------------------------------------------------------------
+
+    def _arm_run_timer(self, job: Job, when: float) -> None:
+        self._run_timers[job.id] = self.loop.call_at(when, self._on_run_timer, job)
+
+    def _on_run_timer(self, job: Job) -> None:
+        self._run_timers.pop(job.id, None)
+        if job.status is not JobStatus.IN_PROGRESS:
+            return
+        now = self.loop.time()
+        wait_due = job.last_activity + self.config.result_wait
+        if now < job.run_deadline and now < wait_due:
+            # The scanner showed life since the timer was set: wait on.
+            self._arm_run_timer(job, min(job.run_deadline, wait_due))
+            return
+        if now >= job.run_deadline:
+            detail = f"run {job.runs} exceeded the job's max run time of {job.spec.max_run_time:g}s"
+        else:
+            detail = (
+                f"run {job.runs} sent no progress or heartbeat for {self.config.result_wait:g}s"
+            )
+        session = self._holder(job)
+        if session is not None:
+            session.send(CancelRun(job.id, detail))
+        self._end_run(job, session, RunFailure(Catalogue.SCAN_TIME_OUT, detail))
+
+    def _arm_watchdog(self, session: ScannerSession) -> None:
+        when = session.last_seen + self.config.heartbeat_timeout
+        self._watchdogs[session.session_id] = self.loop.call_at(when, self._on_watchdog, session)
+
+    def _on_watchdog(self, session: ScannerSession) -> None:
+        self._watchdogs.pop(session.session_id, None)
+        if not session.connected:
+            return
+        silent_for = self.loop.time() - session.last_seen
+        if silent_for < self.config.heartbeat_timeout:
+            self._arm_watchdog(session)
+            return
+        error = HandlerError(
+            Catalogue.SCAN_TIME_OUT,
+            f"scanner {session.scanner_id} sent nothing for {silent_for:.1f}s "
+            f"(heartbeat timeout {self.config.heartbeat_timeout:g}s)",
+        )
+        self.disconnect(session, RunFailure(error.kind, error.detail))
+        session.close(error)
+
+    # ----- results ----------------------------------------------------------------------
+
+    def _finish_result(self, job: Job, outcome: object) -> None:
+        if job.status is not JobStatus.PROCESSING_RESULTS:
+            return
+        if isinstance(outcome, HandlerError):
+            self._move(job, JobStatus.ERROR, reason="result rejected", error=failure_of(outcome))
+        else:
+            job.result_summary = outcome
+            self._move(job, JobStatus.FINISHED, reason="results stored")
+
+    # ----- the one place statuses change ------------------------------------------------
+
+    def _move(
+        self,
+        job: Job,
+        to_status: JobStatus,
+        *,
+        reason: str,
+        scanner_id: str = "",
+        error: JobFailure | None = None,
+    ) -> None:
+        from_status = job.status
+        transition = state_machine.move(
+            job, to_status, at=now_utc(), reason=reason, scanner_id=scanner_id, error=error
+        )
+        self.status_counts[from_status] -= 1
+        self.status_counts[to_status] += 1
+        if not to_status.active:
+            key = job.spec.dedup_key()
+            if self._active_by_key.get(key) is job:
+                del self._active_by_key[key]
+        log.info(
+            "job.transition",
+            job_id=job.id,
+            scanner_id=transition.scanner_id,
+            run=job.runs,
+            from_status=from_status.name,
+            status=to_status.name,
+            reason=reason,
+            error=error.message if error else None,
+        )
+        self.events.publish(job, transition)

@@ -1,0 +1,193 @@
+"""JobService: submit, read, list, cancel and watch jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from datetime import timedelta
+from typing import Any
+
+from google.protobuf import duration_pb2
+
+from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
+from server.errors import Catalogue, HandlerError
+from server.events import Subscription
+from server.job_manager import JobManager, now_utc
+from server.model import Job, JobStatus, Lane, ObjectKind, Transition, Trigger
+from server.transport import convert
+from server.transport.guard import Context, fail, unary
+
+# A watcher that falls this far behind is ended with an error rather than silently skipped.
+WATCH_BUFFER = 10_000
+_CLOSE = object()
+
+
+def encode_page_token(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode()
+
+
+def decode_page_token(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+        if not text.startswith("seq:"):
+            raise ValueError(text)
+        seq = int(text[4:])
+        if seq < 0:
+            raise ValueError(text)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise HandlerError(
+            Catalogue.SCAN_PARAMS_EMPTY,
+            "page_token is not one this handler issued; pass next_page_token unchanged",
+        ) from None
+    return seq
+
+
+class JobService(job_service_pb2_grpc.JobServiceServicer):
+    def __init__(self, manager: JobManager) -> None:
+        self.manager = manager
+
+    def _job(self, job: Job, *, full: bool = False) -> common_pb2.Job:
+        return convert.job_to_proto(job, position=self.manager.position(job), full=full)
+
+    @unary
+    async def SubmitJob(
+        self, request: job_service_pb2.SubmitJobRequest, context: Context
+    ) -> job_service_pb2.SubmitJobResponse:
+        spec = convert.spec_from_request(request, self.manager.config)
+        job, duplicate = self.manager.submit(spec)
+        return job_service_pb2.SubmitJobResponse(job=self._job(job), duplicate=duplicate)
+
+    @unary
+    async def SubmitJobs(
+        self, request: job_service_pb2.SubmitJobsRequest, context: Context
+    ) -> job_service_pb2.SubmitJobsResponse:
+        if not request.jobs:
+            raise HandlerError(Catalogue.SCAN_PARAMS_EMPTY, "jobs is empty; send at least one")
+        specs = []
+        for index, item in enumerate(request.jobs):
+            try:
+                specs.append(convert.spec_from_request(item, self.manager.config))
+            except HandlerError as error:
+                # Name the bad job; nothing of the batch is queued.
+                raise HandlerError(
+                    error.kind, f"jobs[{index}]: {error.detail}", status=error.status
+                ) from None
+        submitted = self.manager.submit_many(specs)
+        return job_service_pb2.SubmitJobsResponse(
+            results=[
+                job_service_pb2.SubmitJobResponse(job=self._job(job), duplicate=duplicate)
+                for job, duplicate in submitted
+            ]
+        )
+
+    @unary
+    async def GetJob(
+        self, request: job_service_pb2.GetJobRequest, context: Context
+    ) -> job_service_pb2.GetJobResponse:
+        job = self.manager.get(request.job_id)
+        full = request.view == job_service_pb2.JOB_VIEW_FULL
+        return job_service_pb2.GetJobResponse(job=self._job(job, full=full))
+
+    @unary
+    async def ListJobs(
+        self, request: job_service_pb2.ListJobsRequest, context: Context
+    ) -> job_service_pb2.ListJobsResponse:
+        jobs, next_seq = self.manager.list_jobs(
+            statuses=convert.enum_set(JobStatus, request.statuses, "status"),
+            kinds=convert.enum_set(ObjectKind, request.kinds, "kind"),
+            triggers=convert.enum_set(Trigger, request.triggers, "trigger"),
+            after_seq=decode_page_token(request.page_token),
+            page_size=request.page_size,
+        )
+        return job_service_pb2.ListJobsResponse(
+            jobs=[self._job(job) for job in jobs],
+            next_page_token=encode_page_token(next_seq) if next_seq is not None else "",
+        )
+
+    @unary
+    async def CancelJob(
+        self, request: job_service_pb2.CancelJobRequest, context: Context
+    ) -> job_service_pb2.CancelJobResponse:
+        job = self.manager.cancel(request.job_id, request.reason[:512])
+        return job_service_pb2.CancelJobResponse(job=self._job(job))
+
+    async def WatchJobs(self, request: job_service_pb2.WatchJobsRequest, context: Context) -> None:
+        """Every transition in order. Written with context.write so errors keep their code."""
+        subscription: Subscription | None = None
+        try:
+            statuses = convert.enum_set(JobStatus, request.statuses, "status")
+            job = self.manager.get(request.job_id) if request.job_id else None
+            outbox: asyncio.Queue[Any] = asyncio.Queue()
+
+            def on_event(event_job: Job, transition: Transition) -> None:
+                if outbox.qsize() >= WATCH_BUFFER:
+                    outbox.put_nowait(_CLOSE)
+                    return
+                outbox.put_nowait(
+                    job_service_pb2.WatchJobsResponse(
+                        job=self._job(event_job),
+                        transition=convert.transition_to_proto(transition),
+                    )
+                )
+
+            subscription = Subscription(on_event, request.job_id, statuses)
+            self.manager.events.subscribe(subscription)
+            if job is not None:
+                await context.write(job_service_pb2.WatchJobsResponse(job=self._job(job)))
+                if job.status.terminal:
+                    return
+            while True:
+                item = await outbox.get()
+                if item is _CLOSE:
+                    raise HandlerError(
+                        Catalogue.SYSTEM_ERROR,
+                        f"watcher fell {WATCH_BUFFER} events behind and was ended; watch again",
+                        status=Catalogue.SYSTEM_ERROR.entry.statuses[1],
+                    )
+                await context.write(item)
+                if job is not None and JobStatus(item.job.status).terminal:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await fail(context, exc, "WatchJobs")
+        finally:
+            if subscription is not None:
+                self.manager.events.unsubscribe(subscription)
+
+    @unary
+    async def GetQueueStats(
+        self, request: job_service_pb2.GetQueueStatsRequest, context: Context
+    ) -> job_service_pb2.GetQueueStatsResponse:
+        stats = self.manager.stats()
+        now = now_utc()
+        lanes = []
+        for lane in Lane:
+            oldest = stats.oldest_pending[lane]
+            age = (now - oldest) if oldest is not None else timedelta(0)
+            age_pb = duration_pb2.Duration()
+            age_pb.FromTimedelta(age)
+            lanes.append(
+                job_service_pb2.LaneStats(
+                    lane=lane, pending=stats.pending_by_lane[lane], oldest_pending_age=age_pb
+                )
+            )
+        counts = stats.by_status
+        return job_service_pb2.GetQueueStatsResponse(
+            pending=counts.get(JobStatus.PENDING, 0),
+            in_progress=counts.get(JobStatus.IN_PROGRESS, 0),
+            processing_results=counts.get(JobStatus.PROCESSING_RESULTS, 0),
+            finished=counts.get(JobStatus.FINISHED, 0),
+            error=counts.get(JobStatus.ERROR, 0),
+            cancelled=counts.get(JobStatus.CANCELLED, 0),
+            lanes=lanes,
+            scanners_connected=stats.scanners_connected,
+            scanners_free=stats.scanners_free,
+            scanners_busy=stats.scanners_busy,
+            free_slots=stats.free_slots,
+            started_at=convert.timestamp(stats.started_at),
+            queue_limit=stats.queue_limit,
+        )

@@ -1,0 +1,203 @@
+"""ScannerService: the scanners' bidirectional stream, and the scanner list.
+
+One Connect call is one scanner session. A reader task turns each ConnectRequest into a call on
+the job manager; a writer task sends what the manager pushes (assignments, cancels, rejections)
+and a heartbeat whenever the stream has been idle for the heartbeat interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import timedelta
+
+import grpc
+import structlog
+
+from imagehandler.v1 import scanner_service_pb2, scanner_service_pb2_grpc
+from server.errors import Catalogue, HandlerError
+from server.job_manager import JobManager, now_utc
+from server.retry import RunFailure
+from server.scanners import AssignJobs, CancelRun, RejectMessage, ScannerMessage, ScannerSession
+from server.transport import convert
+from server.transport.guard import Context, as_handler_error, unary
+from server.transport.status import abort
+
+log = structlog.get_logger("imagehandler.scanners")
+
+Response = scanner_service_pb2.ConnectResponse
+
+
+@dataclass(frozen=True)
+class _Close:
+    error: HandlerError
+
+
+def rejected(error: HandlerError, job_id: str = "") -> Response:
+    return Response(
+        rejected=scanner_service_pb2.Rejected(
+            error=convert.error_to_proto(
+                convert.JobFailure(error.code, error.message, error.detail)
+            ),
+            job_id=job_id,
+        )
+    )
+
+
+class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
+    def __init__(self, manager: JobManager) -> None:
+        self.manager = manager
+
+    async def Connect(self, request_iterator: object, context: Context) -> None:
+        config = self.manager.config
+        try:
+            async with asyncio.timeout(config.heartbeat_timeout):
+                first = await context.read()
+        except TimeoutError:
+            await abort(context, HandlerError(
+                Catalogue.SCANNER_CONFIG_INVALID,
+                f"no register message within {config.heartbeat_timeout:g}s",
+            ))
+            return
+        if first is grpc.aio.EOF:
+            return
+        assert isinstance(first, scanner_service_pb2.ConnectRequest)
+        outbox: asyncio.Queue[ScannerMessage | _Close] = asyncio.Queue()
+        try:
+            if first.WhichOneof("message") != "register":
+                raise HandlerError(
+                    Catalogue.SCANNER_CONFIG_INVALID,
+                    f"the first message must be register, got {first.WhichOneof('message')}",
+                )
+            profile = convert.profile_from_register(first.register, config)
+            session = self.manager.connect_scanner(
+                profile, send=outbox.put_nowait, close=lambda e: outbox.put_nowait(_Close(e))
+            )
+        except Exception as exc:
+            error = as_handler_error(exc, "Connect")
+            log.warning(
+                "scanner.rejected", scanner_id=first.register.scanner_id[:128], error=error.message
+            )
+            await context.write(rejected(error))
+            await abort(context, error)
+            return
+        ended = RunFailure(
+            Catalogue.SYSTEM_ERROR, f"scanner {profile.scanner_id} disconnected during the run"
+        )
+        try:
+            await context.write(
+                Response(
+                    registered=scanner_service_pb2.Registered(
+                        scanner_id=profile.scanner_id,
+                        session_id=session.session_id,
+                        heartbeat_interval=convert.duration(config.heartbeat_interval),
+                        heartbeat_timeout=convert.duration(config.heartbeat_timeout),
+                    )
+                )
+            )
+            reader = asyncio.create_task(self._read(session, context))
+            writer = asyncio.create_task(self._write(session, outbox, context))
+            try:
+                done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                reader.cancel()
+                writer.cancel()
+                await asyncio.gather(reader, writer, return_exceptions=True)
+            closing = writer.result() if writer in done and not writer.cancelled() else None
+            if isinstance(closing, _Close):
+                await abort(context, closing.error)
+            elif reader in done and not reader.cancelled() and reader.exception() is not None:
+                raise reader.exception()  # type: ignore[misc]
+        finally:
+            self.manager.disconnect(session, ended)
+
+    async def _read(self, session: ScannerSession, context: Context) -> None:
+        while True:
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                return
+            assert isinstance(request, scanner_service_pb2.ConnectRequest)
+            self.manager.touch(session)
+            try:
+                self._handle(session, request)
+            except HandlerError as error:
+                session.send(RejectMessage(error))
+
+    def _handle(self, session: ScannerSession, request: scanner_service_pb2.ConnectRequest) -> None:
+        manager = self.manager
+        which = request.WhichOneof("message")
+        if which == "ready":
+            manager.ready(session, request.ready.free_slots)
+        elif which == "heartbeat":
+            manager.heartbeat(session, request.heartbeat.active_job_ids)
+        elif which == "progress":
+            p = request.progress
+            manager.progress(session, p.job_id, p.stage[:64], p.percent)
+        elif which == "result":
+            for result in request.result.results:
+                manager.result(session, result.job_id, result.run, result)
+        elif which == "failure":
+            f = request.failure
+            kind = Catalogue.by_code(f.code) if f.code else Catalogue.SYSTEM_ERROR
+            detail = f.detail[:2048]
+            if kind is None:
+                kind, detail = Catalogue.SYSTEM_ERROR, f"scanner reported unknown code {f.code[:16]!r}: {detail}"
+            manager.failure(session, f.job_id, RunFailure(kind, detail, f.permanent))
+        elif which == "drain":
+            manager.drain(session)
+        elif which == "register":
+            raise HandlerError(
+                Catalogue.SCANNER_CONFIG_INVALID, "already registered on this stream"
+            )
+        else:
+            raise HandlerError(Catalogue.SCAN_PARAMS_EMPTY, "empty ConnectRequest: set one message")
+
+    async def _write(
+        self,
+        session: ScannerSession,
+        outbox: asyncio.Queue[ScannerMessage | _Close],
+        context: Context,
+    ) -> _Close | None:
+        interval = self.manager.config.heartbeat_interval
+        while True:
+            try:
+                async with asyncio.timeout(interval):
+                    item = await outbox.get()
+            except TimeoutError:
+                await context.write(
+                    Response(heartbeat=scanner_service_pb2.HandlerHeartbeat(sent_at=convert.timestamp(now_utc())))
+                )
+                continue
+            if isinstance(item, _Close):
+                return item
+            await context.write(self._message(item))
+
+    @staticmethod
+    def _message(item: ScannerMessage) -> Response:
+        if isinstance(item, AssignJobs):
+            return Response(
+                assignment=scanner_service_pb2.Assignment(
+                    jobs=[
+                        convert.assigned_job_to_proto(
+                            job,
+                            (job.started_at or now_utc()) + timedelta(seconds=job.spec.max_run_time),
+                        )
+                        for job in item.jobs
+                    ]
+                )
+            )
+        if isinstance(item, CancelRun):
+            return Response(cancel=scanner_service_pb2.Cancel(job_id=item.job_id, reason=item.reason))
+        return rejected(item.error, item.job_id)
+
+    @unary
+    async def ListScanners(
+        self, request: scanner_service_pb2.ListScannersRequest, context: Context
+    ) -> scanner_service_pb2.ListScannersResponse:
+        processing = self.manager.processing_by_scanner()
+        return scanner_service_pb2.ListScannersResponse(
+            scanners=[
+                convert.scanner_to_proto(s, processing.get(s.scanner_id, []))
+                for s in self.manager.scanners.all()
+            ]
+        )
