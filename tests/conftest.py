@@ -1,0 +1,126 @@
+"""Fixtures: a real handler on a free port, real gRPC channels, no fakes of our own server.
+
+``handler`` runs the server in the test's own event loop (pytest-asyncio); tests drive it with
+aio stubs. For plain synchronous tests, pytest-grpc's ``grpc_channel`` / ``grpc_stub`` fixtures
+are pointed at a real handler running on a background loop: its ``grpc_addr`` is replaced (the
+plugin's version leaves a socket open) and its ``grpc_server`` is the real handler, not the
+plugin's thread-pool server, which cannot host asyncio servicers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import grpc
+import pytest
+
+from imagehandler.v1 import job_service_pb2_grpc, scanner_service_pb2_grpc
+from server import logs
+from server.app import HandlerServer
+from server.config import Config
+
+TEST_CONFIG = Config(
+    listen="127.0.0.1:0",
+    heartbeat_interval=0.2,
+    heartbeat_timeout=1.5,
+    result_wait=30.0,
+    log_format="json",
+    log_level="warning",
+)
+
+logs.configure("json", "warning")
+
+
+@dataclass
+class Handler:
+    server: HandlerServer
+    channel: grpc.aio.Channel
+    jobs: job_service_pb2_grpc.JobServiceStub
+    scanners: scanner_service_pb2_grpc.ScannerServiceStub
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    @property
+    def config(self) -> Config:
+        return self.server.config
+
+
+MakeHandler = Callable[..., Awaitable[Handler]]
+
+
+@pytest.fixture
+async def make_handler() -> AsyncIterator[MakeHandler]:
+    """Start handlers with Config overrides: ``await make_handler(max_runs=2)``."""
+    started: list[Handler] = []
+
+    async def start(**overrides: Any) -> Handler:
+        server = HandlerServer(replace(TEST_CONFIG, **overrides))
+        await server.start()
+        channel = grpc.aio.insecure_channel(server.address)
+        handler = Handler(
+            server,
+            channel,
+            job_service_pb2_grpc.JobServiceStub(channel),
+            scanner_service_pb2_grpc.ScannerServiceStub(channel),
+        )
+        started.append(handler)
+        return handler
+
+    yield start
+    for handler in started:
+        await handler.channel.close()
+        await handler.server.stop(0)
+
+
+@pytest.fixture
+async def handler(make_handler: MakeHandler) -> Handler:
+    return await make_handler()
+
+
+class BackgroundHandler:
+    """A real handler on its own loop in a thread, for synchronous clients."""
+
+    def __init__(self, config: Config) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.server: HandlerServer = self._run(self._start(config))
+
+    async def _start(self, config: Config) -> HandlerServer:
+        server = HandlerServer(config)
+        await server.start()
+        return server
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def stop(self) -> None:
+        self._run(self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def background_handler() -> Iterator[BackgroundHandler]:
+    handler = BackgroundHandler(TEST_CONFIG)
+    yield handler
+    handler.stop()
+
+
+@pytest.fixture(scope="module")
+def grpc_addr(background_handler: BackgroundHandler) -> str:
+    """Overrides pytest-grpc's fixture, which leaves its probe socket open."""
+    return background_handler.server.address
+
+
+@pytest.fixture(scope="module")
+def grpc_server(background_handler: BackgroundHandler) -> HandlerServer:
+    """Overrides pytest-grpc's server with the real handler."""
+    return background_handler.server

@@ -1,0 +1,100 @@
+"""What operators and Kubernetes rely on: health, reflection, and the real grpcurl binary."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.conftest import BackgroundHandler, Handler
+
+GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+
+
+@pytest.mark.parametrize("service", ["", "imagehandler.v1.JobService", "imagehandler.v1.ScannerService"])
+async def test_health_is_serving_overall_and_per_service(handler: Handler, service: str) -> None:
+    stub = health_pb2_grpc.HealthStub(handler.channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_health_goes_not_serving_when_the_handler_stops(make_handler: Any) -> None:
+    handler = await make_handler()
+    stub = health_pb2_grpc.HealthStub(handler.channel)
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service="imagehandler.v1.JobService"))
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    await handler.server.stop(1)
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_reflection_lists_every_service(handler: Handler) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(handler.channel)
+    call = stub.ServerReflectionInfo()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    reply = await call.read()
+    await call.done_writing()
+    names = {s.name for s in reply.list_services_response.service}
+    assert {
+        "imagehandler.v1.JobService",
+        "imagehandler.v1.ScannerService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
+
+
+def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    assert GRPCURL, "grpcurl is installed by the project's dev extras"
+    return subprocess.run([GRPCURL, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_grpcurl_lists_services_and_submits_a_job(background_handler: BackgroundHandler) -> None:
+    address = background_handler.server.address
+    listed = grpcurl("-plaintext", address, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert set(listed.stdout.split()) >= {
+        "imagehandler.v1.JobService",
+        "imagehandler.v1.ScannerService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    submitted = grpcurl(
+        "-plaintext",
+        "-d",
+        '{"object": {"image": {"repository": "library/alpine", "tag": "3.20"}}, "lane": "LANE_INTERACTIVE"}',
+        address,
+        "imagehandler.v1.JobService/SubmitJob",
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)["job"]
+    assert job["status"] == "JOB_STATUS_PENDING"
+    assert job["lane"] == "LANE_INTERACTIVE"
+    got = grpcurl("-plaintext", "-d", json.dumps({"job_id": job["id"]}), address, "imagehandler.v1.JobService/GetJob")
+    assert json.loads(got.stdout)["job"]["id"] == job["id"]
+
+
+def test_grpcurl_shows_the_hndl_code_of_a_rejected_call(background_handler: BackgroundHandler) -> None:
+    address = background_handler.server.address
+    failed = grpcurl("-plaintext", "-d", '{"job_id": "nope"}', address, "imagehandler.v1.JobService/GetJob")
+    assert failed.returncode != 0
+    assert "Code: InvalidArgument" in failed.stderr
+    assert "HNDL-008: job id empty: 'nope' is not a job id" in failed.stderr
+    assert '"reason":"HNDL-008"' in failed.stderr.replace(" ", "")
+
+
+def test_grpcurl_health_check(background_handler: BackgroundHandler) -> None:
+    checked = grpcurl("-plaintext", background_handler.server.address, "grpc.health.v1.Health/Check")
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout) == {"status": "SERVING"}
+
+
+def test_sync_clients_get_the_same_codes(grpc_channel: grpc.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(grpc_channel)
+    assert stub.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
