@@ -3,8 +3,8 @@ the port; the CLI runs the same object until a signal arrives."""
 
 from __future__ import annotations
 
-import grpc
 import structlog
+from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -36,8 +36,9 @@ class HandlerServer:
         config.check()
         self.config = config
         self.manager = JobManager(config)
-        self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(
+        # grpc_health re-exports its asyncio servicer as health.aio without declaring it.
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.server = aio.server(
             options=[
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
@@ -55,7 +56,8 @@ class HandlerServer:
         self.port = self.server.add_insecure_port(config.listen)
         if self.port == 0:
             raise HandlerError(
-                Catalogue.SYSTEM_ERROR, f"cannot listen on {config.listen}: address in use or invalid"
+                Catalogue.SYSTEM_ERROR,
+                f"cannot listen on {config.listen}: address in use or invalid",
             )
         host = config.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
@@ -78,7 +80,9 @@ class HandlerServer:
     async def wait(self) -> None:
         await self.server.wait_for_termination()
 
-    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+    async def _set_health(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
         await self.health.set("", status)
         for service in SERVICES:
             await self.health.set(service, status)

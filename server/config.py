@@ -130,7 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser, environ: dict[str, str] | Non
         else:
             convert = type(default)
         env_name = ENV_PREFIX + f.name.upper()
-        shown = ",".join(p.name.lower() for p in default) if f.name == "default_policies" else default
+        shown = (
+            ",".join(p.name.lower() for p in default) if f.name == "default_policies" else default
+        )
         env_value = env.get(env_name)
         parser.add_argument(
             _flag(f.name),

@@ -188,7 +188,9 @@ class JobManager:
 
     def get(self, job_id: str) -> Job:
         if not job_id:
-            raise HandlerError(Catalogue.JOB_ID_INVALID, "job_id is empty; pass the id SubmitJob returned")
+            raise HandlerError(
+                Catalogue.JOB_ID_INVALID, "job_id is empty; pass the id SubmitJob returned"
+            )
         try:
             uuid.UUID(job_id)
         except ValueError:
@@ -412,17 +414,26 @@ class JobManager:
             self._end_run(job, session, failure)
 
     def _reject(self, session: ScannerSession, job_id: str, what: str, run: int = 0) -> None:
-        if job_id in self.jobs and self.jobs[job_id].scanner_id == session.scanner_id:
+        job = self.jobs.get(job_id)
+        if job is not None and job.scanner_id == session.scanner_id:
             detail = (
                 f"{what} for job {job_id} run {run or '?'} is stale: the run is over "
-                f"(job is {self.jobs[job_id].status.name}, run {self.jobs[job_id].runs})"
+                f"(job is {job.status.name}, run {job.runs})"
             )
         else:
-            detail = f"{what} for job {job_id or '(empty)'}, which is not assigned to scanner {session.scanner_id} in this session"
+            detail = (
+                f"{what} for job {job_id or '(empty)'}, which is not assigned to scanner "
+                f"{session.scanner_id} in this session"
+            )
         error = HandlerError(
             Catalogue.JOB_ID_INVALID, detail, status=Catalogue.JOB_ID_INVALID.entry.statuses[2]
         )
-        log.warning("scanner.message_rejected", scanner_id=session.scanner_id, job_id=job_id, error=error.message)
+        log.warning(
+            "scanner.message_rejected",
+            scanner_id=session.scanner_id,
+            job_id=job_id,
+            error=error.message,
+        )
         session.send(RejectMessage(error, job_id))
 
     # ----- dispatch ---------------------------------------------------------------------

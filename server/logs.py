@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from datetime import datetime, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -38,7 +39,7 @@ def configure(fmt: str = "auto", level: str = "info", zone: tzinfo | None = None
     json_output = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     tz = zone
 
-    def add_timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    def add_timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         event["timestamp"] = datetime.now(tz).isoformat(timespec="milliseconds")
         return event
 

@@ -65,9 +65,7 @@ class JobQueue:
     def position(self, job: Job) -> int:
         """1-based place among the PENDING jobs of the job's lane (1 = next to go)."""
         lane = job.spec.lane
-        return 1 + sum(
-            self._lists[lane, kind].bisect_key_left(job.seq) for kind in ObjectKind
-        )
+        return 1 + sum(self._lists[lane, kind].bisect_key_left(job.seq) for kind in ObjectKind)
 
     def _head(self, lane: Lane, kinds: frozenset[ObjectKind]) -> Job | None:
         best: Job | None = None
@@ -81,6 +79,7 @@ class JobQueue:
         """Take the next job a scanner of these kinds may run, or None."""
         interactive = self._head(Lane.INTERACTIVE, kinds)
         bulk = self._head(Lane.BULK, kinds)
+        chosen: Job | None
         if interactive is not None and bulk is not None:
             taken_total = self._taken[Lane.INTERACTIVE] + self._taken[Lane.BULK]
             share_left = self._taken[Lane.INTERACTIVE] < self.interactive_share * (taken_total + 1)

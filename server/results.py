@@ -53,7 +53,9 @@ def check_result(result: common_pb2.ScanResult) -> None:
     """HNDL-005 for a result that cannot be right."""
     known = common_pb2.Verdict.values()
     if result.verdict not in known:
-        raise HandlerError(Catalogue.SCAN_PARAMS_EMPTY, f"result verdict {result.verdict} is unknown")
+        raise HandlerError(
+            Catalogue.SCAN_PARAMS_EMPTY, f"result verdict {result.verdict} is unknown"
+        )
     for index, vulnerability in enumerate(result.vulnerabilities):
         if not vulnerability.id:
             raise HandlerError(
@@ -113,5 +115,3 @@ class ResultPipeline:
         except HandlerError as error:
             return error
         return summarize(result)
-
-

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-import grpc
 import pytest
+from grpc import aio
 
 from imagehandler.v1 import job_service_pb2_grpc, scanner_service_pb2_grpc
 from server import logs
@@ -38,9 +38,9 @@ logs.configure("json", "warning")
 @dataclass
 class Handler:
     server: HandlerServer
-    channel: grpc.aio.Channel
-    jobs: job_service_pb2_grpc.JobServiceStub
-    scanners: scanner_service_pb2_grpc.ScannerServiceStub
+    channel: aio.Channel
+    jobs: job_service_pb2_grpc.JobServiceAsyncStub
+    scanners: scanner_service_pb2_grpc.ScannerServiceAsyncStub
 
     @property
     def address(self) -> str:
@@ -62,7 +62,7 @@ async def make_handler() -> AsyncIterator[MakeHandler]:
     async def start(**overrides: Any) -> Handler:
         server = HandlerServer(replace(TEST_CONFIG, **overrides))
         await server.start()
-        channel = grpc.aio.insecure_channel(server.address)
+        channel = aio.insecure_channel(server.address)
         handler = Handler(
             server,
             channel,
@@ -74,7 +74,7 @@ async def make_handler() -> AsyncIterator[MakeHandler]:
 
     yield start
     for handler in started:
-        await handler.channel.close()
+        await handler.channel.close(None)
         await handler.server.stop(0)
 
 

@@ -11,13 +11,16 @@ from typing import Any
 import grpc
 
 from imagehandler.v1 import common_pb2, job_service_pb2, scanner_service_pb2
+from server.transport.guard import STREAM_END
 from server.transport.status import RemoteError, read_rpc_error
 
 TODAY = dt.date.today().isoformat()
 DEADLINE = 10.0
 
 
-def image(repository: str = "library/alpine", tag: str = "3.20", **kw: Any) -> job_service_pb2.SubmitJobRequest:
+def image(
+    repository: str = "library/alpine", tag: str = "3.20", **kw: Any
+) -> job_service_pb2.SubmitJobRequest:
     return job_service_pb2.SubmitJobRequest(
         object=common_pb2.ScanObject(image=common_pb2.ImageObject(repository=repository, tag=tag)),
         **kw,
@@ -34,7 +37,7 @@ async def remote_error(call: Any) -> RemoteError:
     """Await a call that must fail; its HNDL code and message."""
     try:
         if hasattr(call, "read"):  # a stream: read on until it ends
-            while await call.read() is not grpc.aio.EOF:
+            while await call.read() is not STREAM_END:
                 pass
         else:
             await call
@@ -52,7 +55,7 @@ class RawScanner:
         scanner_id: str,
         *,
         slots: int = 1,
-        kinds: Sequence[int] = (),
+        kinds: Sequence[common_pb2.ObjectKind.ValueType] = (),
         databases: Iterable[common_pb2.DatabaseVersion] | None = None,
         proxy_url: str = "",
         heartbeat_every: float | None = 0.2,
@@ -94,13 +97,17 @@ class RawScanner:
         """Register and say Ready."""
         first = await self.connect()
         assert first.WhichOneof("message") == "registered", first
-        await self.send(ready=scanner_service_pb2.Ready(free_slots=free_slots or self.register.slots))
+        await self.send(
+            ready=scanner_service_pb2.Ready(free_slots=free_slots or self.register.slots)
+        )
 
     async def _beat(self) -> None:
         assert self.heartbeat_every
         while True:
             await asyncio.sleep(self.heartbeat_every)  # a pacing interval, not a wait for state
-            await self.send(heartbeat=scanner_service_pb2.ScannerHeartbeat(active_job_ids=self.held))
+            await self.send(
+                heartbeat=scanner_service_pb2.ScannerHeartbeat(active_job_ids=self.held)
+            )
 
     async def send(self, **message: Any) -> None:
         async with self._lock:
@@ -111,7 +118,7 @@ class RawScanner:
         async with asyncio.timeout(timeout):
             while True:
                 message = await self.call.read()
-                if message is grpc.aio.EOF:
+                if message is STREAM_END:
                     raise EOFError("the handler ended the stream")
                 if message.WhichOneof("message") != "heartbeat":
                     return message  # type: ignore[no-any-return]
@@ -121,7 +128,9 @@ class RawScanner:
         assert message.WhichOneof("message") == which, message
         return getattr(message, which)
 
-    async def assigned(self, count: int = 1, timeout: float = DEADLINE) -> list[scanner_service_pb2.AssignedJob]:
+    async def assigned(
+        self, count: int = 1, timeout: float = DEADLINE
+    ) -> list[scanner_service_pb2.AssignedJob]:
         jobs: list[scanner_service_pb2.AssignedJob] = []
         while len(jobs) < count:
             assignment = await self.expect("assignment", timeout)
@@ -137,10 +146,18 @@ class RawScanner:
             )
         )
 
-    async def fail(self, job: scanner_service_pb2.AssignedJob, code: str = "HNDL-006", detail: str = "boom", permanent: bool = False) -> None:
+    async def fail(
+        self,
+        job: scanner_service_pb2.AssignedJob,
+        code: str = "HNDL-006",
+        detail: str = "boom",
+        permanent: bool = False,
+    ) -> None:
         self.held.remove(job.job_id)
         await self.send(
-            failure=scanner_service_pb2.Failure(job_id=job.job_id, code=code, detail=detail, permanent=permanent)
+            failure=scanner_service_pb2.Failure(
+                job_id=job.job_id, code=code, detail=detail, permanent=permanent
+            )
         )
 
     async def stop_heartbeats(self) -> None:
@@ -159,7 +176,9 @@ class RawScanner:
 class Watcher:
     """Collects WatchJobs messages in the background."""
 
-    def __init__(self, jobs_stub: Any, request: job_service_pb2.WatchJobsRequest | None = None) -> None:
+    def __init__(
+        self, jobs_stub: Any, request: job_service_pb2.WatchJobsRequest | None = None
+    ) -> None:
         self.call = jobs_stub.WatchJobs(request or job_service_pb2.WatchJobsRequest())
         self.events: asyncio.Queue[job_service_pb2.WatchJobsResponse] = asyncio.Queue()
         self._task = asyncio.create_task(self._collect())
@@ -172,7 +191,9 @@ class Watcher:
         async with asyncio.timeout(timeout):
             return await self.events.get()
 
-    async def until(self, job_id: str, status: int, timeout: float = DEADLINE) -> list[job_service_pb2.WatchJobsResponse]:
+    async def until(
+        self, job_id: str, status: int, timeout: float = DEADLINE
+    ) -> list[job_service_pb2.WatchJobsResponse]:
         """Events up to and including ``job_id`` reaching ``status``."""
         seen = []
         async with asyncio.timeout(timeout):
@@ -187,7 +208,9 @@ class Watcher:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
-async def wait_for_status(jobs_stub: Any, job_id: str, status: int, timeout: float = DEADLINE) -> common_pb2.Job:
+async def wait_for_status(
+    jobs_stub: Any, job_id: str, status: int, timeout: float = DEADLINE
+) -> common_pb2.Job:
     """Watch one job until it reaches ``status`` (fails if it ends in another)."""
     async with asyncio.timeout(timeout):
         async for event in jobs_stub.WatchJobs(job_service_pb2.WatchJobsRequest(job_id=job_id)):

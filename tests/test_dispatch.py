@@ -5,19 +5,19 @@ from __future__ import annotations
 from collections import Counter
 
 from imagehandler.v1 import common_pb2, job_service_pb2, scanner_service_pb2
-from tests.conftest import Handler
+from tests.conftest import Handler, MakeHandler
 from tests.helpers import RawScanner, image, node
 
 
-async def submit_many(handler: Handler, requests: list[job_service_pb2.SubmitJobRequest]) -> list[str]:
+async def submit_many(
+    handler: Handler, requests: list[job_service_pb2.SubmitJobRequest]
+) -> list[str]:
     response = await handler.jobs.SubmitJobs(job_service_pb2.SubmitJobsRequest(jobs=requests))
     return [r.job.id for r in response.results]
 
 
 async def test_fifo_100_jobs_one_slot(handler: Handler) -> None:
-    ids = [
-        (await handler.jobs.SubmitJob(image(tag=f"v{n}"))).job.id for n in range(100)
-    ]
+    ids = [(await handler.jobs.SubmitJob(image(tag=f"v{n}"))).job.id for n in range(100)]
     order = []
     async with RawScanner(handler.scanners, "s1", slots=1) as scanner:
         await scanner.start()
@@ -45,7 +45,7 @@ async def test_free_scanners_share_the_work_fairly(handler: Handler) -> None:
         await scanner.start()
     try:
         await submit_many(handler, [image(tag=f"v{n}") for n in range(9)])
-        counts = Counter()
+        counts: Counter[str] = Counter()
         for scanner in scanners:
             jobs = await scanner.assigned(3)
             counts[scanner.scanner_id] = len(jobs)
@@ -77,9 +77,7 @@ async def test_busy_scanner_gets_no_more_than_its_slots(handler: Handler) -> Non
         ids = await submit_many(handler, [image(tag=f"v{n}") for n in range(3)])
         jobs = await scanner.assigned(2)
         assert [j.job_id for j in jobs] == ids[:2]
-        listed = await handler.scanners.ListScanners(
-            scanner_service_pb2.ListScannersRequest()
-        )
+        listed = await handler.scanners.ListScanners(scanner_service_pb2.ListScannersRequest())
         assert listed.scanners[0].status == common_pb2.SCANNER_STATUS_BUSY
         third = await handler.jobs.GetJob(job_service_pb2.GetJobRequest(job_id=ids[2]))
         assert third.job.status == common_pb2.JOB_STATUS_PENDING
@@ -89,7 +87,9 @@ async def test_busy_scanner_gets_no_more_than_its_slots(handler: Handler) -> Non
         assert job.job_id == ids[2]
 
 
-async def test_interactive_lane_is_served_first_with_a_bounded_share(make_handler) -> None:  # type: ignore[no-untyped-def]
+async def test_interactive_lane_is_served_first_with_a_bounded_share(
+    make_handler: MakeHandler,
+) -> None:
     handler = await make_handler(interactive_share=0.75)
     bulk = await submit_many(handler, [image(tag=f"bulk{n}") for n in range(8)])
     interactive = await submit_many(

@@ -36,60 +36,160 @@ def submit(**image_fields: Any) -> job_service_pb2.SubmitJobRequest:
 SHA = "sha256:" + "a" * 64
 
 BAD_REQUESTS = [
-    ("SubmitJob", job_service_pb2.SubmitJobRequest(), "HNDL-005", SC.INVALID_ARGUMENT, "object is required"),
-    ("SubmitJob", submit(tag="3.20"), "HNDL-005", SC.INVALID_ARGUMENT, "image.repository is required"),
-    ("SubmitJob", submit(repository="alpine", digest="sha256:xyz"), "HNDL-005", SC.INVALID_ARGUMENT, "is not a digest"),
-    ("SubmitJob", submit(repository="Alpine!"), "HNDL-005", SC.INVALID_ARGUMENT, "not a valid repository"),
-    ("SubmitJob", submit(repository="alpine", tag="-bad"), "HNDL-005", SC.INVALID_ARGUMENT, "not a valid tag"),
+    (
+        "SubmitJob",
+        job_service_pb2.SubmitJobRequest(),
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "object is required",
+    ),
+    (
+        "SubmitJob",
+        submit(tag="3.20"),
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "image.repository is required",
+    ),
+    (
+        "SubmitJob",
+        submit(repository="alpine", digest="sha256:xyz"),
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "is not a digest",
+    ),
+    (
+        "SubmitJob",
+        submit(repository="Alpine!"),
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "not a valid repository",
+    ),
+    (
+        "SubmitJob",
+        submit(repository="alpine", tag="-bad"),
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "not a valid tag",
+    ),
     (
         "SubmitJob",
         job_service_pb2.SubmitJobRequest(object=image().object, trigger=99),  # type: ignore[arg-type]
-        "HNDL-005", SC.INVALID_ARGUMENT, "trigger 99 is unknown",
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "trigger 99 is unknown",
     ),
     (
         "SubmitJob",
         job_service_pb2.SubmitJobRequest(object=image().object, policies=[42]),  # type: ignore[list-item]
-        "HNDL-005", SC.INVALID_ARGUMENT, "policy 42 is unknown",
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "policy 42 is unknown",
     ),
     (
         "SubmitJob",
         job_service_pb2.SubmitJobRequest(object=image().object, lane=7),  # type: ignore[arg-type]
-        "HNDL-005", SC.INVALID_ARGUMENT, "lane 7 is unknown",
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "lane 7 is unknown",
     ),
     (
         "SubmitJob",
-        job_service_pb2.SubmitJobRequest(object=image().object, max_run_time=duration_pb2.Duration(seconds=-5)),
-        "HNDL-005", SC.INVALID_ARGUMENT, "max_run_time -5s is negative",
+        job_service_pb2.SubmitJobRequest(
+            object=image().object, max_run_time=duration_pb2.Duration(seconds=-5)
+        ),
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "max_run_time -5s is negative",
     ),
     (
         "SubmitJob",
-        job_service_pb2.SubmitJobRequest(object=common_pb2.ScanObject(node=common_pb2.NodeObject())),
-        "HNDL-005", SC.INVALID_ARGUMENT, "node.node_name is required",
+        job_service_pb2.SubmitJobRequest(
+            object=common_pb2.ScanObject(node=common_pb2.NodeObject())
+        ),
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "node.node_name is required",
     ),
     (
         "SubmitJob",
-        job_service_pb2.SubmitJobRequest(object=common_pb2.ScanObject(artifact=common_pb2.ArtifactObject(pipeline="p"))),
-        "HNDL-005", SC.INVALID_ARGUMENT, "artifact needs a path, a url or an inline sbom",
+        job_service_pb2.SubmitJobRequest(
+            object=common_pb2.ScanObject(artifact=common_pb2.ArtifactObject(pipeline="p"))
+        ),
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "artifact needs a path, a url or an inline sbom",
     ),
-    ("SubmitJob", submit(repository="alpine", proxy_url="http//proxy:3128"), "HNDL-011", SC.INVALID_ARGUMENT, "must look like http://host:port"),
-    ("SubmitJob", submit(repository="alpine", proxy_url="http://proxy:99999"), "HNDL-011", SC.INVALID_ARGUMENT, "proxy_url"),
+    (
+        "SubmitJob",
+        submit(repository="alpine", proxy_url="http//proxy:3128"),
+        "HNDL-011",
+        SC.INVALID_ARGUMENT,
+        "must look like http://host:port",
+    ),
+    (
+        "SubmitJob",
+        submit(repository="alpine", proxy_url="http://proxy:99999"),
+        "HNDL-011",
+        SC.INVALID_ARGUMENT,
+        "proxy_url",
+    ),
     (
         "SubmitJobs",
         job_service_pb2.SubmitJobsRequest(jobs=[image(tag="ok"), submit(repository="")]),
-        "HNDL-005", SC.INVALID_ARGUMENT, "jobs[1]: image.repository is required",
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "jobs[1]: image.repository is required",
     ),
-    ("SubmitJobs", job_service_pb2.SubmitJobsRequest(), "HNDL-005", SC.INVALID_ARGUMENT, "jobs is empty"),
+    (
+        "SubmitJobs",
+        job_service_pb2.SubmitJobsRequest(),
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "jobs is empty",
+    ),
     ("GetJob", job_service_pb2.GetJobRequest(), "HNDL-008", SC.INVALID_ARGUMENT, "job_id is empty"),
-    ("GetJob", job_service_pb2.GetJobRequest(job_id="not-a-uuid"), "HNDL-008", SC.INVALID_ARGUMENT, "is not a job id"),
+    (
+        "GetJob",
+        job_service_pb2.GetJobRequest(job_id="not-a-uuid"),
+        "HNDL-008",
+        SC.INVALID_ARGUMENT,
+        "is not a job id",
+    ),
     (
         "GetJob",
         job_service_pb2.GetJobRequest(job_id="00000000-0000-4000-8000-000000000000"),
-        "HNDL-008", SC.NOT_FOUND, "no job with id 00000000-0000-4000-8000-000000000000",
+        "HNDL-008",
+        SC.NOT_FOUND,
+        "no job with id 00000000-0000-4000-8000-000000000000",
     ),
-    ("CancelJob", job_service_pb2.CancelJobRequest(job_id=""), "HNDL-008", SC.INVALID_ARGUMENT, "job_id is empty"),
-    ("ListJobs", job_service_pb2.ListJobsRequest(page_token="garbage"), "HNDL-005", SC.INVALID_ARGUMENT, "page_token"),
-    ("ListJobs", job_service_pb2.ListJobsRequest(page_size=5000), "HNDL-005", SC.INVALID_ARGUMENT, "page_size 5000"),
-    ("ListJobs", job_service_pb2.ListJobsRequest(statuses=[77]), "HNDL-005", SC.INVALID_ARGUMENT, "status 77 is unknown"),  # type: ignore[list-item]
+    (
+        "CancelJob",
+        job_service_pb2.CancelJobRequest(job_id=""),
+        "HNDL-008",
+        SC.INVALID_ARGUMENT,
+        "job_id is empty",
+    ),
+    (
+        "ListJobs",
+        job_service_pb2.ListJobsRequest(page_token="garbage"),
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "page_token",
+    ),
+    (
+        "ListJobs",
+        job_service_pb2.ListJobsRequest(page_size=5000),
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "page_size 5000",
+    ),
+    (
+        "ListJobs",
+        job_service_pb2.ListJobsRequest(statuses=[77]),  # type: ignore[list-item]
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "status 77 is unknown",
+    ),
 ]
 
 
@@ -98,15 +198,17 @@ BAD_REQUESTS = [
     BAD_REQUESTS,
     ids=[f"{m}-{c}-{s[:24]}" for m, _, c, _, s in BAD_REQUESTS],
 )
-def test_bad_request_gets_its_code(grpc_stub: Any, method: str, request_message: Any, code: str, status: grpc.StatusCode, says: str) -> None:
+def test_bad_request_gets_its_code(
+    grpc_stub: Any, method: str, request_message: Any, code: str, status: grpc.StatusCode, says: str
+) -> None:
     with pytest.raises(grpc.RpcError) as raised:
         getattr(grpc_stub, method)(request_message)
-    error = raised.value
-    assert error.code() == status  # type: ignore[attr-defined]
-    assert error.details().startswith(f"{code}: ")  # type: ignore[attr-defined]
-    assert says in error.details()  # type: ignore[attr-defined]
+    error: Any = raised.value  # a grpc.Call as well as an RpcError
+    assert error.code() == status
+    assert error.details().startswith(f"{code}: ")
+    assert says in error.details()
     # The rich status carries an ErrorInfo whose reason is the code.
-    details = dict(error.trailing_metadata())["grpc-status-details-bin"]  # type: ignore[attr-defined]
+    details = dict(error.trailing_metadata())["grpc-status-details-bin"]
     rich = status_pb2.Status.FromString(details)
     info = error_details_pb2.ErrorInfo()
     assert rich.details[0].Unpack(info)
@@ -131,7 +233,9 @@ async def test_no_policies_and_no_default_is_hndl_014(make_handler: MakeHandler)
     assert list(ok.job.policies) == [common_pb2.POLICY_MALWARE]
 
 
-async def test_queue_full_is_resource_exhausted_and_drops_nothing(make_handler: MakeHandler) -> None:
+async def test_queue_full_is_resource_exhausted_and_drops_nothing(
+    make_handler: MakeHandler,
+) -> None:
     handler = await make_handler(queue_limit=2)
     first = await handler.jobs.SubmitJob(image(tag="1"))
     await handler.jobs.SubmitJob(image(tag="2"))
@@ -140,7 +244,8 @@ async def test_queue_full_is_resource_exhausted_and_drops_nothing(make_handler: 
     assert "queue full (limit 2)" in error.message
     # A duplicate of a queued job is still answered: it adds nothing.
     again = await handler.jobs.SubmitJob(image(tag="1"))
-    assert again.duplicate and again.job.id == first.job.id
+    assert again.duplicate
+    assert again.job.id == first.job.id
     stats = await handler.jobs.GetQueueStats(job_service_pb2.GetQueueStatsRequest())
     assert stats.pending == 2
 
@@ -148,7 +253,9 @@ async def test_queue_full_is_resource_exhausted_and_drops_nothing(make_handler: 
 async def test_cancel_of_a_finished_job_is_failed_precondition(handler: Handler) -> None:
     job_id = (await handler.jobs.SubmitJob(image())).job.id
     await handler.jobs.CancelJob(job_service_pb2.CancelJobRequest(job_id=job_id))
-    error = await remote_error(handler.jobs.CancelJob(job_service_pb2.CancelJobRequest(job_id=job_id)))
+    error = await remote_error(
+        handler.jobs.CancelJob(job_service_pb2.CancelJobRequest(job_id=job_id))
+    )
     assert (error.code, error.status) == ("HNDL-008", SC.FAILED_PRECONDITION)
     assert "is CANCELLED" in error.message
 
@@ -164,13 +271,26 @@ SCANNER_REJECTIONS = [
     ({"proxy_url": "ftp:/nowhere"}, "HNDL-011", SC.INVALID_ARGUMENT, "config.proxy_url"),
     ({"databases": [db(released_at="")]}, "HNDL-012", SC.FAILED_PRECONDITION, "has no released_at"),
     ({"databases": []}, "HNDL-012", SC.FAILED_PRECONDITION, "no scan databases"),
-    ({"databases": [db(released_at="20/11/2026")]}, "HNDL-013", SC.INVALID_ARGUMENT, "is not an RFC 3339 date"),
+    (
+        {"databases": [db(released_at="20/11/2026")]},
+        "HNDL-013",
+        SC.INVALID_ARGUMENT,
+        "is not an RFC 3339 date",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("fields", "code", "status", "says"), SCANNER_REJECTIONS, ids=[r[3][:30] for r in SCANNER_REJECTIONS])
-async def test_invalid_scanner_is_rejected_and_told_why(handler: Handler, fields: dict[str, Any], code: str, status: grpc.StatusCode, says: str) -> None:
-    scanner = RawScanner(handler.scanners, fields.pop("scanner_id", "bad"), heartbeat_every=None, **fields)
+@pytest.mark.parametrize(
+    ("fields", "code", "status", "says"),
+    SCANNER_REJECTIONS,
+    ids=[r[3][:30] for r in SCANNER_REJECTIONS],
+)
+async def test_invalid_scanner_is_rejected_and_told_why(
+    handler: Handler, fields: dict[str, Any], code: str, status: grpc.StatusCode, says: str
+) -> None:
+    scanner = RawScanner(
+        handler.scanners, fields.pop("scanner_id", "bad"), heartbeat_every=None, **fields
+    )
     first = await scanner.connect()
     assert first.WhichOneof("message") == "rejected"
     assert first.rejected.error.code == code
@@ -182,7 +302,9 @@ async def test_invalid_scanner_is_rejected_and_told_why(handler: Handler, fields
     assert not [s for s in listed.scanners if s.connected]
 
 
-async def test_scanner_without_a_policy_and_no_default_is_hndl_014(make_handler: MakeHandler) -> None:
+async def test_scanner_without_a_policy_and_no_default_is_hndl_014(
+    make_handler: MakeHandler,
+) -> None:
     handler = await make_handler(default_policies=())
     scanner = RawScanner(handler.scanners, "s1", heartbeat_every=None)
     first = await scanner.connect()
@@ -190,8 +312,10 @@ async def test_scanner_without_a_policy_and_no_default_is_hndl_014(make_handler:
 
 
 async def test_first_message_must_be_register(handler: Handler) -> None:
-    call = handler.scanners.Connect()
-    await call.write(scanner_service_pb2.ConnectRequest(ready=scanner_service_pb2.Ready(free_slots=1)))
+    call: Any = handler.scanners.Connect()  # type: ignore[call-arg]  # write() style
+    await call.write(
+        scanner_service_pb2.ConnectRequest(ready=scanner_service_pb2.Ready(free_slots=1))
+    )
     reply = await call.read()
     assert reply.rejected.error.code == "HNDL-003"
     error = await remote_error(call)
@@ -216,7 +340,9 @@ async def test_result_for_a_job_not_assigned_is_hndl_008_on_the_stream(handler: 
         (job,) = await scanner.assigned()
         assert job.job_id == other
         await scanner.send(
-            result=scanner_service_pb2.Results(results=[common_pb2.ScanResult(job_id="00000000-0000-4000-8000-00000000dead")])
+            result=scanner_service_pb2.Results(
+                results=[common_pb2.ScanResult(job_id="00000000-0000-4000-8000-00000000dead")]
+            )
         )
         rejected = await scanner.expect("rejected")
         assert rejected.error.code == "HNDL-008"
@@ -231,7 +357,18 @@ async def test_result_for_a_job_not_assigned_is_hndl_008_on_the_stream(handler: 
 
 def test_unknown_timezone_stops_the_start_with_hndl_015(tmp_path: Any) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path), "--timezone", "Mars/Olympus_Mons"],
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path),
+            "--timezone",
+            "Mars/Olympus_Mons",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -242,7 +379,20 @@ def test_unknown_timezone_stops_the_start_with_hndl_015(tmp_path: Any) -> None:
 
 def test_bad_handler_settings_stop_the_start_with_hndl_003(tmp_path: Any) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path), "--heartbeat-timeout", "1", "--heartbeat-interval", "5"],
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path),
+            "--heartbeat-timeout",
+            "1",
+            "--heartbeat-interval",
+            "5",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -7,7 +7,7 @@ from google.protobuf import duration_pb2
 
 from imagehandler.v1 import common_pb2, job_service_pb2, scanner_service_pb2
 from tests.conftest import Handler, MakeHandler
-from tests.helpers import RawScanner, Watcher, image, wait_for_status
+from tests.helpers import RawScanner, image, wait_for_status
 
 S = common_pb2
 
@@ -103,7 +103,7 @@ async def test_result_wait_without_progress_times_out(make_handler: MakeHandler)
     job_id = (await handler.jobs.SubmitJob(image())).job.id
     async with RawScanner(handler.scanners, "quiet") as scanner:
         await scanner.start()
-        (job,) = await scanner.assigned()
+        (_job,) = await scanner.assigned()
         scanner.held.clear()  # the scanner's heartbeats no longer name the job
         await scanner.expect("cancel")
         final = await wait_for_status(handler.jobs, job_id, S.JOB_STATUS_ERROR)
@@ -121,7 +121,9 @@ async def test_progress_keeps_a_run_alive_past_the_result_wait(make_handler: Mak
         # after each one keeps the run alive, so nothing but heartbeats may arrive.
         for percent in range(8):
             await scanner.send(
-                progress=scanner_service_pb2.Progress(job_id=job_id, stage="analyse", percent=percent)
+                progress=scanner_service_pb2.Progress(
+                    job_id=job_id, stage="analyse", percent=percent
+                )
             )
             message = await scanner.call.read()
             assert message.WhichOneof("message") == "heartbeat", message

@@ -194,7 +194,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     get = commands.add_parser(
         "get", parents=[common], help="show one job", description="Show one job."
     )
-    get.add_argument("job_id", metavar="JOB")
+    get.add_argument("job_id", metavar="JOB", help="the job id")
     get.add_argument(
         "--history", action="store_true", help="also print the job's transitions (full view)"
     )
@@ -216,7 +216,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         metavar="N",
         help=f"at most N jobs (default {DEFAULT_LIMIT}); a note on stderr says when more exist",
     )
-    jobs.add_argument("--all", action="store_true", help="every matching job (follows pages)")
+    jobs.add_argument(
+        "--all",
+        action="store_true",
+        help="every matching job, following pages (--limit is ignored)",
+    )
 
     watch = commands.add_parser(
         "watch",
@@ -226,7 +230,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "job is done; exit 0 when it FINISHED, 1 when it ended ERROR or CANCELLED. Without "
         "JOB: print every transition until Ctrl-C.",
     )
-    watch.add_argument("job_id", metavar="JOB", nargs="?", default="")
+    watch.add_argument(
+        "job_id", metavar="JOB", nargs="?", default="", help="the job id; all jobs without it"
+    )
     _enum_option(
         watch, "--status", names.JOB_STATUS, "only transitions into this status", repeat=True
     )
@@ -237,7 +243,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="cancel a PENDING or IN_PROGRESS job",
         description="Cancel a job; prints the job id and its new status.",
     )
-    cancel.add_argument("job_id", metavar="JOB")
+    cancel.add_argument("job_id", metavar="JOB", help="the job id")
     cancel.add_argument("--reason", default="", help="why (recorded in the job's history)")
 
     commands.add_parser(
@@ -306,7 +312,7 @@ def _add_submit(
     image.add_argument("--repository", required=True, help="for example library/alpine")
     image.add_argument("--registry", default="", metavar="HOST", help="default docker.io")
     image.add_argument("--tag", default="", help='default "latest" without tag or digest')
-    image.add_argument("--digest", type=parse_digest, default="", metavar="sha256:HEX")
+    image.add_argument("--digest", type=parse_digest, metavar="sha256:HEX")
     image.add_argument("--credentials-ref", default="", metavar="NAME", help="pull credentials")
     image.add_argument("--proxy-url", default="", metavar="URL", help="proxy for the pull")
 
@@ -345,7 +351,7 @@ def scan_object(args: argparse.Namespace) -> common_pb2.ScanObject:
                 registry=args.registry,
                 repository=args.repository,
                 tag=args.tag,
-                digest=args.digest,
+                digest=args.digest or "",
                 credentials_ref=args.credentials_ref,
                 proxy_url=args.proxy_url,
             )

@@ -22,6 +22,7 @@ from server.model import (
     Job,
     JobFailure,
     JobSpec,
+    JobStatus,
     Lane,
     NodeRef,
     ObjectKind,
@@ -46,11 +47,30 @@ def enum_value(enum_type: type[E], value: int, field: str, *, default: E | None 
         return enum_type(value)
     except ValueError:
         choices = ", ".join(f"{m.name} ({m.value})" for m in enum_type)
-        raise validation.params_error(f"{field} {value} is unknown; choose from {choices}") from None
+        raise validation.params_error(
+            f"{field} {value} is unknown; choose from {choices}"
+        ) from None
 
 
 def enum_set(enum_type: type[E], values: Iterable[int], field: str) -> frozenset[E]:
     return frozenset(enum_value(enum_type, v, field) for v in values)
+
+
+# Domain enums share their numbers with the protobuf enums; these give mypy the protobuf type.
+def pb_status(status: JobStatus) -> common_pb2.JobStatus.ValueType:
+    return common_pb2.JobStatus.ValueType(status)
+
+
+def pb_lane(lane: Lane) -> common_pb2.Lane.ValueType:
+    return common_pb2.Lane.ValueType(lane)
+
+
+def pb_policies(policies: Iterable[Policy]) -> list[common_pb2.Policy.ValueType]:
+    return [common_pb2.Policy.ValueType(p) for p in policies]
+
+
+def pb_kinds(kinds: Iterable[ObjectKind]) -> list[common_pb2.ObjectKind.ValueType]:
+    return [common_pb2.ObjectKind.ValueType(k) for k in sorted(kinds)]
 
 
 # ----- timestamps ----------------------------------------------------------------------
@@ -81,7 +101,9 @@ def target_from_proto(obj: common_pb2.ScanObject) -> ScanTarget:
         return _node(obj.node)
     if which == "artifact":
         return _artifact(obj.artifact)
-    raise validation.params_error("object is required: set object.image, object.node or object.artifact")
+    raise validation.params_error(
+        "object is required: set object.image, object.node or object.artifact"
+    )
 
 
 def _image(image: common_pb2.ImageObject) -> ImageRef:
@@ -96,9 +118,7 @@ def _image(image: common_pb2.ImageObject) -> ImageRef:
     validation.check_identifier("image.credentials_ref", image.credentials_ref, required=False)
     validation.check_proxy_url("image.proxy_url", image.proxy_url)
     tag = image.tag or ("" if image.digest else "latest")
-    return ImageRef(
-        registry, repository, tag, image.digest, image.credentials_ref, image.proxy_url
-    )
+    return ImageRef(registry, repository, tag, image.digest, image.credentials_ref, image.proxy_url)
 
 
 def _node(node: common_pb2.NodeObject) -> NodeRef:
@@ -265,8 +285,10 @@ def error_to_proto(error: JobFailure | None) -> common_pb2.JobError | None:
 
 def transition_to_proto(t: Transition) -> common_pb2.JobTransition:
     return common_pb2.JobTransition(
-        from_status=t.from_status or 0,
-        to_status=t.to_status,
+        from_status=pb_status(t.from_status)
+        if t.from_status
+        else common_pb2.JOB_STATUS_UNSPECIFIED,
+        to_status=pb_status(t.to_status),
         at=timestamp(t.at),
         scanner_id=t.scanner_id,
         run=t.run,
@@ -280,9 +302,9 @@ def job_to_proto(job: Job, *, position: int, full: bool = False) -> common_pb2.J
     message = common_pb2.Job(
         id=job.id,
         object=object_to_proto(spec.target),
-        status=job.status,
-        trigger=spec.trigger,
-        policies=spec.policies,
+        status=pb_status(job.status),
+        trigger=common_pb2.Trigger.ValueType(spec.trigger),
+        policies=pb_policies(spec.policies),
         runs=job.runs,
         scanner_id=job.scanner_id,
         error=error_to_proto(job.error),
@@ -295,8 +317,8 @@ def job_to_proto(job: Job, *, position: int, full: bool = False) -> common_pb2.J
         max_run_time=duration(spec.max_run_time),
         idempotency_key=spec.idempotency_key,
         labels=spec.labels,
-        lane=spec.lane,
-        kind=job.kind,
+        lane=pb_lane(spec.lane),
+        kind=common_pb2.ObjectKind.ValueType(job.kind),
     )
     if full:
         message.history.extend(transition_to_proto(t) for t in job.history)
@@ -309,22 +331,24 @@ def assigned_job_to_proto(job: Job, deadline: datetime) -> scanner_service_pb2.A
     return scanner_service_pb2.AssignedJob(
         job_id=job.id,
         object=object_to_proto(job.spec.target),
-        policies=job.spec.policies,
+        policies=pb_policies(job.spec.policies),
         run=job.runs,
         deadline=timestamp(deadline),
         labels=job.spec.labels,
     )
 
 
-def scanner_to_proto(session: ScannerSession, processing: list[str]) -> scanner_service_pb2.ScannerInfo:
+def scanner_to_proto(
+    session: ScannerSession, processing: list[str]
+) -> scanner_service_pb2.ScannerInfo:
     profile = session.profile
     return scanner_service_pb2.ScannerInfo(
         scanner_id=profile.scanner_id,
         version=profile.version,
         engine=profile.engine,
-        kinds=sorted(profile.kinds),
+        kinds=pb_kinds(profile.kinds),
         slots=profile.slots,
-        status=session.status,
+        status=common_pb2.ScannerStatus.ValueType(session.status),
         connected=session.connected,
         draining=session.draining,
         job_ids=list(session.held),

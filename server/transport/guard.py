@@ -8,8 +8,8 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import grpc
 import structlog
+from grpc import aio
 
 from server.errors import Catalogue, HandlerError
 from server.transport.status import abort
@@ -18,7 +18,9 @@ log = structlog.get_logger("imagehandler.rpc")
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Context = grpc.aio.ServicerContext[Any, Any]
+Context = aio.ServicerContext[Any, Any]
+# The end-of-stream marker of context.read(); grpc-stubs does not declare it.
+STREAM_END: object = getattr(aio, "EOF")  # noqa: B009
 
 
 def as_handler_error(exc: BaseException, method: str) -> HandlerError:
@@ -43,4 +45,5 @@ def unary(
         except Exception as exc:
             await fail(context, exc, method.__name__)
             raise  # unreachable: abort raises
+
     return wrapper

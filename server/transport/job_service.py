@@ -114,7 +114,9 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         job = self.manager.cancel(request.job_id, request.reason[:512])
         return job_service_pb2.CancelJobResponse(job=self._job(job))
 
-    async def WatchJobs(self, request: job_service_pb2.WatchJobsRequest, context: Context) -> None:
+    async def WatchJobs(  # type: ignore[override]  # written with context.write
+        self, request: job_service_pb2.WatchJobsRequest, context: Context
+    ) -> None:
         """Every transition in order. Written with context.write so errors keep their code."""
         subscription: Subscription | None = None
         try:
@@ -172,7 +174,9 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             age_pb.FromTimedelta(age)
             lanes.append(
                 job_service_pb2.LaneStats(
-                    lane=lane, pending=stats.pending_by_lane[lane], oldest_pending_age=age_pb
+                    lane=convert.pb_lane(lane),
+                    pending=stats.pending_by_lane[lane],
+                    oldest_pending_age=age_pb,
                 )
             )
         counts = stats.by_status

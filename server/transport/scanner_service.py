@@ -11,16 +11,16 @@ import asyncio
 from dataclasses import dataclass
 from datetime import timedelta
 
-import grpc
 import structlog
 
 from imagehandler.v1 import scanner_service_pb2, scanner_service_pb2_grpc
 from server.errors import Catalogue, HandlerError
 from server.job_manager import JobManager, now_utc
+from server.model import JobFailure
 from server.retry import RunFailure
 from server.scanners import AssignJobs, CancelRun, RejectMessage, ScannerMessage, ScannerSession
 from server.transport import convert
-from server.transport.guard import Context, as_handler_error, unary
+from server.transport.guard import STREAM_END, Context, as_handler_error, unary
 from server.transport.status import abort
 
 log = structlog.get_logger("imagehandler.scanners")
@@ -36,9 +36,7 @@ class _Close:
 def rejected(error: HandlerError, job_id: str = "") -> Response:
     return Response(
         rejected=scanner_service_pb2.Rejected(
-            error=convert.error_to_proto(
-                convert.JobFailure(error.code, error.message, error.detail)
-            ),
+            error=convert.error_to_proto(JobFailure(error.code, error.message, error.detail)),
             job_id=job_id,
         )
     )
@@ -48,18 +46,22 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
     def __init__(self, manager: JobManager) -> None:
         self.manager = manager
 
-    async def Connect(self, request_iterator: object, context: Context) -> None:
+    # Written with context.read()/write() (not as a generator), hence the override ignore.
+    async def Connect(self, request_iterator: object, context: Context) -> None:  # type: ignore[override]
         config = self.manager.config
         try:
             async with asyncio.timeout(config.heartbeat_timeout):
                 first = await context.read()
         except TimeoutError:
-            await abort(context, HandlerError(
-                Catalogue.SCANNER_CONFIG_INVALID,
-                f"no register message within {config.heartbeat_timeout:g}s",
-            ))
+            await abort(
+                context,
+                HandlerError(
+                    Catalogue.SCANNER_CONFIG_INVALID,
+                    f"no register message within {config.heartbeat_timeout:g}s",
+                ),
+            )
             return
-        if first is grpc.aio.EOF:
+        if first is STREAM_END:
             return
         assert isinstance(first, scanner_service_pb2.ConnectRequest)
         outbox: asyncio.Queue[ScannerMessage | _Close] = asyncio.Queue()
@@ -114,7 +116,7 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
     async def _read(self, session: ScannerSession, context: Context) -> None:
         while True:
             request = await context.read()
-            if request is grpc.aio.EOF:
+            if request is STREAM_END:
                 return
             assert isinstance(request, scanner_service_pb2.ConnectRequest)
             self.manager.touch(session)
@@ -141,7 +143,10 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
             kind = Catalogue.by_code(f.code) if f.code else Catalogue.SYSTEM_ERROR
             detail = f.detail[:2048]
             if kind is None:
-                kind, detail = Catalogue.SYSTEM_ERROR, f"scanner reported unknown code {f.code[:16]!r}: {detail}"
+                kind, detail = (
+                    Catalogue.SYSTEM_ERROR,
+                    f"scanner reported unknown code {f.code[:16]!r}: {detail}",
+                )
             manager.failure(session, f.job_id, RunFailure(kind, detail, f.permanent))
         elif which == "drain":
             manager.drain(session)
@@ -165,7 +170,11 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
                     item = await outbox.get()
             except TimeoutError:
                 await context.write(
-                    Response(heartbeat=scanner_service_pb2.HandlerHeartbeat(sent_at=convert.timestamp(now_utc())))
+                    Response(
+                        heartbeat=scanner_service_pb2.HandlerHeartbeat(
+                            sent_at=convert.timestamp(now_utc())
+                        )
+                    )
                 )
                 continue
             if isinstance(item, _Close):
@@ -180,14 +189,17 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
                     jobs=[
                         convert.assigned_job_to_proto(
                             job,
-                            (job.started_at or now_utc()) + timedelta(seconds=job.spec.max_run_time),
+                            (job.started_at or now_utc())
+                            + timedelta(seconds=job.spec.max_run_time),
                         )
                         for job in item.jobs
                     ]
                 )
             )
         if isinstance(item, CancelRun):
-            return Response(cancel=scanner_service_pb2.Cancel(job_id=item.job_id, reason=item.reason))
+            return Response(
+                cancel=scanner_service_pb2.Cancel(job_id=item.job_id, reason=item.reason)
+            )
         return rejected(item.error, item.job_id)
 
     @unary

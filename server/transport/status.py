@@ -7,7 +7,9 @@ so clients can match on the code without parsing the message.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -59,9 +61,11 @@ class RemoteError:
 
 def read_rpc_error(error: grpc.RpcError) -> RemoteError:
     """The HNDL code and message of a failed call (works for sync and aio errors)."""
-    status_code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    details: str = error.details() or ""  # type: ignore[attr-defined]
-    metadata = error.trailing_metadata() or ()  # type: ignore[attr-defined]
+    # grpc.RpcError itself declares none of these; every raised error is also a grpc.Call.
+    call = cast(grpc.Call, error)
+    status_code = call.code()
+    details = call.details() or ""
+    metadata = cast(Sequence[tuple[str, str | bytes]], call.trailing_metadata() or ())
     for key, value in metadata:
         if key != _DETAILS_KEY or not isinstance(value, bytes):
             continue
@@ -73,4 +77,3 @@ def read_rpc_error(error: grpc.RpcError) -> RemoteError:
     if Catalogue.by_code(details[:8]) is not None:
         return RemoteError(details[:8], details, status_code)
     return RemoteError("", f"{status_code.name}: {details}", status_code)
-
