@@ -187,6 +187,12 @@ class Watcher:
         async for event in self.call:
             self.events.put_nowait(event)
 
+    async def subscribed(self) -> Watcher:
+        """Wait until the handler has subscribed the watch (it then sends headers)."""
+        async with asyncio.timeout(DEADLINE):
+            await self.call.initial_metadata()
+        return self
+
     async def next(self, timeout: float = DEADLINE) -> job_service_pb2.WatchJobsResponse:
         async with asyncio.timeout(timeout):
             return await self.events.get()

@@ -98,7 +98,7 @@ async def test_batch_dedups_within_itself(handler: Handler) -> None:
 
 
 async def test_watch_sees_every_transition_in_order(handler: Handler) -> None:
-    watcher = Watcher(handler.jobs)
+    watcher = await Watcher(handler.jobs).subscribed()
     job_id = (await handler.jobs.SubmitJob(image())).job.id
     async with RawScanner(handler.scanners, "s1") as scanner:
         await scanner.start()

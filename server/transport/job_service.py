@@ -137,6 +137,9 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
 
             subscription = Subscription(on_event, request.job_id, statuses)
             self.manager.events.subscribe(subscription)
+            # Headers go out once the watch is subscribed: a client that awaits them knows
+            # that every later transition will reach it.
+            await context.send_initial_metadata(())
             if job is not None:
                 await context.write(job_service_pb2.WatchJobsResponse(job=self._job(job)))
                 if job.status.terminal:
