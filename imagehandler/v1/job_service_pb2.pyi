@@ -360,7 +360,9 @@ class WatchJobsResponse(_message.Message):
 
     @_builtins.property
     def transition(self) -> _common_pb2.JobTransition:
-        """The transition; unset in the first message of a single-job watch (the job as it was)."""
+        """The transition; unset in the first message of a single-job watch, which carries the job
+        as it is, with its history so far.
+        """
 
     def __init__(
         self,

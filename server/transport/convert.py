@@ -297,7 +297,9 @@ def transition_to_proto(t: Transition) -> common_pb2.JobTransition:
     )
 
 
-def job_to_proto(job: Job, *, position: int, full: bool = False) -> common_pb2.Job:
+def job_to_proto(
+    job: Job, *, position: int, history: bool = False, full_result: bool = False
+) -> common_pb2.Job:
     spec = job.spec
     message = common_pb2.Job(
         id=job.id,
@@ -320,10 +322,10 @@ def job_to_proto(job: Job, *, position: int, full: bool = False) -> common_pb2.J
         lane=pb_lane(spec.lane),
         kind=common_pb2.ObjectKind.ValueType(job.kind),
     )
-    if full:
+    if history:
         message.history.extend(transition_to_proto(t) for t in job.history)
-        if job.result is not None:
-            message.full_result.CopyFrom(job.result)
+    if full_result and job.result is not None:
+        message.full_result.CopyFrom(job.result)
     return message
 
 

@@ -49,8 +49,10 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     def __init__(self, manager: JobManager) -> None:
         self.manager = manager
 
-    def _job(self, job: Job, *, full: bool = False) -> common_pb2.Job:
-        return convert.job_to_proto(job, position=self.manager.position(job), full=full)
+    def _job(self, job: Job, *, history: bool = False, full_result: bool = False) -> common_pb2.Job:
+        return convert.job_to_proto(
+            job, position=self.manager.position(job), history=history, full_result=full_result
+        )
 
     @unary
     async def SubmitJob(
@@ -89,7 +91,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     ) -> job_service_pb2.GetJobResponse:
         job = self.manager.get(request.job_id)
         full = request.view == job_service_pb2.JOB_VIEW_FULL
-        return job_service_pb2.GetJobResponse(job=self._job(job, full=full))
+        return job_service_pb2.GetJobResponse(job=self._job(job, history=full, full_result=full))
 
     @unary
     async def ListJobs(
@@ -141,7 +143,10 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             # that every later transition will reach it.
             await context.send_initial_metadata(())
             if job is not None:
-                await context.write(job_service_pb2.WatchJobsResponse(job=self._job(job)))
+                # The first message carries the history, so a watcher sees the whole story.
+                await context.write(
+                    job_service_pb2.WatchJobsResponse(job=self._job(job, history=True))
+                )
                 if job.status.terminal:
                     return
             while True:
