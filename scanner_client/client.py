@@ -1,0 +1,693 @@
+"""ScannerClient: one scanner's Connect stream to the handler, kept up until drained or stopped.
+
+A session is one stream: register, answer ``registered`` with ``Ready(free_slots=slots)``, then
+run each assigned job as an asyncio task and send back its progress and its result or failure;
+heartbeats go both ways. When the stream breaks, the session's running jobs are cancelled (the
+handler has already put them back in the queue) and the client registers again on a new stream
+after an exponential backoff with full jitter. A refused registration is final:
+:meth:`ScannerClient.run` raises :class:`ScannerRejected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import os
+import socket
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import grpc
+import grpc.aio
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from imagehandler.v1 import common_pb2, scanner_service_pb2, scanner_service_pb2_grpc
+from scanner_client import protocol
+from scanner_client.backoff import Backoff
+from scanner_client.engine import Engine, Job, Kind, Policy, ScanFailure
+from scanner_client.errors import REGISTRATION_CODES, ScannerRejected
+from scanner_client.outbox import MAX_BATCH_RESULTS, Outbox
+from server.transport.status import read_rpc_error
+
+ConnectCall = grpc.aio.StreamStreamCall[
+    scanner_service_pb2.ConnectRequest, scanner_service_pb2.ConnectResponse
+]
+
+# A session that stayed registered this long resets the reconnect backoff; one that breaks
+# sooner (a handler that accepts and then drops us) keeps backing off.
+STABLE_SESSION_SECONDS: Final = 1.0
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("image-handler")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def default_scanner_id() -> str:
+    """``hostname-pid``: unique per process, stable for the process's life."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    scanner_id: str = field(default_factory=default_scanner_id)
+    # Jobs run at once.
+    slots: int = 1
+    # Kinds to register; None means the engine's kinds. Must be among the engine's kinds.
+    kinds: frozenset[Kind] | None = None
+    proxy_url: str = ""
+    # Policies this scanner applies; empty means all.
+    policies: tuple[Policy, ...] = ()
+    version: str = field(default_factory=package_version)
+    # Reconnect backoff (seconds): full jitter, doubling from initial up to max.
+    backoff_initial: float = 0.1
+    backoff_max: float = 30.0
+    # How long the handler may take to answer the registration.
+    register_timeout: float = 10.0
+    # Used when the handler's Registered leaves them unset.
+    heartbeat_interval: float = 5.0
+    heartbeat_timeout: float = 15.0
+    # After a drain, how long to wait for the handler to end the half-closed stream.
+    drain_close_timeout: float = 5.0
+    # How long cancelled scans may take to unwind before the client goes on without them.
+    cancel_grace: float = 5.0
+    # Most results in one Results message.
+    max_batch: int = MAX_BATCH_RESULTS
+
+    def check(self) -> None:
+        problems = []
+        if not self.scanner_id:
+            problems.append("scanner_id is required")
+        if self.slots < 1:
+            problems.append(f"slots must be at least 1, got {self.slots}")
+        if self.backoff_initial <= 0 or self.backoff_max < self.backoff_initial:
+            problems.append(
+                f"backoff must satisfy 0 < initial <= max, got {self.backoff_initial} and "
+                f"{self.backoff_max}"
+            )
+        for name in ("register_timeout", "heartbeat_interval", "heartbeat_timeout"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What the handler said when it accepted the current session."""
+
+    session_id: str
+    heartbeat_interval: float
+    heartbeat_timeout: float
+
+
+@dataclass
+class ClientStats:
+    """Counters over the client's life, for tests and operators."""
+
+    connect_attempts: int = 0
+    registrations: int = 0
+    disconnects: int = 0
+    jobs_assigned: int = 0
+    # Results and failures written to the stream.
+    jobs_succeeded: int = 0
+    jobs_failed: int = 0
+    # Cancelled by the handler, or dropped because their stream broke.
+    jobs_cancelled: int = 0
+    # Refused messages (Rejected after registration).
+    rejections: int = 0
+    messages_sent: int = 0
+    results_messages: int = 0
+
+    @property
+    def jobs_done(self) -> int:
+        return self.jobs_succeeded + self.jobs_failed
+
+
+@dataclass(frozen=True)
+class _Broken:
+    reason: str
+    # Seconds the session was registered; None when it never was.
+    registered_for: float | None = None
+
+
+class _Drained:
+    pass
+
+
+_DRAINED: Final = _Drained()
+_Outcome = _Broken | _Drained
+
+
+@dataclass(eq=False)
+class _RunningJob:
+    job: Job
+    task: asyncio.Task[None]
+
+
+@dataclass(eq=False)
+class _Session:
+    call: ConnectCall
+    outbox: Outbox
+    registration: Registration
+    databases: tuple[common_pb2.DatabaseVersion, ...]
+    log: FilteringBoundLogger
+    registered_at: float
+    jobs: dict[str, _RunningJob] = field(default_factory=dict)
+    # Set while no job runs.
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    drain_queued: bool = False
+    # Drain done: the client half-closed the stream and reports nothing more.
+    closing: bool = False
+    reader: asyncio.Task[_Outcome] | None = None
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+class _StreamProgress:
+    """A job's progress reporter: goes to the outbox while the job is still running."""
+
+    def __init__(self, session: _Session, job: Job) -> None:
+        self._session = session
+        self._job = job
+
+    def report(self, stage: str, percent: int, message: str = "") -> None:
+        running = self._session.jobs.get(self._job.job_id)
+        if running is None or running.job is not self._job or self._session.closing:
+            return
+        self._session.outbox.progress(self._job.job_id, stage, percent, message)
+
+
+class ScannerClient:
+    """Runs ``engine`` for the handler at ``handler`` ("host:port") until drained or stopped.
+
+    ``await run()`` returns after :meth:`drain` or :meth:`stop` and raises
+    :class:`ScannerRejected` when the handler refuses the registration. ``registered`` is set
+    while a session is registered; :meth:`wait_for` waits for a condition on :attr:`stats`.
+    """
+
+    def __init__(
+        self,
+        handler: str,
+        engine: Engine,
+        config: ClientConfig | None = None,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel_options: tuple[tuple[str, Any], ...] = (),
+    ) -> None:
+        self.handler = handler
+        self.engine = engine
+        self.config = config or ClientConfig()
+        self.config.check()
+        if self.config.kinds is not None and engine.kinds and not self.config.kinds <= engine.kinds:
+            extra = ", ".join(sorted(self.config.kinds - engine.kinds))
+            raise ValueError(f"engine {engine.name!r} cannot scan {extra}")
+        self.kinds: frozenset[Kind] = (
+            self.config.kinds if self.config.kinds is not None else engine.kinds
+        )
+        self._credentials = credentials
+        self._channel_options = channel_options
+        self.log: FilteringBoundLogger = structlog.get_logger("scanner_client").bind(
+            scanner_id=self.config.scanner_id
+        )
+        self.stats = ClientStats()
+        # Set while a session is registered.
+        self.registered = asyncio.Event()
+        self.registration: Registration | None = None
+        # Set once a Drain message has been written.
+        self.drain_sent = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._drain_requested = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        # Ends a reconnect wait early.
+        self._wake = asyncio.Event()
+        self._done = asyncio.Event()
+        self._started = False
+        self._stub: scanner_service_pb2_grpc.ScannerServiceAsyncStub | None = None
+        # Cancelled job tasks still unwinding.
+        self._unwinding: set[asyncio.Task[None]] = set()
+
+    # ---- control ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, register and serve jobs, reconnecting when the stream breaks.
+
+        Returns after :meth:`drain` or :meth:`stop`; raises :class:`ScannerRejected` when the
+        handler refuses the registration (without reconnecting).
+        """
+        if self._started:
+            raise RuntimeError("a ScannerClient runs once; make a new one")
+        self._started = True
+        channel = self._channel()
+        self._stub = scanner_service_pb2_grpc.ScannerServiceStub(channel)
+        backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
+        try:
+            while not self._drain_requested.is_set() and not self._stop_requested.is_set():
+                outcome = await self._until_stopped(self._session)
+                if outcome is None:
+                    self.log.info("scanner stopped")
+                    return
+                if isinstance(outcome, _Drained):
+                    self.log.info("scanner drained")
+                    return
+                self.stats.disconnects += 1
+                self._notify()
+                if (
+                    outcome.registered_for is not None
+                    and outcome.registered_for >= STABLE_SESSION_SECONDS
+                ):
+                    backoff.reset()
+                if self._drain_requested.is_set() or self._stop_requested.is_set():
+                    self.log.info("disconnected", reason=outcome.reason)
+                    return
+                delay = backoff.next_delay()
+                self.log.warning(
+                    "disconnected", reason=outcome.reason, reconnect_in=round(delay, 3)
+                )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+        except ScannerRejected as rejected:
+            self.log.error("registration refused", code=rejected.code, error=rejected.message)
+            raise
+        finally:
+            self.registered.clear()
+            await channel.close(None)
+            self._done.set()
+            self._notify()
+
+    def request_drain(self) -> None:
+        """Start draining (safe from a signal handler); :meth:`run` returns when done."""
+        self._drain_requested.set()
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        """Stop at once (safe from a signal handler): running jobs are cancelled unreported."""
+        self._stop_requested.set()
+        self._wake.set()
+
+    async def drain(self) -> None:
+        """Send Drain, take nothing new, let the running jobs finish and report, close the
+        stream, and return once :meth:`run` has."""
+        self.request_drain()
+        if self._started:
+            await self._done.wait()
+
+    async def stop(self) -> None:
+        """End the stream and the running jobs now, and return once :meth:`run` has."""
+        self.request_stop()
+        if self._started:
+            await self._done.wait()
+
+    async def wait_for(self, predicate: Callable[[ClientStats], bool]) -> None:
+        """Until ``predicate(self.stats)`` holds (wrap in ``asyncio.timeout``)."""
+        while not predicate(self.stats):
+            await self._changed.wait()
+
+    # ---- one session ------------------------------------------------------------------------
+
+    async def _until_stopped(
+        self, session: Callable[[], Coroutine[Any, Any, _Outcome]]
+    ) -> _Outcome | None:
+        """The session's outcome, or None when :meth:`stop` ended it first."""
+        task = asyncio.create_task(session(), name=f"scanner session {self.config.scanner_id}")
+        stopper = asyncio.create_task(self._stop_requested.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if task.cancelled():
+            return None
+        return task.result()
+
+    async def _session(self) -> _Outcome:
+        assert self._stub is not None
+        self.stats.connect_attempts += 1
+        self._notify()
+        self.log.info("connecting", handler=self.handler, attempt=self.stats.connect_attempts)
+        call: ConnectCall = self._stub.Connect(None)
+        session: _Session | None = None
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            try:
+                session = await self._register(call)
+            except grpc.aio.AioRpcError as exc:
+                remote = read_rpc_error(exc)
+                if remote.code in REGISTRATION_CODES:
+                    raise ScannerRejected.from_remote(remote) from None
+                return _Broken(f"cannot register: {remote.message}")
+            except asyncio.InvalidStateError:
+                return _Broken(f"cannot register: {await self._status_text(call)}")
+            except TimeoutError:
+                return _Broken(
+                    f"no answer to the registration within {self.config.register_timeout}s"
+                )
+            except ScannerRejected:
+                raise
+            except _RegistrationFailed as exc:
+                return _Broken(str(exc))
+            tasks = [
+                asyncio.create_task(self._write_loop(session)),
+                asyncio.create_task(self._heartbeat_loop(session)),
+            ]
+            session.reader = asyncio.create_task(self._read_loop(session))
+            drainer = asyncio.create_task(self._drain_when_asked(session))
+            tasks += [session.reader, drainer]
+            done, _ = await asyncio.wait(
+                {session.reader, drainer}, return_when=asyncio.FIRST_COMPLETED
+            )
+            outcome: _Outcome = (
+                session.reader.result() if session.reader in done else drainer.result()
+            )
+            if isinstance(outcome, _Broken):
+                outcome = _Broken(
+                    outcome.reason, asyncio.get_running_loop().time() - session.registered_at
+                )
+            return outcome
+        finally:
+            self.registered.clear()
+            for task in tasks:
+                task.cancel()
+            if session is not None:
+                self._abandon_jobs(session)
+            waiting = {*tasks, *self._unwinding}
+            if waiting:
+                await asyncio.wait(waiting, timeout=self.config.cancel_grace)
+            call.cancel()
+
+    async def _register(self, call: ConnectCall) -> _Session:
+        try:
+            databases = tuple(self.engine.databases())
+        except Exception as exc:
+            self.log.exception("engine cannot list its databases")
+            raise _RegistrationFailed(f"engine cannot list its databases: {exc!r}") from exc
+        request = protocol.register_request(
+            scanner_id=self.config.scanner_id,
+            version=self.config.version,
+            engine=self.engine.name,
+            kinds=self.kinds,
+            slots=self.config.slots,
+            databases=databases,
+            proxy_url=self.config.proxy_url,
+            policies=self.config.policies,
+        )
+        async with asyncio.timeout(self.config.register_timeout):
+            await call.write(request)
+            response = await call.read()
+        if not isinstance(response, scanner_service_pb2.ConnectResponse):
+            raise _RegistrationFailed("the handler ended the stream before answering")
+        kind = response.WhichOneof("message")
+        if kind == "rejected":
+            error = response.rejected.error
+            if error.code in REGISTRATION_CODES:
+                raise ScannerRejected.from_job_error(error)
+            # Anything else (HNDL-007: this id's old stream is still live) passes: retry.
+            raise _RegistrationFailed(f"registration refused for now: {error.message}")
+        if kind != "registered":
+            raise _RegistrationFailed(f"the handler answered the registration with {kind}")
+        registered = response.registered
+        registration = Registration(
+            session_id=registered.session_id,
+            heartbeat_interval=protocol.seconds(
+                registered.heartbeat_interval, self.config.heartbeat_interval
+            ),
+            heartbeat_timeout=protocol.seconds(
+                registered.heartbeat_timeout, self.config.heartbeat_timeout
+            ),
+        )
+        log = self.log.bind(session_id=registration.session_id)
+        session = _Session(
+            call=call,
+            outbox=Outbox(max_batch=self.config.max_batch),
+            registration=registration,
+            databases=tuple(database.to_proto() for database in databases),
+            log=log,
+            registered_at=asyncio.get_running_loop().time(),
+        )
+        self.registration = registration
+        self.stats.registrations += 1
+        self.registered.set()
+        self._notify()
+        log.info(
+            "registered",
+            handler=self.handler,
+            slots=self.config.slots,
+            kinds=sorted(self.kinds) or "all",
+            engine=self.engine.name,
+            heartbeat_interval=registration.heartbeat_interval,
+            heartbeat_timeout=registration.heartbeat_timeout,
+        )
+        if self._drain_requested.is_set():
+            # Asked to drain while registering: take nothing at all.
+            session.outbox.put(protocol.drain())
+            session.drain_queued = True
+        else:
+            session.outbox.put(protocol.ready(self.config.slots))
+        return session
+
+    async def _read_loop(self, session: _Session) -> _Outcome:
+        call = session.call
+        timeout = session.registration.heartbeat_timeout
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    response = await call.read()
+            except TimeoutError:
+                if session.closing:
+                    return _DRAINED
+                return _Broken(f"no message from the handler for {timeout}s (heartbeat timeout)")
+            except grpc.aio.AioRpcError as exc:
+                if session.closing:
+                    return _DRAINED
+                return _Broken(f"stream failed: {read_rpc_error(exc).message}")
+            if not isinstance(response, scanner_service_pb2.ConnectResponse):
+                if session.closing:
+                    return _DRAINED
+                return _Broken("the handler ended the stream")
+            self._dispatch(session, response)
+
+    def _dispatch(self, session: _Session, response: scanner_service_pb2.ConnectResponse) -> None:
+        kind = response.WhichOneof("message")
+        if kind == "assignment":
+            for assigned in response.assignment.jobs:
+                self._start_job(session, assigned)
+        elif kind == "cancel":
+            self._cancel_job(session, response.cancel.job_id, response.cancel.reason)
+        elif kind == "rejected":
+            error = response.rejected.error
+            self.stats.rejections += 1
+            self._notify()
+            session.log.warning(
+                "handler refused a message",
+                code=error.code,
+                error=error.message,
+                job_id=response.rejected.job_id or None,
+            )
+        elif kind == "heartbeat":
+            pass
+        else:
+            session.log.warning("unexpected message from the handler", message=kind)
+
+    async def _write_loop(self, session: _Session) -> None:
+        outbox = session.outbox
+        while True:
+            request = await outbox.get()
+            try:
+                await session.call.write(request)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+                # The stream is over; the reader reports why.
+                session.log.debug("write failed", error=repr(exc))
+                return
+            outbox.written()
+            self._count_sent(request)
+
+    async def _heartbeat_loop(self, session: _Session) -> None:
+        while True:
+            await asyncio.sleep(session.registration.heartbeat_interval)
+            if session.closing:
+                return
+            session.outbox.put(protocol.heartbeat(session.jobs))
+
+    async def _drain_when_asked(self, session: _Session) -> _Outcome:
+        await self._drain_requested.wait()
+        if not session.drain_queued:
+            session.outbox.put(protocol.drain())
+            session.drain_queued = True
+        session.log.info("draining", running=len(session.jobs))
+        await session.idle.wait()
+        await session.outbox.wait_idle()
+        session.closing = True
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await session.call.done_writing()
+        # Give the handler a moment to end the stream on its side.
+        assert session.reader is not None
+        await asyncio.wait({session.reader}, timeout=self.config.drain_close_timeout)
+        return _DRAINED
+
+    # ---- jobs -------------------------------------------------------------------------------
+
+    def _start_job(self, session: _Session, assigned: scanner_service_pb2.AssignedJob) -> None:
+        job = protocol.job_from_assignment(assigned)
+        log = session.log.bind(job_id=job.job_id, run=job.run)
+        if session.closing:
+            log.warning("assignment after the stream was closed; the handler requeues it")
+            return
+        previous = session.jobs.pop(job.job_id, None)
+        if previous is not None:
+            log.warning("job assigned again while running; the earlier run is dropped")
+            self._cancel_task(previous.task)
+        task = asyncio.create_task(self._run_job(session, job), name=f"scan {job.job_id}")
+        session.jobs[job.job_id] = _RunningJob(job, task)
+        session.idle.clear()
+        self.stats.jobs_assigned += 1
+        self._notify()
+        log.info(
+            "job assigned",
+            kind=job.kind,
+            deadline=protocol.format_deadline(job.deadline) if job.deadline else None,
+        )
+
+    def _cancel_job(self, session: _Session, job_id: str, reason: str) -> None:
+        running = session.jobs.pop(job_id, None)
+        if running is None:
+            session.log.debug("cancel for a job not running here", job_id=job_id, reason=reason)
+            return
+        session.outbox.forget(job_id)
+        self._cancel_task(running.task)
+        if not session.jobs:
+            session.idle.set()
+        self.stats.jobs_cancelled += 1
+        self._notify()
+        session.log.info("job cancelled by the handler", job_id=job_id, reason=reason)
+
+    def _abandon_jobs(self, session: _Session) -> None:
+        """The stream is over: its jobs are the handler's again and cannot be reported."""
+        if session.jobs:
+            session.log.info("cancelling running jobs", job_ids=sorted(session.jobs))
+            self.stats.jobs_cancelled += len(session.jobs)
+            self._notify()
+        for running in session.jobs.values():
+            self._cancel_task(running.task)
+        session.jobs.clear()
+        session.idle.set()
+
+    def _cancel_task(self, task: asyncio.Task[None]) -> None:
+        if task.done():
+            return
+        task.cancel()
+        self._unwinding.add(task)
+        task.add_done_callback(self._unwinding.discard)
+
+    async def _run_job(self, session: _Session, job: Job) -> None:
+        log = session.log.bind(job_id=job.job_id, run=job.run)
+        loop = asyncio.get_running_loop()
+        when = (
+            None
+            if job.deadline is None
+            else loop.time() + (job.deadline - datetime.now(UTC)).total_seconds()
+        )
+        deadline = asyncio.timeout_at(when)
+        failure: scanner_service_pb2.Failure | None = None
+        result: common_pb2.ScanResult | None = None
+        try:
+            async with deadline:
+                returned: object = await self.engine.scan(job, _StreamProgress(session, job))
+            if not isinstance(returned, common_pb2.ScanResult):
+                raise TypeError(
+                    f"engine {self.engine.name!r} returned {type(returned).__name__}, "
+                    "not a ScanResult"
+                )
+            result = returned
+        except TimeoutError as exc:
+            if deadline.expired() and job.deadline is not None:
+                failure = protocol.failure(
+                    job.job_id,
+                    "HNDL-004",
+                    f"scan did not finish by its deadline {protocol.format_deadline(job.deadline)}",
+                )
+            else:
+                failure = self._internal_failure(job, exc, log)
+        except ScanFailure as exc:
+            failure = protocol.failure(job.job_id, exc.code, exc.detail, permanent=exc.permanent)
+        except Exception as exc:
+            failure = self._internal_failure(job, exc, log)
+        running = session.jobs.get(job.job_id)
+        if running is None or running.job is not job:
+            return  # cancelled meanwhile: nothing may be said about it
+        del session.jobs[job.job_id]
+        if not session.jobs:
+            session.idle.set()
+        if result is not None:
+            result.job_id = job.job_id
+            result.run = job.run
+            if not result.databases:
+                result.databases.extend(session.databases)
+            session.outbox.result(result)
+            log.info("job finished", verdict=common_pb2.Verdict.Name(result.verdict))
+        elif failure is not None:
+            session.outbox.failure(failure)
+            log.warning(
+                "job failed", code=failure.code, detail=failure.detail, permanent=failure.permanent
+            )
+
+    def _internal_failure(
+        self, job: Job, exc: BaseException, log: FilteringBoundLogger
+    ) -> scanner_service_pb2.Failure:
+        log.error("engine raised an unexpected error", exc_info=exc)
+        return protocol.failure(
+            job.job_id, "HNDL-007", f"engine {self.engine.name}: {type(exc).__name__}: {exc}"
+        )
+
+    # ---- plumbing ---------------------------------------------------------------------------
+
+    def _channel(self) -> grpc.aio.Channel:
+        initial_ms = max(1, int(self.config.backoff_initial * 1000))
+        options: list[tuple[str, Any]] = [
+            # Keep gRPC's own reconnection from outwaiting the client's backoff.
+            ("grpc.initial_reconnect_backoff_ms", initial_ms),
+            ("grpc.min_reconnect_backoff_ms", initial_ms),
+            ("grpc.max_reconnect_backoff_ms", max(initial_ms, int(self.config.backoff_max * 1000))),
+            *self._channel_options,
+        ]
+        if self._credentials is not None:
+            return grpc.aio.secure_channel(self.handler, self._credentials, options=options)
+        return grpc.aio.insecure_channel(self.handler, options=options)
+
+    def _count_sent(self, request: scanner_service_pb2.ConnectRequest) -> None:
+        self.stats.messages_sent += 1
+        kind = request.WhichOneof("message")
+        if kind == "result":
+            self.stats.results_messages += 1
+            self.stats.jobs_succeeded += len(request.result.results)
+        elif kind == "failure":
+            self.stats.jobs_failed += 1
+        elif kind == "drain":
+            self.drain_sent.set()
+        else:
+            return
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    @staticmethod
+    async def _status_text(call: ConnectCall) -> str:
+        try:
+            return f"{(await call.code()).name}: {await call.details()}"
+        except Exception as exc:
+            return repr(exc)
+
+
+class _RegistrationFailed(Exception):
+    """The handler neither accepted nor refused the registration (retry later)."""

@@ -1,0 +1,163 @@
+"""The engine interface: what a third party implements to plug a scanner into the handler.
+
+An engine knows how to scan one object; the client does everything else (the stream, slots,
+heartbeats, deadlines, reconnects, batching results). See :mod:`scanner_client` for a minimal
+engine.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from imagehandler.v1 import common_pb2
+
+_CODE = re.compile(r"HNDL-[0-9]{3}")
+
+
+class Kind(enum.StrEnum):
+    """An object kind a scanner can scan (``common_pb2.ObjectKind`` without the prefix)."""
+
+    IMAGE = "image"
+    NODE = "node"
+    ARTIFACT = "artifact"
+
+    @property
+    def proto(self) -> common_pb2.ObjectKind.ValueType:
+        return _KIND_TO_PROTO[self]
+
+    @classmethod
+    def of(cls, scan_object: common_pb2.ScanObject) -> Kind | None:
+        """The kind of a protobuf object, or None when it carries none."""
+        target = scan_object.WhichOneof("target")
+        return cls(target) if target is not None else None
+
+
+_KIND_TO_PROTO: dict[Kind, common_pb2.ObjectKind.ValueType] = {
+    Kind.IMAGE: common_pb2.OBJECT_KIND_IMAGE,
+    Kind.NODE: common_pb2.OBJECT_KIND_NODE,
+    Kind.ARTIFACT: common_pb2.OBJECT_KIND_ARTIFACT,
+}
+
+
+class Policy(enum.StrEnum):
+    """What a scan looks for (``common_pb2.Policy`` without the prefix)."""
+
+    VULNERABILITIES = "vulnerabilities"
+    MALWARE = "malware"
+    MISCONFIGURATIONS = "misconfigurations"
+    SECRETS = "secrets"
+
+    @property
+    def proto(self) -> common_pb2.Policy.ValueType:
+        return _POLICY_TO_PROTO[self]
+
+    @classmethod
+    def from_proto(cls, value: common_pb2.Policy.ValueType) -> Policy | None:
+        """The policy for a protobuf value; None for POLICY_UNSPECIFIED or an unknown value."""
+        return _PROTO_TO_POLICY.get(value)
+
+
+_POLICY_TO_PROTO: dict[Policy, common_pb2.Policy.ValueType] = {
+    Policy.VULNERABILITIES: common_pb2.POLICY_VULNERABILITIES,
+    Policy.MALWARE: common_pb2.POLICY_MALWARE,
+    Policy.MISCONFIGURATIONS: common_pb2.POLICY_MISCONFIGURATIONS,
+    Policy.SECRETS: common_pb2.POLICY_SECRETS,
+}
+_PROTO_TO_POLICY = {value: policy for policy, value in _POLICY_TO_PROTO.items()}
+
+
+@dataclass(frozen=True)
+class Database:
+    """A scan database and the date it was released (RFC 3339 date or date-time)."""
+
+    name: str
+    version: str
+    released_at: str
+
+    def to_proto(self) -> common_pb2.DatabaseVersion:
+        return common_pb2.DatabaseVersion(
+            name=self.name, version=self.version, released_at=self.released_at
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of one job, as the engine gets it."""
+
+    job_id: str
+    # The run number the handler gave; the client echoes it in the result.
+    run: int
+    object: common_pb2.ScanObject
+    # Empty means every policy the engine supports.
+    policies: tuple[Policy, ...] = ()
+    # The run must end by then (timezone-aware); None when the handler set no deadline. The
+    # client cancels the scan at the deadline and reports HNDL-004: engines need not check it.
+    deadline: datetime | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> Kind | None:
+        return Kind.of(self.object)
+
+
+class ProgressReporter(Protocol):
+    """Where an engine reports how far a scan got. Reporting never blocks and never fails."""
+
+    def report(self, stage: str, percent: int, message: str = "") -> None:
+        """``stage`` is "pull", "unpack", "analyse", "report", ...; ``percent`` is 0-100."""
+
+
+class NullProgress:
+    """A reporter that drops everything (for running an engine outside the client)."""
+
+    def report(self, stage: str, percent: int, message: str = "") -> None:
+        return None
+
+
+class ScanFailure(Exception):
+    """A scan that ended without a result, reported to the handler as a ``Failure``.
+
+    ``code`` is a catalogue code: HNDL-006 (the scanner's subprocess or command failed, the
+    default), HNDL-005 (the job's parameters are wrong), HNDL-007 (any other error), ...
+    ``permanent`` says that running the job again cannot help.
+    """
+
+    def __init__(self, detail: str, code: str = "HNDL-006", *, permanent: bool = False) -> None:
+        if not _CODE.fullmatch(code):
+            raise ValueError(f"ScanFailure code must look like HNDL-006, got {code!r}")
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+        self.permanent = permanent
+
+
+class Engine(abc.ABC):
+    """A scanning engine. Subclass it, set ``name``, implement ``databases`` and ``scan``.
+
+    ``scan`` runs as one asyncio task per job, up to ``slots`` at once: do blocking work in a
+    thread (``asyncio.to_thread``) or a subprocess (``asyncio.create_subprocess_exec``). A scan
+    may be cancelled at any await (the job was cancelled, its deadline passed, or the stream
+    broke); clean up in ``finally`` and let ``CancelledError`` propagate.
+    """
+
+    # Shown by the handler ("noop", "trivy", ...).
+    name: str = "engine"
+    # Object kinds this engine scans; empty means every kind.
+    kinds: frozenset[Kind] = frozenset()
+
+    @abc.abstractmethod
+    def databases(self) -> Sequence[Database]:
+        """The scan databases in use now, with their release dates (sent at registration)."""
+
+    @abc.abstractmethod
+    async def scan(self, job: Job, progress: ProgressReporter) -> common_pb2.ScanResult:
+        """Scan ``job.object``; return what was found or raise :class:`ScanFailure`.
+
+        The client fills in ``job_id``, ``run`` and (when left empty) ``databases``.
+        """

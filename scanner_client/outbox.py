@@ -1,0 +1,134 @@
+"""What the scanner has to say to the handler, in order, waiting for the stream.
+
+One gRPC message costs far more than its bytes, so the outbox merges what it can while the
+stream is busy or within one event-loop moment: results that arrive while a ``Results`` message
+is still waiting join it (up to a count and a size), and a job's newer progress replaces its
+older progress that was not sent yet. A job's pending progress is dropped once its result or
+failure is queued, so no message about a job ever follows its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+
+from imagehandler.v1 import common_pb2, scanner_service_pb2
+
+MAX_BATCH_RESULTS = 500
+# Well below gRPC's default 4 MiB message limit.
+MAX_BATCH_BYTES = 1 << 20
+
+
+@dataclass(eq=False)
+class _Item:
+    request: scanner_service_pb2.ConnectRequest
+    dropped: bool = False
+    size: int = 0
+
+
+class Outbox:
+    def __init__(
+        self, max_batch: int = MAX_BATCH_RESULTS, max_batch_bytes: int = MAX_BATCH_BYTES
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self._max_batch = max_batch
+        self._max_batch_bytes = max_batch_bytes
+        self._items: deque[_Item] = deque()
+        # The newest Results message still waiting: later results join it.
+        self._open_batch: _Item | None = None
+        # Each job's progress message still waiting.
+        self._progress: dict[str, _Item] = {}
+        self._nonempty = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._in_flight = 0
+
+    def __len__(self) -> int:
+        return sum(1 for item in self._items if not item.dropped)
+
+    def put(self, request: scanner_service_pb2.ConnectRequest) -> None:
+        self._append(_Item(request))
+
+    def progress(self, job_id: str, stage: str, percent: int, message: str = "") -> None:
+        percent = max(0, min(100, percent))
+        item = self._progress.get(job_id)
+        if item is not None:
+            pending = item.request.progress
+            pending.stage, pending.percent, pending.message = stage, percent, message
+            return
+        item = _Item(
+            scanner_service_pb2.ConnectRequest(
+                progress=scanner_service_pb2.Progress(
+                    job_id=job_id, stage=stage, percent=percent, message=message
+                )
+            )
+        )
+        self._progress[job_id] = item
+        self._append(item)
+
+    def result(self, result: common_pb2.ScanResult) -> None:
+        self.forget(result.job_id)
+        size = result.ByteSize()
+        batch = self._open_batch
+        if (
+            batch is not None
+            and len(batch.request.result.results) < self._max_batch
+            and batch.size + size <= self._max_batch_bytes
+        ):
+            batch.request.result.results.append(result)
+            batch.size += size
+            return
+        batch = _Item(
+            scanner_service_pb2.ConnectRequest(
+                result=scanner_service_pb2.Results(results=[result])
+            ),
+            size=size,
+        )
+        self._open_batch = batch
+        self._append(batch)
+
+    def failure(self, failure: scanner_service_pb2.Failure) -> None:
+        self.forget(failure.job_id)
+        self.put(scanner_service_pb2.ConnectRequest(failure=failure))
+
+    def forget(self, job_id: str) -> None:
+        """Drop the job's progress that was not sent yet."""
+        item = self._progress.pop(job_id, None)
+        if item is not None:
+            item.dropped = True
+
+    async def get(self) -> scanner_service_pb2.ConnectRequest:
+        """The next message to write; call :meth:`written` once it is written."""
+        while True:
+            while not self._items:
+                self._nonempty.clear()
+                await self._nonempty.wait()
+            item = self._items.popleft()
+            if item is self._open_batch:
+                self._open_batch = None
+            if item.dropped:
+                self._settle()
+                continue
+            if item.request.WhichOneof("message") == "progress":
+                self._progress.pop(item.request.progress.job_id, None)
+            self._in_flight += 1
+            return item.request
+
+    def written(self) -> None:
+        self._in_flight -= 1
+        self._settle()
+
+    async def wait_idle(self) -> None:
+        """Until everything queued so far has been written."""
+        await self._idle.wait()
+
+    def _append(self, item: _Item) -> None:
+        self._items.append(item)
+        self._idle.clear()
+        self._nonempty.set()
+
+    def _settle(self) -> None:
+        if not self._items and self._in_flight == 0:
+            self._idle.set()
