@@ -73,6 +73,7 @@ class HandlerServer:
         """Readiness goes NOT_SERVING first so Kubernetes stops routing, then the server stops."""
         await self._set_health(NOT_SERVING)
         self.manager.accepting_submits = False
+        self.manager.close_sessions("the handler is shutting down; reconnect")
         await self.server.stop(grace)
         await self.manager.stop()
         log.info("handler.stopped", address=self.address)

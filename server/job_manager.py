@@ -413,6 +413,15 @@ class JobManager:
         for job in held:
             self._end_run(job, session, failure)
 
+    def close_sessions(self, detail: str) -> None:
+        """End every scanner stream with UNAVAILABLE so scanners reconnect elsewhere at once."""
+        error = HandlerError(
+            Catalogue.SYSTEM_ERROR, detail, status=Catalogue.SYSTEM_ERROR.entry.statuses[2]
+        )
+        for session in self.scanners.connected():
+            self.disconnect(session, RunFailure(error.kind, detail))
+            session.close(error)
+
     def _reject(self, session: ScannerSession, job_id: str, what: str, run: int = 0) -> None:
         job = self.jobs.get(job_id)
         if job is not None and job.scanner_id == session.scanner_id:
