@@ -18,7 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc, scanner_service_pb2
 from server.transport.status import read_rpc_error
 from tests.conftest import Handler, MakeHandler
-from tests.helpers import RawScanner, image, remote_error
+from tests.helpers import RawScanner, image, remote_error, wait_for_status
 
 SC = grpc.StatusCode
 Img = common_pb2.ImageObject
@@ -349,53 +349,27 @@ async def test_result_for_a_job_not_assigned_is_hndl_008_on_the_stream(handler: 
         assert rejected.job_id == "00000000-0000-4000-8000-00000000dead"
         # The stream goes on and the real job still finishes.
         await scanner.finish(job)
-        from tests.helpers import wait_for_status
-
         done = await wait_for_status(handler.jobs, other, common_pb2.JOB_STATUS_FINISHED)
         assert done.runs == 1
 
 
-def test_unknown_timezone_stops_the_start_with_hndl_015(tmp_path: Any) -> None:
+def serve_refuses_to_start(tmp_path: Any, *flags: str) -> str:
+    """Run ``image-handler serve`` with ``flags``; it must exit 2. Its stderr."""
+    command = [sys.executable, "-m", "server.cli", "serve", "--listen", "127.0.0.1:0"]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(tmp_path),
-            "--timezone",
-            "Mars/Olympus_Mons",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [*command, "--data-dir", str(tmp_path), *flags], capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 2
-    assert "HNDL-015: can not get local timezone: time zone 'Mars/Olympus_Mons'" in result.stderr
+    assert result.returncode == 2, result.stderr
+    return result.stderr
+
+
+def test_unknown_timezone_stops_the_start_with_hndl_015(tmp_path: Any) -> None:
+    stderr = serve_refuses_to_start(tmp_path, "--timezone", "Mars/Olympus_Mons")
+    assert "HNDL-015: can not get local timezone: time zone 'Mars/Olympus_Mons'" in stderr
 
 
 def test_bad_handler_settings_stop_the_start_with_hndl_003(tmp_path: Any) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(tmp_path),
-            "--heartbeat-timeout",
-            "1",
-            "--heartbeat-interval",
-            "5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    stderr = serve_refuses_to_start(
+        tmp_path, "--heartbeat-timeout", "1", "--heartbeat-interval", "5"
     )
-    assert result.returncode == 2
-    assert "HNDL-003: scanner config invalid: heartbeat_timeout (1.0s) must exceed" in result.stderr
+    assert "HNDL-003: scanner config invalid: heartbeat_timeout (1.0s) must exceed" in stderr
