@@ -125,8 +125,13 @@ def watch(args: argparse.Namespace, client: Client, output: Output) -> int:
         last = event.job
         if output.json:
             output.line(render.to_json(event, compact=True))
-        else:
-            output.line(render.watch_line(event, with_job=not single))
+            continue
+        output.line(render.watch_line(event, with_job=not single))
+        if not event.HasField("transition"):
+            # A single-job watch starts with the job and its history: show the story so far.
+            for transition in event.job.history:
+                past = job_service_pb2.WatchJobsResponse(job=event.job, transition=transition)
+                output.line(render.watch_line(past, with_job=False))
     if not single:
         return 0
     status = last.status if last is not None else common_pb2.JOB_STATUS_UNSPECIFIED

@@ -223,12 +223,12 @@ def result_text(result: common_pb2.ResultSummary) -> str:
         )
         if count
     )
-    vulnerabilities = f"{result.vulnerabilities_total} vulnerabilities"
+    vulnerabilities = f"vulnerabilities {result.vulnerabilities_total}"
     if severities:
         vulnerabilities += f" ({severities})"
     return (
-        f"{verdict}: {vulnerabilities}, {result.malware} malware, "
-        f"{result.misconfigurations} misconfigurations, {result.secrets} secrets"
+        f"{verdict}: {vulnerabilities}, malware {result.malware}, "
+        f"misconfigurations {result.misconfigurations}, secrets {result.secrets}"
     )
 
 
