@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +116,49 @@ def test_sync_clients_see_the_real_handler(grpc_channel: grpc.Channel) -> None:
     assert (
         stub.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
     )
+
+
+def test_serve_logs_json_events_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """Production shape: stderr is not a terminal, so logs are JSON lines; SIGTERM exits 0."""
+    env = {
+        **os.environ,
+        "IMAGE_HANDLER_LISTEN": "127.0.0.1:0",
+        "IMAGE_HANDLER_DATA_DIR": str(tmp_path),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert process.stderr is not None
+    try:
+        address = ""
+        for line in process.stderr:  # bounded by the test timeout
+            if line.startswith("image-handler listening on "):
+                address = line.split()[-1]
+                break
+        assert address, "the handler did not start"
+        assert address != "127.0.0.1:0"  # the environment variable was read, port 0 resolved
+        submitted = grpcurl(
+            "-plaintext",
+            "-d",
+            '{"object": {"node": {"cluster": "prod", "node_name": "worker-7"}}, "trigger": "TRIGGER_NODE_AGENT"}',
+            address,
+            "imagehandler.v1.JobService/SubmitJob",
+        )
+        job_id = json.loads(submitted.stdout)["job"]["id"]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        events = [json.loads(line) for line in process.stderr.read().splitlines()]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    submitted_event = next(e for e in events if e["event"] == "job.submitted")
+    assert submitted_event["job_id"] == job_id
+    assert submitted_event["object"] == "node prod/worker-7"
+    assert submitted_event["level"] == "info"
+    assert "timestamp" in submitted_event
+    assert [e["event"] for e in events][-2:] == ["handler.stopping", "handler.stopped"]
