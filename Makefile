@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PROTO_FILES := $(wildcard protos/imagehandler/v1/*.proto)
+PROTO_FILES := $(wildcard protos/imagehandler/v1/*.proto) $(wildcard protos/imagehandler/storage/v1/*.proto)
 LISTEN ?= 127.0.0.1:50051
 DATA_DIR ?= .data
 
@@ -28,7 +28,8 @@ protos: $(STAMP)
 	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \
 	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=. \
 	  $(PROTO_FILES)
-	touch imagehandler/__init__.py imagehandler/v1/__init__.py imagehandler/py.typed
+	touch imagehandler/__init__.py imagehandler/v1/__init__.py imagehandler/py.typed \
+	  imagehandler/storage/__init__.py imagehandler/storage/v1/__init__.py
 
 # The committed generated code must match protos/: regenerate into a scratch copy and compare.
 check-protos: $(STAMP)
@@ -38,8 +39,9 @@ check-protos: $(STAMP)
 	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=$$tmp \
 	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$$tmp \
 	  $(PROTO_FILES) && \
-	for f in $$tmp/imagehandler/v1/*; do \
-	  cmp -s "$$f" "imagehandler/v1/$$(basename $$f)" || { echo "generated code is stale: run 'make protos' ($$(basename $$f))"; rm -rf $$tmp; exit 1; }; \
+	for f in $$tmp/imagehandler/v1/* $$tmp/imagehandler/storage/v1/*; do \
+	  rel=$${f#$$tmp/}; \
+	  cmp -s "$$f" "$$rel" || { echo "generated code is stale: run 'make protos' ($$rel)"; rm -rf $$tmp; exit 1; }; \
 	done; rm -rf $$tmp; echo "generated code is up to date"
 
 lint: $(STAMP) check-protos

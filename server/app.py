@@ -3,6 +3,8 @@ the port; the CLI runs the same object until a signal arrives."""
 
 from __future__ import annotations
 
+import asyncio
+
 import structlog
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +19,9 @@ from imagehandler.v1 import (
 from server.config import Config
 from server.errors import Catalogue, HandlerError
 from server.job_manager import JobManager
+from server.metrics import MetricsExporter
+from server.storage.journal import FsyncPolicy
+from server.storage.store import JournalStore, Recovered, open_store
 from server.transport.job_service import JobService
 from server.transport.scanner_service import ScannerService
 
@@ -35,7 +40,24 @@ class HandlerServer:
     def __init__(self, config: Config) -> None:
         config.check()
         self.config = config
-        self.manager = JobManager(config)
+        self.store = open_store(
+            config.storage,
+            config.data_dir,
+            FsyncPolicy(config.fsync),
+            snapshot_bytes=int(config.snapshot_journal_mb * 1024 * 1024),
+            salvage=config.salvage,
+        )
+        if isinstance(self.store, JournalStore):
+            # Lock and check the directory before binding the port: a clear error at start.
+            self.store.open_directory()
+        self.manager = JobManager(config, self.store)
+        # Prometheus text on --metrics-listen (none when empty); metrics_port is the bound port.
+        self.metrics = (
+            MetricsExporter(self.manager, config.metrics_listen) if config.metrics_listen else None
+        )
+        self.metrics_port = 0
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._stopping = False
         # grpc_health re-exports its asyncio servicer as health.aio without declaring it.
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.server = aio.server(
@@ -63,20 +85,61 @@ class HandlerServer:
         self.address = f"{host}:{self.port}"
 
     async def start(self) -> None:
+        """Serve health (NOT_SERVING) at once, recover the queue, then go SERVING."""
+        if self.metrics is not None:
+            self.metrics_port = await self.metrics.start()
         await self._set_health(NOT_SERVING)
         self.manager.start()
         await self.server.start()
-        await self._set_health(SERVING)
         log.info("handler.started", address=self.address, data_dir=str(self.config.data_dir))
+        state = Recovered()
+        if isinstance(self.store, JournalStore):
+            store = self.store
+            try:
+                state = await asyncio.get_running_loop().run_in_executor(None, store.recover)
+            except BaseException:
+                await self.server.stop(0)
+                await self.manager.stop()
+                await store.close()
+                raise
+            store.start(state)
+        self.manager.restore(state)
+        self._housekeeping = asyncio.create_task(self.manager.housekeeping(), name="housekeeping")
+        log.info(
+            "handler.recovered",
+            jobs=len(state.jobs),
+            pending=len(self.manager.queue),
+            records_replayed=state.records_replayed,
+            torn_bytes_cut=state.torn_bytes_cut,
+            lost=state.lost,
+            seconds=round(state.seconds, 3),
+        )
+        await self._set_health(SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Readiness goes NOT_SERVING first so Kubernetes stops routing, then the server stops."""
+        """Readiness goes NOT_SERVING at once so Kubernetes stops routing; submits are refused;
+        scanners are told to drain and running jobs get up to ``grace`` seconds to finish;
+        then a snapshot, and the server stops. A second call does nothing."""
+        if self._stopping:
+            return
+        self._stopping = True
         await self._set_health(NOT_SERVING)
         self.manager.accepting_submits = False
+        finished = True
+        if grace and self.manager.recovered:
+            finished = await self.manager.drain(grace)
         self.manager.close_sessions("the handler is shutting down; reconnect")
-        await self.server.stop(grace)
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            await asyncio.gather(self._housekeeping, return_exceptions=True)
+        await self.server.stop(min(grace or 0, 1.0))
         await self.manager.stop()
-        log.info("handler.stopped", address=self.address)
+        if self.manager.recovered:
+            await self.manager.snapshot()
+        await self.store.close()
+        if self.metrics is not None:
+            await self.metrics.stop()
+        log.info("handler.stopped", address=self.address, drained=finished)
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

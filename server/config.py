@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ ENV_PREFIX = "IMAGE_HANDLER_"
 @dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:50051"
+    # Prometheus metrics HOST:PORT (GET /metrics); empty: no metrics endpoint.
+    metrics_listen: str = ""
     data_dir: Path = Path(".data")
     # Runs without a result before a job is ERROR.
     max_runs: int = 3
@@ -41,6 +43,15 @@ class Config:
     log_level: str = "info"
     grace_period: float = 30.0
     reflection: bool = True
+    # Durability: "journal" (the data directory) or "memory" (nothing survives a restart).
+    storage: str = "journal"
+    fsync: str = "batch"  # always, batch or never; see server/storage/journal.py
+    snapshot_interval: float = 300.0
+    snapshot_journal_mb: float = 64.0
+    # Start on a damaged data directory, keeping what is readable (and saying what was lost).
+    salvage: bool = False
+    retention_days: float = 90.0
+    prune_interval: float = 3600.0
 
     def check(self) -> None:
         """HNDL-003 for scanner settings that cannot work."""
@@ -59,6 +70,18 @@ class Config:
             problems.append(f"interactive_share must be in (0, 1], got {self.interactive_share}")
         if self.result_workers < 1:
             problems.append(f"result_workers must be at least 1, got {self.result_workers}")
+        if self.storage not in ("journal", "memory"):
+            problems.append(f"storage must be journal or memory, got {self.storage!r}")
+        if self.fsync not in ("always", "batch", "never"):
+            problems.append(f"fsync must be always, batch or never, got {self.fsync!r}")
+        for name in (
+            "snapshot_interval",
+            "snapshot_journal_mb",
+            "retention_days",
+            "prune_interval",
+        ):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.queue_limit < 0:
             problems.append(f"queue_limit must be 0 (none) or positive, got {self.queue_limit}")
         if problems:
@@ -86,6 +109,7 @@ def _flag(name: str) -> str:
 
 _HELP: dict[str, str] = {
     "listen": "gRPC address HOST:PORT (port 0 picks a free one)",
+    "metrics_listen": "Prometheus metrics address HOST:PORT, served at /metrics ('' = off)",
     "data_dir": "directory for the handler's state",
     "max_runs": "runs without a result before a job is ERROR",
     "default_max_run_time": "seconds a run may take when the job sets no max_run_time",
@@ -102,6 +126,13 @@ _HELP: dict[str, str] = {
     "log_level": "debug, info, warning or error",
     "grace_period": "seconds SIGTERM waits for running jobs",
     "reflection": "serve gRPC server reflection (true/false)",
+    "storage": "journal (crash-safe, in --data-dir) or memory (nothing survives a restart)",
+    "fsync": "journal fsync: always, batch (group commit) or never",
+    "snapshot_interval": "seconds between snapshots",
+    "snapshot_journal_mb": "journal size (MiB) that triggers a snapshot",
+    "salvage": "start on a damaged data directory, keeping what is readable",
+    "retention_days": "days FINISHED, ERROR and CANCELLED jobs are kept",
+    "prune_interval": "seconds between retention sweeps",
 }
 
 
@@ -153,4 +184,4 @@ def parse(argv: Sequence[str], environ: dict[str, str] | None = None) -> Config:
     return from_namespace(parser.parse_args(argv))
 
 
-__all__ = ["Config", "add_arguments", "field", "from_namespace", "parse", "parse_policies"]
+__all__ = ["Config", "add_arguments", "from_namespace", "parse", "parse_policies"]

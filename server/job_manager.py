@@ -13,7 +13,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -23,20 +23,31 @@ from server import state_machine
 from server.config import Config
 from server.dispatcher import Dispatcher
 from server.errors import Catalogue, HandlerError
-from server.events import EventBus
-from server.model import Job, JobFailure, JobSpec, JobStatus, Lane, ObjectKind, Trigger
+from server.events import EventBus, Subscription
+from server.model import (
+    Job,
+    JobFailure,
+    JobSpec,
+    JobStatus,
+    Lane,
+    ObjectKind,
+    Transition,
+    Trigger,
+)
 from server.queue import JobQueue
 from server.results import ResultPipeline
 from server.retry import RetryPolicy, RunFailure
 from server.scanners import (
     AssignJobs,
     CancelRun,
+    DrainScanner,
     RejectMessage,
     ScannerMessage,
     ScannerProfile,
     ScannerRegistry,
     ScannerSession,
 )
+from server.storage.store import JobStore, MemoryStore, Recovered
 
 log = structlog.get_logger("imagehandler")
 
@@ -67,8 +78,11 @@ class QueueStats:
 
 
 class JobManager:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, store: JobStore | None = None) -> None:
         self.config = config
+        self.store: JobStore = store if store is not None else MemoryStore()
+        # False until recovery has rebuilt the queue: until then every call is refused.
+        self.recovered = False
         self.jobs: dict[str, Job] = {}
         self._by_seq: SortedDict[int, Job] = SortedDict()
         self._next_seq = 1
@@ -94,6 +108,107 @@ class JobManager:
         self._loop = asyncio.get_running_loop()
         self.results.start()
 
+    def restore(self, state: Recovered) -> None:
+        """Rebuild the queue from recovered jobs; runs that were under way count and end."""
+        self._next_seq = max(self._next_seq, state.next_seq)
+        interrupted: list[Job] = []
+        for job in sorted(state.jobs.values(), key=lambda j: j.seq):
+            self.jobs[job.id] = job
+            self._by_seq[job.seq] = job
+            self.status_counts[job.status] += 1
+            if job.spec.idempotency_key:
+                self._by_idempotency_key[job.spec.idempotency_key] = job
+            if job.status.active:
+                self._active_by_key[job.spec.dedup_key()] = job
+            if job.status is JobStatus.PENDING:
+                self.queue.push(job)
+            elif job.status is JobStatus.IN_PROGRESS:
+                interrupted.append(job)
+            elif job.status is JobStatus.PROCESSING_RESULTS:
+                self.results.submit(job)  # its result was stored with the move
+        for job in interrupted:
+            failure = RunFailure(
+                Catalogue.SYSTEM_ERROR,
+                f"the handler restarted during run {job.runs} on scanner {job.scanner_id}",
+            )
+            self._end_run(job, None, failure)
+        self.recovered = True
+        self.request_dispatch()
+
+    # ----- housekeeping: snapshots, retention, graceful drain ------------------------
+
+    async def housekeeping(self) -> None:
+        """Snapshots by time and journal size; retention sweeps. Runs until cancelled."""
+        loop = self.loop
+        next_snapshot = loop.time() + self.config.snapshot_interval
+        next_prune = loop.time()
+        while True:
+            now = loop.time()
+            if self.store.wants_snapshot() or now >= next_snapshot:
+                await self.snapshot()
+                next_snapshot = loop.time() + self.config.snapshot_interval
+            if now >= next_prune:
+                self.prune(now_utc())
+                next_prune = now + self.config.prune_interval
+            await asyncio.sleep(0.5)  # a pacing tick for these checks, not a wait for state
+
+    async def snapshot(self) -> bool:
+        """Write a snapshot; False (and logged) when it could not be written: the journal
+        still holds everything, so this costs only a longer recovery."""
+        try:
+            # The list is taken in the same loop turn as the journal switch inside the store.
+            await self.store.snapshot(list(self.jobs.values()), self._next_seq)
+        except (OSError, HandlerError) as exc:
+            log.error("snapshot.failed", error=str(exc))
+            return False
+        return True
+
+    def prune(self, now: datetime) -> int:
+        """Forget FINISHED, ERROR and CANCELLED jobs older than the retention period."""
+        cutoff = now - timedelta(days=self.config.retention_days)
+        old = [
+            job
+            for job in self._by_seq.values()
+            if job.status.terminal and job.finished_at is not None and job.finished_at < cutoff
+        ]
+        if not old:
+            return 0
+        self.store.pruned([job.id for job in old])
+        for job in old:
+            self._forget(job)
+        log.info("jobs.pruned", count=len(old), older_than=cutoff.isoformat())
+        return len(old)
+
+    async def drain(self, grace: float) -> bool:
+        """Take no new work, let running runs and results finish for up to ``grace`` seconds.
+        True when everything finished in time."""
+        self.accepting_submits = False
+        for session in self.scanners.connected():
+            if not session.draining:
+                self.drain_scanner(session)
+                session.send(DrainScanner())
+        changed = asyncio.Event()
+        listener = Subscription(lambda job, transition: changed.set())
+        self.events.subscribe(listener)
+        try:
+            async with asyncio.timeout(grace):
+                while self.status_counts[JobStatus.IN_PROGRESS] or self.results.in_pipeline:
+                    changed.clear()
+                    await changed.wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self.events.unsubscribe(listener)
+
+    def _require_ready(self) -> None:
+        if not self.recovered:
+            raise HandlerError(
+                Catalogue.SYSTEM_ERROR,
+                "the handler is recovering its queue from the data directory; retry shortly",
+                status=Catalogue.SYSTEM_ERROR.entry.statuses[2],
+            )
+
     async def stop(self) -> None:
         self.accepting_submits = False
         for handle in (*self._run_timers.values(), *self._watchdogs.values()):
@@ -115,6 +230,9 @@ class JobManager:
         return self.submit_many([spec])[0]
 
     def submit_many(self, specs: Sequence[JobSpec]) -> list[tuple[Job, bool]]:
+        """Queue jobs; they are written to the journal before this returns (await
+        ``store.sync()`` before acknowledging). On a journal failure nothing is queued."""
+        self._require_ready()
         if not self.accepting_submits:
             raise HandlerError(
                 Catalogue.SYSTEM_ERROR,
@@ -139,6 +257,8 @@ class JobManager:
                 status=Catalogue.SYSTEM_ERROR.entry.statuses[1],
             )
         out: list[tuple[Job, bool]] = []
+        created: list[tuple[Job, Transition]] = []
+        mark = self.store.mark()
         for spec, found in zip(specs, existing, strict=True):
             if found is None:
                 # A batch may repeat an object: the second copy is a duplicate of the first.
@@ -146,7 +266,28 @@ class JobManager:
             if found is not None:
                 out.append((found, True))
             else:
-                out.append((self._create(spec), False))
+                job, transition = self._create(spec)
+                created.append((job, transition))
+                out.append((job, False))
+        try:
+            self.store.flush()
+        except HandlerError:
+            self.store.discard_since(mark)
+            for job, _ in created:
+                self._forget(job)
+                self.queue.remove(job)
+            raise
+        for job, transition in created:
+            log.info(
+                "job.submitted",
+                job_id=job.id,
+                kind=job.kind.name,
+                object=job.spec.target.display(),
+                trigger=job.spec.trigger.name,
+                lane=job.spec.lane.name,
+                status=JobStatus.PENDING.name,
+            )
+            self.events.publish(job, transition)
         self.request_dispatch()
         return out
 
@@ -160,7 +301,7 @@ class JobManager:
             return job
         return None
 
-    def _create(self, spec: JobSpec) -> Job:
+    def _create(self, spec: JobSpec) -> tuple[Job, Transition]:
         at = now_utc()
         job = Job(id=str(uuid.uuid4()), seq=self._next_seq, spec=spec, created_at=at)
         self._next_seq += 1
@@ -172,21 +313,24 @@ class JobManager:
         self.queue.push(job)
         transition = state_machine.record_creation(job, at)
         self.status_counts[JobStatus.PENDING] += 1
-        log.info(
-            "job.submitted",
-            job_id=job.id,
-            kind=job.kind.name,
-            object=spec.target.display(),
-            trigger=spec.trigger.name,
-            lane=spec.lane.name,
-            status=JobStatus.PENDING.name,
-        )
-        self.events.publish(job, transition)
-        return job
+        self.store.created(job)
+        return job, transition
+
+    def _forget(self, job: Job) -> None:
+        """Remove a job from every index (a failed submit, or retention)."""
+        self.jobs.pop(job.id, None)
+        self._by_seq.pop(job.seq, None)
+        self.status_counts[job.status] -= 1
+        key = job.spec.dedup_key()
+        if self._active_by_key.get(key) is job:
+            del self._active_by_key[key]
+        if self._by_idempotency_key.get(job.spec.idempotency_key) is job:
+            del self._by_idempotency_key[job.spec.idempotency_key]
 
     # ----- reading ----------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job:
+        self._require_ready()
         if not job_id:
             raise HandlerError(
                 Catalogue.JOB_ID_INVALID, "job_id is empty; pass the id SubmitJob returned"
@@ -220,6 +364,7 @@ class JobManager:
         page_size: int,
     ) -> tuple[list[Job], int | None]:
         """A page of jobs in arrival order after ``after_seq``; the next cursor or None."""
+        self._require_ready()
         size = page_size or DEFAULT_PAGE_SIZE
         if size < 0 or size > MAX_PAGE_SIZE:
             raise HandlerError(
@@ -240,6 +385,7 @@ class JobManager:
         return page, None
 
     def stats(self) -> QueueStats:
+        self._require_ready()
         connected = self.scanners.connected()
         return QueueStats(
             by_status=dict(self.status_counts),
@@ -295,6 +441,7 @@ class JobManager:
         send: Callable[[ScannerMessage], None],
         close: Callable[[HandlerError], None],
     ) -> ScannerSession:
+        self._require_ready()
         if self.scanners.live(profile.scanner_id) is not None:
             # Refused, not replaced: a second stream must not take over a live scanner's jobs.
             # UNAVAILABLE so a scanner that reconnects before its old stream timed out retries.
@@ -345,7 +492,7 @@ class JobManager:
             )
         self.request_dispatch()
 
-    def drain(self, session: ScannerSession) -> None:
+    def drain_scanner(self, session: ScannerSession) -> None:
         session.draining = True
         self.dispatcher.refresh(session)
         log.info("scanner.draining", scanner_id=session.scanner_id, jobs=list(session.held))
@@ -380,7 +527,7 @@ class JobManager:
         self._release(job, session)
         session.jobs_finished += 1
         job.result = result
-        self._move(job, JobStatus.PROCESSING_RESULTS, reason="result received")
+        self._move(job, JobStatus.PROCESSING_RESULTS, reason="result received", result=result)
         self.results.submit(job)
         self.request_dispatch()
 
@@ -546,7 +693,7 @@ class JobManager:
             self._move(job, JobStatus.ERROR, reason="result rejected", error=failure_of(outcome))
         else:
             job.result_summary = outcome
-            self._move(job, JobStatus.FINISHED, reason="results stored")
+            self._move(job, JobStatus.FINISHED, reason="results stored", summary=outcome)
 
     # ----- the one place statuses change ------------------------------------------------
 
@@ -558,11 +705,14 @@ class JobManager:
         reason: str,
         scanner_id: str = "",
         error: JobFailure | None = None,
+        result: Any = None,
+        summary: Any = None,
     ) -> None:
         from_status = job.status
         transition = state_machine.move(
             job, to_status, at=now_utc(), reason=reason, scanner_id=scanner_id, error=error
         )
+        self.store.moved(job, transition, result=result, summary=summary)
         self.status_counts[from_status] -= 1
         self.status_counts[to_status] += 1
         if not to_status.active:

@@ -187,6 +187,8 @@ class Job:
     last_activity: float = 0.0
     result: Any = None  # the scanner's result, as the transport received it
     result_summary: Any = None
+    # Journal position of the last change to this job (0: never journaled).
+    lsn: int = 0
 
     @property
     def kind(self) -> ObjectKind:

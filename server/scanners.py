@@ -57,12 +57,17 @@ class CancelRun:
 
 
 @dataclass(frozen=True)
+class DrainScanner:
+    """The handler is shutting down: finish running jobs, expect no new ones."""
+
+
+@dataclass(frozen=True)
 class RejectMessage:
     error: HandlerError
     job_id: str = ""
 
 
-ScannerMessage = AssignJobs | CancelRun | RejectMessage
+ScannerMessage = AssignJobs | CancelRun | DrainScanner | RejectMessage
 
 
 @dataclass(eq=False)

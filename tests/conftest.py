@@ -55,11 +55,13 @@ MakeHandler = Callable[..., Awaitable[Handler]]
 
 
 @pytest.fixture
-async def make_handler() -> AsyncIterator[MakeHandler]:
-    """Start handlers with Config overrides: ``await make_handler(max_runs=2)``."""
+async def make_handler(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MakeHandler]:
+    """Start handlers with Config overrides: ``await make_handler(max_runs=2)``. Each gets its
+    own data directory unless ``data_dir`` is given."""
     started: list[Handler] = []
 
     async def start(**overrides: Any) -> Handler:
+        overrides.setdefault("data_dir", tmp_path_factory.mktemp("data"))
         server = HandlerServer(replace(TEST_CONFIG, **overrides))
         await server.start()
         channel = aio.insecure_channel(server.address)
@@ -108,8 +110,8 @@ class BackgroundHandler:
 
 
 @pytest.fixture(scope="module")
-def background_handler() -> Iterator[BackgroundHandler]:
-    handler = BackgroundHandler(TEST_CONFIG)
+def background_handler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundHandler]:
+    handler = BackgroundHandler(replace(TEST_CONFIG, data_dir=tmp_path_factory.mktemp("data")))
     yield handler
     handler.stop()
 

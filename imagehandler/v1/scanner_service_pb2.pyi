@@ -484,6 +484,7 @@ class ConnectResponse(_message.Message):
     CANCEL_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered: ...
     @_builtins.property
@@ -494,6 +495,10 @@ class ConnectResponse(_message.Message):
     def rejected(self) -> Global___Rejected: ...
     @_builtins.property
     def heartbeat(self) -> Global___HandlerHeartbeat: ...
+    @_builtins.property
+    def drain(self) -> Global___Drain:
+        """The handler is shutting down: finish the running jobs, no new ones will come."""
+
     def __init__(
         self,
         *,
@@ -502,12 +507,13 @@ class ConnectResponse(_message.Message):
         cancel: Global___Cancel | None = ...,
         rejected: Global___Rejected | None = ...,
         heartbeat: Global___HandlerHeartbeat | None = ...,
+        drain: Global___Drain | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "heartbeat", b"heartbeat", "message", b"message", "registered", b"registered", "rejected", b"rejected"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "drain", b"drain", "heartbeat", b"heartbeat", "message", b"message", "registered", b"registered", "rejected", b"rejected"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "heartbeat", b"heartbeat", "message", b"message", "registered", b"registered", "rejected", b"rejected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "drain", b"drain", "heartbeat", b"heartbeat", "message", b"message", "registered", b"registered", "rejected", b"rejected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignment", "cancel", "rejected", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignment", "cancel", "rejected", "heartbeat", "drain"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

@@ -16,7 +16,7 @@ from server.events import Subscription
 from server.job_manager import JobManager, now_utc
 from server.model import Job, JobStatus, Lane, ObjectKind, Transition, Trigger
 from server.transport import convert
-from server.transport.guard import Context, fail, unary
+from server.transport.guard import Context, fail, log, unary
 
 # A watcher that falls this far behind is ended with an error rather than silently skipped.
 WATCH_BUFFER = 10_000
@@ -54,12 +54,20 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             job, position=self.manager.position(job), history=history, full_result=full_result
         )
 
+    def _flush_journal(self) -> None:
+        """Watchers see only what the journal has (unless it is failing: then say so)."""
+        try:
+            self.manager.store.flush()
+        except HandlerError as error:
+            log.error("journal.flush_failed", error=error.message)
+
     @unary
     async def SubmitJob(
         self, request: job_service_pb2.SubmitJobRequest, context: Context
     ) -> job_service_pb2.SubmitJobResponse:
         spec = convert.spec_from_request(request, self.manager.config)
         job, duplicate = self.manager.submit(spec)
+        await self.manager.store.sync()
         return job_service_pb2.SubmitJobResponse(job=self._job(job), duplicate=duplicate)
 
     @unary
@@ -78,6 +86,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
                     error.kind, f"jobs[{index}]: {error.detail}", status=error.status
                 ) from None
         submitted = self.manager.submit_many(specs)
+        await self.manager.store.sync()
         return job_service_pb2.SubmitJobsResponse(
             results=[
                 job_service_pb2.SubmitJobResponse(job=self._job(job), duplicate=duplicate)
@@ -114,6 +123,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         self, request: job_service_pb2.CancelJobRequest, context: Context
     ) -> job_service_pb2.CancelJobResponse:
         job = self.manager.cancel(request.job_id, request.reason[:512])
+        await self.manager.store.sync()
         return job_service_pb2.CancelJobResponse(job=self._job(job))
 
     async def WatchJobs(  # type: ignore[override]  # written with context.write
@@ -144,10 +154,12 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             await context.send_initial_metadata(())
             if job is not None:
                 # The first message carries the history, so a watcher sees the whole story.
-                await context.write(
-                    job_service_pb2.WatchJobsResponse(job=self._job(job, history=True))
-                )
-                if job.status.terminal:
+                # Decide on the status it shows, not the live one: a move made while it is
+                # being written is already queued for the loop below.
+                done = job.status.terminal
+                first = job_service_pb2.WatchJobsResponse(job=self._job(job, history=True))
+                await context.write(first)
+                if done:
                     return
             while True:
                 item = await outbox.get()
@@ -157,6 +169,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
                         f"watcher fell {WATCH_BUFFER} events behind and was ended; watch again",
                         status=Catalogue.SYSTEM_ERROR.entry.statuses[1],
                     )
+                self._flush_journal()
                 await context.write(item)
                 if job is not None and JobStatus(item.job.status).terminal:
                     return

@@ -18,7 +18,14 @@ from server.errors import Catalogue, HandlerError
 from server.job_manager import JobManager, now_utc
 from server.model import JobFailure
 from server.retry import RunFailure
-from server.scanners import AssignJobs, CancelRun, RejectMessage, ScannerMessage, ScannerSession
+from server.scanners import (
+    AssignJobs,
+    CancelRun,
+    DrainScanner,
+    RejectMessage,
+    ScannerMessage,
+    ScannerSession,
+)
 from server.transport import convert
 from server.transport.guard import STREAM_END, Context, as_handler_error, unary
 from server.transport.status import abort
@@ -149,7 +156,7 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
                 )
             manager.failure(session, f.job_id, RunFailure(kind, detail, f.permanent))
         elif which == "drain":
-            manager.drain(session)
+            manager.drain_scanner(session)
         elif which == "register":
             raise HandlerError(
                 Catalogue.SCANNER_CONFIG_INVALID, "already registered on this stream"
@@ -179,7 +186,15 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
                 continue
             if isinstance(item, _Close):
                 return item
+            self._flush_journal()
             await context.write(self._message(item))
+
+    def _flush_journal(self) -> None:
+        """What a scanner is told must be in the journal first (a crash then replays it)."""
+        try:
+            self.manager.store.flush()
+        except HandlerError as error:
+            log.error("journal.flush_failed", error=error.message)
 
     @staticmethod
     def _message(item: ScannerMessage) -> Response:
@@ -196,6 +211,8 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
                     ]
                 )
             )
+        if isinstance(item, DrainScanner):
+            return Response(drain=scanner_service_pb2.Drain())
         if isinstance(item, CancelRun):
             return Response(
                 cancel=scanner_service_pb2.Cancel(job_id=item.job_id, reason=item.reason)

@@ -1,0 +1,1 @@
+"""Where jobs survive a restart: the store interface, the journal and snapshots."""

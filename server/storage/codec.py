@@ -1,0 +1,83 @@
+"""Jobs to and from their stored form (imagehandler.storage.v1)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf import timestamp_pb2
+
+from imagehandler.storage.v1 import storage_pb2
+from imagehandler.v1 import common_pb2
+from server.model import (
+    Job,
+    JobFailure,
+    JobSpec,
+    JobStatus,
+    Lane,
+    Policy,
+    Transition,
+    Trigger,
+)
+from server.transport import convert
+
+
+def stored(job: Job) -> storage_pb2.StoredJob:
+    return storage_pb2.StoredJob(
+        job=convert.job_to_proto(job, position=0, history=True, full_result=True),
+        seq=job.seq,
+        lsn=job.lsn,
+    )
+
+
+def _time(ts: timestamp_pb2.Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def _optional_time(message: common_pb2.Job, field: str) -> datetime | None:
+    return _time(getattr(message, field)) if message.HasField(field) else None  # type: ignore[arg-type]
+
+
+def failure(error: common_pb2.JobError) -> JobFailure:
+    return JobFailure(error.code, error.message, error.detail)
+
+
+def transition(t: common_pb2.JobTransition) -> Transition:
+    return Transition(
+        from_status=JobStatus(t.from_status) if t.from_status else None,
+        to_status=JobStatus(t.to_status),
+        at=_time(t.at),
+        scanner_id=t.scanner_id,
+        run=t.run,
+        reason=t.reason,
+        error=failure(t.error) if t.HasField("error") else None,
+    )
+
+
+def job(record: storage_pb2.StoredJob) -> Job:
+    message = record.job
+    spec = JobSpec(
+        target=convert.target_from_proto(message.object),
+        trigger=Trigger(message.trigger),
+        policies=tuple(Policy(p) for p in message.policies),
+        max_run_time=message.max_run_time.ToNanoseconds() / 1e9,
+        lane=Lane(message.lane),
+        idempotency_key=message.idempotency_key,
+        labels=dict(message.labels),
+    )
+    return Job(
+        id=message.id,
+        seq=record.seq,
+        spec=spec,
+        created_at=_time(message.created_at),
+        status=JobStatus(message.status),
+        runs=message.runs,
+        scanner_id=message.scanner_id,
+        error=failure(message.error) if message.HasField("error") else None,
+        updated_at=_optional_time(message, "updated_at"),
+        started_at=_optional_time(message, "started_at"),
+        finished_at=_optional_time(message, "finished_at"),
+        history=[transition(t) for t in message.history],
+        result=message.full_result if message.HasField("full_result") else None,
+        result_summary=message.result if message.HasField("result") else None,
+        lsn=record.lsn,
+    )

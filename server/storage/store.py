@@ -1,0 +1,413 @@
+"""The job store: what the job manager calls to make changes durable, and recovery at start.
+
+Two implementations with one interface: :class:`MemoryStore` keeps nothing (for throwaway runs)
+and :class:`JournalStore` keeps a journal and snapshots in the data directory. A replicated
+store (PostgreSQL) is the next one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from imagehandler.storage.v1 import storage_pb2
+from imagehandler.v1 import common_pb2
+from server import state_machine
+from server.errors import Catalogue, HandlerError
+from server.model import Job, Transition
+from server.storage import codec
+from server.storage.framing import Damage, read_frames, salvage_frames
+from server.storage.journal import FsyncPolicy, Journal, fsync_directory, journal_path
+from server.storage.snapshot import (
+    SnapshotCorrupt,
+    read_snapshot,
+    snapshot_generations,
+    snapshot_path,
+    write_snapshot,
+)
+from server.transport import convert
+
+log = structlog.get_logger("imagehandler.storage")
+
+_JOURNAL_NAME = re.compile(r"journal-(\d{8})\.log")
+
+
+@dataclass
+class Recovered:
+    """What the data directory held."""
+
+    jobs: dict[str, Job] = field(default_factory=dict)
+    next_seq: int = 1
+    snapshot_generation: int = 0
+    journal_generations: list[int] = field(default_factory=list)
+    records_replayed: int = 0
+    torn_bytes_cut: int = 0
+    lost: list[str] = field(default_factory=list)  # what salvage could not read
+    seconds: float = 0.0
+
+
+class JobStore(Protocol):
+    def created(self, job: Job) -> None: ...
+    def moved(
+        self,
+        job: Job,
+        transition: Transition,
+        *,
+        result: common_pb2.ScanResult | None = None,
+        summary: common_pb2.ResultSummary | None = None,
+    ) -> None: ...
+    def pruned(self, job_ids: Sequence[str]) -> None: ...
+    def flush(self) -> None: ...
+    def mark(self) -> int: ...
+    def discard_since(self, mark: int) -> None: ...
+    async def sync(self) -> None: ...
+    def wants_snapshot(self) -> bool: ...
+    async def snapshot(self, jobs: Sequence[Job], next_seq: int) -> None: ...
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    """Keeps nothing: a restart loses every job. For benchmarks and throwaway runs."""
+
+    def created(self, job: Job) -> None:
+        pass
+
+    def moved(
+        self,
+        job: Job,
+        transition: Transition,
+        *,
+        result: common_pb2.ScanResult | None = None,
+        summary: common_pb2.ResultSummary | None = None,
+    ) -> None:
+        pass
+
+    def pruned(self, job_ids: Sequence[str]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def mark(self) -> int:
+        return 0
+
+    def discard_since(self, mark: int) -> None:
+        pass
+
+    async def sync(self) -> None:
+        pass
+
+    def wants_snapshot(self) -> bool:
+        return False
+
+    async def snapshot(self, jobs: Sequence[Job], next_seq: int) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+class StorageError(HandlerError):
+    def __init__(self, detail: str) -> None:
+        super().__init__(Catalogue.SYSTEM_ERROR, detail)
+
+
+class JournalStore:
+    """Journal plus periodic snapshots in one data directory, which it locks."""
+
+    def __init__(
+        self,
+        directory: Path,
+        policy: FsyncPolicy = FsyncPolicy.BATCH,
+        *,
+        snapshot_bytes: int = 64 * 1024 * 1024,
+        salvage: bool = False,
+        observe_fsync: Callable[[float], None] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.policy = policy
+        self.snapshot_bytes = snapshot_bytes
+        self.salvage = salvage
+        self._observe_fsync = observe_fsync
+        self._lock_fd = -1
+        self.journal: Journal | None = None
+        self._snapshotting = False
+        self.last_snapshot: tuple[Path, int, float] | None = None  # path, bytes, seconds
+
+    # ----- start: lock, recover, open ----------------------------------------------------
+
+    def open_directory(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / ".write-test"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+            self._lock_fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o640)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot use the data directory {self.directory}: {exc.strerror or exc} "
+                "(it must be a writable directory; set --data-dir)"
+            ) from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StorageError(
+                f"the data directory {self.directory} is in use by another image-handler"
+            ) from None
+
+    def recover(self) -> Recovered:
+        """Load the newest snapshot and replay the journals after it (runs before serving)."""
+        started = time.perf_counter()
+        state = Recovered()
+        snapshots = snapshot_generations(self.directory)
+        if snapshots:
+            self._load_snapshot(snapshots[-1], state)
+        journals = [g for g in self._journal_generations() if g >= state.snapshot_generation]
+        state.journal_generations = journals
+        for index, generation in enumerate(journals):
+            self._replay(generation, state, last=index == len(journals) - 1)
+        state.seconds = time.perf_counter() - started
+        return state
+
+    def start(self, state: Recovered) -> None:
+        """Open a fresh journal generation after everything recovered."""
+        generation = max([state.snapshot_generation, *state.journal_generations, 0]) + 1
+        next_lsn = 1 + max((job.lsn for job in state.jobs.values()), default=0)
+        next_lsn = max(next_lsn, self._replayed_lsn + 1)
+        self.journal = Journal(
+            self.directory,
+            generation,
+            self.policy,
+            next_lsn=next_lsn,
+            observe_fsync=self._observe_fsync,
+        )
+        fsync_directory(self.directory)
+        self.journal.start()
+
+    _replayed_lsn = 0
+
+    def _journal_generations(self) -> list[int]:
+        return sorted(
+            int(m.group(1))
+            for p in self.directory.iterdir()
+            if (m := _JOURNAL_NAME.fullmatch(p.name))
+        )
+
+    def _load_snapshot(self, generation: int, state: Recovered) -> None:
+        path = snapshot_path(self.directory, generation)
+        try:
+            loaded = read_snapshot(path, salvage=self.salvage)
+        except SnapshotCorrupt as exc:
+            raise StorageError(
+                f"snapshot {exc.damage.describe()}; the handler will not start on a damaged "
+                "snapshot. Restore the data directory from a backup, or start with --salvage to "
+                "keep what is readable"
+            ) from None
+        state.lost += [d.describe() for d in loaded.damage]
+        state.snapshot_generation = loaded.header.generation
+        state.next_seq = max(state.next_seq, loaded.header.next_seq)
+        self._replayed_lsn = max(self._replayed_lsn, loaded.header.lsn)
+        for stored in loaded.jobs:
+            job = codec.job(stored)
+            state.jobs[job.id] = job
+            state.next_seq = max(state.next_seq, job.seq + 1)
+
+    def _replay(self, generation: int, state: Recovered, *, last: bool) -> None:
+        path = journal_path(self.directory, generation)
+        data = path.read_bytes()
+        damages: list[Damage] = []
+        if self.salvage:
+            payloads, damages = salvage_frames(path, data)
+            state.lost += [d.describe() for d in damages if not d.torn_tail]
+        else:
+            frames = read_frames(path, data)
+            payloads = frames.payloads
+            if frames.damage is not None:
+                if not (frames.damage.torn_tail and last):
+                    raise StorageError(
+                        f"journal {frames.damage.describe()}; the handler will not start on a "
+                        "damaged journal. Restore the data directory from a backup, or start "
+                        "with --salvage to keep what is readable and list what was lost"
+                    )
+                # A write cut by a crash: nothing after it was acknowledged. Cut it off.
+                state.torn_bytes_cut += len(data) - frames.good_end
+                with open(path, "r+b") as handle:
+                    handle.truncate(frames.good_end)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                log.warning(
+                    "journal.torn_tail_cut",
+                    path=str(path),
+                    offset=frames.good_end,
+                    bytes=len(data) - frames.good_end,
+                )
+        for payload in payloads:
+            record = storage_pb2.JournalRecord.FromString(payload)
+            self._apply(record, state, path)
+            state.records_replayed += 1
+            self._replayed_lsn = max(self._replayed_lsn, record.lsn)
+
+    def _apply(self, record: storage_pb2.JournalRecord, state: Recovered, path: Path) -> None:
+        change = record.WhichOneof("change")
+        if change == "created":
+            stored = record.created.job
+            if stored.job.id not in state.jobs:
+                new_job = codec.job(stored)
+                new_job.lsn = record.lsn
+                state.jobs[new_job.id] = new_job
+            state.next_seq = max(state.next_seq, stored.seq + 1)
+        elif change == "moved":
+            moved = record.moved
+            job = state.jobs.get(moved.job_id)
+            if job is None or job.lsn >= record.lsn:
+                return  # pruned later, or already in the snapshot
+            t = codec.transition(moved.transition)
+            try:
+                state_machine.move(
+                    job,
+                    t.to_status,
+                    at=t.at,
+                    reason=t.reason,
+                    scanner_id=t.scanner_id,
+                    error=t.error,
+                )
+            except state_machine.IllegalTransition as exc:
+                raise StorageError(
+                    f"journal {path}: record {record.lsn} cannot be applied ({exc.detail})"
+                ) from None
+            if moved.HasField("result"):
+                job.result = moved.result
+            if moved.HasField("summary"):
+                job.result_summary = moved.summary
+            job.lsn = record.lsn
+        elif change == "pruned":
+            for job_id in record.pruned.job_ids:
+                state.jobs.pop(job_id, None)
+
+    # ----- appending -----------------------------------------------------------------------
+
+    def _append(self, record: storage_pb2.JournalRecord) -> int:
+        journal = self._open_journal()
+        lsn = journal.next_lsn()
+        record.lsn = lsn
+        journal.append(lsn, record.SerializeToString())
+        return lsn
+
+    def _open_journal(self) -> Journal:
+        if self.journal is None:
+            raise RuntimeError("JournalStore.start() was not called")
+        return self.journal
+
+    def created(self, job: Job) -> None:
+        record = storage_pb2.JournalRecord(created=storage_pb2.JobCreated(job=codec.stored(job)))
+        job.lsn = self._append(record)
+
+    def moved(
+        self,
+        job: Job,
+        transition: Transition,
+        *,
+        result: common_pb2.ScanResult | None = None,
+        summary: common_pb2.ResultSummary | None = None,
+    ) -> None:
+        record = storage_pb2.JournalRecord(
+            moved=storage_pb2.JobMoved(
+                job_id=job.id,
+                transition=convert.transition_to_proto(transition),
+                result=result,
+                summary=summary,
+            )
+        )
+        job.lsn = self._append(record)
+
+    def pruned(self, job_ids: Sequence[str]) -> None:
+        self._append(storage_pb2.JournalRecord(pruned=storage_pb2.JobsPruned(job_ids=job_ids)))
+
+    def flush(self) -> None:
+        self._open_journal().flush()
+
+    def mark(self) -> int:
+        return self._open_journal().mark()
+
+    def discard_since(self, mark: int) -> None:
+        self._open_journal().discard_since(mark)
+
+    async def sync(self) -> None:
+        await self._open_journal().sync()
+
+    # ----- snapshots -----------------------------------------------------------------------
+
+    def wants_snapshot(self) -> bool:
+        journal = self.journal
+        return (
+            journal is not None and not self._snapshotting and journal.size >= self.snapshot_bytes
+        )
+
+    async def snapshot(self, jobs: Sequence[Job], next_seq: int) -> None:
+        """Start a new journal generation, write the snapshot that ends where it starts, then
+        drop the files the snapshot replaces."""
+        journal = self._open_journal()
+        if self._snapshotting:
+            return
+        self._snapshotting = True
+        started = time.perf_counter()
+        try:
+            generation = journal.generation + 1
+            lsn = journal.last_lsn
+            await journal.rotate(generation)
+            header = storage_pb2.SnapshotHeader(generation=generation, lsn=lsn, next_seq=next_seq)
+            path, size = await write_snapshot(self.directory, header, jobs)
+            for old in snapshot_generations(self.directory):
+                if old < generation:
+                    snapshot_path(self.directory, old).unlink(missing_ok=True)
+            for old in self._journal_generations():
+                if old < generation:
+                    journal_path(self.directory, old).unlink(missing_ok=True)
+            fsync_directory(self.directory)
+            seconds = time.perf_counter() - started
+            self.last_snapshot = (path, size, seconds)
+            log.info(
+                "snapshot.written",
+                path=str(path),
+                jobs=len(jobs),
+                bytes=size,
+                seconds=round(seconds, 3),
+            )
+        finally:
+            self._snapshotting = False
+
+    async def close(self) -> None:
+        if self.journal is not None:
+            await self.journal.close()
+            self.journal = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def open_store(
+    kind: str,
+    directory: Path,
+    policy: FsyncPolicy,
+    *,
+    snapshot_bytes: int,
+    salvage: bool,
+    observe_fsync: Callable[[float], None] | None = None,
+) -> MemoryStore | JournalStore:
+    if kind == "memory":
+        return MemoryStore()
+    return JournalStore(
+        directory, policy, snapshot_bytes=snapshot_bytes, salvage=salvage,
+        observe_fsync=observe_fsync,
+    )  # fmt: skip
+
+
+__all__ = ["JobStore", "JournalStore", "MemoryStore", "Recovered", "StorageError", "open_store"]
