@@ -9,7 +9,7 @@ PROTO_FILES := $(wildcard protos/imagehandler/v1/*.proto) $(wildcard protos/imag
 LISTEN ?= 127.0.0.1:50051
 DATA_DIR ?= .data
 
-.PHONY: run test test-slow lint protos check-protos venv clean
+.PHONY: run test test-slow lint protos check-protos venv clean bench-durability
 
 venv: $(STAMP)
 
@@ -46,8 +46,8 @@ check-protos: $(STAMP)
 
 lint: $(STAMP) check-protos
 	$(BIN)/buf lint protos
-	$(BIN)/ruff check server scanner_client tests
-	$(BIN)/ruff format --check server scanner_client tests
+	$(BIN)/ruff check server scanner_client tests bench
+	$(BIN)/ruff format --check server scanner_client tests bench
 	$(BIN)/mypy
 
 test: lint
@@ -59,6 +59,10 @@ test-slow: $(STAMP)
 # The handler on $(LISTEN) with embedded defaults, plus one local no-op scanner.
 run: $(STAMP)
 	@LISTEN=$(LISTEN) DATA_DIR=$(DATA_DIR) BIN=$(BIN) ./scripts/run-local.sh
+
+# Durability figures: submits/s per fsync policy, snapshot size and stall, recovery time.
+bench-durability: $(STAMP)
+	$(PY) -m bench.durability
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .mypy_cache .ruff_cache

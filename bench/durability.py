@@ -1,0 +1,200 @@
+"""Durability figures: submit throughput per fsync policy, snapshot size and time, the longest
+event-loop stall while a snapshot is written, and recovery time.
+
+    .venv/bin/python -m bench.durability                  # 100,000 and 1,000,000 jobs
+    .venv/bin/python -m bench.durability --sizes 100000   # quicker
+
+Submits run against a real handler process over gRPC (32 concurrent clients, single
+SubmitJob calls, and SubmitJobs batches of 100); the rest runs the store in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+
+from imagehandler.v1 import job_service_pb2, job_service_pb2_grpc
+from server import logs
+from server.config import Config
+from server.job_manager import JobManager
+from server.model import ImageRef, JobSpec, Lane, Policy, Trigger
+from server.storage.journal import FsyncPolicy
+from server.storage.store import JournalStore, Recovered
+from tests.helpers import image
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def wait_serving(address: str) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(600):
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            await asyncio.sleep(0.05)
+    raise RuntimeError("handler did not start")
+
+
+async def submit_rate(address: str, seconds: float, batch: int, clients: int = 32) -> float:
+    done = 0
+    end = time.perf_counter() + seconds
+
+    async def client(n: int) -> None:
+        nonlocal done
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = job_service_pb2_grpc.JobServiceStub(channel)
+            k = 0
+            while time.perf_counter() < end:
+                k += 1
+                if batch == 1:
+                    await stub.SubmitJob(image(tag=f"c{n}-{k}"))
+                else:
+                    jobs = [image(tag=f"c{n}-{k}-{i}") for i in range(batch)]
+                    await stub.SubmitJobs(job_service_pb2.SubmitJobsRequest(jobs=jobs))
+                done += batch
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    return done / (time.perf_counter() - started)
+
+
+def bench_submits(root: Path, seconds: float) -> list[tuple[str, float, float]]:
+    rows = []
+    for policy in ("batch", "never", "always"):
+        data = root / f"submits-{policy}"
+        address = f"127.0.0.1:{free_port()}"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--listen", address,
+             "--data-dir", str(data), "--fsync", policy, "--log-level", "error"],
+        )  # fmt: skip
+        try:
+            asyncio.run(wait_serving(address))
+            single = asyncio.run(submit_rate(address, seconds, 1))
+            batched = asyncio.run(submit_rate(address, seconds, 100))
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+        rows.append((policy, single, batched))
+        print(f"  fsync {policy:6}  {single:9,.0f} jobs/s single   {batched:9,.0f} jobs/s batched",
+              flush=True)  # fmt: skip
+    return rows
+
+
+async def fill_and_snapshot(directory: Path, count: int) -> dict[str, float]:
+    config = replace(Config(), data_dir=directory, fsync="never", max_batch=10_000)
+    store = JournalStore(directory, FsyncPolicy.NEVER)
+    store.open_directory()
+    store.start(store.recover())
+    manager = JobManager(config, store)
+    manager.start()
+    manager.restore(Recovered())
+    started = time.perf_counter()
+    for start in range(0, count, 10_000):
+        specs = [
+            JobSpec(
+                ImageRef("docker.io", "library/app", f"v{n}"),
+                Trigger.SCHEDULED,
+                (Policy.VULNERABILITIES,),
+                600.0,
+                Lane.BULK,
+            )
+            for n in range(start, min(count, start + 10_000))
+        ]
+        manager.submit_many(specs)
+        await asyncio.sleep(0)
+    fill_seconds = time.perf_counter() - started
+
+    # The longest gap between ticks of a 1 ms ticker while the snapshot is written.
+    longest = 0.0
+    ticking = True
+
+    async def ticker() -> None:
+        nonlocal longest
+        last = time.perf_counter()
+        while ticking:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            longest = max(longest, now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    started = time.perf_counter()
+    assert await manager.snapshot()
+    snapshot_seconds = time.perf_counter() - started
+    ticking = False
+    await tick
+    assert store.last_snapshot is not None
+    size = store.last_snapshot[1]
+    await manager.results.stop()
+    await store.close()
+    return {
+        "fill_seconds": fill_seconds,
+        "snapshot_seconds": snapshot_seconds,
+        "snapshot_bytes": float(size),
+        "longest_stall": longest,
+    }
+
+
+def bench_recovery(directory: Path) -> tuple[float, int]:
+    store = JournalStore(directory, FsyncPolicy.NEVER)
+    store.open_directory()
+    started = time.perf_counter()
+    state = store.recover()
+    return time.perf_counter() - started, len(state.jobs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per submit measurement")
+    parser.add_argument("--skip-submits", action="store_true")
+    args = parser.parse_args()
+    logs.configure("json", "error")
+    root = Path(tempfile.mkdtemp(prefix="ih-bench-", dir=os.environ.get("BENCH_DIR")))
+    try:
+        print(f"durability bench in {root} ({os.cpu_count()} cores)", flush=True)
+        if not args.skip_submits:
+            print("submits through gRPC (32 clients), journal on disk:", flush=True)
+            bench_submits(root, args.seconds)
+        for count in (int(s) for s in args.sizes.split(",")):
+            directory = root / f"jobs-{count}"
+            figures = asyncio.run(fill_and_snapshot(directory, count))
+            recovery, recovered = bench_recovery(directory)
+            assert recovered == count, (recovered, count)
+            print(
+                f"{count:>9,} jobs: snapshot {figures['snapshot_bytes'] / 1e6:7.1f} MB "
+                f"in {figures['snapshot_seconds']:6.1f} s, longest loop stall "
+                f"{figures['longest_stall'] * 1000:6.1f} ms; recovery {recovery:6.1f} s "
+                f"({count / recovery:,.0f} jobs/s); filling took {figures['fill_seconds']:.1f} s",
+                flush=True,
+            )
+            shutil.rmtree(directory)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
