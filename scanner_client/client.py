@@ -495,6 +495,10 @@ class ScannerClient:
             )
         elif kind == "heartbeat":
             pass
+        elif kind == "drain":
+            # The handler is shutting down: it sends nothing new; running jobs finish and
+            # report, and the client reconnects (to it or a replacement) when the stream ends.
+            session.log.info("the handler is draining: finishing running jobs")
         else:
             session.log.warning("unexpected message from the handler", message=kind)
 

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 
-from imagehandler.v1 import common_pb2, job_service_pb2
+from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
 from server.app import HandlerServer
 from server.job_manager import now_utc
 from server.storage.store import StorageError
@@ -273,3 +278,59 @@ async def test_a_full_disk_fails_submits_cleanly_and_loses_nothing_acknowledged(
     finally:
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(FULL_DISK)], check=False)
         FULL_DISK.rmdir()
+
+
+def test_sigterm_lets_the_running_job_finish_then_exits_0(tmp_path: Path) -> None:
+    """Real processes: a handler, a scanner whose scans take 1.5 s, SIGTERM mid-scan."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    serve = [sys.executable, "-m", "server.cli", "serve", "--listen", address,
+             "--data-dir", str(tmp_path / "data"), "--log-format", "json"]  # fmt: skip
+    handler = subprocess.Popen(serve, stderr=subprocess.PIPE, text=True)
+    scanner = subprocess.Popen(
+        [str(Path(sys.executable).parent / "image-scanner"), "--handler", address,
+         "--engine", "noop", "--delay", "1.5", "--slots", "1", "--backoff-max", "0.5"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert handler.stderr is not None
+    try:
+        for line in handler.stderr:  # bounded by the test timeout
+            if line.startswith("image-handler listening on"):
+                break
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            jobs = job_service_pb2_grpc.JobServiceStub(channel)
+            job_id = jobs.SubmitJob(image(), wait_for_ready=True, timeout=30).job.id
+            watch = jobs.WatchJobs(job_service_pb2.WatchJobsRequest(job_id=job_id), timeout=30)
+            for event in watch:
+                if event.job.status == S.JOB_STATUS_IN_PROGRESS:
+                    break
+            handler.send_signal(signal.SIGTERM)
+            assert handler.wait(timeout=30) == 0
+        events = [json.loads(line) for line in handler.stderr.read().splitlines()]
+        stopped = next(e for e in events if e["event"] == "handler.stopped")
+        assert stopped["drained"] is True
+    finally:
+        for process in (scanner, handler):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        handler.stderr.close()
+    # The job finished during the grace period, and the journal says so.
+    restarted = subprocess.Popen(serve, stderr=subprocess.PIPE, text=True)
+    assert restarted.stderr is not None
+    try:
+        for line in restarted.stderr:
+            if line.startswith("image-handler listening on"):
+                break
+        with grpc.insecure_channel(address) as channel:
+            jobs = job_service_pb2_grpc.JobServiceStub(channel)
+            request = job_service_pb2.GetJobRequest(job_id=job_id)
+            job = jobs.GetJob(request, wait_for_ready=True, timeout=30).job
+        assert job.status == S.JOB_STATUS_FINISHED
+        assert job.runs == 1
+    finally:
+        restarted.kill()
+        restarted.wait()
+        restarted.stderr.close()
