@@ -149,15 +149,18 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
 
             subscription = Subscription(on_event, request.job_id, statuses)
             self.manager.events.subscribe(subscription)
+            # The first message of a single-job watch is the job with its history, taken in
+            # the same loop turn as the subscription: every later move is queued after it.
+            # Decide on the status it shows, not the live one.
+            first = None
+            done = False
+            if job is not None:
+                done = job.status.terminal
+                first = job_service_pb2.WatchJobsResponse(job=self._job(job, history=True))
             # Headers go out once the watch is subscribed: a client that awaits them knows
             # that every later transition will reach it.
             await context.send_initial_metadata(())
-            if job is not None:
-                # The first message carries the history, so a watcher sees the whole story.
-                # Decide on the status it shows, not the live one: a move made while it is
-                # being written is already queued for the loop below.
-                done = job.status.terminal
-                first = job_service_pb2.WatchJobsResponse(job=self._job(job, history=True))
+            if first is not None:
                 await context.write(first)
                 if done:
                     return
