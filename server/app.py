@@ -19,7 +19,7 @@ from imagehandler.v1 import (
 from server.config import Config
 from server.errors import Catalogue, HandlerError
 from server.job_manager import JobManager
-from server.metrics import MetricsExporter
+from server.metrics import JOURNAL_FSYNC_SECONDS, MetricsExporter
 from server.storage.journal import FsyncPolicy
 from server.storage.store import JournalStore, Recovered, open_store
 from server.transport.job_service import JobService
@@ -46,6 +46,7 @@ class HandlerServer:
             FsyncPolicy(config.fsync),
             snapshot_bytes=int(config.snapshot_journal_mb * 1024 * 1024),
             salvage=config.salvage,
+            observe_fsync=JOURNAL_FSYNC_SECONDS.observe,
         )
         if isinstance(self.store, JournalStore):
             # Lock and check the directory before binding the port: a clear error at start.
@@ -101,6 +102,8 @@ class HandlerServer:
                 await self.server.stop(0)
                 await self.manager.stop()
                 await store.close()
+                if self.metrics is not None:
+                    await self.metrics.stop()
                 raise
             store.start(state)
         self.manager.restore(state)

@@ -118,9 +118,8 @@ def _age(since: datetime | None, now: datetime) -> float:
 class StateCollector:
     """Gauges read from the job manager at scrape time."""
 
-    def __init__(self, manager: JobManager, in_results: dict[str, datetime]) -> None:
+    def __init__(self, manager: JobManager) -> None:
         self._manager = manager
-        self._in_results = in_results
 
     def collect(self) -> Iterable[Metric]:
         manager = self._manager
@@ -189,11 +188,13 @@ class StateCollector:
             "Results waiting for a result worker.",
             value=manager.results.backlog,
         )
-        first = next(iter(self._in_results.values()), None)
+        # The pipeline keeps its jobs in arrival order; a job's last transition (updated_at)
+        # is the one into PROCESSING_RESULTS, also for jobs recovery put back in the pipeline.
+        first = next(iter(manager.results.in_pipeline.values()), None)
         yield GaugeMetricFamily(
             PREFIX + "result_oldest_age_seconds",
-            "Time the oldest job still in PROCESSING_RESULTS has been there (0 when none).",
-            value=_age(first, now),
+            "Time the oldest result not yet processed has waited (0 when none).",
+            value=_age(first.updated_at if first else None, now),
         )
         yield GaugeMetricFamily(
             PREFIX + "result_workers",
@@ -210,8 +211,6 @@ class MetricsExporter:
         self._host, self._port = parse_listen(listen)
         self.port = 0
         self.registry = CollectorRegistry()
-        # Jobs in PROCESSING_RESULTS -> when they got there, oldest first (arrival order).
-        self._in_results: dict[str, datetime] = {}
 
         self.jobs_submitted = Counter(
             PREFIX + "jobs_submitted",
@@ -249,7 +248,7 @@ class MetricsExporter:
         for status in JobStatus:
             if status.terminal:
                 self.runs_per_job.labels(status.name.lower())
-        self.registry.register(StateCollector(manager, self._in_results))
+        self.registry.register(StateCollector(manager))
         self.registry.register(JOURNAL_FSYNC_SECONDS)
         self.registry.register(DELIVERIES_FAILED)
         ProcessCollector(registry=self.registry)
@@ -273,14 +272,10 @@ class MetricsExporter:
             self.run_duration.labels(RUN_OUTCOMES[to_status]).observe(
                 _age(job.started_at, transition.at)
             )
-        elif transition.from_status is JobStatus.PROCESSING_RESULTS:
-            self._in_results.pop(job.id, None)
         if to_status is JobStatus.IN_PROGRESS and transition.run == 1:
             self.dispatch_latency.labels(job.spec.lane.name.lower()).observe(
                 _age(job.created_at, transition.at)
             )
-        elif to_status is JobStatus.PROCESSING_RESULTS:
-            self._in_results[job.id] = transition.at
         elif to_status.terminal:
             self.runs_per_job.labels(to_status.name.lower()).observe(transition.run)
 

@@ -278,3 +278,12 @@ def test_parse_listen() -> None:
     assert metrics.parse_listen("0.0.0.0:9090") == ("0.0.0.0", 9090)
     assert metrics.parse_listen(":9090") == (None, 9090)
     assert metrics.parse_listen("[::1]:0") == ("::1", 0)
+
+
+async def test_journal_fsyncs_are_timed(make_handler: MakeHandler) -> None:
+    handler = await make_handler(metrics_listen="127.0.0.1:0", fsync="batch")
+    before = value(await scrape(handler), "imagehandler_journal_fsync_seconds_count")
+    # With fsync=batch, an acknowledged submit has waited for an fsync.
+    await handler.jobs.SubmitJob(image(tag="fsync-timed"))
+    after = value(await scrape(handler), "imagehandler_journal_fsync_seconds_count")
+    assert after > before

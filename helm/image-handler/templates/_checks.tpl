@@ -1,0 +1,23 @@
+{{/*
+Rules across several values, which values.schema.json cannot state: each fails the install with
+a message that says what to change. configmap.yaml includes this, so every render runs it.
+*/}}
+{{- define "image-handler.checks" -}}
+{{- $h := .Values.handler -}}
+{{- if gt (int $h.replicaCount) 1 -}}
+{{- fail (printf "handler.replicaCount is %d, but the embedded queue (a journal on the handler's own volume) runs ONE replica: more replicas would each keep a separate queue. Scale scanning with scanner.replicaCount and scanner.slots, result processing with handler.resultWorkers; more handler replicas need the shared (PostgreSQL) backend." (int $h.replicaCount)) -}}
+{{- end -}}
+{{- if le (float64 $h.timeouts.heartbeatTimeout) (float64 $h.timeouts.heartbeatInterval) -}}
+{{- fail (printf "handler.timeouts.heartbeatTimeout (%v s) must exceed handler.timeouts.heartbeatInterval (%v s): a scanner would be declared gone between two heartbeats." $h.timeouts.heartbeatTimeout $h.timeouts.heartbeatInterval) -}}
+{{- end -}}
+{{- if and .Values.metrics.enabled (eq (int .Values.metrics.port) (int $h.grpcPort)) -}}
+{{- fail (printf "metrics.port and handler.grpcPort are both %d: give the metrics their own port." (int $h.grpcPort)) -}}
+{{- end -}}
+{{- $s := .Values.scanner -}}
+{{- if and $s.enabled $s.autoscaling.enabled (gt (int $s.autoscaling.minReplicas) (int $s.autoscaling.maxReplicas)) -}}
+{{- fail (printf "scanner.autoscaling.minReplicas (%d) is above scanner.autoscaling.maxReplicas (%d)." (int $s.autoscaling.minReplicas) (int $s.autoscaling.maxReplicas)) -}}
+{{- end -}}
+{{- if lt (float64 $s.backoff.max) (float64 $s.backoff.initial) -}}
+{{- fail (printf "scanner.backoff.max (%v s) is below scanner.backoff.initial (%v s)." $s.backoff.max $s.backoff.initial) -}}
+{{- end -}}
+{{- end -}}
