@@ -10,16 +10,22 @@ import socket
 import subprocess
 import sys
 import uuid
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
 from server.app import HandlerServer
-from server.job_manager import now_utc
-from server.storage.store import StorageError
+from server.config import Config
+from server.job_manager import JobManager, now_utc
+from server.model import ImageRef, JobSpec, Lane, Policy, Trigger
+from server.storage.journal import FsyncPolicy
+from server.storage.store import JournalStore, Recovered, StorageError
 from tests.conftest import TEST_CONFIG, Handler, MakeHandler
 from tests.helpers import RawScanner, image, remote_error, wait_for_status
 
@@ -334,3 +340,85 @@ def test_sigterm_lets_the_running_job_finish_then_exits_0(tmp_path: Path) -> Non
         restarted.kill()
         restarted.wait()
         restarted.stderr.close()
+
+
+async def fill_data_dir(directory: Path, count: int) -> None:
+    """A data directory holding ``count`` PENDING jobs (journal only, no snapshot)."""
+    store = JournalStore(directory, FsyncPolicy.NEVER)
+    store.open_directory()
+    store.start(Recovered())
+    manager = JobManager(Config(data_dir=directory, max_batch=10_000), store)
+    manager.start()
+    manager.restore(Recovered())
+    for start in range(0, count, 5000):
+        manager.submit_many(
+            [
+                JobSpec(
+                    ImageRef("docker.io", "library/app", f"v{n}"),
+                    Trigger.SCHEDULED,
+                    (Policy.MALWARE,),
+                    600.0,
+                    Lane.BULK,
+                )
+                for n in range(start, min(count, start + 5000))
+            ]
+        )
+    await manager.results.stop()
+    await store.close()
+
+
+def test_readiness_is_not_serving_until_recovery_ends(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    asyncio.run(fill_data_dir(data_dir, 40_000))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    handler = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--listen", address,
+         "--data-dir", str(data_dir), "--log-format", "json"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert handler.stderr is not None
+    try:
+        for line in handler.stderr:  # the port is open (and logged) before recovery starts
+            if '"handler.started"' in line:
+                break
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            jobs = job_service_pb2_grpc.JobServiceStub(channel)
+            first = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            assert first == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as raised:
+                jobs.GetQueueStats(job_service_pb2.GetQueueStatsRequest(), timeout=10)
+            error: Any = raised.value  # also a grpc.Call
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert "recovering" in error.details()
+            watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=120)
+            for reply in watch:  # ends when it goes SERVING (bounded by the timeout)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            stats = jobs.GetQueueStats(job_service_pb2.GetQueueStatsRequest(), timeout=10)
+            assert stats.pending == 40_000
+    finally:
+        handler.kill()
+        handler.wait()
+        handler.stderr.close()
+
+
+async def test_a_read_only_data_directory_is_a_clear_error_at_start(tmp_path: Path) -> None:
+    target = tmp_path / "ro"
+    target.mkdir()
+    mounted = await asyncio.to_thread(
+        subprocess.run, ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(target)],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        with pytest.raises(StorageError) as raised:
+            HandlerServer(replace(TEST_CONFIG, data_dir=target))
+        assert f"cannot use the data directory {target}: Read-only file system" in (
+            raised.value.message
+        )
+    finally:
+        await asyncio.to_thread(subprocess.run, ["umount", "-l", str(target)], check=False)
