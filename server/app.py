@@ -4,6 +4,8 @@ the port; the CLI runs the same object until a signal arrives."""
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import structlog
 from grpc import aio
@@ -17,10 +19,12 @@ from imagehandler.v1 import (
     scanner_service_pb2_grpc,
 )
 from server.config import Config
+from server.delivery import Receiver, open_receiver
 from server.errors import Catalogue, HandlerError
 from server.job_manager import JobManager
 from server.metrics import JOURNAL_FSYNC_SECONDS, MetricsExporter
 from server.storage.journal import FsyncPolicy
+from server.storage.result_files import MemoryResultFiles, ResultFiles
 from server.storage.store import JournalStore, Recovered, open_store
 from server.transport.job_service import JobService
 from server.transport.scanner_service import ScannerService
@@ -51,7 +55,16 @@ class HandlerServer:
         if isinstance(self.store, JournalStore):
             # Lock and check the directory before binding the port: a clear error at start.
             self.store.open_directory()
-        self.manager = JobManager(config, self.store)
+        self.manager = JobManager(
+            config,
+            self.store,
+            result_files=(
+                ResultFiles(config.data_dir)
+                if isinstance(self.store, JournalStore)
+                else MemoryResultFiles()
+            ),
+            receiver=self._receiver(config),
+        )
         # Prometheus text on --metrics-listen (none when empty); metrics_port is the bound port.
         self.metrics = (
             MetricsExporter(self.manager, config.metrics_listen) if config.metrics_listen else None
@@ -84,6 +97,23 @@ class HandlerServer:
             )
         host = config.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
+
+    @staticmethod
+    def _receiver(config: Config) -> Receiver | None:
+        if not config.receiver_url:
+            return None
+        secret = os.environ.get("IMAGE_HANDLER_RECEIVER_SECRET", "").encode()
+        if config.receiver_secret_file:
+            try:
+                secret = Path(config.receiver_secret_file).read_bytes().strip()
+            except OSError as exc:
+                raise HandlerError(
+                    Catalogue.SCANNER_CONFIG_INVALID,
+                    f"cannot read --receiver-secret-file {config.receiver_secret_file}: "
+                    f"{exc.strerror}",
+                    status=Catalogue.SCANNER_CONFIG_INVALID.entry.statuses[1],
+                ) from None
+        return open_receiver(config.receiver_url, secret, config.delivery_timeout)
 
     async def start(self) -> None:
         """Serve health (NOT_SERVING) at once, recover the queue, then go SERVING."""

@@ -35,6 +35,20 @@ class Config:
     # Share of assignments the interactive lane gets while both lanes have work.
     interactive_share: float = 0.8
     result_workers: int = 10
+    # Results waiting for workers before the dispatcher holds new assignments back.
+    result_backlog_limit: int = 10_000
+    # Verdict policy: vulnerabilities at or above this severity fail a scan.
+    fail_severity: str = "high"
+    fail_on_malware: bool = True
+    fail_on_secrets: bool = True
+    risk_acceptance_days: float = 30.0
+    # The receiving server: http(s)://... (webhook) or grpc://host:port (ResultSinkService).
+    receiver_url: str = ""
+    # File holding the webhook's HMAC secret (also IMAGE_HANDLER_RECEIVER_SECRET).
+    receiver_secret_file: str = ""
+    delivery_attempts: int = 5
+    delivery_backoff: float = 0.5
+    delivery_timeout: float = 10.0
     # PENDING jobs allowed at once; 0 means no limit.
     queue_limit: int = 0
     max_batch: int = 1000
@@ -68,6 +82,24 @@ class Config:
             )
         if not 0 < self.interactive_share <= 1:
             problems.append(f"interactive_share must be in (0, 1], got {self.interactive_share}")
+        if self.fail_severity.upper() not in ("NEGLIGIBLE", "LOW", "MEDIUM", "HIGH", "CRITICAL"):
+            problems.append(
+                f"fail_severity must be negligible, low, medium, high or critical, "
+                f"got {self.fail_severity!r}"
+            )
+        if self.receiver_url and not self.receiver_url.startswith(
+            ("http://", "https://", "grpc://")
+        ):
+            problems.append(
+                f"receiver_url must start with http://, https:// or grpc://, "
+                f"got {self.receiver_url!r}"
+            )
+        if self.delivery_attempts < 1:
+            problems.append(f"delivery_attempts must be at least 1, got {self.delivery_attempts}")
+        if self.result_backlog_limit < 1:
+            problems.append(
+                f"result_backlog_limit must be at least 1, got {self.result_backlog_limit}"
+            )
         if self.result_workers < 1:
             problems.append(f"result_workers must be at least 1, got {self.result_workers}")
         if self.storage not in ("journal", "memory"):
@@ -119,6 +151,16 @@ _HELP: dict[str, str] = {
     "default_policies": "comma-separated policies for jobs that name none ('' = none: HNDL-014)",
     "interactive_share": "share of assignments for the interactive lane while both lanes wait",
     "result_workers": "result workers (the seed's scanWorkers)",
+    "result_backlog_limit": "results waiting for workers before new assignments are held back",
+    "fail_severity": "vulnerabilities at or above this severity fail a scan",
+    "fail_on_malware": "any malware fails a scan (true/false)",
+    "fail_on_secrets": "any secret fails a scan (true/false)",
+    "risk_acceptance_days": "default lifetime of a risk acceptance, in days",
+    "receiver_url": "receiving server: http(s)://... webhook or grpc://host:port ('' = none)",
+    "receiver_secret_file": "file with the webhook HMAC secret (or IMAGE_HANDLER_RECEIVER_SECRET)",
+    "delivery_attempts": "attempts per delivery before HNDL-001",
+    "delivery_backoff": "first retry delay in seconds (doubles, with jitter, up to 30 s)",
+    "delivery_timeout": "seconds one delivery attempt may take",
     "queue_limit": "most PENDING jobs at once; 0 = no limit",
     "max_batch": "most jobs in one SubmitJobs call",
     "timezone": "IANA time zone for log timestamps, or 'local' (HNDL-015 when unknown)",

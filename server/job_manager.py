@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,11 +19,14 @@ from typing import Any
 import structlog
 from sortedcontainers import SortedDict
 
+from imagehandler.v1 import common_pb2, job_service_pb2, result_sink_pb2
 from server import state_machine
 from server.config import Config
+from server.delivery import Deliverer, Delivery, Receiver
 from server.dispatcher import Dispatcher
 from server.errors import Catalogue, HandlerError
 from server.events import EventBus, Subscription
+from server.metrics import DELIVERIES_FAILED
 from server.model import (
     Job,
     JobFailure,
@@ -35,7 +38,7 @@ from server.model import (
     Trigger,
 )
 from server.queue import JobQueue
-from server.results import ResultPipeline
+from server.results import INLINE_RESULT_BYTES, Processed, ResultPipeline
 from server.retry import RetryPolicy, RunFailure
 from server.scanners import (
     AssignJobs,
@@ -47,7 +50,17 @@ from server.scanners import (
     ScannerRegistry,
     ScannerSession,
 )
+from server.storage.result_files import MemoryResultFiles, ResultFiles
 from server.storage.store import JobStore, MemoryStore, Recovered
+from server.transport import convert
+from server.verdicts import (
+    Acceptance,
+    Acceptances,
+    Scope,
+    VerdictPolicy,
+    apply_acceptances,
+    scope_target,
+)
 
 log = structlog.get_logger("imagehandler")
 
@@ -78,7 +91,14 @@ class QueueStats:
 
 
 class JobManager:
-    def __init__(self, config: Config, store: JobStore | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: JobStore | None = None,
+        *,
+        result_files: ResultFiles | None = None,
+        receiver: Receiver | None = None,
+    ) -> None:
         self.config = config
         self.store: JobStore = store if store is not None else MemoryStore()
         # False until recovery has rebuilt the queue: until then every call is refused.
@@ -94,7 +114,33 @@ class JobManager:
         self.dispatcher = Dispatcher(self.queue)
         self.events = EventBus()
         self.retry = RetryPolicy(config.max_runs)
-        self.results = ResultPipeline(config.result_workers, self._finish_result)
+        self.policy = VerdictPolicy(
+            fail_severity=common_pb2.Severity.Value(f"SEVERITY_{config.fail_severity.upper()}"),
+            fail_on_malware=config.fail_on_malware,
+            fail_on_secrets=config.fail_on_secrets,
+        )
+        self.acceptances = Acceptances()
+        self._acceptance_records: dict[str, job_service_pb2.RiskAcceptance] = {}
+        self._expiry_timers: dict[str, asyncio.TimerHandle] = {}
+        self.result_files = result_files if result_files is not None else MemoryResultFiles()
+        self.results = ResultPipeline(
+            config.result_workers,
+            self.policy,
+            self.result_files,
+            self._prepare_result,
+            self._finish_result,
+        )
+        self._background: set[asyncio.Task[None]] = set()
+        self.deliverer: Deliverer | None = None
+        if receiver is not None:
+            self.deliverer = Deliverer(
+                receiver,
+                attempts=config.delivery_attempts,
+                backoff=config.delivery_backoff,
+                on_status=self._status_delivered,
+                on_result=self._result_delivered,
+                on_failure=DELIVERIES_FAILED.inc,
+            )
         self._run_timers: dict[str, asyncio.TimerHandle] = {}
         self._watchdogs: dict[str, asyncio.TimerHandle] = {}
         self._dispatch_scheduled = False
@@ -122,16 +168,32 @@ class JobManager:
                 self._active_by_key[job.spec.dedup_key()] = job
             if job.status is JobStatus.PENDING:
                 self.queue.push(job)
-            elif job.status is JobStatus.IN_PROGRESS:
+            elif job.status is JobStatus.IN_PROGRESS or job.status is JobStatus.PROCESSING_RESULTS:
                 interrupted.append(job)
-            elif job.status is JobStatus.PROCESSING_RESULTS:
-                self.results.submit(job)  # its result was stored with the move
+        for record in state.acceptances.values():
+            self._add_acceptance(record)
         for job in interrupted:
+            if job.status is JobStatus.PROCESSING_RESULTS:
+                if job.result is not None or job.result_in_file:
+                    self.results.submit(job)  # its result was stored: process it again
+                    continue
+                # A large result was not yet in its file when the handler stopped: run again.
+                failure = RunFailure(
+                    Catalogue.SYSTEM_ERROR,
+                    f"the handler restarted before run {job.runs}'s result was stored",
+                )
+                self._end_run(job, None, failure)
+                continue
             failure = RunFailure(
                 Catalogue.SYSTEM_ERROR,
                 f"the handler restarted during run {job.runs} on scanner {job.scanner_id}",
             )
             self._end_run(job, None, failure)
+        if self.deliverer is not None:
+            for job in self._by_seq.values():
+                for index in range(job.delivered, len(job.history)):
+                    self._deliver_status(job, job.history[index], index + 1)
+        self.expire_acceptances()
         self.recovered = True
         self.request_dispatch()
 
@@ -157,7 +219,9 @@ class JobManager:
         still holds everything, so this costs only a longer recovery."""
         try:
             # The list is taken in the same loop turn as the journal switch inside the store.
-            await self.store.snapshot(list(self.jobs.values()), self._next_seq)
+            await self.store.snapshot(
+                list(self.jobs.values()), self._next_seq, self.acceptance_records()
+            )
         except (OSError, HandlerError) as exc:
             log.error("snapshot.failed", error=str(exc))
             return False
@@ -176,6 +240,8 @@ class JobManager:
         self.store.pruned([job.id for job in old])
         for job in old:
             self._forget(job)
+            if job.result_in_file:
+                self.result_files.delete(job.id)
         log.info("jobs.pruned", count=len(old), older_than=cutoff.isoformat())
         return len(old)
 
@@ -215,7 +281,14 @@ class JobManager:
             handle.cancel()
         self._run_timers.clear()
         self._watchdogs.clear()
+        for timer in self._expiry_timers.values():
+            timer.cancel()
+        self._expiry_timers.clear()
         await self.results.stop()
+        if self.deliverer is not None:
+            # Undelivered events are re-sent after a restart (results: the job is still
+            # PROCESSING_RESULTS; status changes: the journal knows what was acknowledged).
+            await self.deliverer.close()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -288,6 +361,8 @@ class JobManager:
                 status=JobStatus.PENDING.name,
             )
             self.events.publish(job, transition)
+            if self.deliverer is not None:
+                self._deliver_status(job, transition, 1)
         self.request_dispatch()
         return out
 
@@ -519,7 +594,9 @@ class JobManager:
             percent=percent,
         )
 
-    def result(self, session: ScannerSession, job_id: str, run: int, result: object) -> None:
+    def result(
+        self, session: ScannerSession, job_id: str, run: int, result: common_pb2.ScanResult
+    ) -> None:
         job = session.held.get(job_id)
         if job is None or (run and run != job.runs):
             self._reject(session, job_id, "result", run=run)
@@ -527,7 +604,10 @@ class JobManager:
         self._release(job, session)
         session.jobs_finished += 1
         job.result = result
-        self._move(job, JobStatus.PROCESSING_RESULTS, reason="result received", result=result)
+        # A small result is journaled with the move; a large one is written to its own file
+        # by a result worker (a crash before that runs the job again).
+        inline = result if result.ByteSize() <= INLINE_RESULT_BYTES else None
+        self._move(job, JobStatus.PROCESSING_RESULTS, reason="result received", result=inline)
         self.results.submit(job)
         self.request_dispatch()
 
@@ -602,6 +682,10 @@ class JobManager:
 
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False
+        if self.results.backlog >= self.config.result_backlog_limit:
+            # Back-pressure: no new scans while result processing is this far behind;
+            # every finished result asks for a dispatch again.
+            return
         batches = self.dispatcher.dispatch(self._assign)
         for session, jobs in batches.items():
             session.send(AssignJobs(tuple(jobs)))
@@ -686,14 +770,227 @@ class JobManager:
 
     # ----- results ----------------------------------------------------------------------
 
-    def _finish_result(self, job: Job, outcome: object) -> None:
+    def _prepare_result(self, job: Job) -> tuple[common_pb2.ScanResult | None, set[str]]:
+        """On the loop, for a worker: the result (None: read it from its file) and the
+        findings accepted for this job."""
+        return job.result, self.acceptances.accepted_for(job, now_utc())
+
+    def _finish_result(self, job: Job, outcome: Processed | HandlerError) -> None:
+        self.request_dispatch()  # the backlog shrank: held-back assignments may go
         if job.status is not JobStatus.PROCESSING_RESULTS:
             return
         if isinstance(outcome, HandlerError):
             self._move(job, JobStatus.ERROR, reason="result rejected", error=failure_of(outcome))
+            session = self.scanners.live(job.scanner_id)
+            if session is not None:
+                session.send(RejectMessage(outcome, job.id))
+            return
+        job.result_summary = outcome.summary
+        full_result = job.result
+        if outcome.in_file:
+            job.result_in_file = True
+            job.result = None  # on disk now: keep RAM for the queue
+        if self.deliverer is None:
+            self._move(job, JobStatus.FINISHED, reason="results stored", summary=outcome.summary)
+        elif full_result is not None:
+            self._deliver_result(job, full_result)
+        else:  # reprocessed after a restart: the result is in its file
+            self._spawn(self._deliver_stored_result(job))
+
+    # ----- delivery to the receiving server ---------------------------------------------
+
+    def _deliver_result(self, job: Job, result: common_pb2.ScanResult) -> None:
+        assert self.deliverer is not None
+        request = result_sink_pb2.DeliverRequest(
+            idempotency_key=f"{job.id}:result:{job.runs}",
+            job=self._snapshot(job),
+            result=result,
+        )
+        self.deliverer.enqueue(Delivery(job.id, request))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)  # a reference, so the task is not collected mid-way
+        task.add_done_callback(self._background.discard)
+
+    async def _deliver_stored_result(self, job: Job) -> None:
+        result = await self.load_result(job)
+        if result is None:
+            self._result_delivered(job.id, "the stored result could not be read")
         else:
-            job.result_summary = outcome
-            self._move(job, JobStatus.FINISHED, reason="results stored", summary=outcome)
+            self._deliver_result(job, result)
+
+    def _deliver_status(self, job: Job, transition: Transition, count: int) -> None:
+        assert self.deliverer is not None
+        request = result_sink_pb2.DeliverRequest(
+            idempotency_key=f"{job.id}:{count - 1}",
+            job=self._snapshot(job),
+            transition=convert.transition_to_proto(transition),
+        )
+        self.deliverer.enqueue(Delivery(job.id, request, history_count=count))
+
+    def _snapshot(self, job: Job) -> common_pb2.Job:
+        return convert.job_to_proto(job, position=self.position(job))
+
+    def _status_delivered(self, job_id: str, count: int) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and count > job.delivered:
+            job.delivered = count
+            self.store.delivered(job)
+
+    def _result_delivered(self, job_id: str, failure: str | None) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.status is not JobStatus.PROCESSING_RESULTS:
+            return
+        if failure is None:
+            self._move(
+                job, JobStatus.FINISHED, reason="results delivered", summary=job.result_summary
+            )
+        else:
+            error = HandlerError(Catalogue.MDW_ADAPTER_SEND_STATUS, failure)
+            self._move(
+                job,
+                JobStatus.ERROR,
+                reason="delivery to the receiving server failed; the result is kept",
+                error=failure_of(error),
+                summary=job.result_summary,
+            )
+
+    def redeliver(self, job_id: str) -> Job:
+        """Deliver a kept result again after HNDL-001."""
+        job = self.get(job_id)
+        if self.deliverer is None:
+            raise HandlerError(
+                Catalogue.MDW_ADAPTER_SEND_STATUS,
+                "no receiving server is configured (--receiver-url)",
+                status=Catalogue.MDW_ADAPTER_SEND_STATUS.entry.status,
+            )
+        failed_delivery = (
+            job.status is JobStatus.ERROR
+            and job.error is not None
+            and job.error.code == Catalogue.MDW_ADAPTER_SEND_STATUS.code
+        )
+        if not failed_delivery or job.result_summary is None:
+            raise HandlerError(
+                Catalogue.JOB_ID_INVALID,
+                f"job {job.id} is {job.status.name} and has no undelivered result; only a job "
+                "whose delivery failed (HNDL-001) can be redelivered",
+                status=Catalogue.JOB_ID_INVALID.entry.statuses[2],
+            )
+        self._move(job, JobStatus.PROCESSING_RESULTS, reason="redelivery requested")
+        if job.result is not None:
+            self._deliver_result(job, job.result)
+        else:
+            self._spawn(self._deliver_stored_result(job))
+        return job
+
+    async def load_result(self, job: Job) -> common_pb2.ScanResult | None:
+        if job.result is not None:
+            result: common_pb2.ScanResult = job.result
+            return result
+        if not job.result_in_file:
+            return None
+        payload = await asyncio.to_thread(self.result_files.read, job.id)
+        return common_pb2.ScanResult.FromString(payload) if payload is not None else None
+
+    # ----- risk acceptance --------------------------------------------------------------
+
+    def accept_risk(
+        self, finding_id: str, scope: Scope, job_id: str, reason: str, days: float
+    ) -> tuple[job_service_pb2.RiskAcceptance, int]:
+        self._require_ready()
+        job = self.get(job_id) if job_id else None
+        if scope is not Scope.EVERYWHERE and job is None:
+            raise HandlerError(
+                Catalogue.SCAN_PARAMS_EMPTY,
+                f"scope {scope.name} needs job_id: the job whose object or repository it covers",
+            )
+        if scope is Scope.REPOSITORY and job is not None and job.kind is not ObjectKind.IMAGE:
+            raise HandlerError(
+                Catalogue.SCAN_PARAMS_EMPTY, "scope REPOSITORY applies to image jobs only"
+            )
+        _, text = scope_target(scope, job)
+        at = now_utc()
+        record = job_service_pb2.RiskAcceptance(
+            id=str(uuid.uuid4()),
+            finding_id=finding_id,
+            scope=job_service_pb2.RiskScope.ValueType(scope),
+            job_id=job_id,
+            reason=reason,
+            target=text,
+            created_at=convert.timestamp(at),
+            expires_at=convert.timestamp(at + timedelta(days=days)),
+        )
+        self._add_acceptance(record)
+        self.store.risk_accepted(record)
+        log.info("risk.accepted", acceptance_id=record.id, finding=finding_id, scope=scope.name,
+                 target=text, days=days)  # fmt: skip
+        return record, self._reevaluate()
+
+    def revoke_acceptance(self, acceptance_id: str) -> int:
+        self._require_ready()
+        if self.acceptances.remove(acceptance_id) is None:
+            raise HandlerError(
+                Catalogue.SCAN_PARAMS_EMPTY, f"no risk acceptance with id {acceptance_id!r}"
+            )
+        self._acceptance_records.pop(acceptance_id, None)
+        timer = self._expiry_timers.pop(acceptance_id, None)
+        if timer is not None:
+            timer.cancel()
+        self.store.risk_removed(acceptance_id)
+        return self._reevaluate()
+
+    def acceptance_records(self) -> list[job_service_pb2.RiskAcceptance]:
+        return list(self._acceptance_records.values())
+
+    def _add_acceptance(self, record: job_service_pb2.RiskAcceptance) -> None:
+        job = self.jobs.get(record.job_id) if record.job_id else None
+        scope = Scope(record.scope)
+        target, text = scope_target(scope, job)
+        if scope is not Scope.EVERYWHERE and job is None:
+            target = ("(pruned job)",)  # its job is gone: it can match nothing new
+        acceptance = Acceptance(
+            id=record.id,
+            finding_id=record.finding_id,
+            scope=scope,
+            target=target,
+            target_text=record.target or text,
+            reason=record.reason,
+            created_at=record.created_at.ToDatetime(tzinfo=UTC),
+            expires_at=record.expires_at.ToDatetime(tzinfo=UTC),
+            job_id=record.job_id,
+        )
+        self.acceptances.add(acceptance)
+        self._acceptance_records[record.id] = record
+        if self._loop is not None:
+            delay = max(0.0, (acceptance.expires_at - now_utc()).total_seconds())
+            self._expiry_timers[record.id] = self._loop.call_later(delay, self.expire_acceptances)
+
+    def expire_acceptances(self) -> int:
+        """Drop acceptances past their expiry; re-evaluate verdicts when any went."""
+        expired = self.acceptances.expired(now_utc())
+        for acceptance in expired:
+            self.acceptances.remove(acceptance.id)
+            self._acceptance_records.pop(acceptance.id, None)
+            self._expiry_timers.pop(acceptance.id, None)
+            self.store.risk_removed(acceptance.id)
+            log.info("risk.expired", acceptance_id=acceptance.id, finding=acceptance.finding_id)
+        return self._reevaluate() if expired else 0
+
+    def _reevaluate(self) -> int:
+        """Re-decide the verdicts of FINISHED jobs with failing findings; how many changed."""
+        now = now_utc()
+        changed = 0
+        for job in self._by_seq.values():
+            summary = job.result_summary
+            if job.status is not JobStatus.FINISHED or summary is None or not summary.failing:
+                continue
+            if apply_acceptances(summary, self.acceptances.accepted_for(job, now)):
+                changed += 1
+                self.store.verdict_changed(job)
+        if changed:
+            log.info("verdicts.reevaluated", changed=changed)
+        return changed
 
     # ----- the one place statuses change ------------------------------------------------
 
@@ -730,3 +1027,5 @@ class JobManager:
             error=error.message if error else None,
         )
         self.events.publish(job, transition)
+        if self.deliverer is not None:
+            self._deliver_status(job, transition, len(job.history))

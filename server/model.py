@@ -189,6 +189,10 @@ class Job:
     result_summary: Any = None
     # Journal position of the last change to this job (0: never journaled).
     lsn: int = 0
+    # The full result is in the data directory's results folder (too large for RAM).
+    result_in_file: bool = False
+    # History entries the receiving server has acknowledged.
+    delivered: int = 0
 
     @property
     def kind(self) -> ObjectKind:

@@ -1,80 +1,114 @@
 """Result processing: the step between a scanner's result and a FINISHED job.
 
-A result moves its job to PROCESSING_RESULTS and waits in a queue for one of the result
-workers (the seed's ``scanWorkers``); the worker checks and summarises it and hands the job
-back to be finished. Summaries count findings by severity and decide a verdict when the scanner
-gave none (fail on critical or high vulnerabilities, or any malware).
+A result moves its job to PROCESSING_RESULTS and waits in arrival order for one of the result
+workers (the seed's ``scanWorkers``). A worker checks the result, summarises it under the
+verdict policy and, for a large one, writes it to the data directory, in a worker thread so the
+event loop keeps dispatching; then the job manager forwards it (when a receiving server is
+configured) and finishes the job. The backlog is bounded by back-pressure: the dispatcher
+assigns nothing new while it is at its limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
 from imagehandler.v1 import common_pb2
 from server.errors import Catalogue, HandlerError
 from server.model import Job
+from server.storage.result_files import ResultFiles
+from server.verdicts import VerdictPolicy, summarize
 
 log = structlog.get_logger("imagehandler.results")
 
-_SEVERITY_FIELDS = {
-    common_pb2.SEVERITY_CRITICAL: "critical",
-    common_pb2.SEVERITY_HIGH: "high",
-    common_pb2.SEVERITY_MEDIUM: "medium",
-    common_pb2.SEVERITY_LOW: "low",
-    common_pb2.SEVERITY_NEGLIGIBLE: "negligible",
-}
+# Results up to this size go into the journal with their job; larger ones into a file.
+INLINE_RESULT_BYTES = 64 * 1024
+MAX_FINDINGS = 1_000_000
 
 
-def summarize(result: common_pb2.ScanResult) -> common_pb2.ResultSummary:
-    summary = common_pb2.ResultSummary(
-        vulnerabilities_total=len(result.vulnerabilities),
-        malware=len(result.malware),
-        misconfigurations=len(result.misconfigurations),
-        secrets=len(result.secrets),
-    )
-    summary.databases.extend(result.databases)
-    for vulnerability in result.vulnerabilities:
-        name = _SEVERITY_FIELDS.get(vulnerability.severity)
-        if name is not None:
-            setattr(summary, name, getattr(summary, name) + 1)
-    if result.verdict != common_pb2.VERDICT_UNSPECIFIED:
-        summary.verdict = result.verdict
-    elif summary.critical or summary.high or summary.malware:
-        summary.verdict = common_pb2.VERDICT_FAILED
-    else:
-        summary.verdict = common_pb2.VERDICT_PASSED
-    return summary
+@dataclass(frozen=True)
+class Processed:
+    summary: common_pb2.ResultSummary
+    in_file: bool  # the full result was written to the results folder
 
 
 def check_result(result: common_pb2.ScanResult) -> None:
-    """HNDL-005 for a result that cannot be right."""
-    known = common_pb2.Verdict.values()
-    if result.verdict not in known:
-        raise HandlerError(
-            Catalogue.SCAN_PARAMS_EMPTY, f"result verdict {result.verdict} is unknown"
-        )
+    """HNDL-005 saying what is wrong with a result that cannot be right."""
+
+    def bad(detail: str) -> HandlerError:
+        return HandlerError(Catalogue.SCAN_PARAMS_EMPTY, f"malformed result: {detail}")
+
+    if result.verdict not in common_pb2.Verdict.values():
+        raise bad(f"verdict {result.verdict} is unknown")
+    severities = common_pb2.Severity.values()
+    total = len(result.vulnerabilities) + len(result.malware) + len(result.secrets)
+    if total > MAX_FINDINGS:
+        raise bad(f"{total} findings; at most {MAX_FINDINGS} are accepted")
     for index, vulnerability in enumerate(result.vulnerabilities):
         if not vulnerability.id:
-            raise HandlerError(
-                Catalogue.SCAN_PARAMS_EMPTY, f"result vulnerabilities[{index}] has no id"
-            )
+            raise bad(f"vulnerabilities[{index}] has no id")
+        if vulnerability.severity not in severities:
+            raise bad(f"vulnerabilities[{index}] severity {vulnerability.severity} is unknown")
+    for index, malware in enumerate(result.malware):
+        if not (malware.name or malware.sha256):
+            raise bad(f"malware[{index}] has neither name nor sha256")
+    for index, secret in enumerate(result.secrets):
+        if not secret.rule_id:
+            raise bad(f"secrets[{index}] has no rule_id")
 
 
-Finish = Callable[[Job, "common_pb2.ResultSummary | HandlerError"], None]
+def process(
+    job_id: str,
+    result: common_pb2.ScanResult | None,
+    policy: VerdictPolicy,
+    accepted: set[str],
+    files: ResultFiles,
+) -> Processed:
+    """The worker's part, run in a thread: check, summarise, store a large result.
+    ``result`` None: it is already in its file (a restart), read it from there."""
+    if result is None:
+        payload = files.read(job_id)
+        if payload is None:
+            raise HandlerError(Catalogue.SYSTEM_ERROR, f"the stored result of {job_id} is gone")
+        summary = summarize(common_pb2.ScanResult.FromString(payload), policy, accepted)
+        return Processed(summary, in_file=True)
+    check_result(result)
+    summary = summarize(result, policy, accepted)
+    in_file = result.ByteSize() > INLINE_RESULT_BYTES
+    if in_file:
+        files.write(job_id, result.SerializeToString())
+    return Processed(summary, in_file)
+
+
+Prepare = Callable[[Job], tuple[common_pb2.ScanResult | None, set[str]]]
+Finish = Callable[[Job, "Processed | HandlerError"], None]
 
 
 class ResultPipeline:
-    """A bounded pool of result workers fed in arrival order."""
+    """A pool of result workers fed in arrival order."""
 
-    def __init__(self, workers: int, finish: Finish) -> None:
+    def __init__(
+        self,
+        workers: int,
+        policy: VerdictPolicy,
+        files: ResultFiles,
+        prepare: Prepare,
+        finish: Finish,
+    ) -> None:
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
-        self._finish = finish
         self._workers = workers
+        self.policy = policy
+        self.files = files
+        self._prepare = prepare
+        self._finish = finish
         self._tasks: list[asyncio.Task[None]] = []
+        # Jobs waiting for or inside a worker, with the loop time each arrived.
         self.in_pipeline: dict[str, Job] = {}
+        self._arrived: dict[str, float] = {}
 
     def start(self) -> None:
         self._tasks = [
@@ -90,28 +124,30 @@ class ResultPipeline:
 
     def submit(self, job: Job) -> None:
         self.in_pipeline[job.id] = job
+        self._arrived[job.id] = time.monotonic()
         self._queue.put_nowait(job)
 
     @property
     def backlog(self) -> int:
-        return self._queue.qsize()
+        return len(self.in_pipeline)
+
+    def oldest_age(self) -> float:
+        return time.monotonic() - min(self._arrived.values()) if self._arrived else 0.0
 
     async def _work(self) -> None:
         while True:
             job = await self._queue.get()
+            outcome: Processed | HandlerError
             try:
-                outcome = await self._process(job)
-                self.in_pipeline.pop(job.id, None)
-                self._finish(job, outcome)
+                result, accepted = self._prepare(job)
+                outcome = await asyncio.to_thread(
+                    process, job.id, result, self.policy, accepted, self.files
+                )
+            except HandlerError as error:
+                outcome = error
             except Exception:  # a worker must survive any one bad result
                 log.exception("result.worker_failed", job_id=job.id)
-                self.in_pipeline.pop(job.id, None)
-                self._finish(job, HandlerError(Catalogue.SYSTEM_ERROR, "result processing failed"))
-
-    async def _process(self, job: Job) -> common_pb2.ResultSummary | HandlerError:
-        result: common_pb2.ScanResult = job.result
-        try:
-            check_result(result)
-        except HandlerError as error:
-            return error
-        return summarize(result)
+                outcome = HandlerError(Catalogue.SYSTEM_ERROR, "result processing failed")
+            self.in_pipeline.pop(job.id, None)
+            self._arrived.pop(job.id, None)
+            self._finish(job, outcome)

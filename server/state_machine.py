@@ -17,9 +17,11 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     S.PENDING: frozenset({S.IN_PROGRESS, S.CANCELLED}),
     # Back to PENDING: the run ended without a result and another run is allowed.
     S.IN_PROGRESS: frozenset({S.PROCESSING_RESULTS, S.PENDING, S.ERROR, S.CANCELLED}),
-    S.PROCESSING_RESULTS: frozenset({S.FINISHED, S.ERROR}),
+    # Back to PENDING only when a crash lost a result before it was stored: run again.
+    S.PROCESSING_RESULTS: frozenset({S.FINISHED, S.ERROR, S.PENDING}),
     S.FINISHED: frozenset(),
-    S.ERROR: frozenset(),
+    # Back to PROCESSING_RESULTS only to deliver a kept result again (RedeliverJob).
+    S.ERROR: frozenset({S.PROCESSING_RESULTS}),
     S.CANCELLED: frozenset(),
 }
 

@@ -662,6 +662,8 @@ class ResultSummary(_message.Message):
     MISCONFIGURATIONS_FIELD_NUMBER: _builtins.int
     SECRETS_FIELD_NUMBER: _builtins.int
     DATABASES_FIELD_NUMBER: _builtins.int
+    FAILING_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
     verdict: Global___Verdict.ValueType
     vulnerabilities_total: _builtins.int
     critical: _builtins.int
@@ -674,6 +676,14 @@ class ResultSummary(_message.Message):
     secrets: _builtins.int
     @_builtins.property
     def databases(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatabaseVersion]: ...
+    @_builtins.property
+    def failing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Findings that fail the verdict policy, by finding id (vulnerability id, malware name,
+        secret rule id); those also in `accepted` are under a risk acceptance and fail nothing.
+        """
+
+    @_builtins.property
+    def accepted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -688,10 +698,12 @@ class ResultSummary(_message.Message):
         misconfigurations: _builtins.int = ...,
         secrets: _builtins.int = ...,
         databases: _abc.Iterable[Global___DatabaseVersion] | None = ...,
+        failing: _abc.Iterable[_builtins.str] | None = ...,
+        accepted: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["critical", b"critical", "databases", b"databases", "high", b"high", "low", b"low", "malware", b"malware", "medium", b"medium", "misconfigurations", b"misconfigurations", "negligible", b"negligible", "secrets", b"secrets", "verdict", b"verdict", "vulnerabilities_total", b"vulnerabilities_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "critical", b"critical", "databases", b"databases", "failing", b"failing", "high", b"high", "low", b"low", "malware", b"malware", "medium", b"medium", "misconfigurations", b"misconfigurations", "negligible", b"negligible", "secrets", b"secrets", "verdict", b"verdict", "vulnerabilities_total", b"vulnerabilities_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -43,6 +43,32 @@ JOB_VIEW_FULL: JobView.ValueType  # 2
 """With history and full result."""
 Global___JobView: _TypeAlias = JobView  # noqa: Y015
 
+class _RiskScope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RiskScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RiskScope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RISK_SCOPE_UNSPECIFIED: _RiskScope.ValueType  # 0
+    RISK_SCOPE_OBJECT: _RiskScope.ValueType  # 1
+    """The same object only (an image digest or registry/repository:tag, a node, an artifact)."""
+    RISK_SCOPE_REPOSITORY: _RiskScope.ValueType  # 2
+    """Every image of the same registry/repository."""
+    RISK_SCOPE_EVERYWHERE: _RiskScope.ValueType  # 3
+    """Everywhere the finding is found."""
+
+class RiskScope(_RiskScope, metaclass=_RiskScopeEnumTypeWrapper):
+    """Where an acceptance applies."""
+
+RISK_SCOPE_UNSPECIFIED: RiskScope.ValueType  # 0
+RISK_SCOPE_OBJECT: RiskScope.ValueType  # 1
+"""The same object only (an image digest or registry/repository:tag, a node, an artifact)."""
+RISK_SCOPE_REPOSITORY: RiskScope.ValueType  # 2
+"""Every image of the same registry/repository."""
+RISK_SCOPE_EVERYWHERE: RiskScope.ValueType  # 3
+"""Everywhere the finding is found."""
+Global___RiskScope: _TypeAlias = RiskScope  # noqa: Y015
+
 @_typing.final
 class SubmitJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -379,6 +405,268 @@ class WatchJobsResponse(_message.Message):
 Global___WatchJobsResponse: _TypeAlias = WatchJobsResponse  # noqa: Y015
 
 @_typing.final
+class GetJobResultRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobResultRequest: _TypeAlias = GetJobResultRequest  # noqa: Y015
+
+@_typing.final
+class GetJobResultResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    @_builtins.property
+    def result(self) -> _common_pb2.ScanResult: ...
+    @_builtins.property
+    def summary(self) -> _common_pb2.ResultSummary: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        result: _common_pb2.ScanResult | None = ...,
+        summary: _common_pb2.ResultSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "result", b"result", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobResultResponse: _TypeAlias = GetJobResultResponse  # noqa: Y015
+
+@_typing.final
+class RedeliverJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverJobRequest: _TypeAlias = RedeliverJobRequest  # noqa: Y015
+
+@_typing.final
+class RedeliverJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _common_pb2.Job: ...
+    def __init__(
+        self,
+        *,
+        job: _common_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverJobResponse: _TypeAlias = RedeliverJobResponse  # noqa: Y015
+
+@_typing.final
+class RiskAcceptance(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    FINDING_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    finding_id: _builtins.str
+    """A vulnerability id (CVE-...), a malware name, a secret rule id or a misconfiguration id."""
+    scope: Global___RiskScope.ValueType
+    job_id: _builtins.str
+    """For RISK_SCOPE_OBJECT and RISK_SCOPE_REPOSITORY: the job whose object defines the scope."""
+    reason: _builtins.str
+    target: _builtins.str
+    """What the acceptance matches, as text (for example "docker.io/library/alpine")."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        finding_id: _builtins.str = ...,
+        scope: Global___RiskScope.ValueType = ...,
+        job_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        target: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "finding_id", b"finding_id", "id", b"id", "job_id", b"job_id", "reason", b"reason", "scope", b"scope", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RiskAcceptance: _TypeAlias = RiskAcceptance  # noqa: Y015
+
+@_typing.final
+class AcceptRiskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINDING_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    finding_id: _builtins.str
+    scope: Global___RiskScope.ValueType
+    job_id: _builtins.str
+    reason: _builtins.str
+    """Required."""
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """Unset means 30 days."""
+
+    def __init__(
+        self,
+        *,
+        finding_id: _builtins.str = ...,
+        scope: Global___RiskScope.ValueType = ...,
+        job_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        duration: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "finding_id", b"finding_id", "job_id", b"job_id", "reason", b"reason", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptRiskRequest: _TypeAlias = AcceptRiskRequest  # noqa: Y015
+
+@_typing.final
+class AcceptRiskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTANCE_FIELD_NUMBER: _builtins.int
+    VERDICTS_CHANGED_FIELD_NUMBER: _builtins.int
+    verdicts_changed: _builtins.int
+    """FINISHED jobs whose verdict changed."""
+    @_builtins.property
+    def acceptance(self) -> Global___RiskAcceptance: ...
+    def __init__(
+        self,
+        *,
+        acceptance: Global___RiskAcceptance | None = ...,
+        verdicts_changed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acceptance", b"acceptance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptance", b"acceptance", "verdicts_changed", b"verdicts_changed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptRiskResponse: _TypeAlias = AcceptRiskResponse  # noqa: Y015
+
+@_typing.final
+class ListRiskAcceptancesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRiskAcceptancesRequest: _TypeAlias = ListRiskAcceptancesRequest  # noqa: Y015
+
+@_typing.final
+class ListRiskAcceptancesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTANCES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def acceptances(self) -> _containers.RepeatedCompositeFieldContainer[Global___RiskAcceptance]: ...
+    def __init__(
+        self,
+        *,
+        acceptances: _abc.Iterable[Global___RiskAcceptance] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptances", b"acceptances"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRiskAcceptancesResponse: _TypeAlias = ListRiskAcceptancesResponse  # noqa: Y015
+
+@_typing.final
+class RevokeRiskAcceptanceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeRiskAcceptanceRequest: _TypeAlias = RevokeRiskAcceptanceRequest  # noqa: Y015
+
+@_typing.final
+class RevokeRiskAcceptanceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERDICTS_CHANGED_FIELD_NUMBER: _builtins.int
+    verdicts_changed: _builtins.int
+    def __init__(
+        self,
+        *,
+        verdicts_changed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["verdicts_changed", b"verdicts_changed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeRiskAcceptanceResponse: _TypeAlias = RevokeRiskAcceptanceResponse  # noqa: Y015
+
+@_typing.final
 class GetQueueStatsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -438,6 +726,8 @@ class GetQueueStatsResponse(_message.Message):
     FREE_SLOTS_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     QUEUE_LIMIT_FIELD_NUMBER: _builtins.int
+    RESULT_BACKLOG_FIELD_NUMBER: _builtins.int
+    RESULT_BACKLOG_AGE_FIELD_NUMBER: _builtins.int
     pending: _builtins.int
     in_progress: _builtins.int
     processing_results: _builtins.int
@@ -450,10 +740,14 @@ class GetQueueStatsResponse(_message.Message):
     free_slots: _builtins.int
     queue_limit: _builtins.int
     """0 means no limit."""
+    result_backlog: _builtins.int
+    """Jobs in PROCESSING_RESULTS waiting for or inside a result worker, and the oldest one's age."""
     @_builtins.property
     def lanes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaneStats]: ...
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def result_backlog_age(self) -> _duration_pb2.Duration: ...
     def __init__(
         self,
         *,
@@ -470,10 +764,12 @@ class GetQueueStatsResponse(_message.Message):
         free_slots: _builtins.int = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         queue_limit: _builtins.int = ...,
+        result_backlog: _builtins.int = ...,
+        result_backlog_age: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result_backlog_age", b"result_backlog_age", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "error", b"error", "finished", b"finished", "free_slots", b"free_slots", "in_progress", b"in_progress", "lanes", b"lanes", "pending", b"pending", "processing_results", b"processing_results", "queue_limit", b"queue_limit", "scanners_busy", b"scanners_busy", "scanners_connected", b"scanners_connected", "scanners_free", b"scanners_free", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "error", b"error", "finished", b"finished", "free_slots", b"free_slots", "in_progress", b"in_progress", "lanes", b"lanes", "pending", b"pending", "processing_results", b"processing_results", "queue_limit", b"queue_limit", "result_backlog", b"result_backlog", "result_backlog_age", b"result_backlog_age", "scanners_busy", b"scanners_busy", "scanners_connected", b"scanners_connected", "scanners_free", b"scanners_free", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -71,6 +71,31 @@ class JobServiceStub:
                 request_serializer=imagehandler_dot_v1_dot_job__service__pb2.GetQueueStatsRequest.SerializeToString,
                 response_deserializer=imagehandler_dot_v1_dot_job__service__pb2.GetQueueStatsResponse.FromString,
                 _registered_method=True)
+        self.GetJobResult = channel.unary_unary(
+                '/imagehandler.v1.JobService/GetJobResult',
+                request_serializer=imagehandler_dot_v1_dot_job__service__pb2.GetJobResultRequest.SerializeToString,
+                response_deserializer=imagehandler_dot_v1_dot_job__service__pb2.GetJobResultResponse.FromString,
+                _registered_method=True)
+        self.RedeliverJob = channel.unary_unary(
+                '/imagehandler.v1.JobService/RedeliverJob',
+                request_serializer=imagehandler_dot_v1_dot_job__service__pb2.RedeliverJobRequest.SerializeToString,
+                response_deserializer=imagehandler_dot_v1_dot_job__service__pb2.RedeliverJobResponse.FromString,
+                _registered_method=True)
+        self.AcceptRisk = channel.unary_unary(
+                '/imagehandler.v1.JobService/AcceptRisk',
+                request_serializer=imagehandler_dot_v1_dot_job__service__pb2.AcceptRiskRequest.SerializeToString,
+                response_deserializer=imagehandler_dot_v1_dot_job__service__pb2.AcceptRiskResponse.FromString,
+                _registered_method=True)
+        self.ListRiskAcceptances = channel.unary_unary(
+                '/imagehandler.v1.JobService/ListRiskAcceptances',
+                request_serializer=imagehandler_dot_v1_dot_job__service__pb2.ListRiskAcceptancesRequest.SerializeToString,
+                response_deserializer=imagehandler_dot_v1_dot_job__service__pb2.ListRiskAcceptancesResponse.FromString,
+                _registered_method=True)
+        self.RevokeRiskAcceptance = channel.unary_unary(
+                '/imagehandler.v1.JobService/RevokeRiskAcceptance',
+                request_serializer=imagehandler_dot_v1_dot_job__service__pb2.RevokeRiskAcceptanceRequest.SerializeToString,
+                response_deserializer=imagehandler_dot_v1_dot_job__service__pb2.RevokeRiskAcceptanceResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -125,6 +150,39 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJobResult(self, request, context):
+        """The full result of a FINISHED job (or one whose delivery failed), with its summary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeliverJob(self, request, context):
+        """Deliver a job's result to the receiving server again (after HNDL-001).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcceptRisk(self, request, context):
+        """Accept a finding's risk for a while: accepted findings no longer fail verdicts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRiskAcceptances(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeRiskAcceptance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +220,31 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetQueueStats,
                     request_deserializer=imagehandler_dot_v1_dot_job__service__pb2.GetQueueStatsRequest.FromString,
                     response_serializer=imagehandler_dot_v1_dot_job__service__pb2.GetQueueStatsResponse.SerializeToString,
+            ),
+            'GetJobResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobResult,
+                    request_deserializer=imagehandler_dot_v1_dot_job__service__pb2.GetJobResultRequest.FromString,
+                    response_serializer=imagehandler_dot_v1_dot_job__service__pb2.GetJobResultResponse.SerializeToString,
+            ),
+            'RedeliverJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeliverJob,
+                    request_deserializer=imagehandler_dot_v1_dot_job__service__pb2.RedeliverJobRequest.FromString,
+                    response_serializer=imagehandler_dot_v1_dot_job__service__pb2.RedeliverJobResponse.SerializeToString,
+            ),
+            'AcceptRisk': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptRisk,
+                    request_deserializer=imagehandler_dot_v1_dot_job__service__pb2.AcceptRiskRequest.FromString,
+                    response_serializer=imagehandler_dot_v1_dot_job__service__pb2.AcceptRiskResponse.SerializeToString,
+            ),
+            'ListRiskAcceptances': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRiskAcceptances,
+                    request_deserializer=imagehandler_dot_v1_dot_job__service__pb2.ListRiskAcceptancesRequest.FromString,
+                    response_serializer=imagehandler_dot_v1_dot_job__service__pb2.ListRiskAcceptancesResponse.SerializeToString,
+            ),
+            'RevokeRiskAcceptance': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeRiskAcceptance,
+                    request_deserializer=imagehandler_dot_v1_dot_job__service__pb2.RevokeRiskAcceptanceRequest.FromString,
+                    response_serializer=imagehandler_dot_v1_dot_job__service__pb2.RevokeRiskAcceptanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +438,141 @@ class JobService:
             '/imagehandler.v1.JobService/GetQueueStats',
             imagehandler_dot_v1_dot_job__service__pb2.GetQueueStatsRequest.SerializeToString,
             imagehandler_dot_v1_dot_job__service__pb2.GetQueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagehandler.v1.JobService/GetJobResult',
+            imagehandler_dot_v1_dot_job__service__pb2.GetJobResultRequest.SerializeToString,
+            imagehandler_dot_v1_dot_job__service__pb2.GetJobResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeliverJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagehandler.v1.JobService/RedeliverJob',
+            imagehandler_dot_v1_dot_job__service__pb2.RedeliverJobRequest.SerializeToString,
+            imagehandler_dot_v1_dot_job__service__pb2.RedeliverJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptRisk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagehandler.v1.JobService/AcceptRisk',
+            imagehandler_dot_v1_dot_job__service__pb2.AcceptRiskRequest.SerializeToString,
+            imagehandler_dot_v1_dot_job__service__pb2.AcceptRiskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRiskAcceptances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagehandler.v1.JobService/ListRiskAcceptances',
+            imagehandler_dot_v1_dot_job__service__pb2.ListRiskAcceptancesRequest.SerializeToString,
+            imagehandler_dot_v1_dot_job__service__pb2.ListRiskAcceptancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeRiskAcceptance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagehandler.v1.JobService/RevokeRiskAcceptance',
+            imagehandler_dot_v1_dot_job__service__pb2.RevokeRiskAcceptanceRequest.SerializeToString,
+            imagehandler_dot_v1_dot_job__service__pb2.RevokeRiskAcceptanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

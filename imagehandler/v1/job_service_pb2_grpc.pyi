@@ -49,6 +49,14 @@ class JobServiceStub:
     WatchJobs: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchJobsRequest, _job_service_pb2.WatchJobsResponse]
     """Every transition, in order, as it happens."""
     GetQueueStats: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetQueueStatsRequest, _job_service_pb2.GetQueueStatsResponse]
+    GetJobResult: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetJobResultRequest, _job_service_pb2.GetJobResultResponse]
+    """The full result of a FINISHED job (or one whose delivery failed), with its summary."""
+    RedeliverJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.RedeliverJobRequest, _job_service_pb2.RedeliverJobResponse]
+    """Deliver a job's result to the receiving server again (after HNDL-001)."""
+    AcceptRisk: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.AcceptRiskRequest, _job_service_pb2.AcceptRiskResponse]
+    """Accept a finding's risk for a while: accepted findings no longer fail verdicts."""
+    ListRiskAcceptances: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListRiskAcceptancesRequest, _job_service_pb2.ListRiskAcceptancesResponse]
+    RevokeRiskAcceptance: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.RevokeRiskAcceptanceRequest, _job_service_pb2.RevokeRiskAcceptanceResponse]
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -71,6 +79,14 @@ class JobServiceAsyncStub(JobServiceStub):
     WatchJobs: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchJobsRequest, _job_service_pb2.WatchJobsResponse]  # type: ignore[assignment]
     """Every transition, in order, as it happens."""
     GetQueueStats: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetQueueStatsRequest, _job_service_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
+    GetJobResult: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetJobResultRequest, _job_service_pb2.GetJobResultResponse]  # type: ignore[assignment]
+    """The full result of a FINISHED job (or one whose delivery failed), with its summary."""
+    RedeliverJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.RedeliverJobRequest, _job_service_pb2.RedeliverJobResponse]  # type: ignore[assignment]
+    """Deliver a job's result to the receiving server again (after HNDL-001)."""
+    AcceptRisk: _aio.UnaryUnaryMultiCallable[_job_service_pb2.AcceptRiskRequest, _job_service_pb2.AcceptRiskResponse]  # type: ignore[assignment]
+    """Accept a finding's risk for a while: accepted findings no longer fail verdicts."""
+    ListRiskAcceptances: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListRiskAcceptancesRequest, _job_service_pb2.ListRiskAcceptancesResponse]  # type: ignore[assignment]
+    RevokeRiskAcceptance: _aio.UnaryUnaryMultiCallable[_job_service_pb2.RevokeRiskAcceptanceRequest, _job_service_pb2.RevokeRiskAcceptanceResponse]  # type: ignore[assignment]
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     """JobService is what internal services (registry and CI/CD integrations, node agents, the web
@@ -132,5 +148,43 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _job_service_pb2.GetQueueStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_job_service_pb2.GetQueueStatsResponse, _abc.Awaitable[_job_service_pb2.GetQueueStatsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetJobResult(
+        self,
+        request: _job_service_pb2.GetJobResultRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.GetJobResultResponse, _abc.Awaitable[_job_service_pb2.GetJobResultResponse]]:
+        """The full result of a FINISHED job (or one whose delivery failed), with its summary."""
+
+    @_abc_1.abstractmethod
+    def RedeliverJob(
+        self,
+        request: _job_service_pb2.RedeliverJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.RedeliverJobResponse, _abc.Awaitable[_job_service_pb2.RedeliverJobResponse]]:
+        """Deliver a job's result to the receiving server again (after HNDL-001)."""
+
+    @_abc_1.abstractmethod
+    def AcceptRisk(
+        self,
+        request: _job_service_pb2.AcceptRiskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.AcceptRiskResponse, _abc.Awaitable[_job_service_pb2.AcceptRiskResponse]]:
+        """Accept a finding's risk for a while: accepted findings no longer fail verdicts."""
+
+    @_abc_1.abstractmethod
+    def ListRiskAcceptances(
+        self,
+        request: _job_service_pb2.ListRiskAcceptancesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListRiskAcceptancesResponse, _abc.Awaitable[_job_service_pb2.ListRiskAcceptancesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeRiskAcceptance(
+        self,
+        request: _job_service_pb2.RevokeRiskAcceptanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.RevokeRiskAcceptanceResponse, _abc.Awaitable[_job_service_pb2.RevokeRiskAcceptanceResponse]]: ...
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,6 +26,8 @@ def stored(job: Job) -> storage_pb2.StoredJob:
         job=convert.job_to_proto(job, position=0, history=True, full_result=True),
         seq=job.seq,
         lsn=job.lsn,
+        result_in_file=job.result_in_file,
+        delivered=job.delivered,
     )
 
 
@@ -80,4 +82,6 @@ def job(record: storage_pb2.StoredJob) -> Job:
         result=message.full_result if message.HasField("full_result") else None,
         result_summary=message.result if message.HasField("result") else None,
         lsn=record.lsn,
+        result_in_file=record.result_in_file,
+        delivered=record.delivered,
     )

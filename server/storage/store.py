@@ -19,7 +19,7 @@ from typing import Protocol
 import structlog
 
 from imagehandler.storage.v1 import storage_pb2
-from imagehandler.v1 import common_pb2
+from imagehandler.v1 import common_pb2, job_service_pb2
 from server import state_machine
 from server.errors import Catalogue, HandlerError
 from server.model import Job, Transition
@@ -52,6 +52,7 @@ class Recovered:
     torn_bytes_cut: int = 0
     lost: list[str] = field(default_factory=list)  # what salvage could not read
     seconds: float = 0.0
+    acceptances: dict[str, job_service_pb2.RiskAcceptance] = field(default_factory=dict)
 
 
 class JobStore(Protocol):
@@ -65,12 +66,21 @@ class JobStore(Protocol):
         summary: common_pb2.ResultSummary | None = None,
     ) -> None: ...
     def pruned(self, job_ids: Sequence[str]) -> None: ...
+    def delivered(self, job: Job) -> None: ...
+    def risk_accepted(self, acceptance: job_service_pb2.RiskAcceptance) -> None: ...
+    def risk_removed(self, acceptance_id: str) -> None: ...
+    def verdict_changed(self, job: Job) -> None: ...
     def flush(self) -> None: ...
     def mark(self) -> int: ...
     def discard_since(self, mark: int) -> None: ...
     async def sync(self) -> None: ...
     def wants_snapshot(self) -> bool: ...
-    async def snapshot(self, jobs: Sequence[Job], next_seq: int) -> None: ...
+    async def snapshot(
+        self,
+        jobs: Sequence[Job],
+        next_seq: int,
+        acceptances: Sequence[job_service_pb2.RiskAcceptance] = (),
+    ) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -93,6 +103,18 @@ class MemoryStore:
     def pruned(self, job_ids: Sequence[str]) -> None:
         pass
 
+    def delivered(self, job: Job) -> None:
+        pass
+
+    def risk_accepted(self, acceptance: job_service_pb2.RiskAcceptance) -> None:
+        pass
+
+    def risk_removed(self, acceptance_id: str) -> None:
+        pass
+
+    def verdict_changed(self, job: Job) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -108,7 +130,12 @@ class MemoryStore:
     def wants_snapshot(self) -> bool:
         return False
 
-    async def snapshot(self, jobs: Sequence[Job], next_seq: int) -> None:
+    async def snapshot(
+        self,
+        jobs: Sequence[Job],
+        next_seq: int,
+        acceptances: Sequence[job_service_pb2.RiskAcceptance] = (),
+    ) -> None:
         pass
 
     async def close(self) -> None:
@@ -214,6 +241,7 @@ class JournalStore:
         state.lost += [d.describe() for d in loaded.damage]
         state.snapshot_generation = loaded.header.generation
         state.next_seq = max(state.next_seq, loaded.header.next_seq)
+        state.acceptances = {a.id: a for a in loaded.header.acceptances}
         self._replayed_lsn = max(self._replayed_lsn, loaded.header.lsn)
         for stored in loaded.jobs:
             job = codec.job(stored)
@@ -287,10 +315,23 @@ class JournalStore:
                 job.result = moved.result
             if moved.HasField("summary"):
                 job.result_summary = moved.summary
+            job.result_in_file = job.result_in_file or moved.result_in_file
             job.lsn = record.lsn
         elif change == "pruned":
             for job_id in record.pruned.job_ids:
                 state.jobs.pop(job_id, None)
+        elif change == "delivered":
+            found = state.jobs.get(record.delivered.job_id)
+            if found is not None:
+                found.delivered = max(found.delivered, record.delivered.delivered)
+        elif change == "risk_accepted":
+            state.acceptances[record.risk_accepted.id] = record.risk_accepted
+        elif change == "risk_removed":
+            state.acceptances.pop(record.risk_removed, None)
+        elif change == "verdict_changed":
+            found = state.jobs.get(record.verdict_changed.job_id)
+            if found is not None:
+                found.result_summary = record.verdict_changed.summary
 
     # ----- appending -----------------------------------------------------------------------
 
@@ -324,12 +365,27 @@ class JournalStore:
                 transition=convert.transition_to_proto(transition),
                 result=result,
                 summary=summary,
+                result_in_file=job.result_in_file,
             )
         )
         job.lsn = self._append(record)
 
     def pruned(self, job_ids: Sequence[str]) -> None:
         self._append(storage_pb2.JournalRecord(pruned=storage_pb2.JobsPruned(job_ids=job_ids)))
+
+    def delivered(self, job: Job) -> None:
+        record = storage_pb2.JobDelivered(job_id=job.id, delivered=job.delivered)
+        self._append(storage_pb2.JournalRecord(delivered=record))
+
+    def risk_accepted(self, acceptance: job_service_pb2.RiskAcceptance) -> None:
+        self._append(storage_pb2.JournalRecord(risk_accepted=acceptance))
+
+    def risk_removed(self, acceptance_id: str) -> None:
+        self._append(storage_pb2.JournalRecord(risk_removed=acceptance_id))
+
+    def verdict_changed(self, job: Job) -> None:
+        record = storage_pb2.VerdictChanged(job_id=job.id, summary=job.result_summary)
+        self._append(storage_pb2.JournalRecord(verdict_changed=record))
 
     def flush(self) -> None:
         self._open_journal().flush()
@@ -351,7 +407,12 @@ class JournalStore:
             journal is not None and not self._snapshotting and journal.size >= self.snapshot_bytes
         )
 
-    async def snapshot(self, jobs: Sequence[Job], next_seq: int) -> None:
+    async def snapshot(
+        self,
+        jobs: Sequence[Job],
+        next_seq: int,
+        acceptances: Sequence[job_service_pb2.RiskAcceptance] = (),
+    ) -> None:
         """Start a new journal generation, write the snapshot that ends where it starts, then
         drop the files the snapshot replaces."""
         journal = self._open_journal()
@@ -363,7 +424,9 @@ class JournalStore:
             generation = journal.generation + 1
             lsn = journal.last_lsn
             await journal.rotate(generation)
-            header = storage_pb2.SnapshotHeader(generation=generation, lsn=lsn, next_seq=next_seq)
+            header = storage_pb2.SnapshotHeader(
+                generation=generation, lsn=lsn, next_seq=next_seq, acceptances=acceptances
+            )
             path, size = await write_snapshot(self.directory, header, jobs)
             for old in snapshot_generations(self.directory):
                 if old < generation:

@@ -17,6 +17,7 @@ from server.job_manager import JobManager, now_utc
 from server.model import Job, JobStatus, Lane, ObjectKind, Transition, Trigger
 from server.transport import convert
 from server.transport.guard import Context, fail, log, unary
+from server.verdicts import Scope
 
 # A watcher that falls this far behind is ended with an error rather than silently skipped.
 WATCH_BUFFER = 10_000
@@ -100,7 +101,12 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     ) -> job_service_pb2.GetJobResponse:
         job = self.manager.get(request.job_id)
         full = request.view == job_service_pb2.JOB_VIEW_FULL
-        return job_service_pb2.GetJobResponse(job=self._job(job, history=full, full_result=full))
+        message = self._job(job, history=full, full_result=full)
+        if full and job.result is None and job.result_in_file:
+            result = await self.manager.load_result(job)
+            if result is not None:
+                message.full_result.CopyFrom(result)
+        return job_service_pb2.GetJobResponse(job=message)
 
     @unary
     async def ListJobs(
@@ -185,6 +191,72 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
                 self.manager.events.unsubscribe(subscription)
 
     @unary
+    async def GetJobResult(
+        self, request: job_service_pb2.GetJobResultRequest, context: Context
+    ) -> job_service_pb2.GetJobResultResponse:
+        job = self.manager.get(request.job_id)
+        result = await self.manager.load_result(job)
+        if result is None or job.result_summary is None:
+            raise HandlerError(
+                Catalogue.JOB_ID_INVALID,
+                f"job {job.id} is {job.status.name} and has no result yet",
+                status=Catalogue.JOB_ID_INVALID.entry.statuses[2],
+            )
+        return job_service_pb2.GetJobResultResponse(
+            job_id=job.id, result=result, summary=job.result_summary
+        )
+
+    @unary
+    async def RedeliverJob(
+        self, request: job_service_pb2.RedeliverJobRequest, context: Context
+    ) -> job_service_pb2.RedeliverJobResponse:
+        job = self.manager.redeliver(request.job_id)
+        await self.manager.store.sync()
+        return job_service_pb2.RedeliverJobResponse(job=self._job(job))
+
+    @unary
+    async def AcceptRisk(
+        self, request: job_service_pb2.AcceptRiskRequest, context: Context
+    ) -> job_service_pb2.AcceptRiskResponse:
+        finding = request.finding_id.strip()
+        if not finding or len(finding) > 256:
+            raise HandlerError(
+                Catalogue.SCAN_PARAMS_EMPTY,
+                "finding_id is required (a CVE id, malware name or secret rule id, "
+                "up to 256 characters)",
+            )
+        if not request.reason.strip():
+            raise HandlerError(Catalogue.SCAN_PARAMS_EMPTY, "reason is required: say why")
+        scope = convert.enum_value(Scope, request.scope, "scope", default=Scope.OBJECT)
+        days = self.manager.config.risk_acceptance_days
+        if request.HasField("duration"):
+            seconds = request.duration.ToNanoseconds() / 1e9
+            if seconds <= 0:
+                raise HandlerError(Catalogue.SCAN_PARAMS_EMPTY, "duration must be positive")
+            days = seconds / 86400
+        acceptance, changed = self.manager.accept_risk(
+            finding, scope, request.job_id, request.reason[:1024], days
+        )
+        await self.manager.store.sync()
+        return job_service_pb2.AcceptRiskResponse(acceptance=acceptance, verdicts_changed=changed)
+
+    @unary
+    async def ListRiskAcceptances(
+        self, request: job_service_pb2.ListRiskAcceptancesRequest, context: Context
+    ) -> job_service_pb2.ListRiskAcceptancesResponse:
+        return job_service_pb2.ListRiskAcceptancesResponse(
+            acceptances=self.manager.acceptance_records()
+        )
+
+    @unary
+    async def RevokeRiskAcceptance(
+        self, request: job_service_pb2.RevokeRiskAcceptanceRequest, context: Context
+    ) -> job_service_pb2.RevokeRiskAcceptanceResponse:
+        changed = self.manager.revoke_acceptance(request.id)
+        await self.manager.store.sync()
+        return job_service_pb2.RevokeRiskAcceptanceResponse(verdicts_changed=changed)
+
+    @unary
     async def GetQueueStats(
         self, request: job_service_pb2.GetQueueStatsRequest, context: Context
     ) -> job_service_pb2.GetQueueStatsResponse:
@@ -218,4 +290,6 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             free_slots=stats.free_slots,
             started_at=convert.timestamp(stats.started_at),
             queue_limit=stats.queue_limit,
+            result_backlog=stats.result_backlog,
+            result_backlog_age=convert.duration(self.manager.results.oldest_age()),
         )

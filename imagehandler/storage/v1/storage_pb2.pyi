@@ -10,6 +10,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from imagehandler.v1 import common_pb2 as _common_pb2
+from imagehandler.v1 import job_service_pb2 as _job_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -32,10 +33,16 @@ class StoredJob(_message.Message):
     JOB_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     LSN_FIELD_NUMBER: _builtins.int
+    RESULT_IN_FILE_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Arrival order: the job's place in the FIFO queue."""
     lsn: _builtins.int
     """The journal position of the last change applied to this job; replay skips older records."""
+    result_in_file: _builtins.bool
+    """The full result is in the data directory's results/ folder, not in job.full_result."""
+    delivered: _builtins.int
+    """How many history entries the receiving server has acknowledged."""
     @_builtins.property
     def job(self) -> _common_pb2.Job: ...
     def __init__(
@@ -44,10 +51,12 @@ class StoredJob(_message.Message):
         job: _common_pb2.Job | None = ...,
         seq: _builtins.int = ...,
         lsn: _builtins.int = ...,
+        result_in_file: _builtins.bool = ...,
+        delivered: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lsn", b"lsn", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "job", b"job", "lsn", b"lsn", "result_in_file", b"result_in_file", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -81,7 +90,10 @@ class JobMoved(_message.Message):
     TRANSITION_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    RESULT_IN_FILE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    result_in_file: _builtins.bool
+    """The result went to the results folder (too large for the journal)."""
     @_builtins.property
     def transition(self) -> _common_pb2.JobTransition: ...
     @_builtins.property
@@ -99,14 +111,64 @@ class JobMoved(_message.Message):
         transition: _common_pb2.JobTransition | None = ...,
         result: _common_pb2.ScanResult | None = ...,
         summary: _common_pb2.ResultSummary | None = ...,
+        result_in_file: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "summary", b"summary", "transition", b"transition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "result", b"result", "summary", b"summary", "transition", b"transition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "result", b"result", "result_in_file", b"result_in_file", "summary", b"summary", "transition", b"transition"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobMoved: _TypeAlias = JobMoved  # noqa: Y015
+
+@_typing.final
+class JobDelivered(_message.Message):
+    """The receiving server acknowledged the job's history up to this many entries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    delivered: _builtins.int
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        delivered: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobDelivered: _TypeAlias = JobDelivered  # noqa: Y015
+
+@_typing.final
+class VerdictChanged(_message.Message):
+    """A verdict changed by a risk acceptance (added, revoked or expired)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    @_builtins.property
+    def summary(self) -> _common_pb2.ResultSummary: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        summary: _common_pb2.ResultSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerdictChanged: _TypeAlias = VerdictChanged  # noqa: Y015
 
 @_typing.final
 class JobsPruned(_message.Message):
@@ -138,13 +200,25 @@ class JournalRecord(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     MOVED_FIELD_NUMBER: _builtins.int
     PRUNED_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    RISK_ACCEPTED_FIELD_NUMBER: _builtins.int
+    RISK_REMOVED_FIELD_NUMBER: _builtins.int
+    VERDICT_CHANGED_FIELD_NUMBER: _builtins.int
     lsn: _builtins.int
+    risk_removed: _builtins.str
+    """The id of a revoked or expired acceptance."""
     @_builtins.property
     def created(self) -> Global___JobCreated: ...
     @_builtins.property
     def moved(self) -> Global___JobMoved: ...
     @_builtins.property
     def pruned(self) -> Global___JobsPruned: ...
+    @_builtins.property
+    def delivered(self) -> Global___JobDelivered: ...
+    @_builtins.property
+    def risk_accepted(self) -> _job_service_pb2.RiskAcceptance: ...
+    @_builtins.property
+    def verdict_changed(self) -> Global___VerdictChanged: ...
     def __init__(
         self,
         *,
@@ -152,12 +226,16 @@ class JournalRecord(_message.Message):
         created: Global___JobCreated | None = ...,
         moved: Global___JobMoved | None = ...,
         pruned: Global___JobsPruned | None = ...,
+        delivered: Global___JobDelivered | None = ...,
+        risk_accepted: _job_service_pb2.RiskAcceptance | None = ...,
+        risk_removed: _builtins.str = ...,
+        verdict_changed: Global___VerdictChanged | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created", b"created", "moved", b"moved", "pruned", b"pruned"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created", b"created", "delivered", b"delivered", "moved", b"moved", "pruned", b"pruned", "risk_accepted", b"risk_accepted", "risk_removed", b"risk_removed", "verdict_changed", b"verdict_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created", b"created", "lsn", b"lsn", "moved", b"moved", "pruned", b"pruned"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created", b"created", "delivered", b"delivered", "lsn", b"lsn", "moved", b"moved", "pruned", b"pruned", "risk_accepted", b"risk_accepted", "risk_removed", b"risk_removed", "verdict_changed", b"verdict_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["created", "moved", "pruned"]  # noqa: Y015
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["created", "moved", "pruned", "delivered", "risk_accepted", "risk_removed", "verdict_changed"]  # noqa: Y015
     _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
 
@@ -172,21 +250,25 @@ class SnapshotHeader(_message.Message):
     GENERATION_FIELD_NUMBER: _builtins.int
     LSN_FIELD_NUMBER: _builtins.int
     NEXT_SEQ_FIELD_NUMBER: _builtins.int
+    ACCEPTANCES_FIELD_NUMBER: _builtins.int
     generation: _builtins.int
     """The journal generation that starts where this snapshot ends."""
     lsn: _builtins.int
     """Records up to this lsn are (at least) in the snapshot; jobs may hold newer ones."""
     next_seq: _builtins.int
+    @_builtins.property
+    def acceptances(self) -> _containers.RepeatedCompositeFieldContainer[_job_service_pb2.RiskAcceptance]: ...
     def __init__(
         self,
         *,
         generation: _builtins.int = ...,
         lsn: _builtins.int = ...,
         next_seq: _builtins.int = ...,
+        acceptances: _abc.Iterable[_job_service_pb2.RiskAcceptance] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "lsn", b"lsn", "next_seq", b"next_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptances", b"acceptances", "generation", b"generation", "lsn", b"lsn", "next_seq", b"next_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
