@@ -131,6 +131,8 @@ class JobManager:
             self._finish_result,
         )
         self._background: set[asyncio.Task[None]] = set()
+        # Jobs in PROCESSING_RESULTS (with a result worker, or waiting on delivery).
+        self._processing: dict[str, Job] = {}
         self.deliverer: Deliverer | None = None
         if receiver is not None:
             self.deliverer = Deliverer(
@@ -168,8 +170,10 @@ class JobManager:
                 self._active_by_key[job.spec.dedup_key()] = job
             if job.status is JobStatus.PENDING:
                 self.queue.push(job)
-            elif job.status is JobStatus.IN_PROGRESS or job.status is JobStatus.PROCESSING_RESULTS:
+            elif job.status in (JobStatus.IN_PROGRESS, JobStatus.PROCESSING_RESULTS):
                 interrupted.append(job)
+            if job.status is JobStatus.PROCESSING_RESULTS:
+                self._processing[job.id] = job
         for record in state.acceptances.values():
             self._add_acceptance(record)
         for job in interrupted:
@@ -258,7 +262,7 @@ class JobManager:
         self.events.subscribe(listener)
         try:
             async with asyncio.timeout(grace):
-                while self.status_counts[JobStatus.IN_PROGRESS] or self.results.in_pipeline:
+                while self.status_counts[JobStatus.IN_PROGRESS] or self.results.backlog:
                     changed.clear()
                     await changed.wait()
             return True
@@ -480,7 +484,7 @@ class JobManager:
 
     def processing_by_scanner(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for job in self.results.in_pipeline.values():
+        for job in self._processing.values():
             out.setdefault(job.scanner_id, []).append(job.id)
         return out
 
@@ -1009,6 +1013,10 @@ class JobManager:
         transition = state_machine.move(
             job, to_status, at=now_utc(), reason=reason, scanner_id=scanner_id, error=error
         )
+        if to_status is JobStatus.PROCESSING_RESULTS:
+            self._processing[job.id] = job
+        elif from_status is JobStatus.PROCESSING_RESULTS:
+            self._processing.pop(job.id, None)
         self.store.moved(job, transition, result=result, summary=summary)
         self.status_counts[from_status] -= 1
         self.status_counts[to_status] += 1
