@@ -132,3 +132,29 @@ def test_watch_follows_a_job_to_finished(
         assert step in out, out
     assert ihctl(background_handler, "scanners") == 0
     assert noop_scanner.config.scanner_id in capsys.readouterr().out
+
+
+def test_result_risks_and_redeliver(
+    background_handler: BackgroundHandler, noop_scanner: ScannerClient, capsys: Capture
+) -> None:
+    job_id = submit(background_handler, capsys, "--lane", "interactive")
+    assert ihctl(background_handler, "watch", job_id) == 0
+    capsys.readouterr()
+    assert ihctl(background_handler, "get", job_id, "--result") == 0
+    assert capsys.readouterr().out.rstrip().endswith("no findings")
+    argv = ["accept-risk", "CVE-2024-6119", "--scope", "everywhere", "--reason", "not reachable"]
+    assert ihctl(background_handler, *argv) == 0
+    acceptance_id = capsys.readouterr().out.splitlines()[0]
+    assert ihctl(background_handler, "risks") == 0
+    table = capsys.readouterr().out
+    assert acceptance_id in table
+    assert "CVE-2024-6119" in table
+    assert "everywhere" in table
+    assert ihctl(background_handler, "revoke-risk", acceptance_id) == 0
+    assert "revoked" in capsys.readouterr().out
+    assert ihctl(background_handler, "accept-risk", "CVE-1", "--reason", "x") == 1
+    assert "HNDL-005: scan params empty: scope OBJECT needs job_id" in capsys.readouterr().err
+    assert ihctl(background_handler, "redeliver", job_id) == 1
+    assert capsys.readouterr().err.startswith(
+        "HNDL-001: mdw adapter send status: no receiving server is configured"
+    )

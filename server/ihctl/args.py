@@ -198,6 +198,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     get.add_argument(
         "--history", action="store_true", help="also print the job's transitions (full view)"
     )
+    get.add_argument("--result", action="store_true", help="also print the full result's findings")
 
     jobs = commands.add_parser(
         "list",
@@ -260,6 +261,38 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         description="Jobs per status (pending per lane with the oldest's age), scanners "
         "connected/free/busy and free slots.",
     )
+    redeliver = commands.add_parser(
+        "redeliver",
+        parents=[common],
+        help="deliver a kept result to the receiving server again (after HNDL-001)",
+        description="Deliver the result of a job whose delivery failed (HNDL-001) again.",
+    )
+    redeliver.add_argument("job_id", metavar="JOB", help="the job id")
+    accept = commands.add_parser(
+        "accept-risk",
+        parents=[common],
+        help="accept a finding's risk for a while",
+        description="Accepted findings no longer fail verdicts; FINISHED jobs are re-evaluated "
+        "at once and again when the acceptance expires. Prints the acceptance id.",
+    )
+    accept.add_argument("finding_id", metavar="FINDING", help="a CVE id, malware name, rule id")
+    accept.add_argument("--reason", required=True, help="why the risk is accepted")
+    accept.add_argument(
+        "--scope",
+        choices=("object", "repository", "everywhere"),
+        default="object",
+        help="the job's object (default), its repository, or everywhere",
+    )
+    accept.add_argument("--job", default="", help="the job whose object or repository it covers")
+    accept.add_argument("--days", type=float, default=30.0, help="how long it holds (default 30)")
+    commands.add_parser(
+        "risks",
+        parents=[common],
+        help="list risk acceptances",
+        description="Acceptances in force: ID, FINDING, SCOPE, TARGET, EXPIRES, REASON.",
+    )
+    revoke = commands.add_parser("revoke-risk", parents=[common], help="revoke a risk acceptance")
+    revoke.add_argument("acceptance_id", metavar="ID", help="the acceptance id")
     return parser
 
 

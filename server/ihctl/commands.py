@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TextIO
 
 import grpc
+from google.protobuf import duration_pb2
 
 from imagehandler.v1 import (
     common_pb2,
@@ -88,6 +89,70 @@ def get(args: argparse.Namespace, client: Client, output: Output) -> int:
         output.line("")
         output.line("history:")
         output.line(render.history_table(response.job.history))
+    if args.result:
+        result_request = job_service_pb2.GetJobResultRequest(job_id=args.job_id)
+        result = client.jobs.GetJobResult(result_request, timeout=client.timeout).result
+        output.line("")
+        output.line(render.findings(result))
+    return 0
+
+
+def redeliver(args: argparse.Namespace, client: Client, output: Output) -> int:
+    request = job_service_pb2.RedeliverJobRequest(job_id=args.job_id)
+    response = client.jobs.RedeliverJob(request, timeout=client.timeout)
+    if output.json:
+        output.line(render.to_json(response))
+    else:
+        output.line(f"{response.job.id}  {names.JOB_STATUS.label(response.job.status)}")
+    return 0
+
+
+_SCOPES = {
+    "object": job_service_pb2.RISK_SCOPE_OBJECT,
+    "repository": job_service_pb2.RISK_SCOPE_REPOSITORY,
+    "everywhere": job_service_pb2.RISK_SCOPE_EVERYWHERE,
+}
+
+
+def accept_risk(args: argparse.Namespace, client: Client, output: Output) -> int:
+    duration = duration_pb2.Duration()
+    duration.FromTimedelta(timedelta(days=args.days))
+    request = job_service_pb2.AcceptRiskRequest(
+        finding_id=args.finding_id,
+        scope=_SCOPES[args.scope],
+        job_id=args.job,
+        reason=args.reason,
+        duration=duration,
+    )
+    response = client.jobs.AcceptRisk(request, timeout=client.timeout)
+    if output.json:
+        output.line(render.to_json(response))
+    else:
+        output.line(response.acceptance.id)
+        output.line(
+            f"{response.acceptance.finding_id} accepted ({response.acceptance.target}); "
+            f"{response.verdicts_changed} verdicts changed"
+        )
+    return 0
+
+
+def risks(args: argparse.Namespace, client: Client, output: Output) -> int:
+    request = job_service_pb2.ListRiskAcceptancesRequest()
+    response = client.jobs.ListRiskAcceptances(request, timeout=client.timeout)
+    if output.json:
+        output.line(render.to_json(response))
+    else:
+        output.line(render.acceptances_table(response.acceptances))
+    return 0
+
+
+def revoke_risk(args: argparse.Namespace, client: Client, output: Output) -> int:
+    request = job_service_pb2.RevokeRiskAcceptanceRequest(id=args.acceptance_id)
+    response = client.jobs.RevokeRiskAcceptance(request, timeout=client.timeout)
+    if output.json:
+        output.line(render.to_json(response))
+    else:
+        output.line(f"revoked; {response.verdicts_changed} verdicts changed")
     return 0
 
 
@@ -190,6 +255,10 @@ COMMANDS: dict[str, Command] = {
     "cancel": cancel,
     "scanners": scanners,
     "stats": stats,
+    "redeliver": redeliver,
+    "accept-risk": accept_risk,
+    "risks": risks,
+    "revoke-risk": revoke_risk,
 }
 
 

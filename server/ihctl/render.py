@@ -479,3 +479,75 @@ def stats_view(stats: job_service_pb2.GetQueueStatsResponse, now: datetime) -> s
         ("up since", format_timestamp_with_age(stats.started_at, now)),
     ]
     return key_values(pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results and risk acceptances
+
+
+def findings(result: common_pb2.ScanResult) -> str:
+    """The findings of a full result as tables, most severe first."""
+    parts: list[str] = []
+    vulns = sorted(result.vulnerabilities, key=lambda v: (-v.severity, v.id))
+    if vulns:
+        parts.append(
+            table(
+                ["VULNERABILITY", "SEVERITY", "PACKAGE", "INSTALLED", "FIXED", "PATH"],
+                [
+                    [
+                        v.id,
+                        names.SEVERITY.label(v.severity),
+                        v.package,
+                        v.installed_version,
+                        v.fixed_version or "-",
+                        v.path,
+                    ]
+                    for v in vulns
+                ],
+            )
+        )
+    if result.malware:
+        parts.append(
+            table(
+                ["MALWARE", "PATH", "SHA256", "LAYER"],
+                [[m.name, m.path, m.sha256[:16], m.layer_digest[:19]] for m in result.malware],
+            )
+        )
+    if result.secrets:
+        parts.append(
+            table(
+                ["SECRET", "PATH", "LINE", "SEVERITY"],
+                [
+                    [s.rule_id, s.path, str(s.line), names.SEVERITY.label(s.severity)]
+                    for s in result.secrets
+                ],
+            )
+        )
+    if result.misconfigurations:
+        parts.append(
+            table(
+                ["MISCONFIGURATION", "SEVERITY", "PATH", "TITLE"],
+                [
+                    [m.id, names.SEVERITY.label(m.severity), m.path, m.title]
+                    for m in result.misconfigurations
+                ],
+            )
+        )
+    return "\n\n".join(parts) if parts else "no findings"
+
+
+def acceptances_table(acceptances: Iterable[job_service_pb2.RiskAcceptance]) -> str:
+    return table(
+        ["ID", "FINDING", "SCOPE", "TARGET", "EXPIRES", "REASON"],
+        [
+            [
+                a.id,
+                a.finding_id,
+                job_service_pb2.RiskScope.Name(a.scope).removeprefix("RISK_SCOPE_").lower(),
+                a.target,
+                format_timestamp(a.expires_at),
+                a.reason,
+            ]
+            for a in acceptances
+        ],
+    )
