@@ -9,7 +9,7 @@ PROTO_FILES := $(wildcard protos/imagehandler/v1/*.proto) $(wildcard protos/imag
 LISTEN ?= 127.0.0.1:50051
 DATA_DIR ?= .data
 
-.PHONY: run test test-slow lint protos check-protos venv clean bench-durability
+.PHONY: run test test-slow lint protos check-protos venv clean bench-durability bench-results
 
 venv: $(STAMP)
 
@@ -63,6 +63,10 @@ run: $(STAMP)
 # Durability figures: submits/s per fsync policy, snapshot size and stall, recovery time.
 bench-durability: $(STAMP)
 	$(PY) -m bench.durability
+
+# Result pipeline figures: results/s per worker count and result size, dispatch meanwhile.
+bench-results: $(STAMP)
+	$(PY) -m bench.results
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .mypy_cache .ruff_cache

@@ -1,0 +1,138 @@
+"""Result pipeline figures: results processed per second with 1, 10 and 50 result workers on
+results of 10 and 5,000 findings, and how long other jobs wait for dispatch meanwhile.
+
+    .venv/bin/python -m bench.results            # prints a table
+
+Runs the job manager in-process with the journal on disk (fsync batch), scanners as in-process
+sessions (no gRPC), so the figures are the pipeline's own: check, summarise, store, finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from imagehandler.v1 import common_pb2
+from server import logs
+from server.config import Config
+from server.errors import Catalogue
+from server.events import Subscription
+from server.job_manager import JobManager
+from server.model import ImageRef, JobSpec, JobStatus, Lane, ObjectKind, Policy, Trigger
+from server.retry import RunFailure
+from server.scanners import AssignJobs, Database, ScannerMessage, ScannerProfile
+from server.storage.journal import FsyncPolicy
+from server.storage.result_files import ResultFiles
+from server.storage.store import JournalStore, Recovered
+
+
+def make_result(findings: int) -> common_pb2.ScanResult:
+    return common_pb2.ScanResult(
+        vulnerabilities=[
+            common_pb2.Vulnerability(
+                id=f"CVE-2024-{n:05d}",
+                package=f"package-{n % 300}",
+                installed_version="1.2.3",
+                fixed_version="1.2.4",
+                severity=common_pb2.SEVERITY_MEDIUM if n % 7 else common_pb2.SEVERITY_HIGH,
+                path="/usr/lib/python3/dist-packages",
+            )
+            for n in range(findings)
+        ]
+    )
+
+
+def spec(n: int) -> JobSpec:
+    return JobSpec(
+        ImageRef("docker.io", "library/app", f"r{n}"),
+        Trigger.SCHEDULED,
+        (Policy.VULNERABILITIES,),
+        600.0,
+        Lane.BULK,
+    )
+
+
+async def run(workers: int, findings: int, jobs: int, directory: Path) -> tuple[float, float]:
+    """(results per second, median dispatch latency in ms of jobs submitted meanwhile)."""
+    config = Config(data_dir=directory, result_workers=workers, max_batch=100_000)
+    store = JournalStore(directory, FsyncPolicy.BATCH)
+    store.open_directory()
+    store.start(Recovered())
+    manager = JobManager(config, store, result_files=ResultFiles(directory))
+    manager.start()
+    manager.restore(Recovered())
+    assigned: dict[str, float] = {}
+    assignment = asyncio.Event()
+
+    def send(message: ScannerMessage) -> None:
+        if isinstance(message, AssignJobs):
+            for job in message.jobs:
+                assigned[job.id] = time.perf_counter()
+            assignment.set()
+
+    def profile(name: str, slots: int) -> ScannerProfile:
+        databases = (Database("db", "1", "2026-11-20"),)
+        return ScannerProfile(name, "1", "bench", frozenset(ObjectKind), slots, databases)
+
+    busy = manager.connect_scanner(profile("busy", jobs), send, lambda e: None)
+    manager.ready(busy, jobs)
+    done = asyncio.Event()
+    finished = 0
+
+    def on_event(job: object, transition: object) -> None:
+        nonlocal finished
+        if getattr(transition, "to_status", None) is JobStatus.FINISHED:
+            finished += 1
+            if finished == jobs:
+                done.set()
+
+    manager.events.subscribe(Subscription(on_event))
+    manager.submit_many([spec(n) for n in range(jobs)])
+    await asyncio.sleep(0)  # let the dispatch run
+    result = make_result(findings)
+    started = time.perf_counter()
+    for job_id in list(busy.held):
+        manager.result(busy, job_id, 0, result)
+    # While the workers are busy: a second scanner, and jobs submitted one at a time.
+    other = manager.connect_scanner(profile("other", 1), send, lambda e: None)
+    manager.ready(other, 1)
+    latencies = []
+    for n in range(20):
+        submitted = time.perf_counter()
+        ((job, _),) = manager.submit_many([spec(jobs + n)])
+        while job.id not in assigned:
+            await asyncio.sleep(0)
+        latencies.append((assigned[job.id] - submitted) * 1000)
+        # Free the slot for the next one (a permanent failure: the job is done with).
+        manager.failure(other, job.id, RunFailure(Catalogue.SCAN_PARAMS_EMPTY, "bench"))
+    await asyncio.wait_for(done.wait(), timeout=600)
+    rate = jobs / (time.perf_counter() - started)
+    await manager.stop()
+    await store.close()
+    return rate, statistics.median(latencies)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=0, help="results per run (default: scaled)")
+    args = parser.parse_args()
+    logs.configure("json", "error")
+    print(f"{'workers':>7} {'findings':>8} {'results/s':>10} {'dispatch p50 while busy':>24}")
+    for findings in (10, 5000):
+        for workers in (1, 10, 50):
+            jobs = args.jobs or (4000 if findings == 10 else 200)
+            root = Path(tempfile.mkdtemp(prefix="ih-results-"))
+            try:
+                rate, latency = asyncio.run(run(workers, findings, jobs, root / "data"))
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+            print(f"{workers:>7} {findings:>8} {rate:>10,.0f} {latency:>21.2f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
