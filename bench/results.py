@@ -103,10 +103,10 @@ async def run(workers: int, findings: int, jobs: int, directory: Path) -> tuple[
     manager.ready(other, 1)
     latencies = []
     for n in range(20):
+        assignment.clear()
         submitted = time.perf_counter()
         ((job, _),) = manager.submit_many([spec(jobs + n)])
-        while job.id not in assigned:
-            await asyncio.sleep(0)
+        await asyncio.wait_for(assignment.wait(), timeout=60)
         latencies.append((assigned[job.id] - submitted) * 1000)
         # Free the slot for the next one (a permanent failure: the job is done with).
         manager.failure(other, job.id, RunFailure(Catalogue.SCAN_PARAMS_EMPTY, "bench"))
