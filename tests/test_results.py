@@ -370,3 +370,22 @@ async def test_a_grpc_result_sink_receives_status_changes_and_the_result(
         ]
     finally:
         await server.stop(0)
+
+
+async def test_a_pending_delivery_survives_a_restart(
+    make_handler: MakeHandler, receiver: ReceiverServer, secret_file: Path
+) -> None:
+    config = {"receiver_url": receiver.url, "receiver_secret_file": str(secret_file)}
+    handler = await make_handler(**config)
+    receiver.gate.clear()  # nothing is acknowledged before the stop
+    async with RawScanner(handler.scanners, "s1") as scanner:
+        await scanner.start()
+        job_id = await scan_once(handler, scanner, image(), vulnerabilities=[LOW])
+        await wait_for_status(handler.jobs, job_id, S.JOB_STATUS_PROCESSING_RESULTS)
+    data_dir = handler.config.data_dir
+    await handler.server.stop(0)
+    receiver.gate.set()
+    handler = await make_handler(data_dir=data_dir, **config)
+    done = await wait_for_status(handler.jobs, job_id, S.JOB_STATUS_FINISHED)
+    assert done.runs == 1  # the result was kept: no second scan
+    assert f"{job_id}:result:1" in {key for key, _, _ in receiver.results()}
