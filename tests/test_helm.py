@@ -512,6 +512,16 @@ def test_disruption_budgets_and_network_policies(production: list[Manifest]) -> 
     ("values", "where", "what"),
     [
         ({"handler": {"queueLimit": -1}}, "/handler/queueLimit", "minimum: got -1, want 0"),
+        (
+            {"handler": {"verdict": {"failSeverity": "severe"}}},
+            "/handler/verdict/failSeverity",
+            "value must be one of",
+        ),
+        (
+            {"handler": {"receiver": {"url": "ftp://mdw"}}},
+            "/handler/receiver/url",
+            "does not match pattern",
+        ),
         ({"handler": {"resultWorkers": 0}}, "/handler/resultWorkers", "minimum: got 0, want 1"),
         ({"handler": {"logFormat": "xml"}}, "/handler/logFormat", "value must be one of"),
         ({"handler": {"resultWorker": 25}}, "/handler", "'resultWorker' not allowed"),
