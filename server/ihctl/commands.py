@@ -14,6 +14,7 @@ from typing import TextIO
 
 import grpc
 from google.protobuf import duration_pb2
+from google.protobuf.message import Message
 
 from imagehandler.v1 import (
     common_pb2,
@@ -62,6 +63,11 @@ class Output:
     def note(self, text: str) -> None:
         print(text, file=self.err, flush=True)
 
+    def show(self, response: Message, text: Callable[[], str]) -> int:
+        """The response as JSON with --json, else the text; the command's exit code (0)."""
+        self.line(render.to_json(response) if self.json else text())
+        return 0
+
 
 Command = Callable[[argparse.Namespace, Client, Output], int]
 
@@ -100,11 +106,9 @@ def get(args: argparse.Namespace, client: Client, output: Output) -> int:
 def redeliver(args: argparse.Namespace, client: Client, output: Output) -> int:
     request = job_service_pb2.RedeliverJobRequest(job_id=args.job_id)
     response = client.jobs.RedeliverJob(request, timeout=client.timeout)
-    if output.json:
-        output.line(render.to_json(response))
-    else:
-        output.line(f"{response.job.id}  {names.JOB_STATUS.label(response.job.status)}")
-    return 0
+    return output.show(
+        response, lambda: f"{response.job.id}  {names.JOB_STATUS.label(response.job.status)}"
+    )
 
 
 _SCOPES = {
@@ -125,35 +129,26 @@ def accept_risk(args: argparse.Namespace, client: Client, output: Output) -> int
         duration=duration,
     )
     response = client.jobs.AcceptRisk(request, timeout=client.timeout)
-    if output.json:
-        output.line(render.to_json(response))
-    else:
-        output.line(response.acceptance.id)
-        output.line(
-            f"{response.acceptance.finding_id} accepted ({response.acceptance.target}); "
+    acceptance = response.acceptance
+    return output.show(
+        response,
+        lambda: (
+            f"{acceptance.id}\n{acceptance.finding_id} accepted ({acceptance.target}); "
             f"{response.verdicts_changed} verdicts changed"
-        )
-    return 0
+        ),
+    )
 
 
 def risks(args: argparse.Namespace, client: Client, output: Output) -> int:
     request = job_service_pb2.ListRiskAcceptancesRequest()
     response = client.jobs.ListRiskAcceptances(request, timeout=client.timeout)
-    if output.json:
-        output.line(render.to_json(response))
-    else:
-        output.line(render.acceptances_table(response.acceptances))
-    return 0
+    return output.show(response, lambda: render.acceptances_table(response.acceptances))
 
 
 def revoke_risk(args: argparse.Namespace, client: Client, output: Output) -> int:
     request = job_service_pb2.RevokeRiskAcceptanceRequest(id=args.acceptance_id)
     response = client.jobs.RevokeRiskAcceptance(request, timeout=client.timeout)
-    if output.json:
-        output.line(render.to_json(response))
-    else:
-        output.line(f"revoked; {response.verdicts_changed} verdicts changed")
-    return 0
+    return output.show(response, lambda: f"revoked; {response.verdicts_changed} verdicts changed")
 
 
 def list_jobs(args: argparse.Namespace, client: Client, output: Output) -> int:
@@ -220,31 +215,19 @@ def watch_exit_code(status: int) -> int:
 def cancel(args: argparse.Namespace, client: Client, output: Output) -> int:
     request = job_service_pb2.CancelJobRequest(job_id=args.job_id, reason=args.reason)
     response = client.jobs.CancelJob(request, timeout=client.timeout)
-    if output.json:
-        output.line(render.to_json(response))
-    else:
-        output.line(render.cancel_text(response.job))
-    return 0
+    return output.show(response, lambda: render.cancel_text(response.job))
 
 
 def scanners(args: argparse.Namespace, client: Client, output: Output) -> int:
     request = scanner_service_pb2.ListScannersRequest()
     response = client.scanners.ListScanners(request, timeout=client.timeout)
-    if output.json:
-        output.line(render.to_json(response))
-    else:
-        output.line(render.scanners_table(response.scanners, output.now()))
-    return 0
+    return output.show(response, lambda: render.scanners_table(response.scanners, output.now()))
 
 
 def stats(args: argparse.Namespace, client: Client, output: Output) -> int:
     request = job_service_pb2.GetQueueStatsRequest()
     response = client.jobs.GetQueueStats(request, timeout=client.timeout)
-    if output.json:
-        output.line(render.to_json(response))
-    else:
-        output.line(render.stats_view(response, output.now()))
-    return 0
+    return output.show(response, lambda: render.stats_view(response, output.now()))
 
 
 COMMANDS: dict[str, Command] = {
