@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
@@ -9,12 +10,16 @@ from google.protobuf import timestamp_pb2
 from imagehandler.storage.v1 import storage_pb2
 from imagehandler.v1 import common_pb2
 from server.model import (
+    ArtifactRef,
+    ImageRef,
     Job,
     JobFailure,
     JobSpec,
     JobStatus,
     Lane,
+    NodeRef,
     Policy,
+    ScanTarget,
     Transition,
     Trigger,
 )
@@ -31,6 +36,27 @@ def stored(job: Job) -> storage_pb2.StoredJob:
     )
 
 
+# Enum members by number: a dict look-up is several times cheaper than calling the enum, and
+# recovery does it a few times per job.
+_STATUS = {m.value: m for m in JobStatus}
+_TRIGGER = {m.value: m for m in Trigger}
+_POLICY = {m.value: m for m in Policy}
+_LANE = {m.value: m for m in Lane}
+
+
+def _target(obj: common_pb2.ScanObject) -> ScanTarget:
+    """The stored object as it was validated and normalised at submit (no second check)."""
+    which = obj.WhichOneof("target")
+    if which == "image":
+        i = obj.image
+        return ImageRef(i.registry, i.repository, i.tag, i.digest, i.credentials_ref, i.proxy_url)
+    if which == "node":
+        return NodeRef(obj.node.cluster, obj.node.node_name, obj.node.root_path)
+    a = obj.artifact
+    digest = hashlib.sha256(a.sbom).hexdigest() if a.sbom else ""
+    return ArtifactRef(a.pipeline, a.job, a.path, a.url, a.sbom, a.sbom_format, digest)
+
+
 def _time(ts: timestamp_pb2.Timestamp) -> datetime:
     return ts.ToDatetime(tzinfo=UTC)
 
@@ -45,8 +71,8 @@ def failure(error: common_pb2.JobError) -> JobFailure:
 
 def transition(t: common_pb2.JobTransition) -> Transition:
     return Transition(
-        from_status=JobStatus(t.from_status) if t.from_status else None,
-        to_status=JobStatus(t.to_status),
+        from_status=_STATUS[t.from_status] if t.from_status else None,
+        to_status=_STATUS[t.to_status],
         at=_time(t.at),
         scanner_id=t.scanner_id,
         run=t.run,
@@ -58,11 +84,11 @@ def transition(t: common_pb2.JobTransition) -> Transition:
 def job(record: storage_pb2.StoredJob) -> Job:
     message = record.job
     spec = JobSpec(
-        target=convert.target_from_proto(message.object),
-        trigger=Trigger(message.trigger),
-        policies=tuple(Policy(p) for p in message.policies),
+        target=_target(message.object),
+        trigger=_TRIGGER[message.trigger],
+        policies=tuple(_POLICY[p] for p in message.policies),
         max_run_time=message.max_run_time.ToNanoseconds() / 1e9,
-        lane=Lane(message.lane),
+        lane=_LANE[message.lane],
         idempotency_key=message.idempotency_key,
         labels=dict(message.labels),
     )
@@ -71,7 +97,7 @@ def job(record: storage_pb2.StoredJob) -> Job:
         seq=record.seq,
         spec=spec,
         created_at=_time(message.created_at),
-        status=JobStatus(message.status),
+        status=_STATUS[message.status],
         runs=message.runs,
         scanner_id=message.scanner_id,
         error=failure(message.error) if message.HasField("error") else None,
