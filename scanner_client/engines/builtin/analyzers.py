@@ -1,0 +1,236 @@
+"""Package analysers: what is installed in a filesystem root.
+
+- the distribution, from ``etc/os-release`` (or ``etc/alpine-release``, ``etc/debian_version``);
+- Debian packages from the dpkg database (``var/lib/dpkg/status`` and the ``status.d``
+  directory distroless images use), with their source package, which is what Debian's
+  advisories name;
+- Alpine packages from the apk database (``lib/apk/db/installed``), with their origin;
+- Python distributions from ``*.dist-info/METADATA`` and ``*.egg-info/PKG-INFO``;
+- npm packages from ``package.json`` files inside ``node_modules``.
+
+Every reader takes bytes and returns :class:`Package` records; the caller finds the files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from email.parser import BytesHeaderParser
+from typing import Final
+
+from packageurl import PackageURL
+
+DPKG_STATUS: Final = "var/lib/dpkg/status"
+DPKG_STATUS_DIR: Final = "var/lib/dpkg/status.d"
+APK_INSTALLED: Final = "lib/apk/db/installed"
+OS_RELEASE_PATHS: Final = ("etc/os-release", "usr/lib/os-release")
+
+_PYPI_NAME = re.compile(r"[-_.]+")
+
+
+@dataclass(frozen=True)
+class Distro:
+    """The operating system of a root: ``id`` as os-release says (``debian``, ``alpine``)."""
+
+    id: str
+    version_id: str
+    pretty_name: str = ""
+
+    @property
+    def ecosystem(self) -> str:
+        """The OSV ecosystem of its packages: ``Debian:12``, ``Alpine:v3.20``, ``Ubuntu:22.04``."""
+        if self.id == "debian":
+            major = self.version_id.split(".")[0]
+            return f"Debian:{major}" if major else "Debian"
+        if self.id == "alpine":
+            major_minor = ".".join(self.version_id.split(".")[:2])
+            return f"Alpine:v{major_minor}" if major_minor else "Alpine"
+        if self.id == "ubuntu":
+            return f"Ubuntu:{self.version_id}" if self.version_id else "Ubuntu"
+        return self.id
+
+
+@dataclass(frozen=True)
+class Package:
+    """An installed package.
+
+    ``ecosystem`` is the OSV ecosystem (``Debian:12``, ``Alpine:v3.20``, ``PyPI``, ``npm``);
+    ``source_name``/``source_version`` are what advisories name (the Debian source package,
+    the Alpine origin; the package itself elsewhere). ``path`` is where it was found and
+    ``layer`` the digest of the layer that brought it ("" outside images).
+    """
+
+    type: str  # deb, apk, pypi, npm
+    name: str
+    version: str
+    ecosystem: str
+    source_name: str
+    source_version: str
+    path: str
+    layer: str = ""
+    distro: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.type, self.name, self.version, self.path)
+
+    @property
+    def purl(self) -> str:
+        if self.type == "deb":
+            qualifiers = {"distro": self.distro} if self.distro else {}
+            if self.source_name != self.name:
+                qualifiers["upstream"] = self.source_name
+            namespace = self.ecosystem.split(":")[0].lower()
+            return PackageURL("deb", namespace, self.name, self.version, qualifiers).to_string()
+        if self.type == "apk":
+            qualifiers = {"distro": self.distro} if self.distro else {}
+            return PackageURL("apk", "alpine", self.name, self.version, qualifiers).to_string()
+        if self.type == "pypi":
+            return PackageURL("pypi", None, pypi_name(self.name), self.version).to_string()
+        namespace, _, name = self.name.rpartition("/")
+        return PackageURL("npm", namespace or None, name, self.version).to_string()
+
+    def with_layer(self, layer: str) -> Package:
+        return replace(self, layer=layer)
+
+
+def pypi_name(name: str) -> str:
+    """PEP 503 normalised name: ``Jinja2`` and ``jinja_2`` are ``jinja2`` and ``jinja-2``."""
+    return _PYPI_NAME.sub("-", name).lower()
+
+
+def parse_os_release(data: bytes) -> Distro | None:
+    values: dict[str, str] = {}
+    for line in data.decode("utf-8", "replace").splitlines():
+        key, sep, value = line.strip().partition("=")
+        if not sep or key.startswith("#"):
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key] = value
+    distro_id = values.get("ID", "").lower()
+    if not distro_id:
+        return None
+    return Distro(distro_id, values.get("VERSION_ID", ""), values.get("PRETTY_NAME", ""))
+
+
+def _stanzas(data: bytes) -> list[dict[str, str]]:
+    """RFC 822-like stanzas (dpkg status): ``Field: value`` lines, continuation lines, blank
+    lines between records."""
+    records: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    last = ""
+    for line in data.decode("utf-8", "replace").splitlines():
+        if not line.strip():
+            if current:
+                records.append(current)
+            current, last = {}, ""
+            continue
+        if line[0] in " \t":
+            if last:
+                current[last] += "\n" + line.strip()
+            continue
+        key, sep, value = line.partition(":")
+        if sep:
+            last = key.strip()
+            current[last] = value.strip()
+    if current:
+        records.append(current)
+    return records
+
+
+def parse_dpkg_status(data: bytes, path: str, distro: Distro | None) -> list[Package]:
+    """Installed packages of a dpkg status file (``Status: install ok installed``)."""
+    ecosystem = distro.ecosystem if distro and distro.id in ("debian", "ubuntu") else "Debian"
+    packages = []
+    for record in _stanzas(data):
+        name = record.get("Package", "")
+        version = record.get("Version", "")
+        status = record.get("Status", "install ok installed").split()
+        if not name or not version or (status and status[-1] != "installed"):
+            continue
+        source_name, source_version = name, version
+        source = record.get("Source", "")
+        if source:
+            source_name, _, rest = source.partition(" ")
+            match = re.match(r"\(([^)]+)\)", rest.strip())
+            if match:
+                source_version = match.group(1)
+        packages.append(
+            Package(
+                "deb",
+                name,
+                version,
+                ecosystem,
+                source_name,
+                source_version,
+                path,
+                distro=f"{distro.id}-{distro.version_id}" if distro else "",
+            )
+        )
+    return packages
+
+
+def parse_apk_installed(data: bytes, path: str, distro: Distro | None) -> list[Package]:
+    """Installed packages of apk's database: ``P:`` name, ``V:`` version, ``o:`` origin."""
+    ecosystem = distro.ecosystem if distro and distro.id == "alpine" else "Alpine"
+    packages = []
+    for block in data.decode("utf-8", "replace").split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            if len(line) > 2 and line[1] == ":" and line[0] not in fields:
+                fields[line[0]] = line[2:]
+        name, version = fields.get("P", ""), fields.get("V", "")
+        if not name or not version:
+            continue
+        packages.append(
+            Package(
+                "apk",
+                name,
+                version,
+                ecosystem,
+                fields.get("o", name),
+                version,
+                path,
+                distro=f"alpine-{distro.version_id}" if distro else "",
+            )
+        )
+    return packages
+
+
+def is_python_metadata(rel: str) -> bool:
+    return rel.endswith((".dist-info/METADATA", ".egg-info/PKG-INFO"))
+
+
+def parse_python_metadata(data: bytes, path: str) -> list[Package]:
+    headers = BytesHeaderParser().parsebytes(data)
+    name, version = headers.get("Name", ""), headers.get("Version", "")
+    if not name or not version:
+        return []
+    name, version = str(name).strip(), str(version).strip()
+    return [Package("pypi", name, version, "PyPI", pypi_name(name), version, path)]
+
+
+def is_npm_manifest(rel: str) -> bool:
+    if not rel.endswith("/package.json"):
+        return False
+    parts = rel.split("/")
+    # node_modules/NAME/package.json or node_modules/@scope/NAME/package.json
+    return (len(parts) >= 3 and parts[-3] == "node_modules") or (
+        len(parts) >= 4 and parts[-4] == "node_modules" and parts[-3].startswith("@")
+    )
+
+
+def parse_npm_manifest(data: bytes, path: str) -> list[Package]:
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return []
+    if not isinstance(document, dict):
+        return []
+    name, version = document.get("name"), document.get("version")
+    if not isinstance(name, str) or not isinstance(version, str) or not name or not version:
+        return []
+    return [Package("npm", name, version, "npm", name, version, path)]

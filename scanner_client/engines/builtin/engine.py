@@ -1,0 +1,659 @@
+"""The builtin engine: pulls and unpacks images, walks node roots and artifacts, and finds
+packages (into a CycloneDX SBOM), vulnerabilities, malware, secrets and misconfigurations.
+
+Network work (registry pulls, artifact downloads) runs in the event loop and stops at once on
+cancellation. Unpacking and analysis run in a worker thread that checks a cancel token between
+files and chunks; a cancelled scan waits for that thread to stop before it removes its scratch
+directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import httpx
+
+from imagehandler.v1 import common_pb2
+from scanner_client.engine import Database, Engine, Job, Kind, Policy, ProgressReporter, ScanFailure
+from scanner_client.engines.builtin import analyzers, images, malware, sbom, secrets
+from scanner_client.engines.builtin.analyzers import Distro, Package
+from scanner_client.engines.builtin.common import Cancelled, CancelToken, Limits, too_large
+from scanner_client.engines.builtin.databases import LoadedDatabases, load_databases
+from scanner_client.engines.builtin.layers import Rootfs
+from scanner_client.engines.builtin.registry import (
+    Credentials,
+    Platform,
+    PulledImage,
+    RegistryClient,
+    check_proxy_url,
+)
+
+T = TypeVar("T")
+
+# How long a cancelled scan waits for its worker thread before it leaves it behind.
+THREAD_STOP_WAIT: Final = 10.0
+# Top-level directories of a node root that hold no files of the node's own.
+NODE_SKIP: Final = frozenset({"proc", "sys", "dev", "run"})
+ROOT_USERS: Final = frozenset({"", "root", "0", "0:0", "root:root"})
+
+
+@dataclass(frozen=True)
+class BuiltinSettings:
+    # Databases (default: the packaged ones).
+    db_dir: Path | None = None
+    # Where scans unpack (default: the system temporary directory).
+    scratch_dir: Path | None = None
+    # The scanner's proxy; a job's image.proxy_url wins.
+    proxy_url: str = ""
+    # JSON: {"REF": {"username": ..., "password": ...} | {"token": ...}} for credentials_ref.
+    credentials_file: Path | None = None
+    # Registries reached over plain HTTP (loopback registries always are).
+    insecure_registries: frozenset[str] = frozenset()
+    platform: str = "linux/amd64"
+    limits: Limits = field(default_factory=Limits)
+    registry_timeout: float = 60.0
+    # CA bundle for registries with a private CA (default: the system's).
+    ca_file: Path | None = None
+
+
+class _ThreadProgress:
+    """Progress from the worker thread, handed to the loop; repeated values are dropped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reporter: ProgressReporter) -> None:
+        self._loop = loop
+        self._reporter = reporter
+        self._last: tuple[str, int] | None = None
+
+    def __call__(self, stage: str, percent: int, message: str = "") -> None:
+        percent = max(0, min(100, percent))
+        if (stage, percent) == self._last:
+            return
+        self._last = (stage, percent)
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            self._loop.call_soon_threadsafe(self._reporter.report, stage, percent, message)
+
+
+Report = Callable[..., None]
+
+
+@dataclass
+class Findings:
+    packages: list[Package] = field(default_factory=list)
+    distro: Distro | None = None
+    malware: list[common_pb2.Malware] = field(default_factory=list)
+    secrets: list[common_pb2.Secret] = field(default_factory=list)
+    misconfigurations: list[common_pb2.Misconfiguration] = field(default_factory=list)
+
+
+class BuiltinEngine(Engine):
+    """Scans images, nodes and artifacts with the project's own analysers and databases."""
+
+    name = "builtin"
+    kinds = frozenset(Kind)
+
+    def __init__(self, settings: BuiltinSettings | None = None) -> None:
+        self.settings = settings or BuiltinSettings()
+        self.settings.limits.check()
+        self.platform = Platform.parse(self.settings.platform)
+        try:
+            check_proxy_url(self.settings.proxy_url)
+        except ScanFailure as exc:
+            raise ValueError(str(exc)) from None
+        # DatabaseError when a database is missing or invalid: the scanner must not start.
+        self.db: LoadedDatabases = load_databases(self.settings.db_dir)
+        self._credentials = self._read_credentials()
+
+    def databases(self) -> Sequence[Database]:
+        return self.db.versions()
+
+    # ---- the job ----------------------------------------------------------------------------
+
+    async def scan(self, job: Job, progress: ProgressReporter) -> common_pb2.ScanResult:
+        policies = frozenset(job.policies) or frozenset(Policy)
+        token = CancelToken()
+        report = _ThreadProgress(asyncio.get_running_loop(), progress)
+        scratch = Path(tempfile.mkdtemp(prefix="image-scanner-", dir=self.settings.scratch_dir))
+        try:
+            kind = job.kind
+            if kind is Kind.IMAGE:
+                result = await self._scan_image(job.object.image, policies, token, report, scratch)
+            elif kind is Kind.NODE:
+                result = await self._scan_node(job.object.node, policies, token, report)
+            elif kind is Kind.ARTIFACT:
+                result = await self._scan_artifact(
+                    job.object.artifact, policies, token, report, scratch
+                )
+            else:
+                raise ScanFailure("the job names no object", code="HNDL-005", permanent=True)
+            progress.report("report", 100)
+            return result
+        finally:
+            token.cancel()
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, scratch, True))
+
+    async def _in_thread(self, token: CancelToken, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in a worker thread; on cancellation, the token stops it and the
+        thread is waited for (so that scratch space is not removed under it)."""
+        task = asyncio.ensure_future(asyncio.to_thread(function, *args))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            token.cancel()
+            await asyncio.wait({task}, timeout=THREAD_STOP_WAIT)
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: Cancelled is expected here
+            raise
+        except Cancelled:
+            raise asyncio.CancelledError() from None
+
+    # ---- images -----------------------------------------------------------------------------
+
+    async def _scan_image(
+        self,
+        image: common_pb2.ImageObject,
+        policies: frozenset[Policy],
+        token: CancelToken,
+        report: _ThreadProgress,
+        scratch: Path,
+    ) -> common_pb2.ScanResult:
+        proxy = image.proxy_url or self.settings.proxy_url
+        check_proxy_url(proxy)
+        registry = image.registry or "docker.io"
+        repository = image.repository
+        if registry == "docker.io" and "/" not in repository:
+            repository = f"library/{repository}"
+        reference = image.digest or image.tag or "latest"
+        report("pull", 0, f"{registry}/{repository}:{reference}")
+
+        def on_bytes(done: int, total: int) -> None:
+            report("pull", 40 * done // max(total, 1))
+
+        async with RegistryClient(
+            registry,
+            credentials=self._credentials_for(image.credentials_ref),
+            proxy=proxy,
+            insecure=registry in self.settings.insecure_registries,
+            limits=self.settings.limits,
+            timeout=self.settings.registry_timeout,
+            verify=str(self.settings.ca_file) if self.settings.ca_file else True,
+        ) as client:
+            pulled = await client.pull(
+                repository, reference, scratch / "blobs", self.platform, on_bytes
+            )
+        subject = f"{registry}/{repository}" + (f":{image.tag}" if image.tag else "")
+        subject += f"@{pulled.manifest_digest}"
+        return await self._in_thread(
+            token, self._analyse_image, pulled, subject, policies, token, report, scratch
+        )
+
+    def _analyse_image(
+        self,
+        pulled: PulledImage,
+        subject: str,
+        policies: frozenset[Policy],
+        token: CancelToken,
+        report: _ThreadProgress,
+        scratch: Path,
+    ) -> common_pb2.ScanResult:
+        rootfs = Rootfs(scratch / "rootfs", self.settings.limits)
+        total = sum(layer.size for layer in pulled.layers) or 1
+        done = 0
+        # (type, name, version) -> the layer that first had it, for OS packages.
+        first_seen: dict[tuple[str, str, str], str] = {}
+        for layer in pulled.layers:
+            token.check()
+            base = done
+
+            def on_bytes(position: int, base: int = base) -> None:
+                report("unpack", 40 + 30 * (base + position) // total)
+
+            rootfs.apply(layer.path, layer.digest, token, on_bytes)
+            done += layer.size
+            if layer.owned:
+                layer.path.unlink(missing_ok=True)
+            self._attribute_os_packages(rootfs, layer.digest, first_seen)
+        findings = self._analyse_root(rootfs, policies, token, report, first_seen=first_seen)
+        if Policy.MISCONFIGURATIONS in policies:
+            findings.misconfigurations.extend(image_misconfigurations(pulled.config))
+            for skipped in rootfs.skipped:
+                if skipped.escapes:
+                    findings.misconfigurations.append(
+                        common_pb2.Misconfiguration(
+                            id="IH-LAYER-001",
+                            title=f"Layer entry escapes the image root and was not written "
+                            f"({skipped.reason}; layer {skipped.layer})",
+                            severity=common_pb2.SEVERITY_HIGH,
+                            path=skipped.path,
+                        )
+                    )
+        if Policy.SECRETS in policies:
+            findings.secrets.extend(self._config_secrets(pulled.config))
+        return self._result(findings, subject, "image", policies)
+
+    def _attribute_os_packages(
+        self, rootfs: Rootfs, layer: str, first_seen: dict[tuple[str, str, str], str]
+    ) -> None:
+        touched = [
+            rel
+            for rel in (analyzers.DPKG_STATUS, analyzers.APK_INSTALLED)
+            if rootfs.origin.get(rel) == layer
+        ]
+        if not touched:
+            return
+        for package in self._os_packages(rootfs, _distro(rootfs)):
+            first_seen.setdefault((package.type, package.name, package.version), layer)
+
+    def _config_secrets(self, config: dict[str, Any]) -> list[common_pb2.Secret]:
+        env = (config.get("config") or {}).get("Env") or []
+        found = []
+        for index, variable in enumerate(env if isinstance(env, list) else []):
+            for hit in self.db.signatures.match_data(
+                str(variable).encode(), frozenset({secrets.NAMESPACE})
+            ):
+                found.append(malware.secret_finding(hit, f"image config Env[{index}]", 1))
+        return found
+
+    # ---- nodes ------------------------------------------------------------------------------
+
+    async def _scan_node(
+        self,
+        node: common_pb2.NodeObject,
+        policies: frozenset[Policy],
+        token: CancelToken,
+        report: _ThreadProgress,
+    ) -> common_pb2.ScanResult:
+        root = Path(node.root_path or "/")
+
+        def analyse() -> common_pb2.ScanResult:
+            if not root.is_absolute() or not root.is_dir():
+                raise ScanFailure(
+                    f"node root {str(root)!r} is not a directory on this scanner",
+                    code="HNDL-005",
+                    permanent=True,
+                )
+            rootfs = Rootfs(root, self.settings.limits)
+            findings = self._analyse_root(rootfs, policies, token, report, skip=NODE_SKIP)
+            if Policy.MISCONFIGURATIONS in policies:
+                findings.misconfigurations.extend(node_misconfigurations(rootfs))
+            subject = f"{node.cluster}/{node.node_name}" if node.cluster else node.node_name
+            return self._result(findings, subject, "node", policies)
+
+        report("analyse", 0, str(root))
+        return await self._in_thread(token, analyse)
+
+    # ---- artifacts --------------------------------------------------------------------------
+
+    async def _scan_artifact(
+        self,
+        artifact: common_pb2.ArtifactObject,
+        policies: frozenset[Policy],
+        token: CancelToken,
+        report: _ThreadProgress,
+        scratch: Path,
+    ) -> common_pb2.ScanResult:
+        subject = artifact.path or artifact.url or f"{artifact.pipeline}/{artifact.job}"
+        if artifact.sbom:
+            if artifact.sbom_format not in ("", sbom.FORMAT, "cyclonedx"):
+                raise ScanFailure(
+                    f"SBOM format {artifact.sbom_format!r} is not supported ({sbom.FORMAT})",
+                    code="HNDL-005",
+                    permanent=True,
+                )
+            packages = sbom.packages_from_cyclonedx(artifact.sbom)
+            return self._result(Findings(packages=packages), subject, "artifact", policies, False)
+        if artifact.path:
+            path = Path(artifact.path)
+        elif artifact.url.startswith("oci://"):
+            return await self._scan_image(_oci_url(artifact.url), policies, token, report, scratch)
+        else:
+            path = await self._download(artifact.url, scratch / "download", report)
+        return await self._in_thread(
+            token, self._analyse_path, path, subject, policies, token, report, scratch
+        )
+
+    async def _download(self, url: str, dest: Path, report: _ThreadProgress) -> Path:
+        if not url.startswith(("http://", "https://")):
+            raise ScanFailure(
+                f"artifact URL {url!r}: only http(s):// and oci:// are fetched",
+                code="HNDL-005",
+                permanent=True,
+            )
+        proxy = self.settings.proxy_url
+        limit = self.settings.limits.max_layer_bytes
+        report("pull", 0, url)
+        try:
+            async with (
+                httpx.AsyncClient(
+                    proxy=proxy or None,
+                    follow_redirects=True,
+                    trust_env=False,
+                    timeout=self.settings.registry_timeout,
+                ) as client,
+                client.stream("GET", url) as response,
+            ):
+                if response.status_code != 200:
+                    raise ScanFailure(
+                        f"artifact URL {url} answered {response.status_code}",
+                        permanent=400 <= response.status_code < 500,
+                    )
+                written = 0
+                out = await asyncio.to_thread(open, dest, "wb")
+                try:
+                    async for chunk in response.aiter_bytes(1 << 20):
+                        written += len(chunk)
+                        if written > limit:
+                            raise too_large(f"artifact {url}", limit)
+                        await asyncio.to_thread(out.write, chunk)
+                finally:
+                    await asyncio.to_thread(out.close)
+        except httpx.TransportError as exc:
+            raise ScanFailure(f"cannot fetch {url}: {exc}") from None
+        return dest
+
+    def _analyse_path(
+        self,
+        path: Path,
+        subject: str,
+        policies: frozenset[Policy],
+        token: CancelToken,
+        report: _ThreadProgress,
+        scratch: Path,
+    ) -> common_pb2.ScanResult:
+        limits = self.settings.limits
+        if not path.is_absolute() or not path.exists():
+            raise ScanFailure(
+                f"artifact path {str(path)!r} does not exist on this scanner",
+                code="HNDL-005",
+                permanent=True,
+            )
+        if images.is_oci_layout(path):
+            pulled = images.read_oci_layout(path, self.platform, limits)
+            return self._analyse_image(pulled, subject, policies, token, report, scratch)
+        if path.is_dir():
+            findings = self._analyse_root(Rootfs(path, limits), policies, token, report)
+            return self._result(findings, subject, "artifact", policies)
+        kind = images.archive_kind(path)
+        if kind == "docker-archive":
+            pulled = images.read_docker_archive(path, scratch / "archive", limits)
+            return self._analyse_image(pulled, subject, policies, token, report, scratch)
+        if kind == "oci-archive":
+            layout = images.unpack_oci_archive(path, scratch / "layout", limits)
+            pulled = images.read_oci_layout(layout, self.platform, limits)
+            return self._analyse_image(pulled, subject, policies, token, report, scratch)
+        digest = "sha256:" + malware.sha256_file(path)
+        if kind == "tar" or path.name.endswith((".tar.zst", ".tzst")):
+            rootfs = Rootfs(scratch / "rootfs", limits)
+            rootfs.apply(path, digest, token)
+            findings = self._analyse_root(rootfs, policies, token, report)
+            return self._result(findings, subject, "artifact", policies)
+        size = path.stat().st_size
+        if size <= limits.max_document_bytes:
+            with open(path, "rb") as handle:
+                head = handle.read(4096)
+            if head.lstrip().startswith(b"{") and b'"bomFormat"' in head:
+                packages = sbom.packages_from_cyclonedx(path.read_bytes())
+                return self._result(
+                    Findings(packages=packages), subject, "artifact", policies, False
+                )
+        # One file: scanned in a scratch directory that holds only a copy of it.
+        single = scratch / "file"
+        single.mkdir()
+        shutil.copyfile(path, single / path.name)
+        findings = self._analyse_root(Rootfs(single, limits), policies, token, report)
+        for found in findings.malware:
+            found.path = str(path)
+        for secret in findings.secrets:
+            secret.path = str(path)
+        return self._result(findings, subject, "artifact", policies)
+
+    # ---- analysis of a root -----------------------------------------------------------------
+
+    def _os_packages(self, rootfs: Rootfs, distro: Distro | None) -> list[Package]:
+        packages: list[Package] = []
+        status = rootfs.read(analyzers.DPKG_STATUS)
+        if status is not None:
+            packages += analyzers.parse_dpkg_status(status, analyzers.DPKG_STATUS, distro)
+        status_dir = rootfs.resolve(analyzers.DPKG_STATUS_DIR)
+        if status_dir and rootfs.path(status_dir).is_dir():
+            for entry in sorted(os.listdir(rootfs.path(status_dir))):
+                rel = f"{analyzers.DPKG_STATUS_DIR}/{entry}"
+                data = rootfs.read(rel)
+                if data is not None:
+                    packages += analyzers.parse_dpkg_status(data, rel, distro)
+        installed = rootfs.read(analyzers.APK_INSTALLED)
+        if installed is not None:
+            packages += analyzers.parse_apk_installed(installed, analyzers.APK_INSTALLED, distro)
+        return packages
+
+    def _analyse_root(
+        self,
+        rootfs: Rootfs,
+        policies: frozenset[Policy],
+        token: CancelToken,
+        report: _ThreadProgress,
+        *,
+        first_seen: dict[tuple[str, str, str], str] | None = None,
+        skip: frozenset[str] = frozenset(),
+    ) -> Findings:
+        limits = self.settings.limits
+        findings = Findings(distro=_distro(rootfs))
+        for package in self._os_packages(rootfs, findings.distro):
+            layer = (first_seen or {}).get((package.type, package.name, package.version)) or (
+                rootfs.origin.get(package.path, "")
+            )
+            findings.packages.append(package.with_layer(layer))
+        namespaces = frozenset(
+            namespace
+            for policy, namespace in (
+                (Policy.MALWARE, malware.MALWARE),
+                (Policy.SECRETS, secrets.NAMESPACE),
+            )
+            if policy in policies
+        )
+        report("analyse", 70)
+        signatures = self.db.signatures
+        for count, (rel, info) in enumerate(rootfs.walk(token, skip=skip)):
+            if count % 256 == 0:
+                token.check()
+                report("analyse", min(95, 70 + count // 2000))
+            path = rootfs.path(rel)
+            if analyzers.is_python_metadata(rel) or analyzers.is_npm_manifest(rel):
+                data = rootfs.read(rel)
+                if data is not None:
+                    parse = (
+                        analyzers.parse_python_metadata
+                        if analyzers.is_python_metadata(rel)
+                        else analyzers.parse_npm_manifest
+                    )
+                    layer = rootfs.origin.get(rel, "")
+                    findings.packages += [p.with_layer(layer) for p in parse(data, rel)]
+            if not namespaces or info.st_size == 0 or info.st_size > limits.max_match_bytes:
+                continue
+            for hit in signatures.match_file(path, namespaces):
+                if hit.namespace == malware.MALWARE:
+                    findings.malware.append(
+                        malware.malware_finding(
+                            hit, "/" + rel, malware.sha256_file(path), rootfs.origin.get(rel, "")
+                        )
+                    )
+                else:
+                    findings.secrets.append(
+                        malware.secret_finding(hit, "/" + rel, malware.line_of(path, hit.offset))
+                    )
+        return findings
+
+    # ---- the result -------------------------------------------------------------------------
+
+    def _result(
+        self,
+        findings: Findings,
+        subject: str,
+        kind: str,
+        policies: frozenset[Policy],
+        with_sbom: bool = True,
+    ) -> common_pb2.ScanResult:
+        result = common_pb2.ScanResult(databases=[d.to_proto() for d in self.databases()])
+        if Policy.VULNERABILITIES in policies:
+            for match in self.db.vulnerabilities.match(findings.packages):
+                package = match.package
+                result.vulnerabilities.append(
+                    common_pb2.Vulnerability(
+                        id=match.advisory.id,
+                        package=package.name,
+                        installed_version=package.version,
+                        fixed_version=match.fixed,
+                        severity=match.advisory.severity,
+                        path="/" + package.path
+                        if not package.path.startswith("sbom:")
+                        else package.path,
+                        layer_digest=package.layer,
+                        title=match.advisory.summary,
+                    )
+                )
+        result.vulnerabilities.sort(key=lambda v: (-v.severity, v.id, v.package, v.path))
+        result.malware.extend(sorted(findings.malware, key=lambda m: (m.path, m.name)))
+        result.secrets.extend(sorted(findings.secrets, key=lambda s: (s.path, s.line, s.rule_id)))
+        result.misconfigurations.extend(findings.misconfigurations)
+        if with_sbom:
+            result.sbom = sbom.build(subject, kind, findings.packages, findings.distro)
+            result.sbom_format = sbom.FORMAT
+        failing = (
+            any(v.severity >= common_pb2.SEVERITY_HIGH for v in result.vulnerabilities)
+            or bool(result.malware)
+            or bool(result.secrets)
+        )
+        result.verdict = common_pb2.VERDICT_FAILED if failing else common_pb2.VERDICT_PASSED
+        return result
+
+    # ---- credentials ------------------------------------------------------------------------
+
+    def _read_credentials(self) -> dict[str, Credentials]:
+        path = self.settings.credentials_file
+        if path is None:
+            return {}
+        try:
+            document = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"credentials file {path}: {exc}") from None
+        if not isinstance(document, dict):
+            raise ValueError(f"credentials file {path}: expected an object of references")
+        found = {}
+        for ref, value in document.items():
+            if not isinstance(value, dict):
+                raise ValueError(f"credentials file {path}: {ref!r} must be an object")
+            found[str(ref)] = Credentials(
+                username=str(value.get("username", "")),
+                password=str(value.get("password", "")),
+                token=str(value.get("token", "")),
+            )
+        return found
+
+    def _credentials_for(self, ref: str) -> Credentials | None:
+        if not ref:
+            return None
+        try:
+            return self._credentials[ref]
+        except KeyError:
+            raise ScanFailure(
+                f"credentials_ref {ref!r} is not known to this scanner (--credentials-file)",
+                code="HNDL-005",
+                permanent=True,
+            ) from None
+
+
+def _distro(rootfs: Rootfs) -> Distro | None:
+    for rel in analyzers.OS_RELEASE_PATHS:
+        data = rootfs.read(rel)
+        if data is not None:
+            distro = analyzers.parse_os_release(data)
+            if distro is not None:
+                return distro
+    alpine = rootfs.read("etc/alpine-release")
+    if alpine is not None:
+        return Distro("alpine", alpine.decode("utf-8", "replace").strip())
+    debian = rootfs.read("etc/debian_version")
+    if debian is not None:
+        version = debian.decode("utf-8", "replace").strip()
+        return Distro("debian", version if version[:1].isdigit() else "")
+    return None
+
+
+def _oci_url(url: str) -> common_pb2.ImageObject:
+    """``oci://REGISTRY/REPOSITORY[:TAG][@DIGEST]`` as an image object."""
+    rest = url.removeprefix("oci://")
+    registry, _, name = rest.partition("/")
+    name, _, digest = name.partition("@")
+    repository, _, tag = name.rpartition(":") if ":" in name else (name, "", "")
+    if not registry or not repository:
+        raise ScanFailure(
+            f"artifact URL {url!r} is not oci://REGISTRY/REPO[:TAG][@DIGEST]",
+            code="HNDL-005",
+            permanent=True,
+        )
+    return common_pb2.ImageObject(registry=registry, repository=repository, tag=tag, digest=digest)
+
+
+def image_misconfigurations(config: dict[str, Any]) -> list[common_pb2.Misconfiguration]:
+    settings = config.get("config") or {}
+    found = []
+    user = str(settings.get("User") or "")
+    if user in ROOT_USERS:
+        found.append(
+            common_pb2.Misconfiguration(
+                id="IH-IMG-001",
+                title="The image runs as root: set a non-root USER",
+                severity=common_pb2.SEVERITY_HIGH,
+                path="image config User",
+            )
+        )
+    if not settings.get("Healthcheck"):
+        found.append(
+            common_pb2.Misconfiguration(
+                id="IH-IMG-002",
+                title="The image has no HEALTHCHECK",
+                severity=common_pb2.SEVERITY_LOW,
+                path="image config Healthcheck",
+            )
+        )
+    return found
+
+
+def node_misconfigurations(rootfs: Rootfs) -> list[common_pb2.Misconfiguration]:
+    found = []
+    sshd = rootfs.read("etc/ssh/sshd_config")
+    if sshd is not None:
+        for line in sshd.decode("utf-8", "replace").splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0].lower() == "permitrootlogin" and words[1] == "yes":
+                found.append(
+                    common_pb2.Misconfiguration(
+                        id="IH-NODE-001",
+                        title="sshd allows root to log in with a password (PermitRootLogin yes)",
+                        severity=common_pb2.SEVERITY_HIGH,
+                        path="/etc/ssh/sshd_config",
+                    )
+                )
+                break
+    shadow = rootfs.resolve("etc/shadow")
+    if shadow:
+        with contextlib.suppress(OSError):
+            if os.lstat(rootfs.path(shadow)).st_mode & stat.S_IROTH:
+                found.append(
+                    common_pb2.Misconfiguration(
+                        id="IH-NODE-002",
+                        title="/etc/shadow is readable by every user",
+                        severity=common_pb2.SEVERITY_HIGH,
+                        path="/etc/shadow",
+                    )
+                )
+    return found
