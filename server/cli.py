@@ -6,14 +6,15 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
 from server import config as config_module
 from server import logs
 from server.app import HandlerServer
-from server.errors import HandlerError
+from server.errors import Catalogue, HandlerError
+from server.security.tokens import add_token_arguments, token_main
 
 
 async def serve(config: config_module.Config) -> None:
@@ -30,6 +31,21 @@ async def serve(config: config_module.Config) -> None:
     await server.stop(config.grace_period)
 
 
+def loop_factory(config: config_module.Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``--event-loop`` asks for (None: asyncio's own)."""
+    if config.event_loop != "uvloop":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        raise HandlerError(
+            Catalogue.SYSTEM_ERROR,
+            "--event-loop uvloop needs the uvloop package: pip install uvloop "
+            "(or pip install 'image-handler[uvloop]'), or use --event-loop asyncio",
+        ) from None
+    return uvloop.new_event_loop
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="image-handler", description="The image handler: a queue of scan jobs for scanners."
@@ -37,13 +53,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="run the handler")
     config_module.add_arguments(serve_parser)
+    add_token_arguments(
+        commands.add_parser("token", help="make a bearer token and its --token-file line")
+    )
     args = parser.parse_args(argv)
+    if args.command == "token":
+        return token_main(args)
     config = config_module.from_namespace(args)
     try:
         zone = logs.resolve_timezone(config.timezone)
         logs.configure(config.log_format, config.log_level, zone)
         config.check()
-        asyncio.run(serve(config))
+        with asyncio.Runner(loop_factory=loop_factory(config)) as runner:
+            runner.run(serve(config))
     except HandlerError as error:
         print(f"image-handler: {error.message}", file=sys.stderr)
         return 2

@@ -48,7 +48,13 @@ class Catalogue(enum.Enum):
     SYSTEM_ERROR = CatalogueEntry(
         "HNDL-007",
         "",
-        (StatusCode.INTERNAL, StatusCode.RESOURCE_EXHAUSTED, StatusCode.UNAVAILABLE),
+        (
+            StatusCode.INTERNAL,
+            StatusCode.RESOURCE_EXHAUSTED,
+            StatusCode.UNAVAILABLE,
+            StatusCode.UNAUTHENTICATED,
+            StatusCode.PERMISSION_DENIED,
+        ),
     )
     JOB_ID_INVALID = CatalogueEntry(
         "HNDL-008",

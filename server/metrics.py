@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl as ssl_module
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -206,8 +207,11 @@ class StateCollector:
 class MetricsExporter:
     """The handler's metrics and the HTTP endpoint that serves them."""
 
-    def __init__(self, manager: JobManager, listen: str) -> None:
+    def __init__(
+        self, manager: JobManager, listen: str, ssl: ssl_module.SSLContext | None = None
+    ) -> None:
         self.listen = listen
+        self._ssl = ssl  # HTTPS with the handler's --tls-cert
         self._host, self._port = parse_listen(listen)
         self.port = 0
         self.registry = CollectorRegistry()
@@ -285,7 +289,7 @@ class MetricsExporter:
         """Listen; the bound port (useful with port 0)."""
         try:
             self._server = await asyncio.start_server(
-                self._serve, self._host, self._port, limit=_MAX_REQUEST_HEAD
+                self._serve, self._host, self._port, limit=_MAX_REQUEST_HEAD, ssl=self._ssl
             )
         except OSError as exc:
             raise HandlerError(

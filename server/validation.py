@@ -28,6 +28,13 @@ MAX_LABEL_VALUE = 256
 MAX_SBOM_BYTES = 4 * 1024 * 1024
 
 
+def set_limits(max_string: int, max_labels: int) -> None:
+    """The handler's --max-string-length and --max-labels (process-wide: one handler per
+    process; each HandlerServer sets its own when it is made)."""
+    global MAX_STRING, MAX_LABELS
+    MAX_STRING, MAX_LABELS = max_string, max_labels
+
+
 def params_error(detail: str) -> HandlerError:
     return HandlerError(Catalogue.SCAN_PARAMS_EMPTY, detail)
 
@@ -73,7 +80,9 @@ def check_identifier(field: str, value: str, *, required: bool) -> None:
         )
 
 
-def check_text(field: str, value: str, limit: int = MAX_STRING) -> None:
+def check_text(field: str, value: str, limit: int | None = None) -> None:
+    if limit is None:
+        limit = MAX_STRING
     if len(value) > limit:
         raise params_error(f"{field} is {len(value)} characters long; the limit is {limit}")
 
@@ -99,7 +108,7 @@ def check_proxy_url(field: str, url: str) -> None:
 
 def check_labels(labels: dict[str, str]) -> None:
     if len(labels) > MAX_LABELS:
-        raise params_error(f"{len(labels)} labels; at most {MAX_LABELS} are allowed")
+        raise params_error(f"{len(labels)} labels; at most {MAX_LABELS} are allowed (--max-labels)")
     for key, value in labels.items():
         if not key or len(key) > MAX_LABEL_KEY:
             raise params_error(f"label key {key[:80]!r} must be 1-{MAX_LABEL_KEY} characters")

@@ -15,9 +15,11 @@ import grpc
 
 from server.ihctl import commands, render
 from server.ihctl.args import build_parser
+from server.security.client import open_channel
 from server.transport.status import read_rpc_error
 
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 
@@ -27,7 +29,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(os.environ).parse_args(argv)
     output = commands.Output(out=sys.stdout, err=sys.stderr, json=args.json)
     try:
-        with grpc.insecure_channel(args.handler) as channel:
+        channel = open_channel(
+            args.handler,
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            token=args.token,
+        )
+    except ValueError as err:
+        output.note(f"ihctl: {err}")
+        return EXIT_USAGE
+    try:
+        with channel:
             client = commands.Client.over(channel, args.handler, args.timeout)
             return commands.run(args, client, output)
     except grpc.RpcError as err:

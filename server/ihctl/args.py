@@ -15,6 +15,8 @@ from server.ihctl import names
 
 DEFAULT_HANDLER = "127.0.0.1:50051"
 HANDLER_ENV = "IHCTL_HANDLER"
+TOKEN_ENV = "IHCTL_TOKEN"
+TLS_CA_ENV = "IHCTL_TLS_CA"
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_LIMIT = 100
 
@@ -45,6 +47,9 @@ exit codes:
 
 environment:
   IHCTL_HANDLER  the handler address when --handler is not given (default 127.0.0.1:50051)
+  IHCTL_TOKEN    the bearer token when --token is not given (prefer it to --token: a
+                 command line is visible to other users of the machine)
+  IHCTL_TLS_CA   the CA bundle when --tls-ca is not given
 
 --handler, --json and --timeout may also follow the command.
 """
@@ -164,6 +169,25 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help=f"the handler's gRPC address (env {HANDLER_ENV}; default {DEFAULT_HANDLER})",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument(
+        "--token",
+        default=env.get(TOKEN_ENV, ""),
+        metavar="TOKEN",
+        help=f"bearer token for a handler with --token-file (env {TOKEN_ENV})",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="connect with TLS, trusting the system's CAs"
+    )
+    parser.add_argument(
+        "--tls-ca",
+        default=env.get(TLS_CA_ENV, ""),
+        metavar="FILE",
+        help=f"connect with TLS, trusting this PEM CA bundle (env {TLS_CA_ENV})",
+    )
+    parser.add_argument(
+        "--tls-cert", default="", metavar="FILE", help="client certificate (mutual TLS), PEM"
+    )
+    parser.add_argument("--tls-key", default="", metavar="FILE", help="key of --tls-cert, PEM")
     parser.add_argument(
         "--timeout",
         type=parse_timeout,

@@ -1,0 +1,164 @@
+"""TLS for the handler's listeners, mutual TLS for its clients, and the certificate identity a
+scanner connects with.
+
+- ``--tls-cert`` / ``--tls-key``: the handler's certificate chain and private key (PEM). With
+  them, the gRPC port (and the metrics port) speak TLS only.
+- ``--client-ca``: PEM bundle of the CAs that issue client certificates. With it, every gRPC
+  client must present a certificate from one of them (mutual TLS): a client without one, with
+  one from another CA, or with an expired one fails the TLS handshake (the client sees
+  UNAVAILABLE; no call reaches the handler). A scanner's certificate identity is then bound to
+  its scanner id (:func:`bind_scanner_identity`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from server.errors import Catalogue, HandlerError
+
+_PEM_CERT = b"-----BEGIN CERTIFICATE-----"
+_PEM_KEY = b"PRIVATE KEY-----"
+
+
+def _config_error(detail: str) -> HandlerError:
+    return HandlerError(
+        Catalogue.SCANNER_CONFIG_INVALID,
+        detail,
+        status=Catalogue.SCANNER_CONFIG_INVALID.entry.statuses[1],
+    )
+
+
+def read_pem(flag: str, path: str, marker: bytes) -> bytes:
+    """The bytes of a PEM file, HNDL-003 naming the flag when it is missing or not PEM."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise _config_error(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    if marker not in data:
+        what = "a PEM certificate" if marker == _PEM_CERT else "a PEM private key"
+        raise _config_error(f"{flag} {path} does not hold {what}")
+    return data
+
+
+def check_settings(tls_cert: str, tls_key: str, client_ca: str) -> list[str]:
+    """What is wrong with the combination of TLS flags (empty: nothing)."""
+    problems = []
+    if bool(tls_cert) != bool(tls_key):
+        problems.append("tls_cert and tls_key go together: give both or neither")
+    if client_ca and not tls_cert:
+        problems.append("client_ca (mutual TLS) needs tls_cert and tls_key")
+    return problems
+
+
+def server_credentials(
+    tls_cert: str, tls_key: str, client_ca: str
+) -> grpc.ServerCredentials | None:
+    """gRPC server credentials for the flags, or None for plaintext."""
+    if not tls_cert:
+        return None
+    chain = read_pem("--tls-cert", tls_cert, _PEM_CERT)
+    key = read_pem("--tls-key", tls_key, _PEM_KEY)
+    roots = read_pem("--client-ca", client_ca, _PEM_CERT) if client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=roots, require_client_auth=roots is not None
+    )
+
+
+def metrics_ssl_context(tls_cert: str, tls_key: str) -> ssl.SSLContext | None:
+    """TLS for the metrics endpoint with the same certificate (no client certificate asked)."""
+    if not tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls_cert, tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise _config_error(f"cannot load --tls-cert/--tls-key for metrics: {exc}") from None
+    return context
+
+
+def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.ChannelCredentials:
+    """Client side: trust ``ca`` (PEM file; empty: the system roots) and present ``cert``/``key``
+    (mutual TLS) when given. ValueError saying what is wrong."""
+    if bool(cert) != bool(key):
+        raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+
+    def read(flag: str, path: str, marker: bytes) -> bytes:
+        try:
+            return read_pem(flag, path, marker)
+        except HandlerError as error:
+            raise ValueError(error.detail) from None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read("--tls-ca", ca, _PEM_CERT) if ca else None,
+        private_key=read("--tls-key", key, _PEM_KEY) if key else None,
+        certificate_chain=read("--tls-cert", cert, _PEM_CERT) if cert else None,
+    )
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether HOST:PORT binds only the loopback interface."""
+    if listen.startswith("unix:"):
+        return True
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ----- the peer's certificate ------------------------------------------------------------
+
+
+def _values(auth: dict[str, Any], key: str) -> list[str]:
+    out = []
+    for value in auth.get(key, ()):
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        if text:
+            out.append(text)
+    return out
+
+
+def certificate_names(context: Any) -> tuple[str, ...]:
+    """The client certificate's common name then its subject alternative names (empty without
+    a client certificate). ``context`` is a gRPC servicer context."""
+    auth: dict[str, Any] = context.auth_context()
+    names = _values(auth, "x509_common_name") + _values(auth, "x509_subject_alternative_name")
+    return tuple(dict.fromkeys(names))
+
+
+def bind_scanner_identity(context: Any, register: Any) -> None:
+    """With a client certificate, the scanner id is its identity: an empty ``scanner_id`` takes
+    the certificate's common name; a given one must be the common name or a subject alternative
+    name, else HNDL-003. Without a certificate, nothing changes. ``register`` is a Register."""
+    names: Sequence[str] = certificate_names(context)
+    if not names:
+        return
+    if not register.scanner_id:
+        register.scanner_id = names[0]
+        return
+    if register.scanner_id not in names:
+        raise HandlerError(
+            Catalogue.SCANNER_CONFIG_INVALID,
+            f"scanner_id {register.scanner_id[:128]!r} does not match the client certificate "
+            f"(it names {', '.join(repr(n) for n in names[:4])}); register with the "
+            "certificate's identity or leave scanner_id empty",
+        )
+
+
+__all__ = [
+    "bind_scanner_identity",
+    "certificate_names",
+    "channel_credentials",
+    "check_settings",
+    "is_loopback",
+    "metrics_ssl_context",
+    "server_credentials",
+]
