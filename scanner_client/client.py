@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import logging
 import os
 import socket
 from collections.abc import Callable, Coroutine
@@ -31,6 +32,7 @@ from scanner_client.backoff import Backoff
 from scanner_client.engine import Engine, Job, Kind, Policy, ScanFailure
 from scanner_client.errors import REGISTRATION_CODES, ScannerRejected
 from scanner_client.outbox import MAX_BATCH_RESULTS, Outbox
+from server.security.client import bearer_metadata
 from server.transport.status import read_rpc_error
 
 ConnectCall = grpc.aio.StreamStreamCall[
@@ -40,6 +42,12 @@ ConnectCall = grpc.aio.StreamStreamCall[
 # A session that stayed registered this long resets the reconnect backoff; one that breaks
 # sooner (a handler that accepts and then drops us) keeps backing off.
 STABLE_SESSION_SECONDS: Final = 1.0
+
+# A token the handler does not know, or one without the scanner role: final, like a refused
+# registration (reconnecting cannot fix it).
+_REFUSED_STATUSES: Final = frozenset(
+    {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+)
 
 
 def package_version() -> str:
@@ -171,6 +179,17 @@ class _Session:
         self.idle.set()
 
 
+def _info_enabled(log: FilteringBoundLogger) -> bool:
+    """Whether ``log.info`` writes anything (True when the logger cannot tell)."""
+    check = getattr(log, "is_enabled_for", None)
+    return True if check is None else bool(check(logging.INFO))
+
+
+def _job_log(session: _Session, job: Job) -> FilteringBoundLogger:
+    """The session's logger bound to one run (made only when something is logged)."""
+    return session.log.bind(job_id=job.job_id, run=job.run)
+
+
 class _StreamProgress:
     """A job's progress reporter: goes to the outbox while the job is still running."""
 
@@ -201,6 +220,7 @@ class ScannerClient:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: tuple[tuple[str, Any], ...] = (),
+        token: str = "",
     ) -> None:
         self.handler = handler
         self.engine = engine
@@ -214,6 +234,8 @@ class ScannerClient:
         )
         self._credentials = credentials
         self._channel_options = channel_options
+        # A handler with --token-file needs a token with the scanner role on the stream.
+        self._call_metadata = bearer_metadata(token) or None
         self.log: FilteringBoundLogger = structlog.get_logger("scanner_client").bind(
             scanner_id=self.config.scanner_id
         )
@@ -335,7 +357,7 @@ class ScannerClient:
         self.stats.connect_attempts += 1
         self._notify()
         self.log.info("connecting", handler=self.handler, attempt=self.stats.connect_attempts)
-        call: ConnectCall = self._stub.Connect(None)
+        call: ConnectCall = self._stub.Connect(None, metadata=self._call_metadata)
         session: _Session | None = None
         tasks: list[asyncio.Task[Any]] = []
         try:
@@ -343,7 +365,7 @@ class ScannerClient:
                 session = await self._register(call)
             except grpc.aio.AioRpcError as exc:
                 remote = read_rpc_error(exc)
-                if remote.code in REGISTRATION_CODES:
+                if remote.code in REGISTRATION_CODES or remote.status in _REFUSED_STATUSES:
                     raise ScannerRejected.from_remote(remote) from None
                 return _Broken(f"cannot register: {remote.message}")
             except asyncio.InvalidStateError:
@@ -542,24 +564,28 @@ class ScannerClient:
 
     def _start_job(self, session: _Session, assigned: scanner_service_pb2.AssignedJob) -> None:
         job = protocol.job_from_assignment(assigned)
-        log = session.log.bind(job_id=job.job_id, run=job.run)
         if session.closing:
-            log.warning("assignment after the stream was closed; the handler requeues it")
+            _job_log(session, job).warning(
+                "assignment after the stream was closed; the handler requeues it"
+            )
             return
         previous = session.jobs.pop(job.job_id, None)
         if previous is not None:
-            log.warning("job assigned again while running; the earlier run is dropped")
+            _job_log(session, job).warning(
+                "job assigned again while running; the earlier run is dropped"
+            )
             self._cancel_task(previous.task)
         task = asyncio.create_task(self._run_job(session, job), name=f"scan {job.job_id}")
         session.jobs[job.job_id] = _RunningJob(job, task)
         session.idle.clear()
         self.stats.jobs_assigned += 1
         self._notify()
-        log.info(
-            "job assigned",
-            kind=job.kind,
-            deadline=protocol.format_deadline(job.deadline) if job.deadline else None,
-        )
+        if _info_enabled(session.log):  # skip formatting what nobody reads
+            _job_log(session, job).info(
+                "job assigned",
+                kind=job.kind,
+                deadline=protocol.format_deadline(job.deadline) if job.deadline else None,
+            )
 
     def _cancel_job(self, session: _Session, job_id: str, reason: str) -> None:
         running = session.jobs.pop(job_id, None)
@@ -593,7 +619,6 @@ class ScannerClient:
         task.add_done_callback(self._unwinding.discard)
 
     async def _run_job(self, session: _Session, job: Job) -> None:
-        log = session.log.bind(job_id=job.job_id, run=job.run)
         loop = asyncio.get_running_loop()
         when = (
             None
@@ -620,11 +645,11 @@ class ScannerClient:
                     f"scan did not finish by its deadline {protocol.format_deadline(job.deadline)}",
                 )
             else:
-                failure = self._internal_failure(job, exc, log)
+                failure = self._internal_failure(job, exc, _job_log(session, job))
         except ScanFailure as exc:
             failure = protocol.failure(job.job_id, exc.code, exc.detail, permanent=exc.permanent)
         except Exception as exc:
-            failure = self._internal_failure(job, exc, log)
+            failure = self._internal_failure(job, exc, _job_log(session, job))
         running = session.jobs.get(job.job_id)
         if running is None or running.job is not job:
             return  # cancelled meanwhile: nothing may be said about it
@@ -637,10 +662,13 @@ class ScannerClient:
             if not result.databases:
                 result.databases.extend(session.databases)
             session.outbox.result(result)
-            log.info("job finished", verdict=common_pb2.Verdict.Name(result.verdict))
+            if _info_enabled(session.log):
+                _job_log(session, job).info(
+                    "job finished", verdict=common_pb2.Verdict.Name(result.verdict)
+                )
         elif failure is not None:
             session.outbox.failure(failure)
-            log.warning(
+            _job_log(session, job).warning(
                 "job failed", code=failure.code, detail=failure.detail, permanent=failure.permanent
             )
 

@@ -22,9 +22,24 @@ MAX_BATCH_BYTES = 1 << 20
 
 @dataclass(eq=False)
 class _Item:
-    request: scanner_service_pb2.ConnectRequest
+    # None for a progress report still waiting: its message is built when it is sent (most
+    # are replaced or dropped before that).
+    request: scanner_service_pb2.ConnectRequest | None
     dropped: bool = False
     size: int = 0
+    # A waiting progress report: (job_id, stage, percent, message).
+    progress: tuple[str, str, int, str] | None = None
+
+    def message(self) -> scanner_service_pb2.ConnectRequest:
+        if self.request is None:
+            assert self.progress is not None
+            job_id, stage, percent, text = self.progress
+            self.request = scanner_service_pb2.ConnectRequest(
+                progress=scanner_service_pb2.Progress(
+                    job_id=job_id, stage=stage, percent=percent, message=text
+                )
+            )
+        return self.request
 
 
 class Outbox:
@@ -55,16 +70,9 @@ class Outbox:
         percent = max(0, min(100, percent))
         item = self._progress.get(job_id)
         if item is not None:
-            pending = item.request.progress
-            pending.stage, pending.percent, pending.message = stage, percent, message
+            item.progress = (job_id, stage, percent, message)
             return
-        item = _Item(
-            scanner_service_pb2.ConnectRequest(
-                progress=scanner_service_pb2.Progress(
-                    job_id=job_id, stage=stage, percent=percent, message=message
-                )
-            )
-        )
+        item = _Item(None, progress=(job_id, stage, percent, message))
         self._progress[job_id] = item
         self._append(item)
 
@@ -74,6 +82,7 @@ class Outbox:
         batch = self._open_batch
         if (
             batch is not None
+            and batch.request is not None
             and len(batch.request.result.results) < self._max_batch
             and batch.size + size <= self._max_batch_bytes
         ):
@@ -111,10 +120,10 @@ class Outbox:
             if item.dropped:
                 self._settle()
                 continue
-            if item.request.WhichOneof("message") == "progress":
-                self._progress.pop(item.request.progress.job_id, None)
+            if item.progress is not None:
+                self._progress.pop(item.progress[0], None)
             self._in_flight += 1
-            return item.request
+            return item.message()
 
     def written(self) -> None:
         self._in_flight -= 1

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from imagehandler.v1 import common_pb2, scanner_service_pb2
 from scanner_client.engine import Database, Job, Kind, Policy
@@ -65,13 +65,21 @@ def seconds(duration: duration_pb2.Duration, default: float) -> float:
     return value if value > 0 else default
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _datetime(ts: timestamp_pb2.Timestamp) -> datetime:
+    """``ts.ToDatetime(tzinfo=UTC)`` without its slower generic path."""
+    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+
+
 def job_from_assignment(assigned: scanner_service_pb2.AssignedJob) -> Job:
     policies = tuple(
         policy
         for policy in (Policy.from_proto(value) for value in assigned.policies)
         if policy is not None
     )
-    deadline = assigned.deadline.ToDatetime(tzinfo=UTC) if assigned.HasField("deadline") else None
+    deadline = _datetime(assigned.deadline) if assigned.HasField("deadline") else None
     scan_object = common_pb2.ScanObject()
     scan_object.CopyFrom(assigned.object)
     return Job(

@@ -23,11 +23,13 @@ from server.delivery import Receiver, open_receiver
 from server.errors import Catalogue, HandlerError
 from server.job_manager import JobManager
 from server.metrics import JOURNAL_FSYNC_SECONDS, MetricsExporter
+from server.security import Security
 from server.storage.journal import FsyncPolicy
 from server.storage.result_files import MemoryResultFiles, ResultFiles
 from server.storage.store import JournalStore, Recovered, open_store
 from server.transport.job_service import JobService
 from server.transport.scanner_service import ScannerService
+from server.validation import set_limits
 
 log = structlog.get_logger("imagehandler")
 
@@ -44,6 +46,9 @@ class HandlerServer:
     def __init__(self, config: Config) -> None:
         config.check()
         self.config = config
+        # TLS, tokens and limits (server/security/); a bad certificate or token file stops here.
+        self.security = Security(config)
+        set_limits(config.max_string_length, config.max_labels)
         self.store = open_store(
             config.storage,
             config.data_dir,
@@ -67,7 +72,9 @@ class HandlerServer:
         )
         # Prometheus text on --metrics-listen (none when empty); metrics_port is the bound port.
         self.metrics = (
-            MetricsExporter(self.manager, config.metrics_listen) if config.metrics_listen else None
+            MetricsExporter(self.manager, config.metrics_listen, ssl=self.security.metrics_ssl())
+            if config.metrics_listen
+            else None
         )
         self.metrics_port = 0
         self._housekeeping: asyncio.Task[None] | None = None
@@ -75,21 +82,27 @@ class HandlerServer:
         # grpc_health re-exports its asyncio servicer as health.aio without declaring it.
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.server = aio.server(
-            options=[
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.so_reuseport", 0),
-            ]
+            interceptors=[self.security.interceptor],
+            options=[*self.security.options, ("grpc.so_reuseport", 0)],
         )
         job_service_pb2_grpc.add_JobServiceServicer_to_server(JobService(self.manager), self.server)
         scanner_service_pb2_grpc.add_ScannerServiceServicer_to_server(
             ScannerService(self.manager), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # --health-listen: health alone on a plaintext port (Kubernetes' gRPC probes cannot
+        # speak TLS); health_port is its bound port.
+        self.health_server, self.health_port = self.security.health_server(self.health)
         if config.reflection:
             reflection.enable_server_reflection(
                 (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
             )
-        self.port = self.server.add_insecure_port(config.listen)
+        credentials = self.security.credentials
+        self.port = (
+            self.server.add_secure_port(config.listen, credentials)
+            if credentials is not None
+            else self.server.add_insecure_port(config.listen)
+        )
         if self.port == 0:
             raise HandlerError(
                 Catalogue.SYSTEM_ERROR,
@@ -121,8 +134,11 @@ class HandlerServer:
             self.metrics_port = await self.metrics.start()
         await self._set_health(NOT_SERVING)
         self.manager.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         await self.server.start()
         log.info("handler.started", address=self.address, data_dir=str(self.config.data_dir))
+        self.security.warn_if_exposed(self.address)
         state = Recovered()
         if isinstance(self.store, JournalStore):
             store = self.store
@@ -130,6 +146,8 @@ class HandlerServer:
                 state = await asyncio.get_running_loop().run_in_executor(None, store.recover)
             except BaseException:
                 await self.server.stop(0)
+                if self.health_server is not None:
+                    await self.health_server.stop(0)
                 await self.manager.stop()
                 await store.close()
                 if self.metrics is not None:
@@ -166,6 +184,8 @@ class HandlerServer:
             self._housekeeping.cancel()
             await asyncio.gather(self._housekeeping, return_exceptions=True)
         await self.server.stop(min(grace or 0, 1.0))
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.manager.stop()
         if self.manager.recovered:
             await self.manager.snapshot()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from itertools import islice
 
 from server.model import Job
 from server.queue import JobQueue
@@ -36,21 +37,40 @@ class Dispatcher:
     def dispatch(
         self, assign: Callable[[Job, ScannerSession], None]
     ) -> dict[ScannerSession, list[Job]]:
-        """Assign as many jobs as there are free slots for; ``assign`` moves each job."""
+        """Assign as many jobs as there are free slots for; ``assign`` moves each job.
+
+        A pass visits the sessions that are Free at its start in ring order. Sessions that take
+        a job go to the back of the ring; the others stay in front, so the next session to
+        visit is always the one after the ones skipped so far. Sessions are read from the ring
+        a few at a time (no more than there are jobs), so a pass costs what it assigns, not
+        the number of Free scanners.
+        """
         batches: dict[ScannerSession, list[Job]] = {}
-        while self._queue and self._free:
+        queue = self._queue
+        free = self._free
+        while queue and free:
             assigned_this_pass = False
-            for session in list(self._free.values()):
-                job = self._queue.pop_for(session.kinds)
-                if job is None:
-                    continue
-                assign(job, session)
-                batches.setdefault(session, []).append(job)
-                assigned_this_pass = True
-                self._free.move_to_end(session.session_id)
-                self.refresh(session)
-                if not self._queue:
-                    break
+            skipped = 0  # sessions at the front of the ring that took nothing in this pass
+            unvisited = len(free)
+            while unvisited and queue:
+                chunk = list(islice(free.values(), skipped, skipped + min(unvisited, len(queue))))
+                unvisited -= len(chunk)
+                for session in chunk:
+                    job = queue.pop_for(session.kinds)
+                    if job is None:
+                        skipped += 1
+                        continue
+                    assign(job, session)
+                    batch = batches.get(session)
+                    if batch is None:
+                        batches[session] = [job]
+                    else:
+                        batch.append(job)
+                    assigned_this_pass = True
+                    free.move_to_end(session.session_id)
+                    self.refresh(session)
+                    if not queue:
+                        break
             if not assigned_this_pass:
                 break
         return batches

@@ -2,15 +2,26 @@
 
 Every state change is one event carrying job_id, scanner_id and run; timestamps are ISO 8601 in
 the configured time zone.
+
+At ``info`` that is several lines per job, so the JSON path is built for speed: a level that is
+off costs one no-op call (``make_filtering_bound_logger``, loggers cached on first use); the
+timestamp string is made once per millisecond; the JSON encoder is built once; and the lines of
+one event-loop turn are written together at the end of the turn (warnings and errors, and lines
+logged off the loop, are written at once; whatever is left is written at exit).
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import json
 import logging
 import sys
+import threading
+import time
 from collections.abc import MutableMapping
 from datetime import datetime, tzinfo
-from typing import Any
+from typing import Any, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
@@ -35,30 +46,116 @@ def resolve_timezone(name: str) -> tzinfo:
         ) from None
 
 
+# A long loop turn writes its lines in pieces of this many.
+MAX_BUFFERED_LINES = 1000
+
+
+class TurnBufferedLogger:
+    """A structlog logger writing lines to ``stream``: ``debug`` and ``info`` lines logged on
+    an event loop are written together when the loop turn ends (one ``write`` and ``flush``
+    for all of them); anything else, and anything logged off the loop, at once."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+        atexit.register(self.flush)
+
+    def _later(self, message: str) -> None:
+        self._lines.append(message)
+        if self._scheduled:
+            if len(self._lines) >= MAX_BUFFERED_LINES:
+                self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self._flush_turn)
+
+    def _now(self, message: str) -> None:
+        self._lines.append(message)
+        self.flush()
+
+    def _flush_turn(self) -> None:
+        self._scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            lines, self._lines = self._lines, []
+            if lines:
+                lines.append("")
+                self._stream.write("\n".join(lines))
+                self._stream.flush()
+
+    debug = info = _later
+    msg = log = warning = warn = error = err = critical = fatal = exception = failure = _now
+
+
+class _TurnBufferedLoggerFactory:
+    def __init__(self, stream: TextIO) -> None:
+        self._logger = TurnBufferedLogger(stream)
+
+    def __call__(self, *args: Any) -> TurnBufferedLogger:
+        return self._logger
+
+
+def _fallback(obj: Any) -> Any:
+    """What structlog's JSONRenderer does with values JSON has no type for."""
+    try:
+        return obj.__structlog__()
+    except AttributeError:
+        return repr(obj)
+
+
 def configure(fmt: str = "auto", level: str = "info", zone: tzinfo | None = None) -> None:
     json_output = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     tz = zone
+    cached_ms = -1
+    cached_text = ""
 
     def add_timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        event["timestamp"] = datetime.now(tz).isoformat(timespec="milliseconds")
+        nonlocal cached_ms, cached_text
+        ms = time.time_ns() // 1_000_000
+        if ms != cached_ms:
+            # The same instant datetime.now(tz) would give, to the millisecond.
+            at = datetime.fromtimestamp(ms / 1000, tz)
+            cached_ms, cached_text = ms, at.isoformat(timespec="milliseconds")
+        event["timestamp"] = cached_text
         return event
 
+    def format_exc_info(logger: Any, name: str, event: MutableMapping[str, Any]) -> Any:
+        if "exc_info" in event:
+            return structlog.processors.format_exc_info(logger, name, event)
+        return event
+
+    encode = json.JSONEncoder(default=_fallback).encode
+
+    def render_json(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
+        return encode(event)
+
     renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if json_output
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        render_json if json_output else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             add_timestamp,
-            structlog.processors.format_exc_info,
+            format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=(
+            _TurnBufferedLoggerFactory(sys.stderr)
+            if json_output
+            else structlog.PrintLoggerFactory(sys.stderr)
+        ),
         cache_logger_on_first_use=True,
     )

@@ -13,6 +13,7 @@ rescans never starve a person waiting on one scan and the bulk lane always moves
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeAlias
 
 from sortedcontainers import SortedKeyList
 
@@ -25,14 +26,21 @@ def _seq(job: Job) -> int:
     return job.seq
 
 
+JobList: TypeAlias = "SortedKeyList[Job, int]"  # jobs by seq
+
+
 class JobQueue:
     def __init__(self, interactive_share: float = 0.8) -> None:
         if not 0.0 < interactive_share <= 1.0:
             raise ValueError("interactive_share must be in (0, 1]")
         self.interactive_share = interactive_share
-        self._lists: dict[tuple[Lane, ObjectKind], SortedKeyList[Job, int]] = {
+        self._lists: dict[tuple[Lane, ObjectKind], JobList] = {
             (lane, kind): SortedKeyList(key=_seq) for lane in Lane for kind in ObjectKind
         }
+        # For each scanner's kinds (a frozenset caches its hash; a (lane, kind) key is built
+        # and hashed at every lookup): the lists it takes from, interactive lane first.
+        self._by_kinds: dict[frozenset[ObjectKind], tuple[tuple[JobList, ...], ...]] = {}
+        self._lane_sizes: dict[Lane, int] = {Lane.INTERACTIVE: 0, Lane.BULK: 0}
         self._size = 0
         # Jobs taken from each lane while both lanes had work (the contended period).
         self._taken: dict[Lane, int] = {Lane.INTERACTIVE: 0, Lane.BULK: 0}
@@ -44,19 +52,23 @@ class JobQueue:
         return job in self._lists[job.spec.lane, job.kind]
 
     def push(self, job: Job) -> None:
-        self._lists[job.spec.lane, job.kind].add(job)
+        lane = job.spec.lane
+        self._lists[lane, job.kind].add(job)
+        self._lane_sizes[lane] += 1
         self._size += 1
 
     def remove(self, job: Job) -> bool:
-        jobs = self._lists[job.spec.lane, job.kind]
+        lane = job.spec.lane
+        jobs = self._lists[lane, job.kind]
         if job not in jobs:
             return False
         jobs.remove(job)
+        self._lane_sizes[lane] -= 1
         self._size -= 1
         return True
 
     def lane_size(self, lane: Lane) -> int:
-        return sum(len(self._lists[lane, kind]) for kind in ObjectKind)
+        return self._lane_sizes[lane]
 
     def oldest(self, lane: Lane) -> Job | None:
         heads = [jobs[0] for kind in ObjectKind if (jobs := self._lists[lane, kind])]
@@ -65,34 +77,70 @@ class JobQueue:
     def position(self, job: Job) -> int:
         """1-based place among the PENDING jobs of the job's lane (1 = next to go)."""
         lane = job.spec.lane
-        return 1 + sum(self._lists[lane, kind].bisect_key_left(job.seq) for kind in ObjectKind)
-
-    def _head(self, lane: Lane, kinds: frozenset[ObjectKind]) -> Job | None:
-        best: Job | None = None
-        for kind in kinds:
+        seq = job.seq
+        ahead = 0
+        for kind in ObjectKind:
             jobs = self._lists[lane, kind]
-            if jobs and (best is None or jobs[0].seq < best.seq):
-                best = jobs[0]
+            if not jobs:
+                continue
+            last = jobs[-1].seq  # usually the newest job asks: no bisection then
+            if last < seq:
+                ahead += len(jobs)
+            elif last == seq:
+                ahead += len(jobs) - 1
+            else:
+                ahead += jobs.bisect_key_left(seq)
+        return 1 + ahead
+
+    def _lists_for(self, kinds: frozenset[ObjectKind]) -> tuple[tuple[JobList, ...], ...]:
+        """(interactive lists, bulk lists) a scanner of ``kinds`` takes from."""
+        found = self._by_kinds.get(kinds)
+        if found is None:
+            found = tuple(
+                tuple(self._lists[lane, kind] for kind in sorted(kinds))
+                for lane in (Lane.INTERACTIVE, Lane.BULK)
+            )
+            self._by_kinds[kinds] = found
+        return found
+
+    @staticmethod
+    def _head(lists: tuple[JobList, ...]) -> JobList | None:
+        """The list whose first job arrived first."""
+        best: JobList | None = None
+        for jobs in lists:
+            if jobs and (best is None or jobs[0].seq < best[0].seq):
+                best = jobs
         return best
 
     def pop_for(self, kinds: frozenset[ObjectKind]) -> Job | None:
         """Take the next job a scanner of these kinds may run, or None."""
-        interactive = self._head(Lane.INTERACTIVE, kinds)
-        bulk = self._head(Lane.BULK, kinds)
-        chosen: Job | None
+        if not self._size:
+            self._taken[Lane.INTERACTIVE] = self._taken[Lane.BULK] = 0
+            return None
+        interactive_lists, bulk_lists = self._lists_for(kinds)
+        interactive = self._head(interactive_lists) if self._lane_sizes[Lane.INTERACTIVE] else None
+        bulk = self._head(bulk_lists) if self._lane_sizes[Lane.BULK] else None
+        chosen: JobList | None
+        lane: Lane
         if interactive is not None and bulk is not None:
-            taken_total = self._taken[Lane.INTERACTIVE] + self._taken[Lane.BULK]
-            share_left = self._taken[Lane.INTERACTIVE] < self.interactive_share * (taken_total + 1)
-            chosen = interactive if share_left else bulk
-            self._taken[chosen.spec.lane] += 1
+            taken = self._taken
+            taken_total = taken[Lane.INTERACTIVE] + taken[Lane.BULK]
+            share_left = taken[Lane.INTERACTIVE] < self.interactive_share * (taken_total + 1)
+            chosen, lane = (interactive, Lane.INTERACTIVE) if share_left else (bulk, Lane.BULK)
+            taken[lane] += 1
         else:
             # No contention: forget the counts so the next contended period starts fresh.
             self._taken[Lane.INTERACTIVE] = self._taken[Lane.BULK] = 0
-            chosen = interactive or bulk
-        if chosen is not None:
-            self._lists[chosen.spec.lane, chosen.kind].remove(chosen)
-            self._size -= 1
-        return chosen
+            if interactive is not None:
+                chosen, lane = interactive, Lane.INTERACTIVE
+            elif bulk is not None:
+                chosen, lane = bulk, Lane.BULK
+            else:
+                return None
+        job: Job = chosen.pop(0)
+        self._lane_sizes[lane] -= 1
+        self._size -= 1
+        return job
 
     def jobs(self, lanes: Iterable[Lane] = tuple(Lane)) -> list[Job]:
         """PENDING jobs in arrival order (for inspection; O(n))."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from scanner_client.engine import Engine
 from scanner_client.engines.noop import NoopEngine
@@ -15,12 +16,58 @@ class EngineSettings:
 
     # Seconds each no-op scan takes.
     delay: float = 0.0
+    # builtin and command: the scanner's proxy (a job's image.proxy_url wins).
+    proxy_url: str = ""
+    # builtin: databases directory ("" = packaged), scratch directory ("" = system temp),
+    # credentials file for credentials_ref, plain-HTTP registries, the platform to pull.
+    db_dir: str = ""
+    scratch_dir: str = ""
+    credentials_file: str = ""
+    insecure_registries: tuple[str, ...] = ()
+    platform: str = "linux/amd64"
+    # command: the template, its output format, timeout, and declared databases
+    # (NAME=VERSION@RELEASED_AT).
+    command: str = ""
+    command_format: str = "trivy-json"
+    command_timeout: float = 600.0
+    command_databases: tuple[str, ...] = ()
 
 
 EngineFactory = Callable[[EngineSettings], Engine]
 
+
+def _builtin(settings: EngineSettings) -> Engine:
+    # Imported here: the builtin engine loads yara and its databases, the noop one needs neither.
+    from scanner_client.engines.builtin import BuiltinEngine, BuiltinSettings
+
+    return BuiltinEngine(
+        BuiltinSettings(
+            db_dir=Path(settings.db_dir) if settings.db_dir else None,
+            scratch_dir=Path(settings.scratch_dir) if settings.scratch_dir else None,
+            proxy_url=settings.proxy_url,
+            credentials_file=Path(settings.credentials_file) if settings.credentials_file else None,
+            insecure_registries=frozenset(settings.insecure_registries),
+            platform=settings.platform,
+        )
+    )
+
+
+def _command(settings: EngineSettings) -> Engine:
+    from scanner_client.engines.command import CommandEngine, parse_database
+
+    return CommandEngine(
+        settings.command,
+        output_format=settings.command_format,
+        timeout=settings.command_timeout,
+        databases=[parse_database(value) for value in settings.command_databases],
+        proxy_url=settings.proxy_url,
+    )
+
+
 ENGINES: dict[str, EngineFactory] = {
     "noop": lambda settings: NoopEngine(delay=settings.delay),
+    "builtin": _builtin,
+    "command": _command,
 }
 
 __all__ = ["ENGINES", "EngineFactory", "EngineSettings", "NoopEngine"]

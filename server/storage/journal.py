@@ -20,6 +20,7 @@ import enum
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from server.errors import Catalogue, HandlerError
@@ -77,10 +78,21 @@ class Journal:
         self._retired: list[int] = []  # earlier files' descriptors, closed once fsynced
         self._syncer: asyncio.Task[None] | None = None
         self.failed: JournalError | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # fsyncs run on a thread of their own: in the loop's default executor they would
+        # queue behind other work (result workers) while every answer waits on them.
+        self._fsync_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-fsync")
 
     @staticmethod
     def _open(path: Path) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop (asked once: ``asyncio.get_running_loop`` makes a system call)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def start(self) -> None:
         if self.policy is FsyncPolicy.BATCH:
@@ -96,7 +108,7 @@ class Journal:
         self.last_lsn = lsn
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._scheduled_flush)
+            self._running_loop().call_soon(self._scheduled_flush)
 
     def mark(self) -> int:
         return len(self._buffer)
@@ -158,7 +170,7 @@ class Journal:
         self.flush()
         if self.synced_lsn >= target:
             return
-        future = asyncio.get_running_loop().create_future()
+        future = self._running_loop().create_future()
         self._waiters.append((target, future))
         self._sync_wanted.set()
         await future
@@ -197,12 +209,12 @@ class Journal:
             if target <= self.synced_lsn and not retired:
                 self._wake()
                 return
-            loop = asyncio.get_running_loop()
+            loop = self._running_loop()
             started = time.perf_counter()
             for fd in retired:
-                await loop.run_in_executor(None, os.fsync, fd)
+                await loop.run_in_executor(self._fsync_thread, os.fsync, fd)
                 os.close(fd)
-            await loop.run_in_executor(None, os.fsync, current)
+            await loop.run_in_executor(self._fsync_thread, os.fsync, current)
             self._observe(time.perf_counter() - started)
             self.synced_lsn = max(self.synced_lsn, target)
             self._wake()
@@ -224,6 +236,7 @@ class Journal:
         if self._syncer is not None:
             self._syncer.cancel()
             await asyncio.gather(self._syncer, return_exceptions=True)
+        self._fsync_thread.shutdown(wait=True)
         try:
             self.flush()
             for fd in self._retired:

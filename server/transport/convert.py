@@ -1,11 +1,19 @@
 """Protobuf <-> domain conversion. Requests are checked on the way in (server.validation says
-what is wrong); nothing else happens here."""
+what is wrong); nothing else happens here.
+
+These functions run several times for every job (the submit's answer, the journal records, the
+assignment), so the hot ones fill messages in place: nested fields are set through the parent
+(``message.created_at.seconds = ...``) instead of building a sub-message and copying it in, and
+timestamps are computed with integer arithmetic rather than ``Timestamp.FromDatetime``. The
+messages they produce are the same.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import IntEnum
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -38,6 +46,10 @@ E = TypeVar("E", bound=IntEnum)
 DEFAULT_REGISTRY = "docker.io"
 MAX_RUN_TIME_LIMIT = 7 * 24 * 3600.0
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_NAIVE = datetime(1970, 1, 1)  # Timestamp.FromDatetime reads a naive datetime as UTC
+_NANOS = 1_000_000_000
+
 
 def enum_value(enum_type: type[E], value: int, field: str, *, default: E | None = None) -> E:
     """A protobuf enum number as a domain enum; 0 (unspecified) takes ``default``."""
@@ -53,7 +65,11 @@ def enum_value(enum_type: type[E], value: int, field: str, *, default: E | None 
 
 
 def enum_set(enum_type: type[E], values: Iterable[int], field: str) -> frozenset[E]:
-    return frozenset(enum_value(enum_type, v, field) for v in values)
+    members = enum_type._value2member_map_
+    try:
+        return frozenset([members[v] for v in values])  # type: ignore[misc]
+    except (KeyError, TypeError):
+        return frozenset(enum_value(enum_type, v, field) for v in values)
 
 
 # Domain enums share their numbers with the protobuf enums; these give mypy the protobuf type.
@@ -76,17 +92,35 @@ def pb_kinds(kinds: Iterable[ObjectKind]) -> list[common_pb2.ObjectKind.ValueTyp
 # ----- timestamps ----------------------------------------------------------------------
 
 
+def set_timestamp(target: timestamp_pb2.Timestamp, at: datetime) -> None:
+    """``target.FromDatetime(at)``, about four times cheaper."""
+    delta = at - (_EPOCH if at.tzinfo is not None else _EPOCH_NAIVE)
+    target.seconds = delta.days * 86400 + delta.seconds
+    target.nanos = delta.microseconds * 1000
+
+
 def timestamp(at: datetime | None) -> timestamp_pb2.Timestamp | None:
     if at is None:
         return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(at)
-    return ts
+    delta = at - (_EPOCH if at.tzinfo is not None else _EPOCH_NAIVE)
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
+
+
+def set_duration(target: duration_pb2.Duration, seconds: float) -> None:
+    """``target.FromNanoseconds(round(seconds * 1e9))``."""
+    nanos = round(seconds * 1e9)
+    whole, rest = divmod(nanos, _NANOS)
+    if whole < 0 and rest > 0:  # Duration keeps seconds and nanos of one sign
+        whole, rest = whole + 1, rest - _NANOS
+    target.seconds = whole
+    target.nanos = rest
 
 
 def duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
+    set_duration(d, seconds)
     return d
 
 
@@ -118,7 +152,16 @@ def _image(image: common_pb2.ImageObject) -> ImageRef:
     validation.check_identifier("image.credentials_ref", image.credentials_ref, required=False)
     validation.check_proxy_url("image.proxy_url", image.proxy_url)
     tag = image.tag or ("" if image.digest else "latest")
-    return ImageRef(registry, repository, tag, image.digest, image.credentials_ref, image.proxy_url)
+    # Many queued jobs name the same registry and repository (a rescan of every tag): one
+    # string each, however many jobs hold them.
+    return ImageRef(
+        sys.intern(registry),
+        sys.intern(repository),
+        tag,
+        image.digest,
+        image.credentials_ref,
+        image.proxy_url,
+    )
 
 
 def _node(node: common_pb2.NodeObject) -> NodeRef:
@@ -139,7 +182,10 @@ def _artifact(artifact: common_pb2.ArtifactObject) -> ArtifactRef:
     if not (artifact.path or artifact.url or artifact.sbom):
         raise validation.params_error("artifact needs a path, a url or an inline sbom")
     if artifact.url:
-        parts = urlsplit(artifact.url)
+        try:
+            parts = urlsplit(artifact.url)
+        except ValueError:  # "http://[::1" and the like (found by tests/test_fuzz.py)
+            parts = urlsplit("")
         if parts.scheme not in ("http", "https", "oci", "s3", "gs") or not parts.netloc:
             raise validation.params_error(
                 f"artifact.url {artifact.url[:80]!r} must be an absolute http(s), oci, s3 or gs URL"
@@ -160,6 +206,20 @@ def _artifact(artifact: common_pb2.ArtifactObject) -> ArtifactRef:
     )
 
 
+# Requests name the same few policy lists again and again: each list's sorted set, once.
+_POLICY_SETS: dict[tuple[int, ...], tuple[Policy, ...]] = {}
+
+
+def _policies(values: Iterable[int]) -> tuple[Policy, ...]:
+    key = tuple(values)
+    found = _POLICY_SETS.get(key)
+    if found is None:
+        found = tuple(sorted(enum_set(Policy, key, "policy")))  # raises for an unknown one
+        if len(_POLICY_SETS) < 1024:
+            _POLICY_SETS[key] = found
+    return found
+
+
 def spec_from_request(request: job_service_pb2.SubmitJobRequest, config: Config) -> JobSpec:
     if not request.HasField("object"):
         raise validation.params_error(
@@ -168,7 +228,7 @@ def spec_from_request(request: job_service_pb2.SubmitJobRequest, config: Config)
     target = target_from_proto(request.object)
     trigger = enum_value(Trigger, request.trigger, "trigger", default=Trigger.MANUAL)
     lane = enum_value(Lane, request.lane, "lane", default=Lane.BULK)
-    policies = tuple(sorted(enum_set(Policy, request.policies, "policy")))
+    policies = _policies(request.policies)
     if not policies:
         policies = config.default_policies
         if not policies:
@@ -191,8 +251,9 @@ def spec_from_request(request: job_service_pb2.SubmitJobRequest, config: Config)
         if seconds > 0:
             max_run_time = seconds
     validation.check_text("idempotency_key", request.idempotency_key, 256)
-    labels = dict(request.labels)
-    validation.check_labels(labels)
+    labels = dict(request.labels) if request.labels else {}
+    if labels:
+        validation.check_labels(labels)
     return JobSpec(
         target=target,
         trigger=trigger,
@@ -247,34 +308,42 @@ def profile_from_register(register: scanner_service_pb2.Register, config: Config
 # ----- domain out ----------------------------------------------------------------------
 
 
-def object_to_proto(target: ScanTarget) -> common_pb2.ScanObject:
+def set_object(message: common_pb2.ScanObject, target: ScanTarget) -> None:
+    """Fill ``message`` (a ScanObject, usually a field of its parent) from ``target``."""
     if isinstance(target, ImageRef):
-        return common_pb2.ScanObject(
-            image=common_pb2.ImageObject(
-                registry=target.registry,
-                repository=target.repository,
-                tag=target.tag,
-                digest=target.digest,
-                credentials_ref=target.credentials_ref,
-                proxy_url=target.proxy_url,
-            )
-        )
-    if isinstance(target, NodeRef):
-        return common_pb2.ScanObject(
-            node=common_pb2.NodeObject(
-                cluster=target.cluster, node_name=target.node_name, root_path=target.root_path
-            )
-        )
-    return common_pb2.ScanObject(
-        artifact=common_pb2.ArtifactObject(
-            pipeline=target.pipeline,
-            job=target.job,
-            path=target.path,
-            url=target.url,
-            sbom=target.sbom,
-            sbom_format=target.sbom_format,
-        )
-    )
+        image = message.image
+        image.SetInParent()
+        image.registry = target.registry
+        image.repository = target.repository
+        if target.tag:
+            image.tag = target.tag
+        if target.digest:
+            image.digest = target.digest
+        if target.credentials_ref:
+            image.credentials_ref = target.credentials_ref
+        if target.proxy_url:
+            image.proxy_url = target.proxy_url
+    elif isinstance(target, NodeRef):
+        node = message.node
+        node.SetInParent()
+        node.cluster = target.cluster
+        node.node_name = target.node_name
+        node.root_path = target.root_path
+    else:
+        artifact = message.artifact
+        artifact.SetInParent()
+        artifact.pipeline = target.pipeline
+        artifact.job = target.job
+        artifact.path = target.path
+        artifact.url = target.url
+        artifact.sbom = target.sbom
+        artifact.sbom_format = target.sbom_format
+
+
+def object_to_proto(target: ScanTarget) -> common_pb2.ScanObject:
+    message = common_pb2.ScanObject()
+    set_object(message, target)
+    return message
 
 
 def error_to_proto(error: JobFailure | None) -> common_pb2.JobError | None:
@@ -283,61 +352,107 @@ def error_to_proto(error: JobFailure | None) -> common_pb2.JobError | None:
     return common_pb2.JobError(code=error.code, message=error.message, detail=error.detail)
 
 
+def set_transition(message: common_pb2.JobTransition, t: Transition) -> None:
+    """Fill ``message`` (an empty JobTransition) from ``t``."""
+    if t.from_status:
+        message.from_status = t.from_status  # type: ignore[assignment]
+    message.to_status = t.to_status  # type: ignore[assignment]
+    set_timestamp(message.at, t.at)
+    if t.scanner_id:
+        message.scanner_id = t.scanner_id
+    if t.run:
+        message.run = t.run
+    if t.error is not None:
+        error = message.error
+        error.code = t.error.code
+        error.message = t.error.message
+        error.detail = t.error.detail
+    if t.reason:
+        message.reason = t.reason
+
+
 def transition_to_proto(t: Transition) -> common_pb2.JobTransition:
-    return common_pb2.JobTransition(
-        from_status=pb_status(t.from_status)
-        if t.from_status
-        else common_pb2.JOB_STATUS_UNSPECIFIED,
-        to_status=pb_status(t.to_status),
-        at=timestamp(t.at),
-        scanner_id=t.scanner_id,
-        run=t.run,
-        error=error_to_proto(t.error),
-        reason=t.reason,
-    )
+    message = common_pb2.JobTransition()
+    set_transition(message, t)
+    return message
+
+
+def set_job(
+    message: common_pb2.Job,
+    job: Job,
+    *,
+    position: int,
+    history: bool = False,
+    full_result: bool = False,
+) -> None:
+    """Fill ``message`` (an empty Job, e.g. a field of a journal record) from ``job``."""
+    spec = job.spec
+    message.id = job.id
+    set_object(message.object, spec.target)
+    message.status = job.status  # type: ignore[assignment]  # the enums share the numbers
+    message.trigger = spec.trigger  # type: ignore[assignment]
+    message.policies.extend(spec.policies)  # type: ignore[arg-type]
+    if job.runs:
+        message.runs = job.runs
+    if job.scanner_id:
+        message.scanner_id = job.scanner_id
+    if job.error is not None:
+        error = message.error
+        error.code = job.error.code
+        error.message = job.error.message
+        error.detail = job.error.detail
+    if position:
+        message.queue_position = position
+    set_timestamp(message.created_at, job.created_at)
+    if job.updated_at is not None:
+        set_timestamp(message.updated_at, job.updated_at)
+    if job.started_at is not None:
+        set_timestamp(message.started_at, job.started_at)
+    if job.finished_at is not None:
+        set_timestamp(message.finished_at, job.finished_at)
+    if job.result_summary is not None:
+        message.result.CopyFrom(job.result_summary)
+    if history:
+        add = message.history.add
+        for t in job.history:
+            set_transition(add(), t)
+    set_duration(message.max_run_time, spec.max_run_time)
+    if spec.idempotency_key:
+        message.idempotency_key = spec.idempotency_key
+    if spec.labels:
+        message.labels.update(spec.labels)
+    message.lane = spec.lane  # type: ignore[assignment]
+    message.kind = job.kind  # type: ignore[assignment]
+    if full_result and job.result is not None:
+        message.full_result.CopyFrom(job.result)
 
 
 def job_to_proto(
     job: Job, *, position: int, history: bool = False, full_result: bool = False
 ) -> common_pb2.Job:
-    spec = job.spec
-    message = common_pb2.Job(
-        id=job.id,
-        object=object_to_proto(spec.target),
-        status=pb_status(job.status),
-        trigger=common_pb2.Trigger.ValueType(spec.trigger),
-        policies=pb_policies(spec.policies),
-        runs=job.runs,
-        scanner_id=job.scanner_id,
-        error=error_to_proto(job.error),
-        queue_position=position,
-        created_at=timestamp(job.created_at),
-        updated_at=timestamp(job.updated_at),
-        started_at=timestamp(job.started_at),
-        finished_at=timestamp(job.finished_at),
-        result=job.result_summary,
-        max_run_time=duration(spec.max_run_time),
-        idempotency_key=spec.idempotency_key,
-        labels=spec.labels,
-        lane=pb_lane(spec.lane),
-        kind=common_pb2.ObjectKind.ValueType(job.kind),
-    )
-    if history:
-        message.history.extend(transition_to_proto(t) for t in job.history)
-    if full_result and job.result is not None:
-        message.full_result.CopyFrom(job.result)
+    message = common_pb2.Job()
+    set_job(message, job, position=position, history=history, full_result=full_result)
     return message
 
 
+def set_assigned_job(
+    message: scanner_service_pb2.AssignedJob, job: Job, deadline: datetime
+) -> None:
+    """Fill ``message`` (an empty AssignedJob, e.g. ``assignment.jobs.add()``)."""
+    spec = job.spec
+    message.job_id = job.id
+    set_object(message.object, spec.target)
+    message.policies.extend(spec.policies)  # type: ignore[arg-type]
+    message.run = job.runs
+    set_timestamp(message.deadline, deadline)
+    if spec.labels:
+        message.labels.update(spec.labels)
+
+
 def assigned_job_to_proto(job: Job, deadline: datetime) -> scanner_service_pb2.AssignedJob:
-    return scanner_service_pb2.AssignedJob(
-        job_id=job.id,
-        object=object_to_proto(job.spec.target),
-        policies=pb_policies(job.spec.policies),
-        run=job.runs,
-        deadline=timestamp(deadline),
-        labels=job.spec.labels,
-    )
+    message = scanner_service_pb2.AssignedJob()
+    set_assigned_job(message, job, deadline)
+    return message
 
 
 def scanner_to_proto(

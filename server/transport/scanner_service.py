@@ -26,6 +26,8 @@ from server.scanners import (
     ScannerMessage,
     ScannerSession,
 )
+from server.security import limits as security_limits
+from server.security.tls import bind_scanner_identity
 from server.transport import convert
 from server.transport.guard import STREAM_END, Context, as_handler_error, unary
 from server.transport.status import abort
@@ -33,6 +35,10 @@ from server.transport.status import abort
 log = structlog.get_logger("imagehandler.scanners")
 
 Response = scanner_service_pb2.ConnectResponse
+
+# Assignments queued for one scanner are merged into one message up to about this size (the
+# scanner's default receive limit is 4 MiB; one AssignedJob is a few hundred bytes).
+MAX_ASSIGNMENT_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,8 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
                     Catalogue.SCANNER_CONFIG_INVALID,
                     f"the first message must be register, got {first.WhichOneof('message')}",
                 )
+            # Mutual TLS: the client certificate names the scanner (HNDL-003 on a mismatch).
+            bind_scanner_identity(context, first.register)
             profile = convert.profile_from_register(first.register, config)
             session = self.manager.connect_scanner(
                 profile, send=outbox.put_nowait, close=lambda e: outbox.put_nowait(_Close(e))
@@ -143,7 +151,15 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
             p = request.progress
             manager.progress(session, p.job_id, p.stage[:64], p.percent)
         elif which == "result":
+            limit = manager.config.max_result_bytes
             for result in request.result.results:
+                too_large = security_limits.oversized_result(result, limit)
+                if too_large is not None:  # --max-result-bytes: the job is ERROR (HNDL-007)
+                    manager.failure(
+                        session, result.job_id, RunFailure(too_large.kind, too_large.detail, True)
+                    )
+                    session.send(RejectMessage(too_large, result.job_id))
+                    continue
                 manager.result(session, result.job_id, result.run, result)
         elif which == "failure":
             f = request.failure
@@ -171,23 +187,61 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
         context: Context,
     ) -> _Close | None:
         interval = self.manager.config.heartbeat_interval
+        held: ScannerMessage | _Close | None = None  # taken from the outbox, not sent yet
         while True:
-            try:
-                async with asyncio.timeout(interval):
-                    item = await outbox.get()
-            except TimeoutError:
-                await context.write(
-                    Response(
-                        heartbeat=scanner_service_pb2.HandlerHeartbeat(
-                            sent_at=convert.timestamp(now_utc())
+            if held is not None:
+                item, held = held, None
+            elif not outbox.empty():
+                item = outbox.get_nowait()  # no heartbeat timer while there is work
+            else:
+                try:
+                    async with asyncio.timeout(interval):
+                        item = await outbox.get()
+                except TimeoutError:
+                    await context.write(
+                        Response(
+                            heartbeat=scanner_service_pb2.HandlerHeartbeat(
+                                sent_at=convert.timestamp(now_utc())
+                            )
                         )
                     )
-                )
-                continue
+                    continue
             if isinstance(item, _Close):
                 return item
+            if isinstance(item, AssignJobs):
+                # Batching on the wire: assignments queued behind this one (while the stream
+                # was busy) go in the same message, in order; anything else waits its turn.
+                response, held = self._assignment(item, outbox)
+            else:
+                response = self._message(item)
             self._flush_journal()
-            await context.write(self._message(item))
+            await context.write(response)
+
+    @staticmethod
+    def _assignment(
+        first: AssignJobs, outbox: asyncio.Queue[ScannerMessage | _Close]
+    ) -> tuple[Response, ScannerMessage | _Close | None]:
+        """One Assignment message for ``first`` and the assignments queued right behind it
+        (up to ``MAX_ASSIGNMENT_BYTES``); the first other item taken, if any, is returned."""
+        response = Response()
+        jobs = response.assignment.jobs
+        size = 0
+        item: ScannerMessage | _Close = first
+        while True:
+            assert isinstance(item, AssignJobs)
+            for job in item.jobs:
+                assigned = jobs.add()
+                convert.set_assigned_job(
+                    assigned,
+                    job,
+                    (job.started_at or now_utc()) + timedelta(seconds=job.spec.max_run_time),
+                )
+                size += assigned.ByteSize()
+            if size >= MAX_ASSIGNMENT_BYTES or outbox.empty():
+                return response, None
+            item = outbox.get_nowait()
+            if not isinstance(item, AssignJobs):
+                return response, item
 
     def _flush_journal(self) -> None:
         """What a scanner is told must be in the journal first (a crash then replays it)."""
@@ -199,18 +253,15 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
     @staticmethod
     def _message(item: ScannerMessage) -> Response:
         if isinstance(item, AssignJobs):
-            return Response(
-                assignment=scanner_service_pb2.Assignment(
-                    jobs=[
-                        convert.assigned_job_to_proto(
-                            job,
-                            (job.started_at or now_utc())
-                            + timedelta(seconds=job.spec.max_run_time),
-                        )
-                        for job in item.jobs
-                    ]
+            response = Response()
+            jobs = response.assignment.jobs
+            for job in item.jobs:
+                convert.set_assigned_job(
+                    jobs.add(),
+                    job,
+                    (job.started_at or now_utc()) + timedelta(seconds=job.spec.max_run_time),
                 )
-            )
+            return response
         if isinstance(item, DrainScanner):
             return Response(drain=scanner_service_pb2.Drain())
         if isinstance(item, CancelRun):

@@ -1,0 +1,370 @@
+"""``make bench``: every figure of the benchmark issue in one table, each with its target and
+PASS / FAIL, also written as JSON (``bench/results/latest.json``) so runs can be compared.
+
+    .venv/bin/python -m bench.run            # the full run (about 10-15 minutes here)
+    .venv/bin/python -m bench.run --quick    # smaller counts, about 4 minutes
+    .venv/bin/python -m bench.run --only e2e,pickup
+
+Everything runs on this machine, the handler and its load in separate processes. What each
+part measures and how is in its module: :mod:`bench.e2e`, :mod:`bench.pickup`,
+:mod:`bench.memory`, :mod:`bench.scale`, :mod:`bench.celery_side`, :mod:`bench.grpc_ceiling`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import celery_side, e2e, grpc_ceiling, memory, pickup, scale
+from bench.common import ROOT, median
+
+PARTS = ("e2e", "pickup", "memory", "scale", "celery", "echo")
+
+
+@dataclass
+class Row:
+    figure: str
+    value: float
+    unit: str
+    target: str = ""
+    passed: bool | None = None  # None: shown for reference, no target
+
+    @property
+    def verdict(self) -> str:
+        return "" if self.passed is None else ("PASS" if self.passed else "FAIL")
+
+
+def fmt(value: float, unit: str) -> str:
+    if value != value:  # NaN
+        return "n/a"
+    if unit == "x":
+        return f"{value:.2f} x"
+    if unit in ("ms", "us"):
+        return f"{value:,.2f} {unit}"
+    return f"{value:,.0f} {unit}"
+
+
+@dataclass
+class Settings:
+    quick: bool
+    jobs: int
+    repeats: int
+    scanner_counts: tuple[int, ...]
+    pickup_seconds: float
+    pickup_min_jobs: int
+    memory_sizes: tuple[int, ...]
+    scale_big: int
+    scale_steps: int
+    celery_plan: list[tuple[str, str]]
+    echo_scale: float
+
+
+def settings(quick: bool) -> Settings:
+    if quick:
+        return Settings(
+            quick=True,
+            jobs=5000,
+            repeats=1,
+            scanner_counts=(1, 8, 64),
+            pickup_seconds=2.0,
+            pickup_min_jobs=500,
+            memory_sizes=(100_000,),
+            scale_big=100_000,
+            scale_steps=2000,
+            celery_plan=[("prefork", "apply_async"), ("prefork", "chunks")],
+            echo_scale=0.5,
+        )
+    return Settings(
+        quick=False,
+        jobs=20_000,
+        repeats=2,
+        scanner_counts=(1, 8, 64),
+        pickup_seconds=4.0,
+        pickup_min_jobs=1000,
+        memory_sizes=(100_000, 1_000_000),
+        scale_big=1_000_000,
+        scale_steps=5000,
+        celery_plan=[("prefork", "apply_async"), ("prefork", "chunks"), ("threads", "chunks")],
+        echo_scale=1.0,
+    )
+
+
+def busy_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine was busy, CPU seconds of this process and its waited-for
+    children) so far: their growth during the run is what other processes took."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    ticks = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    machine = (user + nice + system + irq + softirq + steal) / ticks
+    own = os.times()
+    return machine, own.user + own.system + own.children_user + own.children_system
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        return rev + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any]) -> None:
+    def section(name: str) -> None:
+        print(f"\n== {name} ==", flush=True)
+
+    if "e2e" in parts:
+        section(f"end-to-end throughput, {s.jobs:,} jobs, {s.repeats} run(s) each")
+        results: list[e2e.E2EResult] = []
+        uvloop = e2e.supports_uvloop()
+        for count in s.scanner_counts:
+            plan = [("batched", "warning", "asyncio"), ("single", "warning", "asyncio")]
+            if count == 8:
+                plan.append(("batched", "info", "asyncio"))  # what per-transition logging costs
+                if uvloop:  # the handler's --event-loop uvloop
+                    plan += [("batched", "warning", "uvloop"), ("single", "warning", "uvloop")]
+            results += e2e.measure(workdir, count, plan, s.jobs, s.repeats)
+        out["e2e"] = [asdict(r) for r in results]
+    if "pickup" in parts:
+        single8 = [r for r in out.get("e2e", []) if r["mode"] == "single" and r["scanners"] == 8]
+        max_rate = median([r["jobs_per_second"] for r in single8]) if single8 else 1000.0
+        section(f"pickup latency (100 % = {max_rate:,.0f} single submits/s, 8 scanners)")
+        out["pickup_max_rate"] = max_rate
+        out["pickup"] = [
+            asdict(r)
+            for r in pickup.measure(
+                workdir, max_rate, seconds=s.pickup_seconds, min_jobs=s.pickup_min_jobs
+            )
+        ]
+    if "memory" in parts:
+        section("memory per PENDING job")
+        out["memory"] = [asdict(r) for r in memory.measure(workdir, s.memory_sizes)]
+    if "scale" in parts:
+        section("dispatch cost")
+        out["scale"] = {
+            name: asdict(cost) for name, cost in scale.measure(s.scale_big, s.scale_steps).items()
+        }
+    if "celery" in parts:
+        section(f"Celery 5 + Redis, {s.jobs:,} no-op jobs, 8 workers")
+        missing = celery_side.missing()
+        if missing:
+            print(f"  skipped: {missing}", flush=True)
+        else:
+            out["celery"] = [
+                asdict(r) for r in celery_side.measure(workdir, s.jobs, 8, s.celery_plan, s.repeats)
+            ]
+    if "echo" in parts:
+        section("raw grpc.aio echo")
+        out["echo"] = {k: asdict(v) for k, v in grpc_ceiling.measure(s.echo_scale).items()}
+
+
+def rows(out: dict[str, Any]) -> list[Row]:
+    table: list[Row] = []
+
+    def e2e_runs(mode: str, scanners: int, level: str, loop: str) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in out.get("e2e", [])
+            if r["mode"] == mode
+            and r["scanners"] == scanners
+            and r["log_level"] == level
+            and r.get("event_loop", "asyncio") == loop
+        ]
+
+    def e2e_rate(mode: str, scanners: int, level: str = "warning", loop: str = "asyncio") -> float:
+        runs = [r["jobs_per_second"] for r in e2e_runs(mode, scanners, level, loop)]
+        return median(runs) if runs else float("nan")
+
+    def e2e_cpu(mode: str, scanners: int, loop: str = "asyncio") -> float:
+        runs = [r["handler_cpu_us_per_job"] for r in e2e_runs(mode, scanners, "warning", loop)]
+        return median(runs) if runs else float("nan")
+
+    def celery_rate(mode: str, pool: str) -> float:
+        runs = [
+            r["jobs_per_second"]
+            for r in out.get("celery", [])
+            if r["mode"] == mode and r["pool"] == pool
+        ]
+        return median(runs) if runs else float("nan")
+
+    nan = float("nan")
+    if "e2e" in out:
+        batched8 = e2e_rate("batched", 8)
+        single8 = e2e_rate("single", 8)
+        table.append(Row("e2e SubmitJobs (100/batch), 8 scanners", batched8, "jobs/s",
+                         ">= 15,000", batched8 >= 15_000))  # fmt: skip
+        table.append(Row("e2e SubmitJob (single), 8 scanners", single8, "jobs/s",
+                         ">= 2,000", single8 >= 2_000))  # fmt: skip
+        for count in sorted({r["scanners"] for r in out["e2e"]}):
+            if count == 8:
+                continue
+            table.append(Row(f"e2e SubmitJobs, {count} scanner(s)", e2e_rate("batched", count),
+                             "jobs/s"))  # fmt: skip
+            table.append(Row(f"e2e SubmitJob, {count} scanner(s)", e2e_rate("single", count),
+                             "jobs/s"))  # fmt: skip
+        info = e2e_rate("batched", 8, "info")
+        table.append(Row("e2e SubmitJobs, 8 scanners, log level info", info, "jobs/s"))
+        table.append(Row("  cost of info logging (warning / info)", batched8 / info, "x"))
+        table.append(Row("  handler CPU per job, batched, 8 scanners", e2e_cpu("batched", 8),
+                         "us"))  # fmt: skip
+        table.append(Row("  handler CPU per job, single, 8 scanners", e2e_cpu("single", 8),
+                         "us"))  # fmt: skip
+        table.append(Row("e2e SubmitJobs, 8 scanners, --event-loop uvloop",
+                         e2e_rate("batched", 8, loop="uvloop"), "jobs/s"))  # fmt: skip
+        table.append(Row("e2e SubmitJob, 8 scanners, --event-loop uvloop",
+                         e2e_rate("single", 8, loop="uvloop"), "jobs/s"))  # fmt: skip
+    if "celery" in out:
+        chunks = celery_rate("chunks", "prefork")
+        apply = celery_rate("apply_async", "prefork")
+        table.append(Row("Celery chunks of 100, prefork -c 8", chunks, "jobs/s"))
+        if any(r["pool"] == "threads" for r in out["celery"]):
+            table.append(Row("Celery chunks of 100, threads -c 8",
+                             celery_rate("chunks", "threads"), "jobs/s"))  # fmt: skip
+        table.append(Row("Celery apply_async, prefork -c 8", apply, "jobs/s"))
+        if "e2e" in out:
+            ratio_b = e2e_rate("batched", 8) / chunks
+            ratio_s = e2e_rate("single", 8) / apply
+            table.append(Row("ours batched / Celery chunks (prefork)", ratio_b, "x",
+                             ">= 1.00", ratio_b >= 1.0))  # fmt: skip
+            table.append(Row("ours single / Celery apply_async", ratio_s, "x",
+                             ">= 4.00", ratio_s >= 4.0))  # fmt: skip
+    if "echo" in out:
+        echo = out["echo"]
+        table.append(Row("grpc.aio echo, 1 item/message, one stream",
+                         echo["stream_1"]["items_per_second"], "items/s"))  # fmt: skip
+        table.append(Row("grpc.aio echo, 100 items/message, one stream",
+                         echo["stream_100"]["items_per_second"], "items/s"))  # fmt: skip
+        table.append(Row("grpc.aio echo, unary, 32 in flight",
+                         echo["unary_1"]["items_per_second"], "calls/s"))  # fmt: skip
+        if "e2e" in out:
+            table.append(Row("ours batched / echo 100 items/message",
+                             e2e_rate("batched", 8) / echo["stream_100"]["items_per_second"],
+                             "x"))  # fmt: skip
+            table.append(Row("ours single / unary echo (32 in flight)",
+                             e2e_rate("single", 8) / echo["unary_1"]["items_per_second"],
+                             "x"))  # fmt: skip
+    for p in out.get("pickup", []):
+        load = f"{p['load']:.0%}"
+        if p["load"] == 0.5:
+            table.append(Row(f"pickup p99 at {load} load (submit->assignment)", p["p99_ms"],
+                             "ms", "<= 5", p["p99_ms"] <= 5.0))  # fmt: skip
+        else:
+            table.append(Row(f"pickup p99 at {load} load (submit->assignment)", p["p99_ms"],
+                             "ms"))  # fmt: skip
+        table.append(Row(f"  p50 at {load} ({p['achieved_rate']:,.0f} submits/s)", p["p50_ms"],
+                         "ms"))  # fmt: skip
+        table.append(Row(f"  max at {load}", p["max_ms"], "ms"))
+        table.append(Row("  ack->assignment p99", p["ack_p99_ms"], "ms"))
+    for m in out.get("memory", []):
+        table.append(Row(f"RSS per PENDING job at {m['pending']:,}", m["bytes_per_job"], "B",
+                         "<= 1,500", m["bytes_per_job"] <= 1500))  # fmt: skip
+    if "scale" in out:
+        sc = out["scale"]
+        pending = sc["pending_big"]["median_us"] / sc["pending_1k"]["median_us"]
+        loaded = sc["scanners_1000"]["median_us"] / sc["scanners_10"]["median_us"]
+        idle = sc["idle_1000"]["median_us"] / sc["idle_10"]["median_us"]
+        table.append(Row("dispatch cost, 1k pending", sc["pending_1k"]["median_us"], "us"))
+        big = sc["pending_big"]["pending"]
+        table.append(Row(f"dispatch cost ratio {big:,} / 1,000 pending", pending, "x",
+                         "<= 1.20", pending <= 1.2))  # fmt: skip
+        table.append(Row("dispatch cost ratio 1,000 / 10 scanners (busy)", loaded, "x",
+                         "<= 1.50", loaded <= 1.5))  # fmt: skip
+        table.append(Row("dispatch cost ratio 1,000 / 10 scanners (idle)", idle, "x",
+                         "<= 1.50", idle <= 1.5))  # fmt: skip
+    return [r for r in table if not (r.value != r.value and r.passed is None)] or [
+        Row("nothing measured", nan, "")
+    ]
+
+
+def print_table(table: list[Row]) -> None:
+    width = max(len(r.figure) for r in table)
+    print(f"\n{'figure':<{width}}  {'value':>16}  {'target':>10}  result")
+    print("-" * (width + 40))
+    for r in table:
+        print(f"{r.figure:<{width}}  {fmt(r.value, r.unit):>16}  {r.target:>10}  {r.verdict}")
+    checked = [r for r in table if r.passed is not None]
+    passed = sum(1 for r in checked if r.passed)
+    print(f"\n{passed} of {len(checked)} targets met")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller counts, one run each")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"some of {','.join(PARTS)}")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    args = parser.parse_args()
+    parts = tuple(p for p in args.only.split(",") if p)
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {', '.join(sorted(unknown))}; choose from {','.join(PARTS)}")
+    s = settings(args.quick)
+    started = time.perf_counter()
+    out: dict[str, Any] = {
+        "meta": {
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "revision": git_revision(),
+            "source": str(ROOT),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "quick": s.quick,
+            "jobs": s.jobs,
+            "repeats": s.repeats,
+        }
+    }
+    load = os.getloadavg()
+    out["meta"]["load_before"] = load
+    if load[0] > 0.5:
+        print(f"warning: the machine is busy (load average {load[0]:.2f}): other processes "
+              "take CPU from the bench and the figures will be low", flush=True)  # fmt: skip
+    print(f"bench: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"{'quick' if s.quick else 'full'} run of {', '.join(parts)} ({out['meta']['revision']})",
+          flush=True)  # fmt: skip
+    machine_before, own_before = busy_seconds()
+    with tempfile.TemporaryDirectory(prefix="ih-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
+        run(parts, s, Path(tmp), out)
+    machine_after, own_after = busy_seconds()
+    wall = time.perf_counter() - started
+    foreign = max(0.0, (machine_after - machine_before) - (own_after - own_before))
+    out["meta"]["other_cpu_seconds"] = round(foreign, 1)
+    errors = sum(r["errors"] for r in out.get("e2e", []))
+    if errors:
+        print(f"\nwarning: {errors} end-to-end jobs ended in ERROR: the figures are not valid")
+    table = rows(out)
+    out["meta"]["seconds"] = round(time.perf_counter() - started, 1)
+    out["meta"]["load_after"] = os.getloadavg()
+    out["table"] = [
+        {"figure": r.figure, "value": r.value, "unit": r.unit, "target": r.target,
+         "result": r.verdict}
+        for r in table
+    ]  # fmt: skip
+    print_table(table)
+    share = foreign / (wall * (os.cpu_count() or 1))
+    print(f"other processes used {foreign:.0f} CPU-seconds during the run "
+          f"({share:.0%} of the machine){': figures are low' if share > 0.05 else ''}")  # fmt: skip
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"\nwritten to {args.output} in {out['meta']['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
