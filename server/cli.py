@@ -43,7 +43,8 @@ def loop_factory(config: config_module.Config) -> Callable[[], asyncio.AbstractE
             "--event-loop uvloop needs the uvloop package: pip install uvloop "
             "(or pip install 'image-handler[uvloop]'), or use --event-loop asyncio",
         ) from None
-    return uvloop.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def main(argv: Sequence[str] | None = None) -> int:
