@@ -61,7 +61,7 @@ class Lane(enum.IntEnum):
     INTERACTIVE = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageRef:
     registry: str
     repository: str
@@ -85,7 +85,7 @@ class ImageRef:
         return ref
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodeRef:
     cluster: str
     node_name: str
@@ -98,7 +98,7 @@ class NodeRef:
         return f"node {self.cluster}/{self.node_name}" if self.cluster else f"node {self.node_name}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ArtifactRef:
     pipeline: str = ""
     job: str = ""
@@ -127,7 +127,7 @@ def kind_of(target: ScanTarget) -> ObjectKind:
     return ObjectKind.ARTIFACT
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JobSpec:
     """A validated submit: everything a job is created from."""
 
@@ -148,14 +148,14 @@ class JobSpec:
         return (*self.target.identity(), tuple(sorted(self.policies)))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JobFailure:
     code: str
     message: str
     detail: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Transition:
     from_status: JobStatus | None
     to_status: JobStatus

@@ -28,6 +28,10 @@ log = structlog.get_logger("imagehandler.results")
 # Results up to this size go into the journal with their job; larger ones into a file.
 INLINE_RESULT_BYTES = 64 * 1024
 MAX_FINDINGS = 1_000_000
+# A worker takes up to this many waiting results at once (one thread hop for all of them).
+RESULT_BATCH = 64
+# Results up to this size are checked and summarised on the loop (no thread hop).
+INLINE_PROCESS_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -136,18 +140,48 @@ class ResultPipeline:
 
     async def _work(self) -> None:
         while True:
-            job = await self._queue.get()
+            jobs = [await self._queue.get()]
+            while len(jobs) < RESULT_BATCH and not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+            outcomes: list[Processed | HandlerError] = []
+            work: list[tuple[int, Job, common_pb2.ScanResult | None, set[str]]] = []
+            for job in jobs:
+                try:
+                    result, accepted = self._prepare(job)
+                except HandlerError as error:
+                    outcomes.append(error)
+                    continue
+                outcomes.append(HandlerError(Catalogue.SYSTEM_ERROR, "result processing failed"))
+                work.append((len(outcomes) - 1, job, result, accepted))
+            small = all(
+                result is not None and result.ByteSize() <= INLINE_PROCESS_BYTES
+                for _, _, result, _ in work
+            )
+            # A thread hop costs more than checking and summarising a small result.
+            done = (
+                self._process_many(work)
+                if small
+                else await asyncio.to_thread(self._process_many, work)
+            )
+            for index, outcome in done:
+                outcomes[index] = outcome
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                self.in_pipeline.pop(job.id, None)
+                self._arrived.pop(job.id, None)
+                self._finish(job, outcome)
+
+    def _process_many(
+        self, work: list[tuple[int, Job, common_pb2.ScanResult | None, set[str]]]
+    ) -> list[tuple[int, Processed | HandlerError]]:
+        out: list[tuple[int, Processed | HandlerError]] = []
+        for index, job, result, accepted in work:
             outcome: Processed | HandlerError
             try:
-                result, accepted = self._prepare(job)
-                outcome = await asyncio.to_thread(
-                    process, job.id, result, self.policy, accepted, self.files
-                )
+                outcome = process(job.id, result, self.policy, accepted, self.files)
             except HandlerError as error:
                 outcome = error
             except Exception:  # a worker must survive any one bad result
                 log.exception("result.worker_failed", job_id=job.id)
                 outcome = HandlerError(Catalogue.SYSTEM_ERROR, "result processing failed")
-            self.in_pipeline.pop(job.id, None)
-            self._arrived.pop(job.id, None)
-            self._finish(job, outcome)
+            out.append((index, outcome))
+        return out

@@ -26,14 +26,21 @@ from server.model import (
 from server.transport import convert
 
 
+def set_stored(message: storage_pb2.StoredJob, job: Job) -> None:
+    """Fill ``message`` (an empty StoredJob, e.g. a journal record's field) from ``job``."""
+    convert.set_job(message.job, job, position=0, history=True, full_result=True)
+    message.seq = job.seq
+    message.lsn = job.lsn
+    if job.result_in_file:
+        message.result_in_file = True
+    if job.delivered:
+        message.delivered = job.delivered
+
+
 def stored(job: Job) -> storage_pb2.StoredJob:
-    return storage_pb2.StoredJob(
-        job=convert.job_to_proto(job, position=0, history=True, full_result=True),
-        seq=job.seq,
-        lsn=job.lsn,
-        result_in_file=job.result_in_file,
-        delivered=job.delivered,
-    )
+    message = storage_pb2.StoredJob()
+    set_stored(message, job)
+    return message
 
 
 # Enum members by number: a dict look-up is several times cheaper than calling the enum, and

@@ -348,7 +348,8 @@ class JournalStore:
         return self.journal
 
     def created(self, job: Job) -> None:
-        record = storage_pb2.JournalRecord(created=storage_pb2.JobCreated(job=codec.stored(job)))
+        record = storage_pb2.JournalRecord()
+        codec.set_stored(record.created.job, job)  # filled in place: no nested copies
         job.lsn = self._append(record)
 
     def moved(
@@ -359,15 +360,16 @@ class JournalStore:
         result: common_pb2.ScanResult | None = None,
         summary: common_pb2.ResultSummary | None = None,
     ) -> None:
-        record = storage_pb2.JournalRecord(
-            moved=storage_pb2.JobMoved(
-                job_id=job.id,
-                transition=convert.transition_to_proto(transition),
-                result=result,
-                summary=summary,
-                result_in_file=job.result_in_file,
-            )
-        )
+        record = storage_pb2.JournalRecord()
+        moved = record.moved  # filled in place: no nested copies
+        moved.job_id = job.id
+        convert.set_transition(moved.transition, transition)
+        if result is not None:
+            moved.result.CopyFrom(result)
+        if summary is not None:
+            moved.summary.CopyFrom(summary)
+        if job.result_in_file:
+            moved.result_in_file = True
         job.lsn = self._append(record)
 
     def pruned(self, job_ids: Sequence[str]) -> None:
