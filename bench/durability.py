@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.common import free_port, wait_serving
 from imagehandler.v1 import job_service_pb2, job_service_pb2_grpc
 from server import logs
 from server.config import Config
@@ -32,28 +32,6 @@ from server.model import ImageRef, JobSpec, Lane, Policy, Trigger
 from server.storage.journal import FsyncPolicy
 from server.storage.store import JournalStore, Recovered
 from tests.helpers import image
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-async def wait_serving(address: str) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(600):
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            await asyncio.sleep(0.05)
-    raise RuntimeError("handler did not start")
 
 
 async def submit_rate(address: str, seconds: float, batch: int, clients: int = 32) -> float:
