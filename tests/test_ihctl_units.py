@@ -22,6 +22,7 @@ from imagehandler.v1 import (
 )
 from server.ihctl import args as cli_args
 from server.ihctl import names, render
+from server.security.tokens import TOKEN_PREFIX, new_token
 from server.transport.status import RemoteError
 
 DIGEST = "sha256:" + "ab" * 32
@@ -508,3 +509,14 @@ def test_remote_error_text() -> None:
     assert render.remote_error_text(other, "h:1") == (
         "ihctl: the call to the handler at h:1 failed (UNIMPLEMENTED)"
     )
+
+
+def test_every_generated_token_passes_as_an_option_value() -> None:
+    # base64url can start with "-"; without the ihk_ prefix one token in 64 made
+    # `ihctl --token TOKEN ...` fail with "expected one argument".
+    parser = cli_args.build_parser({})
+    for _ in range(500):
+        token = new_token()
+        assert token.startswith(TOKEN_PREFIX)
+        parsed = parser.parse_args(["--token", token, "stats"])
+        assert parsed.token == token

@@ -54,9 +54,17 @@ def hash_token(token: str) -> str:
     return HASH_PREFIX + hashlib.sha256(token.encode()).hexdigest()
 
 
+TOKEN_PREFIX = "ihk_"
+
+
 def new_token() -> str:
-    """A fresh random token (256 bits, URL-safe base64)."""
-    return secrets.token_urlsafe(32)
+    """A fresh random token: ``ihk_`` and 256 bits of URL-safe base64.
+
+    The prefix matters: base64url can start with ``-``, and a token that does is read as an
+    option by every command line that takes ``--token VALUE`` (ihctl's did, in CI). It also
+    makes a leaked token easy to spot with a secret scanner.
+    """
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
 def parse_roles(text: str) -> frozenset[str]:
@@ -212,6 +220,7 @@ def _reason(exc: BaseException) -> str:
 __all__ = [
     "HASH_PREFIX",
     "ROLES",
+    "TOKEN_PREFIX",
     "Principal",
     "TokenFile",
     "add_token_arguments",
