@@ -9,6 +9,7 @@ the indexes, publishes the event and logs it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -20,7 +21,7 @@ import structlog
 from sortedcontainers import SortedDict
 
 from imagehandler.v1 import common_pb2, job_service_pb2, result_sink_pb2
-from server import state_machine
+from server import logs, state_machine
 from server.config import Config
 from server.delivery import Deliverer, Delivery, Receiver
 from server.dispatcher import Dispatcher
@@ -52,6 +53,7 @@ from server.scanners import (
 )
 from server.storage.result_files import MemoryResultFiles, ResultFiles
 from server.storage.store import JobStore, MemoryStore, Recovered
+from server.timers import BucketTimers
 from server.transport import convert
 from server.verdicts import (
     Acceptance,
@@ -143,7 +145,7 @@ class JobManager:
                 on_result=self._result_delivered,
                 on_failure=DELIVERIES_FAILED.inc,
             )
-        self._run_timers: dict[str, asyncio.TimerHandle] = {}
+        self._run_timers: BucketTimers[Job] = BucketTimers(lambda: self.loop, self._on_run_timer)
         self._watchdogs: dict[str, asyncio.TimerHandle] = {}
         self._dispatch_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -167,7 +169,7 @@ class JobManager:
             if job.spec.idempotency_key:
                 self._by_idempotency_key[job.spec.idempotency_key] = job
             if job.status.active:
-                self._active_by_key[job.spec.dedup_key()] = job
+                self._active_by_key[job.key] = job
             if job.status is JobStatus.PENDING:
                 self.queue.push(job)
             elif job.status in (JobStatus.IN_PROGRESS, JobStatus.PROCESSING_RESULTS):
@@ -281,7 +283,7 @@ class JobManager:
 
     async def stop(self) -> None:
         self.accepting_submits = False
-        for handle in (*self._run_timers.values(), *self._watchdogs.values()):
+        for handle in self._watchdogs.values():
             handle.cancel()
         self._run_timers.clear()
         self._watchdogs.clear()
@@ -323,7 +325,8 @@ class JobManager:
                 f"{len(specs)} jobs in one batch; at most {self.config.max_batch} are allowed",
             )
         # Decide duplicates first so the queue limit counts only jobs that would be new.
-        existing = [self._existing(spec) for spec in specs]
+        keys = [spec.dedup_key() for spec in specs]
+        existing = [self._existing(spec, key) for spec, key in zip(specs, keys, strict=True)]
         fresh = sum(1 for job in existing if job is None)
         limit = self.config.queue_limit
         if limit and fresh and len(self.queue) + fresh > limit:
@@ -336,10 +339,10 @@ class JobManager:
         out: list[tuple[Job, bool]] = []
         created: list[tuple[Job, Transition]] = []
         mark = self.store.mark()
-        for spec, found in zip(specs, existing, strict=True):
+        for spec, key, found in zip(specs, keys, existing, strict=True):
             if found is None:
                 # A batch may repeat an object: the second copy is a duplicate of the first.
-                found = self._existing(spec)
+                found = self._existing(spec, key)
             if found is not None:
                 out.append((found, True))
             else:
@@ -354,28 +357,30 @@ class JobManager:
                 self._forget(job)
                 self.queue.remove(job)
             raise
+        verbose = logs.enabled(logging.INFO)
         for job, transition in created:
-            log.info(
-                "job.submitted",
-                job_id=job.id,
-                kind=job.kind.name,
-                object=job.spec.target.display(),
-                trigger=job.spec.trigger.name,
-                lane=job.spec.lane.name,
-                status=JobStatus.PENDING.name,
-            )
+            if verbose:  # the fields cost more than the check when no one reads them
+                log.info(
+                    "job.submitted",
+                    job_id=job.id,
+                    kind=job.kind.name,
+                    object=job.spec.target.display(),
+                    trigger=job.spec.trigger.name,
+                    lane=job.spec.lane.name,
+                    status=JobStatus.PENDING.name,
+                )
             self.events.publish(job, transition)
             if self.deliverer is not None:
                 self._deliver_status(job, transition, 1)
         self.request_dispatch()
         return out
 
-    def _existing(self, spec: JobSpec) -> Job | None:
+    def _existing(self, spec: JobSpec, key: tuple[Any, ...]) -> Job | None:
         if spec.idempotency_key:
             job = self._by_idempotency_key.get(spec.idempotency_key)
             if job is not None:
                 return job
-        job = self._active_by_key.get(spec.dedup_key())
+        job = self._active_by_key.get(key)
         if job is not None and job.status.active:
             return job
         return None
@@ -386,7 +391,7 @@ class JobManager:
         self._next_seq += 1
         self.jobs[job.id] = job
         self._by_seq[job.seq] = job
-        self._active_by_key[spec.dedup_key()] = job
+        self._active_by_key[job.key] = job
         if spec.idempotency_key:
             self._by_idempotency_key[spec.idempotency_key] = job
         self.queue.push(job)
@@ -400,9 +405,8 @@ class JobManager:
         self.jobs.pop(job.id, None)
         self._by_seq.pop(job.seq, None)
         self.status_counts[job.status] -= 1
-        key = job.spec.dedup_key()
-        if self._active_by_key.get(key) is job:
-            del self._active_by_key[key]
+        if self._active_by_key.get(job.key) is job:
+            del self._active_by_key[job.key]
         if self._by_idempotency_key.get(job.spec.idempotency_key) is job:
             del self._by_idempotency_key[job.spec.idempotency_key]
 
@@ -711,9 +715,7 @@ class JobManager:
         if session is not None:
             session.held.pop(job.id, None)
             self.dispatcher.refresh(session)
-        handle = self._run_timers.pop(job.id, None)
-        if handle is not None:
-            handle.cancel()
+        self._run_timers.cancel(job.id)
 
     def _end_run(self, job: Job, session: ScannerSession | None, failure: RunFailure) -> None:
         self._release(job, session)
@@ -729,10 +731,9 @@ class JobManager:
     # ----- timers -----------------------------------------------------------------------
 
     def _arm_run_timer(self, job: Job, when: float) -> None:
-        self._run_timers[job.id] = self.loop.call_at(when, self._on_run_timer, job)
+        self._run_timers.arm(job.id, job, when)
 
     def _on_run_timer(self, job: Job) -> None:
-        self._run_timers.pop(job.id, None)
         if job.status is not JobStatus.IN_PROGRESS:
             return
         now = self.loop.time()
@@ -1020,20 +1021,19 @@ class JobManager:
         self.store.moved(job, transition, result=result, summary=summary)
         self.status_counts[from_status] -= 1
         self.status_counts[to_status] += 1
-        if not to_status.active:
-            key = job.spec.dedup_key()
-            if self._active_by_key.get(key) is job:
-                del self._active_by_key[key]
-        log.info(
-            "job.transition",
-            job_id=job.id,
-            scanner_id=transition.scanner_id,
-            run=job.runs,
-            from_status=from_status.name,
-            status=to_status.name,
-            reason=reason,
-            error=error.message if error else None,
-        )
+        if not to_status.active and self._active_by_key.get(job.key) is job:
+            del self._active_by_key[job.key]
+        if logs.enabled(logging.INFO):  # the fields cost more than the check
+            log.info(
+                "job.transition",
+                job_id=job.id,
+                scanner_id=transition.scanner_id,
+                run=job.runs,
+                from_status=from_status.name,
+                status=to_status.name,
+                reason=reason,
+                error=error.message if error else None,
+            )
         self.events.publish(job, transition)
         if self.deliverer is not None:
             self._deliver_status(job, transition, len(job.history))

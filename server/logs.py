@@ -112,7 +112,19 @@ def _fallback(obj: Any) -> Any:
         return repr(obj)
 
 
+# The configured threshold (a ``logging`` level number); everything is on until configure().
+_threshold = logging.NOTSET
+
+
+def enabled(level: int) -> bool:
+    """Whether ``level`` lines are written: hot paths skip building a line's fields (a few
+    microseconds per job at ``info``) when no one will read it."""
+    return level >= _threshold
+
+
 def configure(fmt: str = "auto", level: str = "info", zone: tzinfo | None = None) -> None:
+    global _threshold
+    _threshold = logging.getLevelNamesMapping()[level.upper()]
     json_output = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     tz = zone
     cached_ms = -1
@@ -149,9 +161,7 @@ def configure(fmt: str = "auto", level: str = "info", zone: tzinfo | None = None
             format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(_threshold),
         logger_factory=(
             _TurnBufferedLoggerFactory(sys.stderr)
             if json_output

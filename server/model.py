@@ -27,7 +27,7 @@ class JobStatus(enum.IntEnum):
     @property
     def active(self) -> bool:
         """Still on its way: dedup returns such a job instead of queuing another."""
-        return self in (JobStatus.PENDING, JobStatus.IN_PROGRESS)
+        return self is JobStatus.PENDING or self is JobStatus.IN_PROGRESS
 
 
 TERMINAL_STATUSES = frozenset({JobStatus.FINISHED, JobStatus.ERROR, JobStatus.CANCELLED})
@@ -193,6 +193,11 @@ class Job:
     result_in_file: bool = False
     # History entries the receiving server has acknowledged.
     delivered: int = 0
+    # spec.dedup_key(), computed once: the indexes look it up at every status change.
+    key: tuple[Any, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.key = self.spec.dedup_key()
 
     @property
     def kind(self) -> ObjectKind:

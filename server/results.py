@@ -32,6 +32,9 @@ MAX_FINDINGS = 1_000_000
 RESULT_BATCH = 64
 # Results up to this size are checked and summarised on the loop (no thread hop).
 INLINE_PROCESS_BYTES = 16 * 1024
+# The enums' numbers, once (``Verdict.values()`` builds a new list at every call).
+_VERDICTS = frozenset(common_pb2.Verdict.values())
+_SEVERITIES = frozenset(common_pb2.Severity.values())
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,9 @@ def check_result(result: common_pb2.ScanResult) -> None:
     def bad(detail: str) -> HandlerError:
         return HandlerError(Catalogue.SCAN_PARAMS_EMPTY, f"malformed result: {detail}")
 
-    if result.verdict not in common_pb2.Verdict.values():
+    if result.verdict not in _VERDICTS:
         raise bad(f"verdict {result.verdict} is unknown")
-    severities = common_pb2.Severity.values()
+    severities = _SEVERITIES
     total = len(result.vulnerabilities) + len(result.malware) + len(result.secrets)
     if total > MAX_FINDINGS:
         raise bad(f"{total} findings; at most {MAX_FINDINGS} are accepted")

@@ -43,6 +43,13 @@ class VerdictPolicy:
 def summarize(
     result: common_pb2.ScanResult, policy: VerdictPolicy, accepted: Iterable[str] = ()
 ) -> common_pb2.ResultSummary:
+    if not (result.vulnerabilities or result.malware or result.secrets):
+        # Nothing found (most scans of a clean image): nothing to count or excuse.
+        summary = common_pb2.ResultSummary(
+            misconfigurations=len(result.misconfigurations), verdict=common_pb2.VERDICT_PASSED
+        )
+        summary.databases.extend(result.databases)
+        return summary
     summary = common_pb2.ResultSummary(
         vulnerabilities_total=len(result.vulnerabilities),
         malware=len(result.malware),
