@@ -46,6 +46,14 @@ class _Close:
     error: HandlerError
 
 
+class _HeartbeatDue:
+    """Put in the outbox by the session's heartbeat timer; sent only if the stream was idle."""
+
+
+_HEARTBEAT_DUE = _HeartbeatDue()
+_Outbox = asyncio.Queue["ScannerMessage | _Close | _HeartbeatDue"]
+
+
 def rejected(error: HandlerError, job_id: str = "") -> Response:
     return Response(
         rejected=scanner_service_pb2.Rejected(
@@ -77,7 +85,7 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
         if first is STREAM_END:
             return
         assert isinstance(first, scanner_service_pb2.ConnectRequest)
-        outbox: asyncio.Queue[ScannerMessage | _Close] = asyncio.Queue()
+        outbox: _Outbox = asyncio.Queue()
         try:
             if first.WhichOneof("message") != "register":
                 raise HandlerError(
@@ -181,52 +189,66 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
             raise HandlerError(Catalogue.SCAN_PARAMS_EMPTY, "empty ConnectRequest: set one message")
 
     async def _write(
-        self,
-        session: ScannerSession,
-        outbox: asyncio.Queue[ScannerMessage | _Close],
-        context: Context,
+        self, session: ScannerSession, outbox: _Outbox, context: Context
     ) -> _Close | None:
         interval = self.manager.config.heartbeat_interval
-        held: ScannerMessage | _Close | None = None  # taken from the outbox, not sent yet
-        while True:
-            if held is not None:
-                item, held = held, None
-            elif not outbox.empty():
-                item = outbox.get_nowait()  # no heartbeat timer while there is work
+        loop = asyncio.get_running_loop()
+        last_write = loop.time()
+
+        # One timer at a time, not one per message: when it fires after a whole interval
+        # without a write it asks the writer for a heartbeat; otherwise it waits on until an
+        # interval after the last write.
+        timer: asyncio.TimerHandle
+
+        def heartbeat_due() -> None:
+            nonlocal timer
+            now = loop.time()
+            if now - last_write >= interval:
+                outbox.put_nowait(_HEARTBEAT_DUE)
+                timer = loop.call_at(now + interval, heartbeat_due)
             else:
-                try:
-                    async with asyncio.timeout(interval):
-                        item = await outbox.get()
-                except TimeoutError:
-                    await context.write(
-                        Response(
-                            heartbeat=scanner_service_pb2.HandlerHeartbeat(
-                                sent_at=convert.timestamp(now_utc())
-                            )
+                timer = loop.call_at(last_write + interval, heartbeat_due)
+
+        timer = loop.call_at(last_write + interval, heartbeat_due)
+        held: ScannerMessage | _Close | _HeartbeatDue | None = None  # taken, not sent yet
+        try:
+            while True:
+                if held is not None:
+                    item, held = held, None
+                else:
+                    item = await outbox.get()
+                if isinstance(item, _Close):
+                    return item
+                if isinstance(item, _HeartbeatDue):
+                    if loop.time() - last_write < interval:
+                        continue  # something went out since it was asked for: life enough
+                    response = Response(
+                        heartbeat=scanner_service_pb2.HandlerHeartbeat(
+                            sent_at=convert.timestamp(now_utc())
                         )
                     )
-                    continue
-            if isinstance(item, _Close):
-                return item
-            if isinstance(item, AssignJobs):
-                # Batching on the wire: assignments queued behind this one (while the stream
-                # was busy) go in the same message, in order; anything else waits its turn.
-                response, held = self._assignment(item, outbox)
-            else:
-                response = self._message(item)
-            self._flush_journal()
-            await context.write(response)
+                elif isinstance(item, AssignJobs):
+                    # Batching on the wire: assignments queued behind this one (while the
+                    # stream was busy) go in the same message, in order; anything else waits.
+                    response, held = self._assignment(item, outbox)
+                else:
+                    response = self._message(item)
+                self._flush_journal()
+                await context.write(response)
+                last_write = loop.time()
+        finally:
+            timer.cancel()
 
     @staticmethod
     def _assignment(
-        first: AssignJobs, outbox: asyncio.Queue[ScannerMessage | _Close]
-    ) -> tuple[Response, ScannerMessage | _Close | None]:
+        first: AssignJobs, outbox: _Outbox
+    ) -> tuple[Response, ScannerMessage | _Close | _HeartbeatDue | None]:
         """One Assignment message for ``first`` and the assignments queued right behind it
         (up to ``MAX_ASSIGNMENT_BYTES``); the first other item taken, if any, is returned."""
         response = Response()
         jobs = response.assignment.jobs
         size = 0
-        item: ScannerMessage | _Close = first
+        item: ScannerMessage | _Close | _HeartbeatDue = first
         while True:
             assert isinstance(item, AssignJobs)
             for job in item.jobs:
