@@ -12,15 +12,19 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from imagehandler.v1 import common_pb2, scanner_service_pb2
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 MAX_BATCH_RESULTS = 500
 # Well below gRPC's default 4 MiB message limit.
 MAX_BATCH_BYTES = 1 << 20
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Item:
     # None for a progress report still waiting: its message is built when it is sent (most
     # are replaced or dropped before that).
@@ -29,6 +33,10 @@ class _Item:
     size: int = 0
     # A waiting progress report: (job_id, stage, percent, message).
     progress: tuple[str, str, int, str] | None = None
+    # A Results message's list and its length, kept here: reaching them through the message
+    # costs more than the append itself.
+    results: RepeatedCompositeFieldContainer[common_pb2.ScanResult] | None = None
+    count: int = 0
 
     def message(self) -> scanner_service_pb2.ConnectRequest:
         if self.request is None:
@@ -58,6 +66,9 @@ class Outbox:
         self._nonempty = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        # True while _idle is set or get() waits for _nonempty: only then must _append touch
+        # the events (it runs a few times per job).
+        self._wake = True
         self._in_flight = 0
 
     def __len__(self) -> int:
@@ -67,7 +78,10 @@ class Outbox:
         self._append(_Item(request))
 
     def progress(self, job_id: str, stage: str, percent: int, message: str = "") -> None:
-        percent = max(0, min(100, percent))
+        if percent < 0:
+            percent = 0
+        elif percent > 100:
+            percent = 100
         item = self._progress.get(job_id)
         if item is not None:
             item.progress = (job_id, stage, percent, message)
@@ -82,19 +96,19 @@ class Outbox:
         batch = self._open_batch
         if (
             batch is not None
-            and batch.request is not None
-            and len(batch.request.result.results) < self._max_batch
+            and batch.results is not None
+            and batch.count < self._max_batch
             and batch.size + size <= self._max_batch_bytes
         ):
-            batch.request.result.results.append(result)
+            batch.results.append(result)
+            batch.count += 1
             batch.size += size
             return
-        batch = _Item(
-            scanner_service_pb2.ConnectRequest(
-                result=scanner_service_pb2.Results(results=[result])
-            ),
-            size=size,
-        )
+        # Filled in place: nesting constructors copies each level once more.
+        request = scanner_service_pb2.ConnectRequest()
+        results = request.result.results
+        results.append(result)
+        batch = _Item(request, size=size, results=results, count=1)
         self._open_batch = batch
         self._append(batch)
 
@@ -113,6 +127,7 @@ class Outbox:
         while True:
             while not self._items:
                 self._nonempty.clear()
+                self._wake = True
                 await self._nonempty.wait()
             item = self._items.popleft()
             if item is self._open_batch:
@@ -135,9 +150,12 @@ class Outbox:
 
     def _append(self, item: _Item) -> None:
         self._items.append(item)
-        self._idle.clear()
-        self._nonempty.set()
+        if self._wake:
+            self._wake = False
+            self._idle.clear()
+            self._nonempty.set()
 
     def _settle(self) -> None:
         if not self._items and self._in_flight == 0:
             self._idle.set()
+            self._wake = True
