@@ -153,10 +153,17 @@ _DRAINED: Final = _Drained()
 _Outcome = _Broken | _Drained
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _RunningJob:
     job: Job
-    task: asyncio.Task[None]
+    # The deadline on the loop's clock; None when the handler set none.
+    when: float | None
+    task: asyncio.Task[None] = field(init=False)
+    # The run's timeout, once its task has entered it. It starts unarmed: _arm_deadlines arms
+    # it after the scan's first step, and most short scans are over by then.
+    timeout: asyncio.Timeout | None = None
+    # Set once _arm_deadlines has run: a timeout entered after that is armed at once.
+    armed: bool = False
 
 
 @dataclass(eq=False)
@@ -174,9 +181,12 @@ class _Session:
     # Drain done: the client half-closed the stream and reports nothing more.
     closing: bool = False
     reader: asyncio.Task[_Outcome] | None = None
+    # Whether log.info writes anything: known once, as the logger's level is fixed when bound.
+    info: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.idle.set()
+        self.info = _info_enabled(self.log)
 
 
 def _info_enabled(log: FilteringBoundLogger) -> bool:
@@ -193,15 +203,18 @@ def _job_log(session: _Session, job: Job) -> FilteringBoundLogger:
 class _StreamProgress:
     """A job's progress reporter: goes to the outbox while the job is still running."""
 
-    def __init__(self, session: _Session, job: Job) -> None:
+    __slots__ = ("_job_id", "_running", "_session")
+
+    def __init__(self, session: _Session, running: _RunningJob) -> None:
         self._session = session
-        self._job = job
+        self._running = running
+        self._job_id = running.job.job_id
 
     def report(self, stage: str, percent: int, message: str = "") -> None:
-        running = self._session.jobs.get(self._job.job_id)
-        if running is None or running.job is not self._job or self._session.closing:
+        session = self._session
+        if session.jobs.get(self._job_id) is not self._running or session.closing:
             return
-        self._session.outbox.progress(self._job.job_id, stage, percent, message)
+        session.outbox.progress(self._job_id, stage, percent, message)
 
 
 class ScannerClient:
@@ -246,6 +259,8 @@ class ScannerClient:
         # Set once a Drain message has been written.
         self.drain_sent = asyncio.Event()
         self._changed = asyncio.Event()
+        # wait_for calls waiting on _changed: with none, a change needs no new Event.
+        self._watchers = 0
         self._drain_requested = asyncio.Event()
         self._stop_requested = asyncio.Event()
         # Ends a reconnect wait early.
@@ -331,7 +346,11 @@ class ScannerClient:
     async def wait_for(self, predicate: Callable[[ClientStats], bool]) -> None:
         """Until ``predicate(self.stats)`` holds (wrap in ``asyncio.timeout``)."""
         while not predicate(self.stats):
-            await self._changed.wait()
+            self._watchers += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._watchers -= 1
 
     # ---- one session ------------------------------------------------------------------------
 
@@ -501,8 +520,20 @@ class ScannerClient:
     def _dispatch(self, session: _Session, response: scanner_service_pb2.ConnectResponse) -> None:
         kind = response.WhichOneof("message")
         if kind == "assignment":
+            loop = asyncio.get_running_loop()
+            # Deadlines are wall-clock times; the loop's timers run on its own clock. Read once
+            # for the whole assignment.
+            offset = loop.time() - datetime.now(UTC).timestamp()
+            started = []
             for assigned in response.assignment.jobs:
-                self._start_job(session, assigned)
+                running = self._start_job(session, assigned, offset)
+                if running is not None:
+                    started.append(running)
+            if started:
+                self.stats.jobs_assigned += len(started)
+                self._notify()
+                # After the first steps of the tasks just made (call_soon keeps the order).
+                loop.call_soon(self._arm_deadlines, started)
         elif kind == "cancel":
             self._cancel_job(session, response.cancel.job_id, response.cancel.reason)
         elif kind == "rejected":
@@ -562,30 +593,51 @@ class ScannerClient:
 
     # ---- jobs -------------------------------------------------------------------------------
 
-    def _start_job(self, session: _Session, assigned: scanner_service_pb2.AssignedJob) -> None:
-        job = protocol.job_from_assignment(assigned)
+    def _start_job(
+        self, session: _Session, assigned: scanner_service_pb2.AssignedJob, offset: float
+    ) -> _RunningJob | None:
+        """Start one assigned job (the caller counts it); ``offset`` is the loop's clock minus
+        the wall clock."""
+        job, deadline = protocol.assigned_job(assigned)
         if session.closing:
             _job_log(session, job).warning(
                 "assignment after the stream was closed; the handler requeues it"
             )
-            return
+            return None
         previous = session.jobs.pop(job.job_id, None)
         if previous is not None:
             _job_log(session, job).warning(
                 "job assigned again while running; the earlier run is dropped"
             )
             self._cancel_task(previous.task)
-        task = asyncio.create_task(self._run_job(session, job), name=f"scan {job.job_id}")
-        session.jobs[job.job_id] = _RunningJob(job, task)
+        running = _RunningJob(job, None if deadline is None else deadline + offset)
+        running.task = asyncio.create_task(
+            self._run_job(session, running), name=f"scan {job.job_id}"
+        )
+        session.jobs[job.job_id] = running
         session.idle.clear()
-        self.stats.jobs_assigned += 1
-        self._notify()
-        if _info_enabled(session.log):  # skip formatting what nobody reads
+        if session.info:  # skip formatting what nobody reads
             _job_log(session, job).info(
                 "job assigned",
                 kind=job.kind,
                 deadline=protocol.format_deadline(job.deadline) if job.deadline else None,
             )
+        return running
+
+    @staticmethod
+    def _arm_deadlines(started: list[_RunningJob]) -> None:
+        """Arm the deadline of each run whose scan is still going after its first step.
+
+        A scan that needs no waiting is over within its first step, before its deadline timer
+        could fire, so it never needs one; skipping the timer (made, then cancelled) is a
+        good part of the client's cost per short scan. A timer armed here fires when one
+        armed at the start would have: the deadline is absolute.
+        """
+        for running in started:
+            running.armed = True
+            timeout = running.timeout
+            if timeout is not None and running.when is not None and not running.task.done():
+                timeout.reschedule(running.when)
 
     def _cancel_job(self, session: _Session, job_id: str, reason: str) -> None:
         running = session.jobs.pop(job_id, None)
@@ -618,19 +670,16 @@ class ScannerClient:
         self._unwinding.add(task)
         task.add_done_callback(self._unwinding.discard)
 
-    async def _run_job(self, session: _Session, job: Job) -> None:
-        loop = asyncio.get_running_loop()
-        when = (
-            None
-            if job.deadline is None
-            else loop.time() + (job.deadline - datetime.now(UTC)).total_seconds()
-        )
-        deadline = asyncio.timeout_at(when)
+    async def _run_job(self, session: _Session, running: _RunningJob) -> None:
+        job = running.job
+        # Unarmed (None) until _arm_deadlines has seen this run's first step.
+        deadline = asyncio.timeout_at(running.when if running.armed else None)
+        running.timeout = deadline
         failure: scanner_service_pb2.Failure | None = None
         result: common_pb2.ScanResult | None = None
         try:
             async with deadline:
-                returned: object = await self.engine.scan(job, _StreamProgress(session, job))
+                returned: object = await self.engine.scan(job, _StreamProgress(session, running))
             if not isinstance(returned, common_pb2.ScanResult):
                 raise TypeError(
                     f"engine {self.engine.name!r} returned {type(returned).__name__}, "
@@ -650,11 +699,11 @@ class ScannerClient:
             failure = protocol.failure(job.job_id, exc.code, exc.detail, permanent=exc.permanent)
         except Exception as exc:
             failure = self._internal_failure(job, exc, _job_log(session, job))
-        running = session.jobs.get(job.job_id)
-        if running is None or running.job is not job:
+        jobs = session.jobs
+        if jobs.get(job.job_id) is not running:
             return  # cancelled meanwhile: nothing may be said about it
-        del session.jobs[job.job_id]
-        if not session.jobs:
+        del jobs[job.job_id]
+        if not jobs:
             session.idle.set()
         if result is not None:
             result.job_id = job.job_id
@@ -662,7 +711,7 @@ class ScannerClient:
             if not result.databases:
                 result.databases.extend(session.databases)
             session.outbox.result(result)
-            if _info_enabled(session.log):
+            if session.info:
                 _job_log(session, job).info(
                     "job finished", verdict=common_pb2.Verdict.Name(result.verdict)
                 )
@@ -710,6 +759,8 @@ class ScannerClient:
         self._notify()
 
     def _notify(self) -> None:
+        if not self._watchers:
+            return  # nobody waits: skip the new Event (this runs for every job)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 

@@ -68,28 +68,66 @@ def seconds(duration: duration_pb2.Duration, default: float) -> float:
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _datetime(ts: timestamp_pb2.Timestamp) -> datetime:
-    """``ts.ToDatetime(tzinfo=UTC)`` without its slower generic path."""
-    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+# The last deadline converted, as (seconds, nanos, datetime, epoch seconds): the jobs of one
+# Assignment mostly share their deadline, and datetimes are immutable, so they can share it.
+_last_deadline: tuple[int, int, datetime, float] = (0, 0, _EPOCH, 0.0)
+
+
+def _deadline(ts: timestamp_pb2.Timestamp) -> tuple[datetime, float]:
+    """The deadline as a datetime and as seconds since the epoch (for the loop's clock)."""
+    global _last_deadline
+    seconds = ts.seconds
+    nanos = ts.nanos
+    last = _last_deadline
+    if last[0] == seconds and last[1] == nanos:
+        return last[2], last[3]
+    value = _EPOCH + timedelta(0, seconds, nanos // 1000)
+    epoch = seconds + nanos / 1e9
+    _last_deadline = (seconds, nanos, value, epoch)
+    return value, epoch
+
+
+# Policy lists converted once each: there are few distinct ones (four policies) and every
+# assigned job carries one. Bounded, as the values come off the wire.
+_POLICY_LISTS: dict[tuple[int, ...], tuple[Policy, ...]] = {}
+_POLICY_LISTS_MAX = 256
+
+
+def _policies(values: Sequence[common_pb2.Policy.ValueType]) -> tuple[Policy, ...]:
+    # A slice of a repeated field is a list, made in C; tuple() on the field iterates in Python.
+    key = tuple(values[:])
+    policies = _POLICY_LISTS.get(key)
+    if policies is None:
+        policies = tuple(
+            policy for policy in (Policy.from_proto(value) for value in key) if policy is not None
+        )
+        if len(_POLICY_LISTS) < _POLICY_LISTS_MAX:
+            _POLICY_LISTS[key] = policies
+    return policies
 
 
 def job_from_assignment(assigned: scanner_service_pb2.AssignedJob) -> Job:
-    policies = tuple(
-        policy
-        for policy in (Policy.from_proto(value) for value in assigned.policies)
-        if policy is not None
-    )
-    deadline = _datetime(assigned.deadline) if assigned.HasField("deadline") else None
-    scan_object = common_pb2.ScanObject()
-    scan_object.CopyFrom(assigned.object)
-    return Job(
+    return assigned_job(assigned)[0]
+
+
+def assigned_job(assigned: scanner_service_pb2.AssignedJob) -> tuple[Job, float | None]:
+    """The engine's job and its deadline in seconds since the epoch (None when unset)."""
+    if assigned.HasField("deadline"):
+        deadline, epoch = _deadline(assigned.deadline)
+    else:
+        deadline, epoch = None, None
+    labels = assigned.labels
+    job = Job(
         job_id=assigned.job_id,
         run=assigned.run,
-        object=scan_object,
-        policies=policies,
+        # The assignment's own message, not a copy: nothing else holds or changes it.
+        object=assigned.object,
+        policies=_policies(assigned.policies),
         deadline=deadline,
-        labels=dict(assigned.labels),
+        # dict() of an empty map field costs ten times the check.
+        labels=dict(labels) if labels else {},
     )
+    return job, epoch
 
 
 def format_deadline(deadline: datetime) -> str:
