@@ -69,7 +69,9 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         spec = convert.spec_from_request(request, self.manager.config)
         job, duplicate = self.manager.submit(spec)
         await self.manager.store.sync()
-        return job_service_pb2.SubmitJobResponse(job=self._job(job), duplicate=duplicate)
+        response = job_service_pb2.SubmitJobResponse(duplicate=duplicate)
+        convert.set_job(response.job, job, position=self.manager.position(job))
+        return response
 
     @unary
     async def SubmitJobs(
@@ -88,12 +90,16 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
                 ) from None
         submitted = self.manager.submit_many(specs)
         await self.manager.store.sync()
-        return job_service_pb2.SubmitJobsResponse(
-            results=[
-                job_service_pb2.SubmitJobResponse(job=self._job(job), duplicate=duplicate)
-                for job, duplicate in submitted
-            ]
-        )
+        # Filled in place: a message passed to a constructor is copied.
+        response = job_service_pb2.SubmitJobsResponse()
+        add = response.results.add
+        position = self.manager.position
+        for job, duplicate in submitted:
+            result = add()
+            convert.set_job(result.job, job, position=position(job))
+            if duplicate:
+                result.duplicate = True
+        return response
 
     @unary
     async def GetJob(
