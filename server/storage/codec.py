@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf import timestamp_pb2
 
@@ -45,7 +45,7 @@ def stored(job: Job) -> storage_pb2.StoredJob:
 
 # Enum members by number: a dict look-up is several times cheaper than calling the enum, and
 # recovery does it a few times per job.
-_STATUS = {m.value: m for m in JobStatus}
+STATUS = _STATUS = {m.value: m for m in JobStatus}
 _TRIGGER = {m.value: m for m in Trigger}
 _POLICY = {m.value: m for m in Policy}
 _LANE = {m.value: m for m in Lane}
@@ -62,6 +62,19 @@ def _target(obj: common_pb2.ScanObject) -> ScanTarget:
     a = obj.artifact
     digest = hashlib.sha256(a.sbom).hexdigest() if a.sbom else ""
     return ArtifactRef(a.pipeline, a.job, a.path, a.url, a.sbom, a.sbom_format, digest)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def unix_micros(at: datetime) -> int:
+    """Microseconds since the Unix epoch of an aware datetime (exact, unlike timestamp())."""
+    return (at - _EPOCH) // _MICROSECOND
+
+
+def from_unix_micros(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
 
 
 def _time(ts: timestamp_pb2.Timestamp) -> datetime:

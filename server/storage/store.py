@@ -7,6 +7,7 @@ store (PostgreSQL) is the next one.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import re
@@ -33,7 +34,6 @@ from server.storage.snapshot import (
     snapshot_path,
     write_snapshot,
 )
-from server.transport import convert
 
 log = structlog.get_logger("imagehandler.storage")
 
@@ -168,6 +168,11 @@ class JournalStore:
         self.journal: Journal | None = None
         self._snapshotting = False
         self.last_snapshot: tuple[Path, int, float] | None = None  # path, bytes, seconds
+        # This turn's moves, not yet a journal record (see JobsMoved): the record being filled
+        # and the LSN of its first move. Written before any other record, at every flush,
+        # mark and sync, and at the end of the loop turn.
+        self._moves: storage_pb2.JournalRecord | None = None
+        self._moves_count = 0
 
     # ----- start: lock, recover, open ----------------------------------------------------
 
@@ -281,7 +286,8 @@ class JournalStore:
             record = storage_pb2.JournalRecord.FromString(payload)
             self._apply(record, state, path)
             state.records_replayed += 1
-            self._replayed_lsn = max(self._replayed_lsn, record.lsn)
+            moves = len(record.moves.job_ids) if record.HasField("moves") else 1
+            self._replayed_lsn = max(self._replayed_lsn, record.lsn + moves - 1)
 
     def _apply(self, record: storage_pb2.JournalRecord, state: Recovered, path: Path) -> None:
         change = record.WhichOneof("change")
@@ -317,6 +323,8 @@ class JournalStore:
                 job.result_summary = moved.summary
             job.result_in_file = job.result_in_file or moved.result_in_file
             job.lsn = record.lsn
+        elif change == "moves":
+            self._apply_moves(record.lsn, record.moves, state, path)
         elif change == "pruned":
             for job_id in record.pruned.job_ids:
                 state.jobs.pop(job_id, None)
@@ -333,9 +341,56 @@ class JournalStore:
             if found is not None:
                 found.result_summary = record.verdict_changed.summary
 
+    @staticmethod
+    def _apply_moves(
+        first_lsn: int, moves: storage_pb2.JobsMoved, state: Recovered, path: Path
+    ) -> None:
+        errors = dict(zip(moves.error_of, moves.errors, strict=True))
+        results = dict(zip(moves.result_of, moves.results, strict=True))
+        summaries = dict(zip(moves.summary_of, moves.summaries, strict=True))
+        in_file = set(moves.result_in_file_of)
+        for index, (job_id, to_status, at_micros, scanner_id, reason) in enumerate(
+            zip(
+                moves.job_ids,
+                moves.to_statuses,
+                moves.at_unix_micros,
+                moves.scanner_ids,
+                moves.reasons,
+                strict=True,
+            )
+        ):
+            lsn = first_lsn + index
+            job = state.jobs.get(job_id)
+            if job is None or job.lsn >= lsn:
+                continue  # pruned later, or already in the snapshot
+            error = errors.get(index)
+            try:
+                state_machine.move(
+                    job,
+                    codec.STATUS[to_status],
+                    at=codec.from_unix_micros(at_micros),
+                    reason=reason,
+                    scanner_id=scanner_id,
+                    error=codec.failure(error) if error is not None else None,
+                )
+            except state_machine.IllegalTransition as exc:
+                raise StorageError(
+                    f"journal {path}: record {first_lsn} move {index} cannot be applied "
+                    f"({exc.detail})"
+                ) from None
+            result = results.get(index)
+            if result is not None:
+                job.result = result
+            summary = summaries.get(index)
+            if summary is not None:
+                job.result_summary = summary
+            job.result_in_file = job.result_in_file or index in in_file
+            job.lsn = lsn
+
     # ----- appending -----------------------------------------------------------------------
 
     def _append(self, record: storage_pb2.JournalRecord) -> int:
+        self._write_moves()  # the turn's moves came first
         journal = self._open_journal()
         lsn = journal.next_lsn()
         record.lsn = lsn
@@ -360,17 +415,44 @@ class JournalStore:
         result: common_pb2.ScanResult | None = None,
         summary: common_pb2.ResultSummary | None = None,
     ) -> None:
-        record = storage_pb2.JournalRecord()
-        moved = record.moved  # filled in place: no nested copies
-        moved.job_id = job.id
-        convert.set_transition(moved.transition, transition)
+        record = self._moves
+        if record is None:
+            journal = self._open_journal()
+            record = self._moves = storage_pb2.JournalRecord(lsn=journal.next_lsn())
+            self._moves_count = 0
+            asyncio.get_running_loop().call_soon(self._write_moves)  # at the end of the turn
+        moves = record.moves
+        index = self._moves_count
+        self._moves_count = index + 1
+        moves.job_ids.append(job.id)
+        moves.to_statuses.append(transition.to_status)  # type: ignore[arg-type]  # same numbers
+        moves.at_unix_micros.append(codec.unix_micros(transition.at))
+        moves.scanner_ids.append(transition.scanner_id)
+        moves.reasons.append(transition.reason)
+        if transition.error is not None:
+            moves.error_of.append(index)
+            error = moves.errors.add()
+            error.code = transition.error.code
+            error.message = transition.error.message
+            error.detail = transition.error.detail
         if result is not None:
-            moved.result.CopyFrom(result)
+            moves.result_of.append(index)
+            moves.results.append(result)
         if summary is not None:
-            moved.summary.CopyFrom(summary)
+            moves.summary_of.append(index)
+            moves.summaries.append(summary)
         if job.result_in_file:
-            moved.result_in_file = True
-        job.lsn = self._append(record)
+            moves.result_in_file_of.append(index)
+        job.lsn = record.lsn + index
+
+    def _write_moves(self) -> None:
+        """Append this turn's moves as one record (the LSNs they were given)."""
+        record = self._moves
+        if record is None:
+            return
+        self._moves = None
+        journal = self._open_journal()
+        journal.append(record.lsn + self._moves_count - 1, record.SerializeToString())
 
     def pruned(self, job_ids: Sequence[str]) -> None:
         self._append(storage_pb2.JournalRecord(pruned=storage_pb2.JobsPruned(job_ids=job_ids)))
@@ -390,15 +472,19 @@ class JournalStore:
         self._append(storage_pb2.JournalRecord(verdict_changed=record))
 
     def flush(self) -> None:
+        self._write_moves()
         self._open_journal().flush()
 
     def mark(self) -> int:
+        self._write_moves()  # moves before the mark stay when what follows is discarded
         return self._open_journal().mark()
 
     def discard_since(self, mark: int) -> None:
+        self._moves = None  # moves after the mark (none today: submits only create)
         self._open_journal().discard_since(mark)
 
     async def sync(self) -> None:
+        self._write_moves()
         await self._open_journal().sync()
 
     # ----- snapshots -----------------------------------------------------------------------
@@ -423,6 +509,7 @@ class JournalStore:
         self._snapshotting = True
         started = time.perf_counter()
         try:
+            self._write_moves()  # into the old generation, which the snapshot covers
             generation = journal.generation + 1
             lsn = journal.last_lsn
             await journal.rotate(generation)
@@ -451,6 +538,7 @@ class JournalStore:
 
     async def close(self) -> None:
         if self.journal is not None:
+            self._write_moves()
             await self.journal.close()
             self.journal = None
         if self._lock_fd >= 0:

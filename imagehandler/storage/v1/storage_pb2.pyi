@@ -83,6 +83,78 @@ class JobCreated(_message.Message):
 Global___JobCreated: _TypeAlias = JobCreated  # noqa: Y015
 
 @_typing.final
+class JobsMoved(_message.Message):
+    """The status changes of one event-loop turn, in order, as columns: entry i of job_ids,
+    to_statuses, at_unix_micros, scanner_ids and reasons is one move, and its LSN is the
+    record's lsn + i (so a job a snapshot copied between two of its moves replays only the
+    second). Errors, results and summaries belong to the move whose index is beside them. One
+    record for a turn's moves keeps the per-record cost (framing, checksum, one protobuf
+    message per move) off the hot path. JobMoved is the older one-move form, still replayed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_IDS_FIELD_NUMBER: _builtins.int
+    TO_STATUSES_FIELD_NUMBER: _builtins.int
+    AT_UNIX_MICROS_FIELD_NUMBER: _builtins.int
+    SCANNER_IDS_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    ERROR_OF_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    RESULT_OF_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    SUMMARY_OF_FIELD_NUMBER: _builtins.int
+    SUMMARIES_FIELD_NUMBER: _builtins.int
+    RESULT_IN_FILE_OF_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def to_statuses(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.JobStatus.ValueType]: ...
+    @_builtins.property
+    def at_unix_micros(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def scanner_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def error_of(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.JobError]: ...
+    @_builtins.property
+    def result_of(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ScanResult]: ...
+    @_builtins.property
+    def summary_of(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def summaries(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ResultSummary]: ...
+    @_builtins.property
+    def result_in_file_of(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        job_ids: _abc.Iterable[_builtins.str] | None = ...,
+        to_statuses: _abc.Iterable[_common_pb2.JobStatus.ValueType] | None = ...,
+        at_unix_micros: _abc.Iterable[_builtins.int] | None = ...,
+        scanner_ids: _abc.Iterable[_builtins.str] | None = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        error_of: _abc.Iterable[_builtins.int] | None = ...,
+        errors: _abc.Iterable[_common_pb2.JobError] | None = ...,
+        result_of: _abc.Iterable[_builtins.int] | None = ...,
+        results: _abc.Iterable[_common_pb2.ScanResult] | None = ...,
+        summary_of: _abc.Iterable[_builtins.int] | None = ...,
+        summaries: _abc.Iterable[_common_pb2.ResultSummary] | None = ...,
+        result_in_file_of: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_micros", b"at_unix_micros", "error_of", b"error_of", "errors", b"errors", "job_ids", b"job_ids", "reasons", b"reasons", "result_in_file_of", b"result_in_file_of", "result_of", b"result_of", "results", b"results", "scanner_ids", b"scanner_ids", "summaries", b"summaries", "summary_of", b"summary_of", "to_statuses", b"to_statuses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobsMoved: _TypeAlias = JobsMoved  # noqa: Y015
+
+@_typing.final
 class JobMoved(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -204,6 +276,7 @@ class JournalRecord(_message.Message):
     RISK_ACCEPTED_FIELD_NUMBER: _builtins.int
     RISK_REMOVED_FIELD_NUMBER: _builtins.int
     VERDICT_CHANGED_FIELD_NUMBER: _builtins.int
+    MOVES_FIELD_NUMBER: _builtins.int
     lsn: _builtins.int
     risk_removed: _builtins.str
     """The id of a revoked or expired acceptance."""
@@ -219,6 +292,8 @@ class JournalRecord(_message.Message):
     def risk_accepted(self) -> _job_service_pb2.RiskAcceptance: ...
     @_builtins.property
     def verdict_changed(self) -> Global___VerdictChanged: ...
+    @_builtins.property
+    def moves(self) -> Global___JobsMoved: ...
     def __init__(
         self,
         *,
@@ -230,12 +305,13 @@ class JournalRecord(_message.Message):
         risk_accepted: _job_service_pb2.RiskAcceptance | None = ...,
         risk_removed: _builtins.str = ...,
         verdict_changed: Global___VerdictChanged | None = ...,
+        moves: Global___JobsMoved | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created", b"created", "delivered", b"delivered", "moved", b"moved", "pruned", b"pruned", "risk_accepted", b"risk_accepted", "risk_removed", b"risk_removed", "verdict_changed", b"verdict_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created", b"created", "delivered", b"delivered", "moved", b"moved", "moves", b"moves", "pruned", b"pruned", "risk_accepted", b"risk_accepted", "risk_removed", b"risk_removed", "verdict_changed", b"verdict_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created", b"created", "delivered", b"delivered", "lsn", b"lsn", "moved", b"moved", "pruned", b"pruned", "risk_accepted", b"risk_accepted", "risk_removed", b"risk_removed", "verdict_changed", b"verdict_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created", b"created", "delivered", b"delivered", "lsn", b"lsn", "moved", b"moved", "moves", b"moves", "pruned", b"pruned", "risk_accepted", b"risk_accepted", "risk_removed", b"risk_removed", "verdict_changed", b"verdict_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["created", "moved", "pruned", "delivered", "risk_accepted", "risk_removed", "verdict_changed"]  # noqa: Y015
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["created", "moved", "pruned", "delivered", "risk_accepted", "risk_removed", "verdict_changed", "moves"]  # noqa: Y015
     _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
 
