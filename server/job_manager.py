@@ -78,6 +78,14 @@ def failure_of(error: HandlerError) -> JobFailure:
     return JobFailure(error.code, error.message, error.detail)
 
 
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    job: Job
+    duplicate: bool  # the job existed already (same idempotency key or object)
+    # A new job's reply message (built once, with its journal record); None for a duplicate.
+    message: common_pb2.Job | None = None
+
+
 @dataclass(frozen=True)
 class QueueStats:
     by_status: dict[JobStatus, int]
@@ -304,11 +312,11 @@ class JobManager:
 
     # ----- submitting -------------------------------------------------------------------
 
-    def submit(self, spec: JobSpec) -> tuple[Job, bool]:
+    def submit(self, spec: JobSpec) -> Submitted:
         """Queue a job, or return the existing one for the same key or object."""
         return self.submit_many([spec])[0]
 
-    def submit_many(self, specs: Sequence[JobSpec]) -> list[tuple[Job, bool]]:
+    def submit_many(self, specs: Sequence[JobSpec]) -> list[Submitted]:
         """Queue jobs; they are written to the journal before this returns (await
         ``store.sync()`` before acknowledging). On a journal failure nothing is queued."""
         self._require_ready()
@@ -336,7 +344,7 @@ class JobManager:
                 "retry later or raise --queue-limit",
                 status=Catalogue.SYSTEM_ERROR.entry.statuses[1],
             )
-        out: list[tuple[Job, bool]] = []
+        out: list[Submitted] = []
         created: list[tuple[Job, Transition]] = []
         mark = self.store.mark()
         for spec, key, found in zip(specs, keys, existing, strict=True):
@@ -344,11 +352,11 @@ class JobManager:
                 # A batch may repeat an object: the second copy is a duplicate of the first.
                 found = self._existing(spec, key)
             if found is not None:
-                out.append((found, True))
+                out.append(Submitted(found, duplicate=True))
             else:
-                job, transition = self._create(spec)
+                job, transition, message = self._create(spec)
                 created.append((job, transition))
-                out.append((job, False))
+                out.append(Submitted(job, duplicate=False, message=message))
         try:
             self.store.flush()
         except HandlerError:
@@ -385,7 +393,7 @@ class JobManager:
             return job
         return None
 
-    def _create(self, spec: JobSpec) -> tuple[Job, Transition]:
+    def _create(self, spec: JobSpec) -> tuple[Job, Transition, common_pb2.Job]:
         at = now_utc()
         job = Job(id=str(uuid.uuid4()), seq=self._next_seq, spec=spec, created_at=at)
         self._next_seq += 1
@@ -397,8 +405,10 @@ class JobManager:
         self.queue.push(job)
         transition = state_machine.record_creation(job, at)
         self.status_counts[JobStatus.PENDING] += 1
-        self.store.created(job)
-        return job, transition
+        # The reply's message, built once: the journal record copies it.
+        message = convert.job_to_proto(job, position=self.queue.position(job))
+        self.store.created(job, message)
+        return job, transition, message
 
     def _forget(self, job: Job) -> None:
         """Remove a job from every index (a failed submit, or retention)."""

@@ -56,7 +56,11 @@ class Recovered:
 
 
 class JobStore(Protocol):
-    def created(self, job: Job) -> None: ...
+    def created(self, job: Job, message: common_pb2.Job | None = None) -> None:
+        """Record a new job. ``message``: the job as a reply shows it (no history), when the
+        caller built one anyway; the store may copy it instead of building its own."""
+        ...
+
     def moved(
         self,
         job: Job,
@@ -87,7 +91,7 @@ class JobStore(Protocol):
 class MemoryStore:
     """Keeps nothing: a restart loses every job. For benchmarks and throwaway runs."""
 
-    def created(self, job: Job) -> None:
+    def created(self, job: Job, message: common_pb2.Job | None = None) -> None:
         pass
 
     def moved(
@@ -402,9 +406,13 @@ class JournalStore:
             raise RuntimeError("JournalStore.start() was not called")
         return self.journal
 
-    def created(self, job: Job) -> None:
+    def created(self, job: Job, message: common_pb2.Job | None = None) -> None:
         record = storage_pb2.JournalRecord()
-        codec.set_stored(record.created.job, job)  # filled in place: no nested copies
+        stored = record.created.job  # filled in place: no nested copies
+        if message is None:
+            codec.set_stored(stored, job)
+        else:
+            codec.set_stored_from(stored, job, message)
         job.lsn = self._append(record)
 
     def moved(

@@ -13,7 +13,7 @@ from google.protobuf import duration_pb2
 from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
 from server.errors import Catalogue, HandlerError
 from server.events import Subscription
-from server.job_manager import JobManager, now_utc
+from server.job_manager import JobManager, Submitted, now_utc
 from server.model import Job, JobStatus, Lane, ObjectKind, Transition, Trigger
 from server.transport import convert
 from server.transport.guard import Context, fail, log, unary
@@ -55,6 +55,13 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             job, position=self.manager.position(job), history=history, full_result=full_result
         )
 
+    def _reply_job(self, message: common_pb2.Job, submitted: Submitted) -> None:
+        if submitted.message is not None and submitted.job.status is JobStatus.PENDING:
+            message.CopyFrom(submitted.message)  # built with the journal record
+            message.queue_position = self.manager.position(submitted.job)
+        else:  # a duplicate, or a job that moved on while the journal synced
+            convert.set_job(message, submitted.job, position=self.manager.position(submitted.job))
+
     def _flush_journal(self) -> None:
         """Watchers see only what the journal has (unless it is failing: then say so)."""
         try:
@@ -67,10 +74,10 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         self, request: job_service_pb2.SubmitJobRequest, context: Context
     ) -> job_service_pb2.SubmitJobResponse:
         spec = convert.spec_from_request(request, self.manager.config)
-        job, duplicate = self.manager.submit(spec)
+        submitted = self.manager.submit(spec)
         await self.manager.store.sync()
-        response = job_service_pb2.SubmitJobResponse(duplicate=duplicate)
-        convert.set_job(response.job, job, position=self.manager.position(job))
+        response = job_service_pb2.SubmitJobResponse(duplicate=submitted.duplicate)
+        self._reply_job(response.job, submitted)
         return response
 
     @unary
@@ -93,11 +100,10 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         # Filled in place: a message passed to a constructor is copied.
         response = job_service_pb2.SubmitJobsResponse()
         add = response.results.add
-        position = self.manager.position
-        for job, duplicate in submitted:
+        for one in submitted:
             result = add()
-            convert.set_job(result.job, job, position=position(job))
-            if duplicate:
+            self._reply_job(result.job, one)
+            if one.duplicate:
                 result.duplicate = True
         return response
 
