@@ -159,17 +159,10 @@ class _RunningJob:
     # The deadline on the loop's clock; None when the handler set none.
     when: float | None
     task: asyncio.Task[None] = field(init=False)
-    # The deadline works as asyncio.timeout_at(when) around the scan would, without a Timeout
-    # and a timer per run: the timer is armed only once the scan's first step is over (see
-    # _arm_deadlines), and most short scans are over by then.
-    timer: asyncio.Handle | None = None
-    # Set when the deadline fired and cancelled the task.
-    expired: bool = False
-    # The task's pending cancel requests when the timer was armed.
-    cancelling: int = 0
-    # The task's first step has begun.
-    started: bool = False
-    # _arm_deadlines has run: a task starting after that arms its own timer.
+    # The run's timeout, once its task has entered it. It starts unarmed: _arm_deadlines arms
+    # it after the scan's first step, and most short scans are over by then.
+    timeout: asyncio.Timeout | None = None
+    # Set once _arm_deadlines has run: a timeout entered after that is armed at once.
     armed: bool = False
 
 
@@ -618,10 +611,10 @@ class ScannerClient:
             )
             self._cancel_task(previous.task)
         running = _RunningJob(job, None if deadline is None else deadline + offset)
-        session.jobs[job.job_id] = running
         running.task = asyncio.create_task(
             self._run_job(session, running), name=f"scan {job.job_id}"
         )
+        session.jobs[job.job_id] = running
         session.idle.clear()
         if session.info:  # skip formatting what nobody reads
             _job_log(session, job).info(
@@ -631,8 +624,8 @@ class ScannerClient:
             )
         return running
 
-    @classmethod
-    def _arm_deadlines(cls, started: list[_RunningJob]) -> None:
+    @staticmethod
+    def _arm_deadlines(started: list[_RunningJob]) -> None:
         """Arm the deadline of each run whose scan is still going after its first step.
 
         A scan that needs no waiting is over within its first step, before its deadline timer
@@ -642,38 +635,9 @@ class ScannerClient:
         """
         for running in started:
             running.armed = True
-            if running.started and running.when is not None and not running.task.done():
-                cls._arm(running)
-
-    @staticmethod
-    def _arm(running: _RunningJob) -> None:
-        assert running.when is not None
-        loop = asyncio.get_running_loop()
-        running.cancelling = running.task.cancelling()
-        running.timer = (
-            loop.call_at(running.when, ScannerClient._expire, running)
-            if running.when > loop.time()
-            else loop.call_soon(ScannerClient._expire, running)
-        )
-
-    @staticmethod
-    def _expire(running: _RunningJob) -> None:
-        """The deadline passed: cancel the scan (as asyncio.timeout's expiry does)."""
-        running.timer = None
-        if not running.task.done():
-            running.expired = True
-            running.task.cancel()
-
-    @staticmethod
-    def _disarm(running: _RunningJob) -> bool:
-        """After the scan: stop its timer; whether a CancelledError is the deadline's (as
-        asyncio.timeout's exit decides: it takes back its own cancel request, and the error
-        is its own unless another one is pending)."""
-        timer = running.timer
-        if timer is not None:
-            timer.cancel()
-            running.timer = None
-        return running.expired and running.task.uncancel() <= running.cancelling
+            timeout = running.timeout
+            if timeout is not None and running.when is not None and not running.task.done():
+                timeout.reschedule(running.when)
 
     def _cancel_job(self, session: _Session, job_id: str, reason: str) -> None:
         running = session.jobs.pop(job_id, None)
@@ -708,30 +672,27 @@ class ScannerClient:
 
     async def _run_job(self, session: _Session, running: _RunningJob) -> None:
         job = running.job
-        running.started = True
-        if running.armed and running.when is not None:
-            self._arm(running)  # started after _arm_deadlines ran
+        # Unarmed (None) until _arm_deadlines has seen this run's first step.
+        deadline = asyncio.timeout_at(running.when if running.armed else None)
+        running.timeout = deadline
         failure: scanner_service_pb2.Failure | None = None
         result: common_pb2.ScanResult | None = None
-        deadline_cancelled = False
         try:
-            try:
+            async with deadline:
                 returned: object = await self.engine.scan(job, _StreamProgress(session, running))
-            finally:
-                deadline_cancelled = self._disarm(running)
             if not isinstance(returned, common_pb2.ScanResult):
                 raise TypeError(
                     f"engine {self.engine.name!r} returned {type(returned).__name__}, "
                     "not a ScanResult"
                 )
             result = returned
-        except asyncio.CancelledError:
-            if not deadline_cancelled:
-                raise
-            failure = self._deadline_failure(job)
         except TimeoutError as exc:
-            if running.expired:
-                failure = self._deadline_failure(job)
+            if deadline.expired() and job.deadline is not None:
+                failure = protocol.failure(
+                    job.job_id,
+                    "HNDL-004",
+                    f"scan did not finish by its deadline {protocol.format_deadline(job.deadline)}",
+                )
             else:
                 failure = self._internal_failure(job, exc, _job_log(session, job))
         except ScanFailure as exc:
@@ -759,15 +720,6 @@ class ScannerClient:
             _job_log(session, job).warning(
                 "job failed", code=failure.code, detail=failure.detail, permanent=failure.permanent
             )
-
-    @staticmethod
-    def _deadline_failure(job: Job) -> scanner_service_pb2.Failure:
-        assert job.deadline is not None
-        return protocol.failure(
-            job.job_id,
-            "HNDL-004",
-            f"scan did not finish by its deadline {protocol.format_deadline(job.deadline)}",
-        )
 
     def _internal_failure(
         self, job: Job, exc: BaseException, log: FilteringBoundLogger

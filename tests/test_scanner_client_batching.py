@@ -16,7 +16,13 @@ import structlog
 from imagehandler.v1 import common_pb2, scanner_service_pb2
 from scanner_client import protocol
 from scanner_client.cli import loop_factory, parse_args
-from scanner_client.client import ClientConfig, Registration, ScannerClient, _Session
+from scanner_client.client import (
+    ClientConfig,
+    Registration,
+    ScannerClient,
+    _RunningJob,
+    _Session,
+)
 from scanner_client.engine import Database, Engine, Job, ProgressReporter
 from scanner_client.engines.noop import NoopEngine
 from scanner_client.outbox import Outbox
@@ -59,6 +65,15 @@ def _assignment(*jobs: tuple[str, float, str]) -> scanner_service_pb2.ConnectRes
     return response
 
 
+def _timer_set(running: _RunningJob) -> bool:
+    """The run's deadline is armed (its asyncio.Timeout has a time)."""
+    return running.timeout is not None and running.timeout.when() is not None
+
+
+def _expired(running: _RunningJob) -> bool:
+    return running.timeout is not None and running.timeout.expired()
+
+
 async def _sent(outbox: Outbox) -> list[scanner_service_pb2.ConnectRequest]:
     sent = []
     while len(outbox):
@@ -74,7 +89,7 @@ async def test_scans_done_in_their_first_step_never_arm_a_timer_and_share_one_me
     running = list(session.jobs.values())
     await asyncio.wait({r.task for r in running})
     await asyncio.sleep(0)  # the arming pass
-    assert all(r.armed and r.timer is None and not r.expired for r in running)
+    assert all(r.armed and not _timer_set(r) and not _expired(r) for r in running)
     assert not session.jobs
     sent = await _sent(session.outbox)
     assert [r.WhichOneof("message") for r in sent] == ["result"]
@@ -89,10 +104,10 @@ async def test_a_scan_that_waits_gets_its_deadline_after_its_first_step() -> Non
     late = session.jobs["late"]
     await asyncio.sleep(0)
     await asyncio.sleep(0)
-    assert late.timer is not None  # armed: the scan is still going
+    assert _timer_set(late)  # armed: the scan is still going
     async with asyncio.timeout(5):
         await late.task
-    assert late.expired
+    assert _expired(late)
     assert not late.task.cancelled()
     sent = await _sent(session.outbox)
     kinds = [r.WhichOneof("message") for r in sent]
@@ -130,8 +145,7 @@ async def test_a_handler_cancel_is_not_taken_for_the_deadline() -> None:
     )
     await asyncio.wait({running.task})
     assert running.task.cancelled()
-    assert not running.expired
-    assert running.timer is None
+    assert not _expired(running)
     assert await _sent(session.outbox) == []
     assert client.stats.jobs_cancelled == 1
 
