@@ -20,6 +20,8 @@ from sortedcontainers import SortedKeyList
 from server.model import Job, Lane, ObjectKind
 
 ALL_KINDS: frozenset[ObjectKind] = frozenset(ObjectKind)
+# Iterating an enum class runs Python code each time; a tuple does not.
+_KINDS = tuple(ObjectKind)
 
 
 def _seq(job: Job) -> int:
@@ -71,7 +73,7 @@ class JobQueue:
         return self._lane_sizes[lane]
 
     def oldest(self, lane: Lane) -> Job | None:
-        heads = [jobs[0] for kind in ObjectKind if (jobs := self._lists[lane, kind])]
+        heads = [jobs[0] for kind in _KINDS if (jobs := self._lists[lane, kind])]
         return min(heads, key=_seq, default=None)
 
     def position(self, job: Job) -> int:
@@ -79,7 +81,7 @@ class JobQueue:
         lane = job.spec.lane
         seq = job.seq
         ahead = 0
-        for kind in ObjectKind:
+        for kind in _KINDS:
             jobs = self._lists[lane, kind]
             if not jobs:
                 continue

@@ -51,6 +51,8 @@ def check_result(result: common_pb2.ScanResult) -> None:
 
     if result.verdict not in _VERDICTS:
         raise bad(f"verdict {result.verdict} is unknown")
+    if not (result.vulnerabilities or result.malware or result.secrets):
+        return  # nothing found: nothing more to check
     severities = _SEVERITIES
     total = len(result.vulnerabilities) + len(result.malware) + len(result.secrets)
     if total > MAX_FINDINGS:
