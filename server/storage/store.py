@@ -23,7 +23,7 @@ from imagehandler.storage.v1 import storage_pb2
 from imagehandler.v1 import common_pb2, job_service_pb2
 from server import state_machine
 from server.errors import Catalogue, HandlerError
-from server.model import Job, Transition
+from server.model import Job, JobFailure, Transition
 from server.storage import codec
 from server.storage.framing import Damage, read_frames, salvage_frames
 from server.storage.journal import FsyncPolicy, Journal, fsync_directory, journal_path
@@ -151,6 +151,43 @@ class StorageError(HandlerError):
         super().__init__(Catalogue.SYSTEM_ERROR, detail)
 
 
+@dataclass(slots=True)
+class _PendingMoves:
+    """A JobsMoved record being gathered: plain lists (appending to a protobuf repeated field
+    from Python costs several times more), turned into the record once."""
+
+    first_lsn: int
+    job_ids: list[str] = field(default_factory=list)
+    to_statuses: list[int] = field(default_factory=list)
+    at_unix_micros: list[int] = field(default_factory=list)
+    scanner_ids: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    errors: list[tuple[int, JobFailure]] = field(default_factory=list)
+    results: list[tuple[int, common_pb2.ScanResult]] = field(default_factory=list)
+    summaries: list[tuple[int, common_pb2.ResultSummary]] = field(default_factory=list)
+    result_in_file_of: list[int] = field(default_factory=list)
+
+    def record(self) -> storage_pb2.JournalRecord:
+        record = storage_pb2.JournalRecord(lsn=self.first_lsn)
+        moves = record.moves
+        moves.job_ids.extend(self.job_ids)
+        moves.to_statuses.extend(self.to_statuses)  # type: ignore[arg-type]  # same numbers
+        moves.at_unix_micros.extend(self.at_unix_micros)
+        moves.scanner_ids.extend(self.scanner_ids)
+        moves.reasons.extend(self.reasons)
+        for index, error in self.errors:
+            moves.error_of.append(index)
+            moves.errors.add(code=error.code, message=error.message, detail=error.detail)
+        for index, result in self.results:
+            moves.result_of.append(index)
+            moves.results.append(result)
+        for index, summary in self.summaries:
+            moves.summary_of.append(index)
+            moves.summaries.append(summary)
+        moves.result_in_file_of.extend(self.result_in_file_of)
+        return record
+
+
 class JournalStore:
     """Journal plus periodic snapshots in one data directory, which it locks."""
 
@@ -172,11 +209,9 @@ class JournalStore:
         self.journal: Journal | None = None
         self._snapshotting = False
         self.last_snapshot: tuple[Path, int, float] | None = None  # path, bytes, seconds
-        # This turn's moves, not yet a journal record (see JobsMoved): the record being filled
-        # and the LSN of its first move. Written before any other record, at every flush,
-        # mark and sync, and at the end of the loop turn.
-        self._moves: storage_pb2.JournalRecord | None = None
-        self._moves_count = 0
+        # This turn's moves, not yet a journal record (see JobsMoved). Written before any other
+        # record, at every flush, mark and sync, and at the end of the loop turn.
+        self._moves: _PendingMoves | None = None
 
     # ----- start: lock, recover, open ----------------------------------------------------
 
@@ -423,44 +458,34 @@ class JournalStore:
         result: common_pb2.ScanResult | None = None,
         summary: common_pb2.ResultSummary | None = None,
     ) -> None:
-        record = self._moves
-        if record is None:
-            journal = self._open_journal()
-            record = self._moves = storage_pb2.JournalRecord(lsn=journal.next_lsn())
-            self._moves_count = 0
+        moves = self._moves
+        if moves is None:
+            moves = self._moves = _PendingMoves(self._open_journal().next_lsn())
             asyncio.get_running_loop().call_soon(self._write_moves)  # at the end of the turn
-        moves = record.moves
-        index = self._moves_count
-        self._moves_count = index + 1
+        index = len(moves.job_ids)
         moves.job_ids.append(job.id)
-        moves.to_statuses.append(transition.to_status)  # type: ignore[arg-type]  # same numbers
+        moves.to_statuses.append(transition.to_status)
         moves.at_unix_micros.append(codec.unix_micros(transition.at))
         moves.scanner_ids.append(transition.scanner_id)
         moves.reasons.append(transition.reason)
         if transition.error is not None:
-            moves.error_of.append(index)
-            error = moves.errors.add()
-            error.code = transition.error.code
-            error.message = transition.error.message
-            error.detail = transition.error.detail
+            moves.errors.append((index, transition.error))
         if result is not None:
-            moves.result_of.append(index)
-            moves.results.append(result)
+            moves.results.append((index, result))
         if summary is not None:
-            moves.summary_of.append(index)
-            moves.summaries.append(summary)
+            moves.summaries.append((index, summary))
         if job.result_in_file:
             moves.result_in_file_of.append(index)
-        job.lsn = record.lsn + index
+        job.lsn = moves.first_lsn + index
 
     def _write_moves(self) -> None:
-        """Append this turn's moves as one record (the LSNs they were given)."""
-        record = self._moves
-        if record is None:
+        """Append this turn's moves as one record (with the LSNs they were given)."""
+        moves = self._moves
+        if moves is None:
             return
         self._moves = None
-        journal = self._open_journal()
-        journal.append(record.lsn + self._moves_count - 1, record.SerializeToString())
+        last_lsn = moves.first_lsn + len(moves.job_ids) - 1
+        self._open_journal().append(last_lsn, moves.record().SerializeToString())
 
     def pruned(self, job_ids: Sequence[str]) -> None:
         self._append(storage_pb2.JournalRecord(pruned=storage_pb2.JobsPruned(job_ids=job_ids)))
