@@ -27,6 +27,7 @@ from server.delivery import Deliverer, Delivery, Receiver
 from server.dispatcher import Dispatcher
 from server.errors import Catalogue, HandlerError
 from server.events import EventBus, Subscription
+from server.ids import new_job_id
 from server.metrics import DELIVERIES_FAILED
 from server.model import (
     Job,
@@ -395,7 +396,7 @@ class JobManager:
 
     def _create(self, spec: JobSpec) -> tuple[Job, Transition, common_pb2.Job]:
         at = now_utc()
-        job = Job(id=str(uuid.uuid4()), seq=self._next_seq, spec=spec, created_at=at)
+        job = Job(id=new_job_id(), seq=self._next_seq, spec=spec, created_at=at)
         self._next_seq += 1
         self.jobs[job.id] = job
         self._by_seq[job.seq] = job

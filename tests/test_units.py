@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 
 import pytest
 
 from server import state_machine, validation
 from server.errors import Catalogue, HandlerError
+from server.ids import new_job_id
 from server.model import ImageRef, Job, JobSpec, JobStatus, Lane, NodeRef, Policy, Trigger
 from server.queue import ALL_KINDS, JobQueue
 from server.retry import RetryPolicy, RunFailure
@@ -164,3 +166,13 @@ def test_catalogue_codes_are_unique_and_formatted() -> None:
     assert error.message == "HNDL-004: scan time out: run 3 exceeded 60s"
     with pytest.raises(ValueError, match="cannot be answered with NOT_FOUND"):
         HandlerError(Catalogue.SCAN_TIME_OUT, status=__import__("grpc").StatusCode.NOT_FOUND)
+
+
+def test_job_ids_are_random_version_4_uuids() -> None:
+    made = [new_job_id() for _ in range(3000)]  # several refills of the pool
+    assert len(set(made)) == len(made)
+    for text in made[:600]:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+        assert str(parsed) == text
