@@ -56,7 +56,7 @@ PRODUCTION: dict[str, Any] = {
         "logLevel": "warning",
         "storage": {"fsync": "always", "snapshotInterval": 60, "snapshotJournalMb": 128},
         "retention": {"days": 30},
-        "extraConfig": {"receiving_server": "https://mdw.example.com/hook"},
+        "extraConfig": {"max_result_bytes": 67108864, "token_reload_interval": 2.5},
         "extraArgs": ["--max-batch", "500"],
         "extraEnv": [{"name": "TZ", "value": "UTC"}],
         "persistence": {"size": "20Gi", "storageClassName": "fast-ssd"},
@@ -93,7 +93,7 @@ PRODUCTION: dict[str, Any] = {
         },
     },
     "secrets": {
-        "handlerEnv": {"IMAGE_HANDLER_WEBHOOK_SECRET": {"name": "ih-webhook", "key": "secret"}},
+        "handlerEnv": {"IMAGE_HANDLER_RECEIVER_SECRET": {"name": "ih-webhook", "key": "secret"}},
         "scannerEnv": {"IMAGE_SCANNER_TOKEN": {"name": "ih-tokens", "key": "scanner"}},
         "handlerFiles": [{"name": "ih-tokens", "mountPath": "/etc/image-handler/tokens"}],
     },
@@ -322,17 +322,16 @@ def test_handler_settings_reach_the_handler(production: list[Manifest]) -> None:
     assert env["IMAGE_HANDLER_RESULT_WORKERS"] == "25"
     assert env["IMAGE_HANDLER_QUEUE_LIMIT"] == "1000000"  # not 1e+06
     assert env["IMAGE_HANDLER_RESULT_WAIT"] == "120.5"
-    assert env["IMAGE_HANDLER_RECEIVING_SERVER"] == "https://mdw.example.com/hook"
+    assert env["IMAGE_HANDLER_MAX_RESULT_BYTES"] == "67108864"  # not 6.7108864e+07
+    assert env["IMAGE_HANDLER_TOKEN_RELOAD_INTERVAL"] == "2.5"
     assert env["TZ"] == "UTC"
     assert container(statefulset)["args"] == ["serve", "--max-batch", "500"]
 
-    # The handler's own parser reads every variable (the extra flag is for a later version).
-    known = {
-        k: v
-        for k, v in env.items()
-        if k.startswith("IMAGE_HANDLER_") and k != "IMAGE_HANDLER_RECEIVING_SERVER"
-    }
+    # The handler's own parser reads every variable, extraConfig's too.
+    known = {k: v for k, v in env.items() if k.startswith("IMAGE_HANDLER_")}
     config = handler_config.parse(container(statefulset)["args"][1:], environ=known)
+    assert config.max_result_bytes == 67_108_864
+    assert config.token_reload_interval == 2.5
     assert config.result_workers == 25
     assert config.queue_limit == 1_000_000
     assert config.max_runs == 5
@@ -417,7 +416,7 @@ def test_secrets_are_referenced_never_embedded(production: list[Manifest]) -> No
     assert not [d for d in production if d["kind"] == "Secret"]
     handler = container(find(production, "StatefulSet", FULLNAME))
     by_name = {e["name"]: e for e in handler["env"]}
-    assert by_name["IMAGE_HANDLER_WEBHOOK_SECRET"]["valueFrom"] == {
+    assert by_name["IMAGE_HANDLER_RECEIVER_SECRET"]["valueFrom"] == {
         "secretKeyRef": {"name": "ih-webhook", "key": "secret"}
     }
     (mount,) = [m for m in handler["volumeMounts"] if m["mountPath"].startswith("/etc/")]
