@@ -144,7 +144,12 @@ class SubmitJobResponse(_message.Message):
     duplicate: _builtins.bool
     """True when an existing job was returned instead of queuing a new one."""
     @_builtins.property
-    def job(self) -> _common_pb2.Job: ...
+    def job(self) -> _common_pb2.Job:
+        """A new job as it was queued: PENDING, with its queue position at that moment (a Free
+        scanner may have it already; GetJob and WatchJobs show where it is now). A duplicate as
+        it is now.
+        """
+
     def __init__(
         self,
         *,

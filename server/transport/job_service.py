@@ -56,10 +56,11 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         )
 
     def _reply_job(self, message: common_pb2.Job, submitted: Submitted) -> None:
-        if submitted.message is not None and submitted.job.status is JobStatus.PENDING:
-            message.CopyFrom(submitted.message)  # built with the journal record
-            message.queue_position = self.manager.position(submitted.job)
-        else:  # a duplicate, or a job that moved on while the journal synced
+        if submitted.message is not None:
+            # A new job as it was queued (built with its journal record). Dispatch runs while
+            # the journal syncs, so a Free scanner may hold it already: WatchJobs tells.
+            message.CopyFrom(submitted.message)
+        else:  # a duplicate: as it is now
             convert.set_job(message, submitted.job, position=self.manager.position(submitted.job))
 
     def _flush_journal(self) -> None:
