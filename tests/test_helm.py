@@ -120,6 +120,23 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "handler": {"grpcPort": 6000},
         "metrics": {"port": 9100, "service": {"scrapeAnnotations": False}},
     },
+    "tls-with-health-port": {
+        "handler": {
+            "healthPort": 50052,
+            "extraConfig": {
+                "tls_cert": "/etc/image-handler/tls/tls.crt",
+                "tls_key": "/etc/image-handler/tls/tls.key",
+                "client_ca": "/etc/image-handler/tls/ca.crt",
+                "token_file": "/etc/image-handler/tokens/tokens",
+            },
+        },
+        "secrets": {
+            "handlerFiles": [
+                {"name": "image-handler-tls", "mountPath": "/etc/image-handler/tls"},
+                {"name": "image-handler-tokens", "mountPath": "/etc/image-handler/tokens"},
+            ],
+        },
+    },
     "handler-only-in-memory": {
         "fullnameOverride": "scanq",
         "handler": {
@@ -359,19 +376,42 @@ def test_handler_settings_reach_the_handler(production: list[Manifest]) -> None:
     assert pod["terminationGracePeriodSeconds"] > config.grace_period
 
 
+# Read by the handler from its environment, not flags: secrets that must not sit in a ConfigMap.
+ENVIRONMENT_ONLY = {"IMAGE_HANDLER_RECEIVER_SECRET"}
+
+
 def test_every_handler_variable_is_a_handler_flag(value_set: tuple[str, list[Manifest]]) -> None:
-    """No misspelt IMAGE_HANDLER_* variable: each names a field of server.config.Config."""
-    name, docs = value_set
-    extra = {
-        "IMAGE_HANDLER_" + key.upper()
-        for key in VALUE_SETS[name].get("handler", {}).get("extraConfig", {})
-    }
-    env = environment(docs, find(docs, "StatefulSet", docs_fullname(docs)))
+    """No misspelt IMAGE_HANDLER_* variable, extraConfig and Secret-sourced ones included:
+    each names a field of server.config.Config (or a secret the handler reads)."""
+    _, docs = value_set
+    statefulset = find(docs, "StatefulSet", docs_fullname(docs))
+    env = environment(docs, statefulset)
+    from_secrets = {item["name"] for item in container(statefulset).get("env", [])}
     flags = {"IMAGE_HANDLER_" + f.name.upper() for f in fields(handler_config.Config)}
-    unknown = {k for k in env if k.startswith("IMAGE_HANDLER_")} - flags - extra
-    assert not unknown
-    plain = {k: v for k, v in env.items() if k.startswith("IMAGE_HANDLER_") and k not in extra}
-    handler_config.parse([], environ=plain).check()
+    named = {k for k in {*env, *from_secrets} if k.startswith("IMAGE_HANDLER_")}
+    assert not named - flags - ENVIRONMENT_ONLY
+    plain = {k: v for k, v in env.items() if k.startswith("IMAGE_HANDLER_")}
+    config = handler_config.parse([], environ=plain)
+    if not config.tls_cert:  # TLS settings name files that exist only in the pod
+        config.check()
+
+
+def test_with_tls_the_probes_ask_a_plaintext_health_port() -> None:
+    docs = manifests(render(VALUE_SETS["tls-with-health-port"]))
+    statefulset = find(docs, "StatefulSet", FULLNAME)
+    c = container(statefulset)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": 50051, "health": 50052, "metrics": 9090}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["grpc"]["port"] == 50052, probe
+    env = environment(docs, statefulset)
+    config = handler_config.parse([], environ=env)
+    assert config.health_listen == "0.0.0.0:50052"
+    assert config.listen == "0.0.0.0:50051"
+    assert config.tls_cert == "/etc/image-handler/tls/tls.crt"
+    assert config.client_ca == "/etc/image-handler/tls/ca.crt"
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert {"/etc/image-handler/tls", "/etc/image-handler/tokens"} <= mounts
 
 
 def docs_fullname(docs: list[Manifest]) -> str:
@@ -525,6 +565,7 @@ def test_disruption_budgets_and_network_policies(production: list[Manifest]) -> 
         ({"handler": {"logFormat": "xml"}}, "/handler/logFormat", "value must be one of"),
         ({"handler": {"resultWorker": 25}}, "/handler", "'resultWorker' not allowed"),
         ({"handler": {"grpcPort": 70000}}, "/handler/grpcPort", "maximum"),
+        ({"handler": {"healthPort": -1}}, "/handler/healthPort", "minimum"),
         (
             {"handler": {"lanes": {"interactiveShare": 1.5}}},
             "/handler/lanes/interactiveShare",
@@ -579,6 +620,8 @@ def test_the_schema_refuses_wrong_values(values: dict[str, Any], where: str, wha
             "handler.timeouts.heartbeatTimeout (15 s) must exceed",
         ),
         ({"metrics": {"port": 50051}}, "metrics.port and handler.grpcPort are both 50051"),
+        ({"handler": {"healthPort": 9090}}, "handler.healthPort 9090 is taken"),
+        ({"handler": {"healthPort": 50051}}, "handler.healthPort 50051 is taken"),
         (
             {"scanner": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
             "scanner.autoscaling.minReplicas (5) is above",

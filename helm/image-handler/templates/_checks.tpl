@@ -13,6 +13,9 @@ a message that says what to change. configmap.yaml includes this, so every rende
 {{- if and .Values.metrics.enabled (eq (int .Values.metrics.port) (int $h.grpcPort)) -}}
 {{- fail (printf "metrics.port and handler.grpcPort are both %d: give the metrics their own port." (int $h.grpcPort)) -}}
 {{- end -}}
+{{- if and $h.healthPort (or (eq (int $h.healthPort) (int $h.grpcPort)) (and .Values.metrics.enabled (eq (int $h.healthPort) (int .Values.metrics.port)))) -}}
+{{- fail (printf "handler.healthPort %d is taken by the gRPC or metrics port: give the health service its own port (or 0 to probe the gRPC port)." (int $h.healthPort)) -}}
+{{- end -}}
 {{- $s := .Values.scanner -}}
 {{- if and $s.enabled $s.autoscaling.enabled (gt (int $s.autoscaling.minReplicas) (int $s.autoscaling.maxReplicas)) -}}
 {{- fail (printf "scanner.autoscaling.minReplicas (%d) is above scanner.autoscaling.maxReplicas (%d)." (int $s.autoscaling.minReplicas) (int $s.autoscaling.maxReplicas)) -}}
