@@ -412,6 +412,8 @@ def test_with_tls_the_probes_ask_a_plaintext_health_port() -> None:
     assert config.client_ca == "/etc/image-handler/tls/ca.crt"
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert {"/etc/image-handler/tls", "/etc/image-handler/tokens"} <= mounts
+    metrics = find(docs, "Service", f"{FULLNAME}-metrics")
+    assert metrics["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
 
 
 def docs_fullname(docs: list[Manifest]) -> str:
@@ -492,6 +494,7 @@ def test_metrics_port_service_and_annotations(production: list[Manifest]) -> Non
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     assert service["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert service["metadata"]["annotations"]["prometheus.io/port"] == "9090"
+    assert "prometheus.io/scheme" not in service["metadata"]["annotations"]  # plaintext: http
 
 
 def test_metrics_off_removes_port_service_and_variable() -> None:
