@@ -138,6 +138,9 @@ class Deliverer:
         self._on_failure = on_failure
         self._queues: dict[str, deque[Delivery]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Jobs with a status change whose attempts were spent: the job's acknowledged count
+        # must not move past it, so a restart sends it (and those after it) again.
+        self._status_gaps: set[str] = set()
 
     def enqueue(self, delivery: Delivery) -> None:
         self._queues.setdefault(delivery.job_id, deque()).append(delivery)
@@ -157,7 +160,9 @@ class Deliverer:
                 queue.popleft()
                 if delivery.is_result:
                     self._on_result(job_id, failure)
-                elif failure is None:
+                elif failure is not None:
+                    self._status_gaps.add(job_id)
+                elif job_id not in self._status_gaps:
                     self._on_status(job_id, delivery.history_count)
         finally:
             self._tasks.pop(job_id, None)

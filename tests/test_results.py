@@ -44,6 +44,8 @@ class Receiver(BaseHTTPRequestHandler):
         with srv.lock:
             srv.attempts += 1
             failing = srv.attempts <= srv.fail or srv.always_fail
+            if srv.fail_status and srv.fail_status in body.decode():
+                failing = True
         srv.gate.wait(timeout=30)
         if failing:
             self.send_response(503)
@@ -67,6 +69,7 @@ class ReceiverServer(ThreadingHTTPServer):
     fail = 0
     always_fail = False
     attempts = 0
+    fail_status = ""  # refuse every status change to this status (e.g. "JOB_STATUS_IN_PROGRESS")
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), Receiver)
@@ -370,6 +373,38 @@ async def test_a_grpc_result_sink_receives_status_changes_and_the_result(
         ]
     finally:
         await server.stop(0)
+
+
+async def received_keys(receiver: ReceiverServer, want: set[str]) -> set[str]:
+    """The idempotency keys received, once ``want`` are among them (10 s deadline)."""
+    async with asyncio.timeout(10):
+        while True:
+            with receiver.lock:
+                keys = {k for k, _, _ in receiver.received}
+            if want <= keys:
+                return keys
+            await asyncio.sleep(0.01)  # the receiver is another thread's record: poll it
+
+
+async def test_a_status_change_that_could_not_be_delivered_is_sent_after_a_restart(
+    make_handler: MakeHandler, receiver: ReceiverServer, secret_file: Path
+) -> None:
+    config = {"receiver_url": receiver.url, "receiver_secret_file": str(secret_file)}
+    receiver.fail_status = '"to_status":"JOB_STATUS_IN_PROGRESS"'
+    handler = await make_handler(delivery_attempts=2, delivery_backoff=0.01, **config)
+    async with RawScanner(handler.scanners, "s1") as scanner:
+        await scanner.start()
+        job_id = await scan_once(handler, scanner, image(), vulnerabilities=[LOW])
+        await wait_for_status(handler.jobs, job_id, S.JOB_STATUS_FINISHED)
+    # The later changes got through; the IN_PROGRESS one (key :1) did not.
+    keys = await received_keys(receiver, {f"{job_id}:0", f"{job_id}:2", f"{job_id}:3"})
+    assert f"{job_id}:1" not in keys
+    data_dir = handler.config.data_dir
+    await handler.server.stop(0)
+    receiver.fail_status = ""
+    await make_handler(data_dir=data_dir, **config)
+    # Sent again after the restart, with the ones after it (the receiver dedups by key).
+    await received_keys(receiver, {f"{job_id}:1"})
 
 
 async def test_a_pending_delivery_survives_a_restart(
