@@ -105,7 +105,8 @@ async def run(workers: int, findings: int, jobs: int, directory: Path) -> tuple[
     for n in range(20):
         assignment.clear()
         submitted = time.perf_counter()
-        ((job, _),) = manager.submit_many([spec(jobs + n)])
+        (new,) = manager.submit_many([spec(jobs + n)])
+        job = new.job
         await asyncio.wait_for(assignment.wait(), timeout=60)
         latencies.append((assigned[job.id] - submitted) * 1000)
         # Free the slot for the next one (a permanent failure: the job is done with).
