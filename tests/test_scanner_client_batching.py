@@ -5,7 +5,6 @@ shortcuts, the noop engine's cached result, and the optional uvloop."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,6 +25,8 @@ from scanner_client.client import (
 from scanner_client.engine import Database, Engine, Job, ProgressReporter
 from scanner_client.engines.noop import NoopEngine
 from scanner_client.outbox import Outbox
+from server import config as handler_config
+from server.cli import loop_factory as handler_loop_factory
 
 
 class _Engine(Engine):
@@ -229,10 +230,21 @@ def test_event_loop_flag_defaults_to_asyncio() -> None:
         parse_args(["--event-loop", "tokio"], env={})
 
 
-@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop not installed")
-def test_event_loop_uvloop_makes_uvloop_loops() -> None:
+def test_event_loop_uvloop_makes_uvloop_loops() -> None:  # uvloop is in the dev extra
     settings = parse_args([], env={"IMAGE_SCANNER_EVENT_LOOP": "uvloop"})
     factory = loop_factory(settings.event_loop)
+    assert factory is not None
+    loop = factory()
+    try:
+        assert type(loop).__module__.startswith("uvloop")
+    finally:
+        loop.close()
+
+
+def test_the_handler_event_loop_flag_makes_uvloop_loops() -> None:
+    assert handler_loop_factory(handler_config.parse([], environ={})) is None
+    config = handler_config.parse(["--event-loop", "uvloop"], environ={})
+    factory = handler_loop_factory(config)
     assert factory is not None
     loop = factory()
     try:
