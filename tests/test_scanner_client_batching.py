@@ -5,7 +5,7 @@ shortcuts, the noop engine's cached result, and the optional uvloop."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -230,24 +230,21 @@ def test_event_loop_flag_defaults_to_asyncio() -> None:
         parse_args(["--event-loop", "tokio"], env={})
 
 
-def test_event_loop_uvloop_makes_uvloop_loops() -> None:  # uvloop is in the dev extra
-    settings = parse_args([], env={"IMAGE_SCANNER_EVENT_LOOP": "uvloop"})
-    factory = loop_factory(settings.event_loop)
+def assert_makes_uvloop_loops(factory: Callable[[], asyncio.AbstractEventLoop] | None) -> None:
     assert factory is not None
     loop = factory()
     try:
         assert type(loop).__module__.startswith("uvloop")
     finally:
         loop.close()
+
+
+def test_event_loop_uvloop_makes_uvloop_loops() -> None:  # uvloop is in the dev extra
+    settings = parse_args([], env={"IMAGE_SCANNER_EVENT_LOOP": "uvloop"})
+    assert_makes_uvloop_loops(loop_factory(settings.event_loop))
 
 
 def test_the_handler_event_loop_flag_makes_uvloop_loops() -> None:
     assert handler_loop_factory(handler_config.parse([], environ={})) is None
     config = handler_config.parse(["--event-loop", "uvloop"], environ={})
-    factory = handler_loop_factory(config)
-    assert factory is not None
-    loop = factory()
-    try:
-        assert type(loop).__module__.startswith("uvloop")
-    finally:
-        loop.close()
+    assert_makes_uvloop_loops(handler_loop_factory(config))
