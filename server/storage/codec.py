@@ -56,7 +56,7 @@ def stored(job: Job) -> storage_pb2.StoredJob:
 
 # Enum members by number: a dict look-up is several times cheaper than calling the enum, and
 # recovery does it a few times per job.
-STATUS = _STATUS = {m.value: m for m in JobStatus}
+STATUS = {m.value: m for m in JobStatus}
 _TRIGGER = {m.value: m for m in Trigger}
 _POLICY = {m.value: m for m in Policy}
 _LANE = {m.value: m for m in Lane}
@@ -102,8 +102,8 @@ def failure(error: common_pb2.JobError) -> JobFailure:
 
 def transition(t: common_pb2.JobTransition) -> Transition:
     return Transition(
-        from_status=_STATUS[t.from_status] if t.from_status else None,
-        to_status=_STATUS[t.to_status],
+        from_status=STATUS[t.from_status] if t.from_status else None,
+        to_status=STATUS[t.to_status],
         at=_time(t.at),
         scanner_id=t.scanner_id,
         run=t.run,
@@ -128,7 +128,7 @@ def job(record: storage_pb2.StoredJob) -> Job:
         seq=record.seq,
         spec=spec,
         created_at=_time(message.created_at),
-        status=_STATUS[message.status],
+        status=STATUS[message.status],
         runs=message.runs,
         scanner_id=message.scanner_id,
         error=failure(message.error) if message.HasField("error") else None,

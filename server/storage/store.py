@@ -151,6 +151,31 @@ class StorageError(HandlerError):
         super().__init__(Catalogue.SYSTEM_ERROR, detail)
 
 
+def _replay_move(
+    job: Job,
+    t: Transition,
+    lsn: int,
+    where: str,
+    *,
+    result: common_pb2.ScanResult | None,
+    summary: common_pb2.ResultSummary | None,
+    in_file: bool,
+) -> None:
+    """Apply one journaled move (either record form) to a recovered job."""
+    try:
+        state_machine.move(
+            job, t.to_status, at=t.at, reason=t.reason, scanner_id=t.scanner_id, error=t.error
+        )
+    except state_machine.IllegalTransition as exc:
+        raise StorageError(f"{where} cannot be applied ({exc.detail})") from None
+    if result is not None:
+        job.result = result
+    if summary is not None:
+        job.result_summary = summary
+    job.result_in_file = job.result_in_file or in_file
+    job.lsn = lsn
+
+
 @dataclass(slots=True)
 class _PendingMoves:
     """A JobsMoved record being gathered: plain lists (appending to a protobuf repeated field
@@ -343,25 +368,15 @@ class JournalStore:
             if job is None or job.lsn >= record.lsn:
                 return  # pruned later, or already in the snapshot
             t = codec.transition(moved.transition)
-            try:
-                state_machine.move(
-                    job,
-                    t.to_status,
-                    at=t.at,
-                    reason=t.reason,
-                    scanner_id=t.scanner_id,
-                    error=t.error,
-                )
-            except state_machine.IllegalTransition as exc:
-                raise StorageError(
-                    f"journal {path}: record {record.lsn} cannot be applied ({exc.detail})"
-                ) from None
-            if moved.HasField("result"):
-                job.result = moved.result
-            if moved.HasField("summary"):
-                job.result_summary = moved.summary
-            job.result_in_file = job.result_in_file or moved.result_in_file
-            job.lsn = record.lsn
+            _replay_move(
+                job,
+                t,
+                record.lsn,
+                f"journal {path}: record {record.lsn}",
+                result=moved.result if moved.HasField("result") else None,
+                summary=moved.summary if moved.HasField("summary") else None,
+                in_file=moved.result_in_file,
+            )
         elif change == "moves":
             self._apply_moves(record.lsn, record.moves, state, path)
         elif change == "pruned":
@@ -403,28 +418,24 @@ class JournalStore:
             if job is None or job.lsn >= lsn:
                 continue  # pruned later, or already in the snapshot
             error = errors.get(index)
-            try:
-                state_machine.move(
-                    job,
-                    codec.STATUS[to_status],
-                    at=codec.from_unix_micros(at_micros),
-                    reason=reason,
-                    scanner_id=scanner_id,
-                    error=codec.failure(error) if error is not None else None,
-                )
-            except state_machine.IllegalTransition as exc:
-                raise StorageError(
-                    f"journal {path}: record {first_lsn} move {index} cannot be applied "
-                    f"({exc.detail})"
-                ) from None
-            result = results.get(index)
-            if result is not None:
-                job.result = result
-            summary = summaries.get(index)
-            if summary is not None:
-                job.result_summary = summary
-            job.result_in_file = job.result_in_file or index in in_file
-            job.lsn = lsn
+            transition = Transition(
+                None,
+                codec.STATUS[to_status],
+                codec.from_unix_micros(at_micros),
+                scanner_id,
+                0,
+                reason,
+                codec.failure(error) if error is not None else None,
+            )
+            _replay_move(
+                job,
+                transition,
+                lsn,
+                f"journal {path}: record {first_lsn} move {index}",
+                result=results.get(index),
+                summary=summaries.get(index),
+                in_file=index in in_file,
+            )
 
     # ----- appending -----------------------------------------------------------------------
 
