@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class JobStatus(enum.IntEnum):
@@ -155,8 +155,10 @@ class JobFailure:
     detail: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Transition:
+class Transition(NamedTuple):
+    """One history entry. A named tuple, not a frozen dataclass: four are made for every job,
+    and a frozen dataclass's __init__ costs five times as much."""
+
     from_status: JobStatus | None
     to_status: JobStatus
     at: datetime

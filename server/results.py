@@ -148,7 +148,8 @@ class ResultPipeline:
             jobs = [await self._queue.get()]
             while len(jobs) < RESULT_BATCH and not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
-            outcomes: list[Processed | HandlerError] = []
+            # None: the job's outcome comes from _process_many (every one of them does).
+            outcomes: list[Processed | HandlerError | None] = []
             work: list[tuple[int, Job, common_pb2.ScanResult | None, set[str]]] = []
             for job in jobs:
                 try:
@@ -156,7 +157,7 @@ class ResultPipeline:
                 except HandlerError as error:
                     outcomes.append(error)
                     continue
-                outcomes.append(HandlerError(Catalogue.SYSTEM_ERROR, "result processing failed"))
+                outcomes.append(None)
                 work.append((len(outcomes) - 1, job, result, accepted))
             small = all(
                 result is not None and result.ByteSize() <= INLINE_PROCESS_BYTES
@@ -168,9 +169,10 @@ class ResultPipeline:
                 if small
                 else await asyncio.to_thread(self._process_many, work)
             )
-            for index, outcome in done:
-                outcomes[index] = outcome
+            for index, processed in done:
+                outcomes[index] = processed
             for job, outcome in zip(jobs, outcomes, strict=True):
+                assert outcome is not None
                 self.in_pipeline.pop(job.id, None)
                 self._arrived.pop(job.id, None)
                 self._finish(job, outcome)
