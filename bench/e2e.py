@@ -1,13 +1,16 @@
 """End-to-end throughput: jobs per second from the first submit to the last FINISHED.
 
-The handler runs in its own process (journal on, ``batch`` fsync, log level ``warning`` unless
-asked otherwise); the scanners are ``image-scanner`` processes with the noop engine; this
-process submits, either ``SubmitJobs`` batches of 100 (4 calls in flight) or single
-``SubmitJob`` calls (32 in flight). The end is seen by polling ``GetQueueStats`` every 20 ms
-(so the figure can only be pessimistic, by at most one poll). The handler is restarted with a
-fresh data directory for every run; the scanners stay and reconnect.
+The handler runs in its own process (journal on, ``batch`` fsync, log level ``warning`` and no
+metrics endpoint unless asked otherwise: ``--metrics`` runs it with ``--metrics-listen``, as the
+Helm chart does, so its per-transition counters and histograms are paid for). The scanners are
+``image-scanner`` processes with the noop engine; this process submits, either ``SubmitJobs``
+batches of 100 (4 calls in flight) or single ``SubmitJob`` calls (32 in flight). The end is
+seen by polling ``GetQueueStats`` every 20 ms (so the figure can only be pessimistic, by at
+most one poll). The handler is restarted with a fresh data directory for every run; the
+scanners stay and reconnect.
 
     .venv/bin/python -m bench.e2e --scanners 8 --jobs 20000 --mode batched
+    .venv/bin/python -m bench.e2e --scanners 8 --jobs 20000 --mode batched --metrics
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 
@@ -53,6 +57,24 @@ class E2EResult:
     errors: int
     log_level: str
     event_loop: str = "asyncio"
+    metrics: bool = False
+
+
+class Variant(NamedTuple):
+    """How one set of runs submits and how its handler is started."""
+
+    mode: str  # batched or single
+    log_level: str = "warning"
+    event_loop: str = "asyncio"
+    metrics: bool = False  # with --metrics-listen (the chart's default)
+
+    def handler_args(self) -> tuple[str, ...]:
+        args: tuple[str, ...] = ()
+        if self.event_loop != "asyncio":
+            args += ("--event-loop", self.event_loop)
+        if self.metrics:
+            args += ("--metrics-listen", "127.0.0.1:0")
+        return args
 
 
 def supports_uvloop() -> bool:
@@ -127,14 +149,14 @@ async def run_once(address: str, jobs: int, mode: str, tag: str) -> tuple[float,
 def measure(
     workdir: Path,
     scanners: int,
-    plan: list[tuple[str, str, str]],
+    plan: list[Variant],
     jobs: int,
     repeats: int,
     slots: int = 0,
     verbose: bool = True,
 ) -> list[E2EResult]:
-    """Runs each (mode, log level, event loop) of ``plan`` ``repeats`` times with one set of
-    scanners, a fresh handler each time."""
+    """Runs each variant of ``plan`` ``repeats`` times with one set of scanners, a fresh
+    handler each time."""
     slots = slots or default_slots(scanners)
     results: list[E2EResult] = []
     handler = Handler(workdir, name=f"e2e-{scanners}", port=free_port())
@@ -142,11 +164,12 @@ def measure(
     try:
         fleet.start()
         run = 0
-        for mode, level, loop in plan:
+        for variant in plan:
+            mode, level, loop = variant.mode, variant.log_level, variant.event_loop
             for _ in range(repeats):
                 run += 1
                 handler.log_level = level
-                handler.extra = ("--event-loop", loop) if loop != "asyncio" else ()
+                handler.extra = variant.handler_args()
                 handler.start()
                 try:
                     asyncio.run(wait_scanners(handler.address, scanners))
@@ -172,12 +195,13 @@ def measure(
                     errors=errors,
                     log_level=level,
                     event_loop=loop,
+                    metrics=variant.metrics,
                 )
                 results.append(result)
                 if verbose:
                     print(
                         f"  e2e {mode:7} {scanners:2} scanners x {slots} slots, log {level:7}"
-                        f" {loop:7}:"
+                        f" {loop:7}{' metrics' if variant.metrics else ''}:"
                         f" {result.jobs_per_second:8,.0f} jobs/s ({jobs:,} jobs in"
                         f" {seconds:.2f} s; submits took {submit_seconds:.2f} s; handler"
                         f" {result.handler_cpu_us_per_job:.0f} us CPU/job, scanners"
@@ -202,13 +226,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--event-loop", default="asyncio", choices=("asyncio", "uvloop"))
+    parser.add_argument(
+        "--metrics", action="store_true", help="the handler with --metrics-listen, as deployed"
+    )
     args = parser.parse_args()
     modes = ["batched", "single"] if args.mode == "both" else [args.mode]
     with tempfile.TemporaryDirectory(prefix="ih-e2e-") as tmp:
         results = measure(
             Path(tmp),
             args.scanners,
-            [(mode, args.log_level, args.event_loop) for mode in modes],
+            [Variant(mode, args.log_level, args.event_loop, args.metrics) for mode in modes],
             args.jobs,
             args.repeats,
             args.slots,

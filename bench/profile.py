@@ -3,6 +3,7 @@ to the running handler process, so the handler runs unchanged).
 
     .venv/bin/python -m bench.profile --mode batched --scanners 8 --jobs 60000
     .venv/bin/python -m bench.profile --mode single --jobs 10000
+    .venv/bin/python -m bench.profile --mode batched --metrics   # as the Helm chart runs it
 
 Prints the top functions by own time (where the CPU is) and by total time (what is expensive
 including what it calls), and keeps the collapsed stacks (``--out``, flamegraph input). By
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, Handler, Scanners, free_port, wait_scanners
-from bench.e2e import default_slots, run_once
+from bench.e2e import Variant, default_slots, run_once
 
 
 def py_spy() -> str:
@@ -75,6 +76,9 @@ def main() -> None:
     parser.add_argument("--scanners", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=60_000)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--metrics", action="store_true", help="the handler with --metrics-listen, as deployed"
+    )
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument(
@@ -97,6 +101,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ih-profile-") as tmp:
         workdir = Path(tmp)
         handler = Handler(workdir, log_level=args.log_level, port=free_port(), name="profile")
+        handler.extra = Variant(args.mode, metrics=args.metrics).handler_args()
         fleet = Scanners(handler.address, args.scanners, default_slots(args.scanners), workdir)
         fleet.start()
         try:

@@ -145,11 +145,15 @@ def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any])
         results: list[e2e.E2EResult] = []
         uvloop = e2e.supports_uvloop()
         for count in s.scanner_counts:
-            plan = [("batched", "warning", "asyncio"), ("single", "warning", "asyncio")]
+            plan = [e2e.Variant("batched"), e2e.Variant("single")]
             if count == 8:
-                plan.append(("batched", "info", "asyncio"))  # what per-transition logging costs
+                plan.append(e2e.Variant("batched", "info"))  # what per-transition logging costs
+                plan.append(e2e.Variant("batched", metrics=True))  # and metrics, as deployed
                 if uvloop:  # the handler's --event-loop uvloop
-                    plan += [("batched", "warning", "uvloop"), ("single", "warning", "uvloop")]
+                    plan += [
+                        e2e.Variant("batched", event_loop="uvloop"),
+                        e2e.Variant("single", event_loop="uvloop"),
+                    ]
             results += e2e.measure(workdir, count, plan, s.jobs, s.repeats)
         out["e2e"] = [asdict(r) for r in results]
     if "pickup" in parts:
@@ -190,7 +194,9 @@ def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any])
 def rows(out: dict[str, Any]) -> list[Row]:
     table: list[Row] = []
 
-    def e2e_runs(mode: str, scanners: int, level: str, loop: str) -> list[dict[str, Any]]:
+    def e2e_runs(
+        mode: str, scanners: int, level: str, loop: str, metrics: bool = False
+    ) -> list[dict[str, Any]]:
         return [
             r
             for r in out.get("e2e", [])
@@ -198,10 +204,17 @@ def rows(out: dict[str, Any]) -> list[Row]:
             and r["scanners"] == scanners
             and r["log_level"] == level
             and r.get("event_loop", "asyncio") == loop
+            and r.get("metrics", False) == metrics
         ]
 
-    def e2e_rate(mode: str, scanners: int, level: str = "warning", loop: str = "asyncio") -> float:
-        runs = [r["jobs_per_second"] for r in e2e_runs(mode, scanners, level, loop)]
+    def e2e_rate(
+        mode: str,
+        scanners: int,
+        level: str = "warning",
+        loop: str = "asyncio",
+        metrics: bool = False,
+    ) -> float:
+        runs = [r["jobs_per_second"] for r in e2e_runs(mode, scanners, level, loop, metrics)]
         return median(runs) if runs else float("nan")
 
     def e2e_cpu(mode: str, scanners: int, loop: str = "asyncio") -> float:
@@ -234,6 +247,9 @@ def rows(out: dict[str, Any]) -> list[Row]:
         info = e2e_rate("batched", 8, "info")
         table.append(Row("e2e SubmitJobs, 8 scanners, log level info", info, "jobs/s"))
         table.append(Row("  cost of info logging (warning / info)", batched8 / info, "x"))
+        with_metrics = e2e_rate("batched", 8, metrics=True)
+        table.append(Row("e2e SubmitJobs, 8 scanners, metrics on", with_metrics, "jobs/s"))
+        table.append(Row("  cost of metrics (off / on)", batched8 / with_metrics, "x"))
         table.append(Row("  handler CPU per job, batched, 8 scanners", e2e_cpu("batched", 8),
                          "us"))  # fmt: skip
         table.append(Row("  handler CPU per job, single, 8 scanners", e2e_cpu("single", 8),

@@ -244,14 +244,22 @@ class MetricsExporter:
             buckets=RUNS_PER_JOB_BUCKETS,
             registry=self.registry,
         )
-        for lane in Lane:  # every series exists from the start, at 0
-            self.jobs_submitted.labels(lane.name.lower())
-            self.dispatch_latency.labels(lane.name.lower())
-        for outcome in RUN_OUTCOMES.values():
-            self.run_duration.labels(outcome)
-        for status in JobStatus:
-            if status.terminal:
-                self.runs_per_job.labels(status.name.lower())
+        # Every series exists from the start, at 0. The children are looked up once: labels()
+        # costs more than the observation, and these are updated at every transition.
+        self._submitted_by_lane = {
+            lane: self.jobs_submitted.labels(lane.name.lower()) for lane in Lane
+        }
+        self._dispatch_latency_by_lane = {
+            lane: self.dispatch_latency.labels(lane.name.lower()) for lane in Lane
+        }
+        self._run_duration_by_end = {
+            status: self.run_duration.labels(outcome) for status, outcome in RUN_OUTCOMES.items()
+        }
+        self._runs_per_job_by_end = {
+            status: self.runs_per_job.labels(status.name.lower())
+            for status in JobStatus
+            if status.terminal
+        }
         self.registry.register(StateCollector(manager))
         self.registry.register(JOURNAL_FSYNC_SECONDS)
         self.registry.register(DELIVERIES_FAILED)
@@ -270,18 +278,16 @@ class MetricsExporter:
     def _on_transition(self, job: Job, transition: Transition) -> None:
         to_status = transition.to_status
         if transition.from_status is None:
-            self.jobs_submitted.labels(job.spec.lane.name.lower()).inc()
+            self._submitted_by_lane[job.spec.lane].inc()
         elif transition.from_status is JobStatus.IN_PROGRESS:
             # state_machine sets started_at at each assignment.
-            self.run_duration.labels(RUN_OUTCOMES[to_status]).observe(
-                _age(job.started_at, transition.at)
-            )
+            self._run_duration_by_end[to_status].observe(_age(job.started_at, transition.at))
         if to_status is JobStatus.IN_PROGRESS and transition.run == 1:
-            self.dispatch_latency.labels(job.spec.lane.name.lower()).observe(
+            self._dispatch_latency_by_lane[job.spec.lane].observe(
                 _age(job.created_at, transition.at)
             )
-        elif to_status.terminal:
-            self.runs_per_job.labels(to_status.name.lower()).observe(transition.run)
+        elif to_status in self._runs_per_job_by_end:
+            self._runs_per_job_by_end[to_status].observe(transition.run)
 
     # ----- the HTTP endpoint ------------------------------------------------------------
 

@@ -140,28 +140,40 @@ def target_from_proto(obj: common_pb2.ScanObject) -> ScanTarget:
     )
 
 
-def _image(image: common_pb2.ImageObject) -> ImageRef:
-    registry = image.registry.lower() or DEFAULT_REGISTRY
+# (registry, repository) as sent -> as checked, normalised and interned. Many jobs name the same
+# repository (a rescan of every tag): the two pattern matches then run once, and every queued
+# job holds the same two strings. Bounded: cleared when full.
+_CHECKED_NAMES: dict[tuple[str, str], tuple[str, str]] = {}
+_CHECKED_NAMES_MAX = 4096
+
+
+def _image_name(registry_sent: str, repository_sent: str) -> tuple[str, str]:
+    found = _CHECKED_NAMES.get((registry_sent, repository_sent))
+    if found is not None:
+        return found
+    registry = registry_sent.lower() or DEFAULT_REGISTRY
     validation.check_registry(registry)
-    repository = image.repository
+    repository = repository_sent
     validation.check_repository(repository)
     if registry == DEFAULT_REGISTRY and "/" not in repository:
         repository = f"library/{repository}"  # how Docker Hub names official images
-    validation.check_tag(image.tag)
-    validation.check_digest(image.digest)
-    validation.check_identifier("image.credentials_ref", image.credentials_ref, required=False)
-    validation.check_proxy_url("image.proxy_url", image.proxy_url)
-    tag = image.tag or ("" if image.digest else "latest")
-    # Many queued jobs name the same registry and repository (a rescan of every tag): one
-    # string each, however many jobs hold them.
-    return ImageRef(
-        sys.intern(registry),
-        sys.intern(repository),
-        tag,
-        image.digest,
-        image.credentials_ref,
-        image.proxy_url,
-    )
+    found = (sys.intern(registry), sys.intern(repository))
+    if len(_CHECKED_NAMES) >= _CHECKED_NAMES_MAX:
+        _CHECKED_NAMES.clear()
+    _CHECKED_NAMES[registry_sent, repository_sent] = found
+    return found
+
+
+def _image(image: common_pb2.ImageObject) -> ImageRef:
+    registry, repository = _image_name(image.registry, image.repository)
+    tag, digest = image.tag, image.digest
+    validation.check_tag(tag)
+    validation.check_digest(digest)
+    credentials_ref, proxy_url = image.credentials_ref, image.proxy_url
+    validation.check_identifier("image.credentials_ref", credentials_ref, required=False)
+    validation.check_proxy_url("image.proxy_url", proxy_url)
+    tag = tag or ("" if digest else "latest")
+    return ImageRef(registry, repository, tag, digest, credentials_ref, proxy_url)
 
 
 def _node(node: common_pb2.NodeObject) -> NodeRef:
