@@ -789,7 +789,8 @@ class JobManager:
     def _prepare_result(self, job: Job) -> tuple[common_pb2.ScanResult | None, set[str]]:
         """On the loop, for a worker: the result (None: read it from its file) and the
         findings accepted for this job."""
-        return job.result, self.acceptances.accepted_for(job, now_utc())
+        acceptances = self.acceptances
+        return job.result, acceptances.accepted_for(job, now_utc()) if acceptances.by_id else set()
 
     def _finish_result(self, job: Job, outcome: Processed | HandlerError) -> None:
         self.request_dispatch()  # the backlog shrank: held-back assignments may go

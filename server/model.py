@@ -195,12 +195,11 @@ class Job:
     result_in_file: bool = False
     # History entries the receiving server has acknowledged.
     delivered: int = 0
-    # spec.dedup_key(), computed once: the indexes look it up at every status change.
+    # spec.dedup_key() and spec.kind, computed once: the indexes and the queue look them up at
+    # every status change.
     key: tuple[Any, ...] = field(init=False, repr=False)
+    kind: ObjectKind = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.key = self.spec.dedup_key()
-
-    @property
-    def kind(self) -> ObjectKind:
-        return self.spec.kind
+        self.kind = self.spec.kind
