@@ -1,7 +1,7 @@
 """``make bench``: every figure of the benchmark issue in one table, each with its target and
 PASS / FAIL, also written as JSON (``bench/results/latest.json``) so runs can be compared.
 
-    .venv/bin/python -m bench.run            # the full run (about 10-15 minutes here)
+    .venv/bin/python -m bench.run            # the full run (about 10-16 minutes here)
     .venv/bin/python -m bench.run --quick    # smaller counts, about 4 minutes
     .venv/bin/python -m bench.run --only e2e,pickup
 
@@ -97,7 +97,7 @@ def settings(quick: bool) -> Settings:
     return Settings(
         quick=False,
         jobs=20_000,
-        repeats=2,
+        repeats=3,  # medians of 3: on a shared VM an occasional run lands slow
         scanner_counts=(1, 8, 64),
         pickup_seconds=4.0,
         pickup_min_jobs=1000,
