@@ -5,16 +5,15 @@ the configured time zone.
 
 At ``info`` that is several lines per job, so the JSON path is built for speed: a level that is
 off costs one no-op call (``make_filtering_bound_logger``, loggers cached on first use); the
-timestamp string is made once per millisecond; the JSON encoder is built once; and the lines of
-one event-loop turn are written together at the end of the turn (warnings and errors, and lines
-logged off the loop, are written at once; whatever is left is written at exit).
+timestamp string is made once per millisecond; lines are rendered by orjson, straight to bytes;
+and the lines of one event-loop turn are written together at the end of the turn (warnings and
+errors, and lines logged off the loop, are written at once; whatever is left is written at exit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import logging
 import sys
 import threading
@@ -24,6 +23,7 @@ from datetime import datetime, tzinfo
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import orjson
 import structlog
 
 from server.errors import Catalogue, HandlerError
@@ -51,18 +51,18 @@ MAX_BUFFERED_LINES = 1000
 
 
 class TurnBufferedLogger:
-    """A structlog logger writing lines to ``stream``: ``debug`` and ``info`` lines logged on
-    an event loop are written together when the loop turn ends (one ``write`` and ``flush``
-    for all of them); anything else, and anything logged off the loop, at once."""
+    """A structlog logger writing rendered lines (bytes) to ``stream``: ``debug`` and ``info``
+    lines logged on an event loop are written together when the loop turn ends (one ``write``
+    and ``flush`` for all of them); anything else, and anything logged off the loop, at once."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
-        self._lines: list[str] = []
+        self._lines: list[bytes] = []
         self._lock = threading.Lock()
         self._scheduled = False
         atexit.register(self.flush)
 
-    def _later(self, message: str) -> None:
+    def _later(self, message: bytes) -> None:
         self._lines.append(message)
         if self._scheduled:
             if len(self._lines) >= MAX_BUFFERED_LINES:
@@ -76,7 +76,7 @@ class TurnBufferedLogger:
         self._scheduled = True
         loop.call_soon(self._flush_turn)
 
-    def _now(self, message: str) -> None:
+    def _now(self, message: bytes) -> None:
         self._lines.append(message)
         self.flush()
 
@@ -87,10 +87,19 @@ class TurnBufferedLogger:
     def flush(self) -> None:
         with self._lock:
             lines, self._lines = self._lines, []
-            if lines:
-                lines.append("")
-                self._stream.write("\n".join(lines))
-                self._stream.flush()
+            if not lines:
+                return
+            lines.append(b"")
+            data = b"\n".join(lines)
+            stream = self._stream
+            binary = getattr(stream, "buffer", None)
+            if binary is None:  # a text-only stream (some test harnesses)
+                stream.write(data.decode("utf-8", "replace"))
+                stream.flush()
+                return
+            stream.flush()  # what was printed as text goes first
+            binary.write(data)
+            binary.flush()
 
     debug = info = _later
     msg = log = warning = warn = error = err = critical = fatal = exception = failure = _now
@@ -105,7 +114,8 @@ class _TurnBufferedLoggerFactory:
 
 
 def _fallback(obj: Any) -> Any:
-    """What structlog's JSONRenderer does with values JSON has no type for."""
+    """What structlog's JSONRenderer does with values JSON has no type for (orjson itself
+    renders str, numbers, bools, None, lists, dicts, datetimes, enums and dataclasses)."""
     try:
         return obj.__structlog__()
     except AttributeError:
@@ -145,17 +155,18 @@ def configure(fmt: str = "auto", level: str = "info", zone: tzinfo | None = None
             return structlog.processors.format_exc_info(logger, name, event)
         return event
 
-    encode = json.JSONEncoder(default=_fallback).encode
+    dumps = orjson.dumps
 
-    def render_json(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
-        return encode(event)
+    def render_json(_: Any, __: str, event: MutableMapping[str, Any]) -> bytes:
+        # Keys are strings; OPT_NON_STR_KEYS in case a caller logs a dict with other keys.
+        return dumps(event, default=_fallback, option=orjson.OPT_NON_STR_KEYS)
 
     renderer: Any = (
         render_json if json_output else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
+            # (No merge_contextvars: the handler binds none, and it costs a copy per line.)
             structlog.processors.add_log_level,
             add_timestamp,
             format_exc_info,
