@@ -54,6 +54,8 @@ class E2EResult:
     submit_seconds: float
     handler_cpu_us_per_job: float
     scanners_cpu_us_per_job: float
+    # This process: the submits and the GetQueueStats polls (the load generator's share).
+    submitter_cpu_us_per_job: float
     errors: int
     log_level: str
     event_loop: str = "asyncio"
@@ -175,11 +177,13 @@ def measure(
                     asyncio.run(wait_scanners(handler.address, scanners))
                     handler_cpu = cpu_seconds(handler.pid)
                     fleet_cpu = sum(cpu_seconds(pid) for pid in fleet.pids())
+                    own_cpu = time.process_time()
                     seconds, submit_seconds, errors = asyncio.run(
                         run_once(handler.address, jobs, mode, f"r{run}-")
                     )
                     handler_cpu = cpu_seconds(handler.pid) - handler_cpu
                     fleet_cpu = sum(cpu_seconds(pid) for pid in fleet.pids()) - fleet_cpu
+                    own_cpu = time.process_time() - own_cpu
                 finally:
                     handler.stop()
                 result = E2EResult(
@@ -192,6 +196,7 @@ def measure(
                     submit_seconds=submit_seconds,
                     handler_cpu_us_per_job=handler_cpu / jobs * 1e6,
                     scanners_cpu_us_per_job=fleet_cpu / jobs * 1e6,
+                    submitter_cpu_us_per_job=own_cpu / jobs * 1e6,
                     errors=errors,
                     log_level=level,
                     event_loop=loop,
@@ -205,7 +210,8 @@ def measure(
                         f" {result.jobs_per_second:8,.0f} jobs/s ({jobs:,} jobs in"
                         f" {seconds:.2f} s; submits took {submit_seconds:.2f} s; handler"
                         f" {result.handler_cpu_us_per_job:.0f} us CPU/job, scanners"
-                        f" {result.scanners_cpu_us_per_job:.0f} us/job)"
+                        f" {result.scanners_cpu_us_per_job:.0f} us/job, submitter"
+                        f" {result.submitter_cpu_us_per_job:.0f} us/job)"
                         + (f"  ** {errors} jobs in ERROR **" if errors else ""),
                         flush=True,
                     )

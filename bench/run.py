@@ -217,8 +217,11 @@ def rows(out: dict[str, Any]) -> list[Row]:
         runs = [r["jobs_per_second"] for r in e2e_runs(mode, scanners, level, loop, metrics)]
         return median(runs) if runs else float("nan")
 
-    def e2e_cpu(mode: str, scanners: int, loop: str = "asyncio") -> float:
-        runs = [r["handler_cpu_us_per_job"] for r in e2e_runs(mode, scanners, "warning", loop)]
+    def e2e_cpu(mode: str, scanners: int, who: str = "handler") -> float:
+        runs = [
+            r.get(f"{who}_cpu_us_per_job", float("nan"))
+            for r in e2e_runs(mode, scanners, "warning", "asyncio")
+        ]
         return median(runs) if runs else float("nan")
 
     def celery_rate(mode: str, pool: str) -> float:
@@ -250,10 +253,17 @@ def rows(out: dict[str, Any]) -> list[Row]:
         with_metrics = e2e_rate("batched", 8, metrics=True)
         table.append(Row("e2e SubmitJobs, 8 scanners, metrics on", with_metrics, "jobs/s"))
         table.append(Row("  cost of metrics (off / on)", batched8 / with_metrics, "x"))
-        table.append(Row("  handler CPU per job, batched, 8 scanners", e2e_cpu("batched", 8),
-                         "us"))  # fmt: skip
-        table.append(Row("  handler CPU per job, single, 8 scanners", e2e_cpu("single", 8),
-                         "us"))  # fmt: skip
+        cpus = out.get("meta", {}).get("cpus") or os.cpu_count() or 1
+        for mode in ("batched", "single"):
+            handler, scanners, submitter = (
+                e2e_cpu(mode, 8, who) for who in ("handler", "scanners", "submitter")
+            )
+            table.append(Row(f"  handler CPU per job, {mode}, 8 scanners", handler, "us"))
+            table.append(Row(f"  scanners' CPU per job, {mode}", scanners, "us"))
+            table.append(Row(f"  submitter's CPU per job, {mode}", submitter, "us"))
+            # All three share the machine: this many jobs/s would use every core.
+            table.append(Row(f"  {cpus} cores / CPU per job of all three, {mode}",
+                             cpus * 1e6 / (handler + scanners + submitter), "jobs/s"))  # fmt: skip
         table.append(Row("e2e SubmitJobs, 8 scanners, --event-loop uvloop",
                          e2e_rate("batched", 8, loop="uvloop"), "jobs/s"))  # fmt: skip
         table.append(Row("e2e SubmitJob, 8 scanners, --event-loop uvloop",
