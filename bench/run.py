@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -136,12 +137,34 @@ def git_revision() -> str:
         return "unknown"
 
 
+def speed_index() -> float:
+    """Fixed pure-Python work per second on one core, now (best of five). This shared
+    machine's speed changes with what else its host runs, also within one run: each section
+    records it, so a ratio between two sections can be read with that in mind."""
+
+    def work() -> int:
+        table = {}
+        for n in range(20_000):
+            table[n] = n * 2
+        return sum(table.values())
+
+    return 1.0 / min(timeit.repeat(work, number=5, repeat=5))
+
+
 def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any]) -> None:
-    def section(name: str) -> None:
-        print(f"\n== {name} ==", flush=True)
+    # Each part's machine speed, relative to the first part's.
+    speeds: dict[str, float] = out["meta"].setdefault("speed", {})
+    first_speed = 0.0
+
+    def section(part: str, title: str) -> None:
+        nonlocal first_speed
+        speed = speed_index()
+        first_speed = first_speed or speed
+        speeds[part] = round(speed / first_speed, 3)
+        print(f"\n== {title} == (machine speed {speeds[part]:.2f} of the first part's)", flush=True)
 
     if "e2e" in parts:
-        section(f"end-to-end throughput, {s.jobs:,} jobs, {s.repeats} run(s) each")
+        section("e2e", f"end-to-end throughput, {s.jobs:,} jobs, {s.repeats} run(s) each")
         results: list[e2e.E2EResult] = []
         uvloop = e2e.supports_uvloop()
         for count in s.scanner_counts:
@@ -156,12 +179,23 @@ def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any])
                     ]
             results += e2e.measure(workdir, count, plan, s.jobs, s.repeats)
         out["e2e"] = [asdict(r) for r in results]
+    # Celery right after our end-to-end runs: the ratios compare the two, and the machine's
+    # speed drifts over a run.
+    if "celery" in parts:
+        section("celery", f"Celery 5 + Redis, {s.jobs:,} no-op jobs, 8 workers")
+        missing = celery_side.missing()
+        if missing:
+            print(f"  skipped: {missing}", flush=True)
+        else:
+            out["celery"] = [
+                asdict(r) for r in celery_side.measure(workdir, s.jobs, 8, s.celery_plan, s.repeats)
+            ]
     if "pickup" in parts:
         single8 = [r for r in out.get("e2e", []) if r["mode"] == "single" and r["scanners"] == 8]
         max_rate = (
             median([r["jobs_per_second"] for r in single8]) if single8 else _previous_max_rate()
         )
-        section(f"pickup latency (100 % = {max_rate:,.0f} single submits/s, 8 scanners)")
+        section("pickup", f"pickup latency (100 % = {max_rate:,.0f} single submits/s, 8 scanners)")
         out["pickup_max_rate"] = max_rate
         out["pickup"] = [
             asdict(r)
@@ -170,24 +204,15 @@ def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any])
             )
         ]
     if "memory" in parts:
-        section("memory per PENDING job")
+        section("memory", "memory per PENDING job")
         out["memory"] = [asdict(r) for r in memory.measure(workdir, s.memory_sizes)]
     if "scale" in parts:
-        section("dispatch cost")
+        section("scale", "dispatch cost")
         out["scale"] = {
             name: asdict(cost) for name, cost in scale.measure(s.scale_big, s.scale_steps).items()
         }
-    if "celery" in parts:
-        section(f"Celery 5 + Redis, {s.jobs:,} no-op jobs, 8 workers")
-        missing = celery_side.missing()
-        if missing:
-            print(f"  skipped: {missing}", flush=True)
-        else:
-            out["celery"] = [
-                asdict(r) for r in celery_side.measure(workdir, s.jobs, 8, s.celery_plan, s.repeats)
-            ]
     if "echo" in parts:
-        section("raw grpc.aio echo")
+        section("echo", "raw grpc.aio echo")
         out["echo"] = {k: asdict(v) for k, v in grpc_ceiling.measure(s.echo_scale).items()}
 
 
@@ -326,6 +351,13 @@ def rows(out: dict[str, Any]) -> list[Row]:
                          "<= 1.50", loaded <= 1.5))  # fmt: skip
         table.append(Row("dispatch cost ratio 1,000 / 10 scanners (idle)", idle, "x",
                          "<= 1.50", idle <= 1.5))  # fmt: skip
+    speeds = out.get("meta", {}).get("speed", {})
+    if len(speeds) > 1:
+        # Past ~1.15 x, a ratio between two parts (ours / Celery) is off by as much.
+        slowest = min(speeds, key=speeds.__getitem__)
+        fastest = max(speeds, key=speeds.__getitem__)
+        table.append(Row(f"machine speed, fastest ({fastest}) / slowest ({slowest}) part",
+                         speeds[fastest] / speeds[slowest], "x"))  # fmt: skip
     return [r for r in table if not (r.value != r.value and r.passed is None)] or [
         Row("nothing measured", nan, "")
     ]
