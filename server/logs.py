@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import sys
 import threading
@@ -122,6 +123,17 @@ def _fallback(obj: Any) -> Any:
         return repr(obj)
 
 
+def render_json_line(event: MutableMapping[str, Any]) -> bytes:
+    """One JSON line. orjson refuses a few values the standard encoder takes (a string with
+    a lone surrogate, as a path of non-UTF-8 bytes becomes; an int past 64 bits): such a line
+    goes through the standard encoder instead, so logging never raises."""
+    try:
+        # OPT_NON_STR_KEYS: in case a caller logs a dict with other keys than strings.
+        return orjson.dumps(event, default=_fallback, option=orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:
+        return json.dumps(event, default=_fallback).encode("utf-8", "backslashreplace")
+
+
 # The configured threshold (a ``logging`` level number); everything is on until configure().
 _threshold = logging.NOTSET
 
@@ -155,11 +167,8 @@ def configure(fmt: str = "auto", level: str = "info", zone: tzinfo | None = None
             return structlog.processors.format_exc_info(logger, name, event)
         return event
 
-    dumps = orjson.dumps
-
     def render_json(_: Any, __: str, event: MutableMapping[str, Any]) -> bytes:
-        # Keys are strings; OPT_NON_STR_KEYS in case a caller logs a dict with other keys.
-        return dumps(event, default=_fallback, option=orjson.OPT_NON_STR_KEYS)
+        return render_json_line(event)
 
     renderer: Any = (
         render_json if json_output else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())

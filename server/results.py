@@ -172,7 +172,8 @@ class ResultPipeline:
             for index, processed in done:
                 outcomes[index] = processed
             for job, outcome in zip(jobs, outcomes, strict=True):
-                assert outcome is not None
+                if outcome is None:  # cannot happen: _process_many answers every one
+                    outcome = HandlerError(Catalogue.SYSTEM_ERROR, "result processing failed")
                 self.in_pipeline.pop(job.id, None)
                 self._arrived.pop(job.id, None)
                 self._finish(job, outcome)

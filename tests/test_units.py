@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import uuid
 from datetime import UTC, datetime
 
@@ -176,3 +178,20 @@ def test_job_ids_are_random_version_4_uuids() -> None:
         assert parsed.version == 4
         assert parsed.variant == uuid.RFC_4122
         assert str(parsed) == text
+
+
+def test_json_log_lines_take_what_orjson_refuses() -> None:
+    """A path of non-UTF-8 bytes (a lone surrogate in Python) or a huge int in a log field
+    must not make logging raise: the line falls back to the standard encoder."""
+    from server.logs import render_json_line
+
+    assert json.loads(render_json_line({"event": "x", "n": 1, "at": "é"})) == {
+        "event": "x",
+        "n": 1,
+        "at": "é",
+    }
+    odd = os.fsdecode(b"/data/\xff")
+    line = render_json_line({"event": "handler.started", "data_dir": odd, "big": 1 << 70})
+    parsed = json.loads(line)
+    assert parsed["big"] == 1 << 70
+    assert parsed["data_dir"] == odd

@@ -145,6 +145,7 @@ def target_from_proto(obj: common_pb2.ScanObject) -> ScanTarget:
 # job holds the same two strings. Bounded: cleared when full.
 _CHECKED_NAMES: dict[tuple[str, str], tuple[str, str]] = {}
 _CHECKED_NAMES_MAX = 4096
+_CHECKED_NAME_MAX_CHARS = 512
 
 
 def _image_name(registry_sent: str, repository_sent: str) -> tuple[str, str]:
@@ -158,9 +159,10 @@ def _image_name(registry_sent: str, repository_sent: str) -> tuple[str, str]:
     if registry == DEFAULT_REGISTRY and "/" not in repository:
         repository = f"library/{repository}"  # how Docker Hub names official images
     found = (sys.intern(registry), sys.intern(repository))
-    if len(_CHECKED_NAMES) >= _CHECKED_NAMES_MAX:
-        _CHECKED_NAMES.clear()
-    _CHECKED_NAMES[registry_sent, repository_sent] = found
+    if len(registry_sent) + len(repository_sent) <= _CHECKED_NAME_MAX_CHARS:  # RAM stays small
+        if len(_CHECKED_NAMES) >= _CHECKED_NAMES_MAX:
+            _CHECKED_NAMES.clear()
+        _CHECKED_NAMES[registry_sent, repository_sent] = found
     return found
 
 
