@@ -14,7 +14,6 @@ from grpc_reflection.v1alpha import reflection
 
 from imagehandler.v1 import (
     job_service_pb2,
-    job_service_pb2_grpc,
     scanner_service_pb2,
     scanner_service_pb2_grpc,
 )
@@ -28,6 +27,7 @@ from server.storage.journal import FsyncPolicy
 from server.storage.result_files import MemoryResultFiles, ResultFiles
 from server.storage.store import JournalStore, Recovered, open_store
 from server.transport.job_service import JobService
+from server.transport.job_service import register as register_job_service
 from server.transport.scanner_service import ScannerService
 from server.validation import set_limits
 
@@ -85,7 +85,7 @@ class HandlerServer:
             interceptors=[self.security.interceptor],
             options=[*self.security.options, ("grpc.so_reuseport", 0)],
         )
-        job_service_pb2_grpc.add_JobServiceServicer_to_server(JobService(self.manager), self.server)
+        register_job_service(self.server, JobService(self.manager))
         scanner_service_pb2_grpc.add_ScannerServiceServicer_to_server(
             ScannerService(self.manager), self.server
         )
@@ -126,7 +126,9 @@ class HandlerServer:
                     f"{exc.strerror}",
                     status=Catalogue.SCANNER_CONFIG_INVALID.entry.statuses[1],
                 ) from None
-        return open_receiver(config.receiver_url, secret, config.delivery_timeout)
+        return open_receiver(
+            config.receiver_url, secret, config.delivery_timeout, config.delivery_concurrency
+        )
 
     async def start(self) -> None:
         """Serve health (NOT_SERVING) at once, recover the queue, then go SERVING."""

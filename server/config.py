@@ -49,7 +49,16 @@ class Config:
     receiver_secret_file: str = ""
     delivery_attempts: int = 5
     delivery_backoff: float = 0.5
+    delivery_max_backoff: float = 30.0
     delivery_timeout: float = 10.0
+    # Deliveries in flight at once (and the webhook's pooled connections).
+    delivery_concurrency: int = 16
+    # What WatchJobs keeps for watchers of every job: the shared event log's size, how far one
+    # watcher may fall behind before it is ended, and how long events stay resumable after the
+    # last such watcher left.
+    watch_log_bytes: int = 64 * 1024 * 1024
+    watch_lag_bytes: int = 16 * 1024 * 1024
+    watch_resume_seconds: float = 60.0
     # PENDING jobs allowed at once; 0 means no limit.
     queue_limit: int = 0
     max_batch: int = 1000
@@ -126,6 +135,22 @@ class Config:
             )
         if self.delivery_attempts < 1:
             problems.append(f"delivery_attempts must be at least 1, got {self.delivery_attempts}")
+        if self.delivery_concurrency < 1:
+            problems.append(
+                f"delivery_concurrency must be at least 1, got {self.delivery_concurrency}"
+            )
+        for name in ("delivery_backoff", "delivery_max_backoff", "delivery_timeout"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.watch_lag_bytes <= self.watch_log_bytes:
+            problems.append(
+                f"watch_lag_bytes ({self.watch_lag_bytes}) must be positive and at most "
+                f"watch_log_bytes ({self.watch_log_bytes})"
+            )
+        if self.watch_resume_seconds < 0:
+            problems.append(
+                f"watch_resume_seconds must be 0 or positive, got {self.watch_resume_seconds}"
+            )
         if self.result_backlog_limit < 1:
             problems.append(
                 f"result_backlog_limit must be at least 1, got {self.result_backlog_limit}"
@@ -211,9 +236,14 @@ _HELP: dict[str, str] = {
     "risk_acceptance_days": "default lifetime of a risk acceptance, in days",
     "receiver_url": "receiving server: http(s)://... webhook or grpc://host:port ('' = none)",
     "receiver_secret_file": "file with the webhook HMAC secret (or IMAGE_HANDLER_RECEIVER_SECRET)",
-    "delivery_attempts": "attempts per delivery before HNDL-001",
-    "delivery_backoff": "first retry delay in seconds (doubles, with jitter, up to 30 s)",
+    "delivery_attempts": "failed attempts in a row before a job's undelivered result is HNDL-001",
+    "delivery_backoff": "first retry delay in seconds (doubles, with jitter, up to the max)",
+    "delivery_max_backoff": "longest delay between retries of an owed delivery, in seconds",
     "delivery_timeout": "seconds one delivery attempt may take",
+    "delivery_concurrency": "deliveries in flight at once (the webhook's pooled connections)",
+    "watch_log_bytes": "bytes of recent job events kept for watchers of every job",
+    "watch_lag_bytes": "bytes a watcher may fall behind before it is ended (it can resume)",
+    "watch_resume_seconds": "seconds events stay resumable after the last all-jobs watcher left",
     "queue_limit": "most PENDING jobs at once; 0 = no limit",
     "max_batch": "most jobs in one SubmitJobs call",
     "timezone": "IANA time zone for log timestamps, or 'local' (HNDL-015 when unknown)",

@@ -54,6 +54,7 @@ class Catalogue(enum.Enum):
             StatusCode.UNAVAILABLE,
             StatusCode.UNAUTHENTICATED,
             StatusCode.PERMISSION_DENIED,
+            StatusCode.OUT_OF_RANGE,
         ),
     )
     JOB_ID_INVALID = CatalogueEntry(

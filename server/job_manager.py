@@ -12,7 +12,7 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,7 +23,7 @@ from sortedcontainers import SortedDict
 from imagehandler.v1 import common_pb2, job_service_pb2, result_sink_pb2
 from server import logs, state_machine
 from server.config import Config
-from server.delivery import Deliverer, Delivery, Receiver
+from server.delivery import Delivery, Kind, Outbox, Receiver
 from server.dispatcher import Dispatcher
 from server.errors import Catalogue, HandlerError
 from server.events import EventBus, Subscription
@@ -59,6 +59,7 @@ from server.transport import convert
 from server.verdicts import (
     Acceptance,
     Acceptances,
+    Change,
     Scope,
     VerdictPolicy,
     apply_acceptances,
@@ -88,6 +89,15 @@ class Submitted:
 
 
 @dataclass(frozen=True)
+class Reevaluated:
+    """FINISHED jobs whose verdict changed, and those whose accepted findings changed while
+    their verdict stayed."""
+
+    verdicts: int
+    summaries: int
+
+
+@dataclass(frozen=True)
 class QueueStats:
     by_status: dict[JobStatus, int]
     pending_by_lane: dict[Lane, int]
@@ -99,6 +109,8 @@ class QueueStats:
     started_at: datetime
     queue_limit: int
     result_backlog: int
+    deliveries_owed: int
+    deliveries_oldest_age: float
 
 
 class JobManager:
@@ -123,7 +135,11 @@ class JobManager:
         self.queue = JobQueue(config.interactive_share)
         self.scanners = ScannerRegistry()
         self.dispatcher = Dispatcher(self.queue)
-        self.events = EventBus()
+        self.events = EventBus(
+            log_bytes=config.watch_log_bytes,
+            lag_bytes=config.watch_lag_bytes,
+            resume_seconds=config.watch_resume_seconds,
+        )
         self.retry = RetryPolicy(config.max_runs)
         self.policy = VerdictPolicy(
             fail_severity=common_pb2.Severity.Value(f"SEVERITY_{config.fail_severity.upper()}"),
@@ -141,17 +157,16 @@ class JobManager:
             self._prepare_result,
             self._finish_result,
         )
-        self._background: set[asyncio.Task[None]] = set()
         # Jobs in PROCESSING_RESULTS (with a result worker, or waiting on delivery).
         self._processing: dict[str, Job] = {}
-        self.deliverer: Deliverer | None = None
+        self.deliverer: Outbox | None = None
         if receiver is not None:
-            self.deliverer = Deliverer(
+            self.deliverer = Outbox(
                 receiver,
-                attempts=config.delivery_attempts,
+                self,
+                senders=config.delivery_concurrency,
                 backoff=config.delivery_backoff,
-                on_status=self._status_delivered,
-                on_result=self._result_delivered,
+                max_backoff=config.delivery_max_backoff,
                 on_failure=DELIVERIES_FAILED.inc,
             )
         self._run_timers: BucketTimers[Job] = BucketTimers(lambda: self.loop, self._on_run_timer)
@@ -166,6 +181,8 @@ class JobManager:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.results.start()
+        if self.deliverer is not None:
+            self.deliverer.start()
 
     def restore(self, state: Recovered) -> None:
         """Rebuild the queue from recovered jobs; runs that were under way count and end."""
@@ -206,8 +223,8 @@ class JobManager:
             self._end_run(job, None, failure)
         if self.deliverer is not None:
             for job in self._by_seq.values():
-                for index in range(job.delivered, len(job.history)):
-                    self._deliver_status(job, job.history[index], index + 1)
+                if job.delivered < len(job.history) or job.verdict_delivered < job.verdict_version:
+                    self.deliverer.owe(job.id)
         self.expire_acceptances()
         self.recovered = True
         self.request_dispatch()
@@ -301,8 +318,8 @@ class JobManager:
         self._expiry_timers.clear()
         await self.results.stop()
         if self.deliverer is not None:
-            # Undelivered events are re-sent after a restart (results: the job is still
-            # PROCESSING_RESULTS; status changes: the journal knows what was acknowledged).
+            # What is owed is read from the jobs again after a restart (results: the job is
+            # still PROCESSING_RESULTS; the rest: the journal knows what was acknowledged).
             await self.deliverer.close()
 
     @property
@@ -380,7 +397,7 @@ class JobManager:
                 )
             self.events.publish(job, transition)
             if self.deliverer is not None:
-                self._deliver_status(job, transition, 1)
+                self.deliverer.owe(job.id)
         self.request_dispatch()
         return out
 
@@ -495,6 +512,10 @@ class JobManager:
             started_at=self.started_at,
             queue_limit=self.config.queue_limit,
             result_backlog=self.results.backlog,
+            deliveries_owed=self.deliverer.owing if self.deliverer is not None else 0,
+            deliveries_oldest_age=(
+                self.deliverer.oldest_age() if self.deliverer is not None else 0.0
+            ),
         )
 
     def processing_by_scanner(self) -> dict[str, list[str]]:
@@ -803,75 +824,104 @@ class JobManager:
                 session.send(RejectMessage(outcome, job.id))
             return
         job.result_summary = outcome.summary
-        full_result = job.result
         if outcome.in_file:
             job.result_in_file = True
             job.result = None  # on disk now: keep RAM for the queue
         if self.deliverer is None:
             self._move(job, JobStatus.FINISHED, reason="results stored", summary=outcome.summary)
-        elif full_result is not None:
-            self._deliver_result(job, full_result)
-        else:  # reprocessed after a restart: the result is in its file
-            self._spawn(self._deliver_stored_result(job))
-
-    # ----- delivery to the receiving server ---------------------------------------------
-
-    def _deliver_result(self, job: Job, result: common_pb2.ScanResult) -> None:
-        assert self.deliverer is not None
-        request = result_sink_pb2.DeliverRequest(
-            idempotency_key=f"{job.id}:result:{job.runs}",
-            job=self._snapshot(job),
-            result=result,
-        )
-        self.deliverer.enqueue(Delivery(job.id, request))
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine)
-        self._background.add(task)  # a reference, so the task is not collected mid-way
-        task.add_done_callback(self._background.discard)
-
-    async def _deliver_stored_result(self, job: Job) -> None:
-        result = await self.load_result(job)
-        if result is None:
-            self._result_delivered(job.id, "the stored result could not be read")
         else:
-            self._deliver_result(job, result)
+            job.awaiting_delivery = True
+            self.deliverer.owe(job.id)
 
-    def _deliver_status(self, job: Job, transition: Transition, count: int) -> None:
-        assert self.deliverer is not None
-        request = result_sink_pb2.DeliverRequest(
-            idempotency_key=f"{job.id}:{count - 1}",
-            job=self._snapshot(job),
-            transition=convert.transition_to_proto(transition),
-        )
-        self.deliverer.enqueue(Delivery(job.id, request, history_count=count))
+    # ----- delivery to the receiving server: what a job owes, read from the job ------------
 
-    def _snapshot(self, job: Job) -> common_pb2.Job:
-        return convert.job_to_proto(job, position=self.position(job))
+    def owed(self, job: Job) -> int:
+        """Deliveries the job still owes the receiving server."""
+        if self.deliverer is None:
+            return 0
+        owed = len(job.history) - job.delivered
+        if job.awaiting_delivery:
+            owed += 1
+        if job.verdict_delivered < job.verdict_version:
+            owed += 1
+        return owed
 
-    def _status_delivered(self, job_id: str, count: int) -> None:
+    def delivery_error(self, job: Job) -> str:
+        return self.deliverer.last_answer(job.id) if self.deliverer is not None else ""
+
+    async def next_delivery(self, job_id: str) -> Delivery | None:
+        """The job's next owed event, in order: its status changes, then its processed result,
+        then a verdict change. The journal is written before anyone hears of a change."""
         job = self.jobs.get(job_id)
-        if job is not None and count > job.delivered:
-            job.delivered = count
-            self.store.delivered(job)
+        if job is None:
+            return None  # pruned
+        self.store.flush()
+        if job.delivered < len(job.history):
+            request = result_sink_pb2.DeliverRequest(idempotency_key=f"{job.id}:{job.delivered}")
+            convert.set_job(request.job, job, position=self.position(job))
+            convert.set_transition(request.transition, job.history[job.delivered])
+            return Delivery(job.id, Kind.STATUS, request, job.delivered + 1)
+        if job.awaiting_delivery:
+            result = await self.load_result(job)
+            if result is None:
+                self._result_undeliverable(job, "the stored result could not be read")
+                return await self.next_delivery(job_id)
+            request = result_sink_pb2.DeliverRequest(
+                idempotency_key=f"{job.id}:result:{job.runs}", result=result
+            )
+            convert.set_job(request.job, job, position=0)
+            return Delivery(job.id, Kind.RESULT, request, job.runs)
+        if job.verdict_delivered < job.verdict_version and job.status is JobStatus.FINISHED:
+            request = result_sink_pb2.DeliverRequest(
+                idempotency_key=f"{job.id}:verdict:{job.verdict_version}"
+            )
+            convert.set_job(request.job, job, position=0)
+            change = request.verdict_change
+            change.verdict = job.result_summary.verdict
+            change.summary.CopyFrom(job.result_summary)
+            change.cause = job.verdict_cause
+            return Delivery(job.id, Kind.VERDICT, request, job.verdict_version)
+        return None
 
-    def _result_delivered(self, job_id: str, failure: str | None) -> None:
-        job = self.jobs.get(job_id)
-        if job is None or job.status is not JobStatus.PROCESSING_RESULTS:
+    def delivered(self, delivery: Delivery) -> None:
+        job = self.jobs.get(delivery.job_id)
+        if job is None:
             return
-        if failure is None:
+        if delivery.kind is Kind.STATUS:
+            if delivery.mark > job.delivered:
+                job.delivered = delivery.mark
+                self.store.delivered(job)
+        elif delivery.kind is Kind.VERDICT:
+            if delivery.mark > job.verdict_delivered:
+                job.verdict_delivered = delivery.mark
+                self.store.delivered(job)
+        elif job.awaiting_delivery and job.status is JobStatus.PROCESSING_RESULTS:
+            job.awaiting_delivery = False
             self._move(
                 job, JobStatus.FINISHED, reason="results delivered", summary=job.result_summary
             )
-        else:
-            error = HandlerError(Catalogue.MDW_ADAPTER_SEND_STATUS, failure)
-            self._move(
-                job,
-                JobStatus.ERROR,
-                reason="delivery to the receiving server failed; the result is kept",
-                error=failure_of(error),
-                summary=job.result_summary,
-            )
+
+    def failed(self, delivery: Delivery, answer: str, failures: int) -> None:
+        """A job whose result waits on a receiver that keeps refusing records HNDL-001 and
+        keeps its result; its status changes go on being retried."""
+        job = self.jobs.get(delivery.job_id)
+        if job is None or not job.awaiting_delivery:
+            return
+        if failures >= self.config.delivery_attempts:
+            self._result_undeliverable(job, answer)
+
+    def _result_undeliverable(self, job: Job, answer: str) -> None:
+        job.awaiting_delivery = False
+        if job.status is not JobStatus.PROCESSING_RESULTS:
+            return
+        error = HandlerError(Catalogue.MDW_ADAPTER_SEND_STATUS, answer)
+        self._move(
+            job,
+            JobStatus.ERROR,
+            reason="delivery to the receiving server failed; the result is kept",
+            error=failure_of(error),
+            summary=job.result_summary,
+        )
 
     def redeliver(self, job_id: str) -> Job:
         """Deliver a kept result again after HNDL-001."""
@@ -895,10 +945,8 @@ class JobManager:
                 status=Catalogue.JOB_ID_INVALID.entry.statuses[2],
             )
         self._move(job, JobStatus.PROCESSING_RESULTS, reason="redelivery requested")
-        if job.result is not None:
-            self._deliver_result(job, job.result)
-        else:
-            self._spawn(self._deliver_stored_result(job))
+        job.awaiting_delivery = True
+        self.deliverer.owe(job.id)
         return job
 
     async def load_result(self, job: Job) -> common_pb2.ScanResult | None:
@@ -914,7 +962,7 @@ class JobManager:
 
     def accept_risk(
         self, finding_id: str, scope: Scope, job_id: str, reason: str, days: float
-    ) -> tuple[job_service_pb2.RiskAcceptance, int]:
+    ) -> tuple[job_service_pb2.RiskAcceptance, Reevaluated]:
         self._require_ready()
         job = self.get(job_id) if job_id else None
         if scope is not Scope.EVERYWHERE and job is None:
@@ -942,9 +990,9 @@ class JobManager:
         self.store.risk_accepted(record)
         log.info("risk.accepted", acceptance_id=record.id, finding=finding_id, scope=scope.name,
                  target=text, days=days)  # fmt: skip
-        return record, self._reevaluate()
+        return record, self._reevaluate(f"risk acceptance {record.id} added")
 
-    def revoke_acceptance(self, acceptance_id: str) -> int:
+    def revoke_acceptance(self, acceptance_id: str) -> Reevaluated:
         self._require_ready()
         if self.acceptances.remove(acceptance_id) is None:
             raise HandlerError(
@@ -955,7 +1003,7 @@ class JobManager:
         if timer is not None:
             timer.cancel()
         self.store.risk_removed(acceptance_id)
-        return self._reevaluate()
+        return self._reevaluate(f"risk acceptance {acceptance_id} revoked")
 
     def acceptance_records(self) -> list[job_service_pb2.RiskAcceptance]:
         return list(self._acceptance_records.values())
@@ -983,7 +1031,7 @@ class JobManager:
             delay = max(0.0, (acceptance.expires_at - now_utc()).total_seconds())
             self._expiry_timers[record.id] = self._loop.call_later(delay, self.expire_acceptances)
 
-    def expire_acceptances(self) -> int:
+    def expire_acceptances(self) -> Reevaluated:
         """Drop acceptances past their expiry; re-evaluate verdicts when any went."""
         expired = self.acceptances.expired(now_utc())
         for acceptance in expired:
@@ -992,22 +1040,37 @@ class JobManager:
             self._expiry_timers.pop(acceptance.id, None)
             self.store.risk_removed(acceptance.id)
             log.info("risk.expired", acceptance_id=acceptance.id, finding=acceptance.finding_id)
-        return self._reevaluate() if expired else 0
+        if not expired:
+            return Reevaluated(0, 0)
+        ids = ", ".join(a.id for a in expired)
+        return self._reevaluate(f"risk acceptance {ids} expired")
 
-    def _reevaluate(self) -> int:
-        """Re-decide the verdicts of FINISHED jobs with failing findings; how many changed."""
+    def _reevaluate(self, cause: str) -> Reevaluated:
+        """Re-decide the summaries of FINISHED jobs with findings the policy fails; every
+        change is journaled and owed to the receiving server."""
         now = now_utc()
-        changed = 0
+        verdicts = summaries = 0
         for job in self._by_seq.values():
             summary = job.result_summary
-            if job.status is not JobStatus.FINISHED or summary is None or not summary.failing:
+            if job.status is not JobStatus.FINISHED or summary is None:
                 continue
-            if apply_acceptances(summary, self.acceptances.accepted_for(job, now)):
-                changed += 1
-                self.store.verdict_changed(job)
-        if changed:
-            log.info("verdicts.reevaluated", changed=changed)
-        return changed
+            if not (summary.failing or summary.accepted):
+                continue
+            change = apply_acceptances(summary, self.acceptances.accepted_for(job, now))
+            if change is Change.NONE:
+                continue
+            if change is Change.VERDICT:
+                verdicts += 1
+            else:
+                summaries += 1
+            job.verdict_version += 1
+            job.verdict_cause = cause
+            self.store.verdict_changed(job)
+            if self.deliverer is not None:
+                self.deliverer.owe(job.id)
+        if verdicts or summaries:
+            log.info("verdicts.reevaluated", verdicts=verdicts, summaries=summaries, cause=cause)
+        return Reevaluated(verdicts, summaries)
 
     # ----- the one place statuses change ------------------------------------------------
 
@@ -1048,4 +1111,4 @@ class JobManager:
             )
         self.events.publish(job, transition)
         if self.deliverer is not None:
-            self._deliver_status(job, transition, len(job.history))
+            self.deliverer.owe(job.id)

@@ -202,6 +202,27 @@ class StateCollector:
             "Result workers (--result-workers, the seed's scanWorkers).",
             value=manager.config.result_workers,
         )
+        outbox = manager.deliverer
+        yield GaugeMetricFamily(
+            PREFIX + "deliveries_owed",
+            "Jobs that owe the receiving server a delivery (status change, result or verdict).",
+            value=outbox.owing if outbox is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "deliveries_oldest_owed_age_seconds",
+            "How long the job owing a delivery the longest has waited (0 when none).",
+            value=outbox.oldest_age() if outbox is not None else 0.0,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "watchers",
+            "WatchJobs streams watching every job (each a cursor into the shared event log).",
+            value=manager.events.feeds,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "watch_log_bytes",
+            "Bytes of job events kept for watchers of every job (--watch-log-bytes at most).",
+            value=manager.events.logged_bytes,
+        )
 
 
 class MetricsExporter:

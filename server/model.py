@@ -195,6 +195,13 @@ class Job:
     result_in_file: bool = False
     # History entries the receiving server has acknowledged.
     delivered: int = 0
+    # Verdict changes made by risk acceptances, and the newest one acknowledged.
+    verdict_version: int = 0
+    verdict_delivered: int = 0
+    # What the newest verdict change came from (for its delivery).
+    verdict_cause: str = ""
+    # The processed result waits in PROCESSING_RESULTS for the receiving server.
+    awaiting_delivery: bool = False
     # spec.dedup_key() and spec.kind, computed once: the indexes and the queue look them up at
     # every status change.
     key: tuple[Any, ...] = field(init=False, repr=False)

@@ -66,6 +66,9 @@ def move(
         job.scanner_id = scanner_id
     if error is not None:
         job.error = error
+    elif to_status is JobStatus.FINISHED:
+        # Finished means nothing is wrong now; the history keeps every failure on the way.
+        job.error = None
     if to_status.terminal:
         job.finished_at = at
     job.status = to_status

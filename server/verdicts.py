@@ -66,15 +66,30 @@ def summarize(
     return summary
 
 
-def apply_acceptances(summary: common_pb2.ResultSummary, accepted: set[str]) -> bool:
-    """Set the verdict from the failing findings not accepted; True when it changed."""
-    before = (summary.verdict, list(summary.accepted))
-    excused = sorted(accepted.intersection(summary.failing))
+class Change(enum.Enum):
+    """What re-applying acceptances did to a summary."""
+
+    NONE = 0
+    ACCEPTED = 1  # the accepted findings changed; the verdict stayed
+    VERDICT = 2  # the verdict changed (and with it the accepted findings)
+
+
+def apply_acceptances(summary: common_pb2.ResultSummary, accepted: set[str]) -> Change:
+    """Split the findings the policy fails into ``failing`` (no acceptance covers them) and
+    ``accepted``, and set the verdict from what still fails."""
+    policy_failing = set(summary.failing).union(summary.accepted)
+    excused = sorted(policy_failing.intersection(accepted))
+    still_failing = sorted(policy_failing.difference(excused))
+    verdict = common_pb2.VERDICT_FAILED if still_failing else common_pb2.VERDICT_PASSED
+    if list(summary.accepted) == excused and summary.verdict == verdict:
+        return Change.NONE
+    change = Change.VERDICT if summary.verdict != verdict else Change.ACCEPTED
+    del summary.failing[:]
+    summary.failing.extend(still_failing)
     del summary.accepted[:]
     summary.accepted.extend(excused)
-    still_failing = set(summary.failing) - set(excused)
-    summary.verdict = common_pb2.VERDICT_FAILED if still_failing else common_pb2.VERDICT_PASSED
-    return (summary.verdict, list(summary.accepted)) != before
+    summary.verdict = verdict
+    return change
 
 
 class Scope(enum.IntEnum):

@@ -23,6 +23,9 @@ from server import logs
 from server.app import HandlerServer
 from server.config import Config
 
+# The receiving-server fixtures (``receiver``, ``secret_file``) for every test module.
+pytest_plugins = ["tests.receiver"]
+
 TEST_CONFIG = Config(
     listen="127.0.0.1:0",
     heartbeat_interval=0.2,

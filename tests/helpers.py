@@ -223,3 +223,18 @@ async def wait_for_status(
             if event.job.status == status:
                 return event.job  # type: ignore[no-any-return]
     raise AssertionError(f"job {job_id} ended without reaching status {status}")
+
+
+HIGH = common_pb2.Vulnerability(id="CVE-2024-6119", package="libssl3", installed_version="3.0.13",
+                       fixed_version="3.0.15", severity=common_pb2.SEVERITY_HIGH)  # fmt: skip
+LOW = common_pb2.Vulnerability(
+    id="CVE-2024-5535", package="libssl3", severity=common_pb2.SEVERITY_LOW
+)
+
+
+async def scan_once(handler: Any, scanner: RawScanner, request: Any, **result: Any) -> str:
+    job_id: str = (await handler.jobs.SubmitJob(request)).job.id
+    (job,) = await scanner.assigned()
+    assert job.job_id == job_id
+    await scanner.finish(job, **result)
+    return job_id

@@ -4,19 +4,12 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
-import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 from google.protobuf import duration_pb2
 
 from imagehandler.v1 import (
@@ -27,96 +20,10 @@ from imagehandler.v1 import (
     scanner_service_pb2,
 )
 from tests.conftest import Handler, MakeHandler
-from tests.helpers import RawScanner, image, remote_error, wait_for_status
+from tests.helpers import HIGH, LOW, RawScanner, image, remote_error, scan_once, wait_for_status
+from tests.receiver import ReceiverServer
 
 S = common_pb2
-SECRET = b"s3cret-for-tests"
-
-
-class Receiver(BaseHTTPRequestHandler):
-    """A receiving server: records deliveries, fails the first ``fail`` requests."""
-
-    server: ReceiverServer
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        srv = self.server
-        with srv.lock:
-            srv.attempts += 1
-            failing = srv.attempts <= srv.fail or srv.always_fail
-            if srv.fail_status and srv.fail_status in body.decode():
-                failing = True
-        srv.gate.wait(timeout=30)
-        if failing:
-            self.send_response(503)
-            self.end_headers()
-            self.wfile.write(b"receiver is down for maintenance")
-            return
-        expected = "sha256=" + hmac.new(SECRET, body, hashlib.sha256).hexdigest()
-        signed = hmac.compare_digest(self.headers["X-ImageHandler-Signature"], expected)
-        with srv.lock:
-            srv.received.append(
-                (self.headers["X-ImageHandler-Idempotency-Key"], json.loads(body), signed)
-            )
-        self.send_response(200 if signed else 401)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-class ReceiverServer(ThreadingHTTPServer):
-    fail = 0
-    always_fail = False
-    attempts = 0
-    fail_status = ""  # refuse every status change to this status (e.g. "JOB_STATUS_IN_PROGRESS")
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Receiver)
-        self.lock = threading.Lock()
-        self.received: list[tuple[str, dict[str, Any], bool]] = []
-        self.gate = threading.Event()
-        self.gate.set()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hook"
-
-    def results(self) -> list[tuple[str, dict[str, Any], bool]]:
-        with self.lock:
-            return [r for r in self.received if "result" in r[1]]
-
-
-@pytest.fixture
-def receiver() -> Iterator[ReceiverServer]:
-    server = ReceiverServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.gate.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
-
-
-@pytest.fixture
-def secret_file(tmp_path: Path) -> Path:
-    path = tmp_path / "secret"
-    path.write_bytes(SECRET)
-    return path
-
-
-HIGH = S.Vulnerability(id="CVE-2024-6119", package="libssl3", installed_version="3.0.13",
-                       fixed_version="3.0.15", severity=S.SEVERITY_HIGH)  # fmt: skip
-LOW = S.Vulnerability(id="CVE-2024-5535", package="libssl3", severity=S.SEVERITY_LOW)
-
-
-async def scan_once(handler: Handler, scanner: RawScanner, request: Any, **result: Any) -> str:
-    job_id = (await handler.jobs.SubmitJob(request)).job.id
-    (job,) = await scanner.assigned()
-    assert job.job_id == job_id
-    await scanner.finish(job, **result)
-    return job_id
 
 
 async def test_a_delivery_that_fails_twice_is_retried_and_received_once(
@@ -373,38 +280,6 @@ async def test_a_grpc_result_sink_receives_status_changes_and_the_result(
         ]
     finally:
         await server.stop(0)
-
-
-async def received_keys(receiver: ReceiverServer, want: set[str]) -> set[str]:
-    """The idempotency keys received, once ``want`` are among them (10 s deadline)."""
-    async with asyncio.timeout(10):
-        while True:
-            with receiver.lock:
-                keys = {k for k, _, _ in receiver.received}
-            if want <= keys:
-                return keys
-            await asyncio.sleep(0.01)  # the receiver is another thread's record: poll it
-
-
-async def test_a_status_change_that_could_not_be_delivered_is_sent_after_a_restart(
-    make_handler: MakeHandler, receiver: ReceiverServer, secret_file: Path
-) -> None:
-    config = {"receiver_url": receiver.url, "receiver_secret_file": str(secret_file)}
-    receiver.fail_status = '"to_status":"JOB_STATUS_IN_PROGRESS"'
-    handler = await make_handler(delivery_attempts=2, delivery_backoff=0.01, **config)
-    async with RawScanner(handler.scanners, "s1") as scanner:
-        await scanner.start()
-        job_id = await scan_once(handler, scanner, image(), vulnerabilities=[LOW])
-        await wait_for_status(handler.jobs, job_id, S.JOB_STATUS_FINISHED)
-    # The later changes got through; the IN_PROGRESS one (key :1) did not.
-    keys = await received_keys(receiver, {f"{job_id}:0", f"{job_id}:2", f"{job_id}:3"})
-    assert f"{job_id}:1" not in keys
-    data_dir = handler.config.data_dir
-    await handler.server.stop(0)
-    receiver.fail_status = ""
-    await make_handler(data_dir=data_dir, **config)
-    # Sent again after the restart, with the ones after it (the receiver dedups by key).
-    await received_keys(receiver, {f"{job_id}:1"})
 
 
 async def test_a_pending_delivery_survives_a_restart(

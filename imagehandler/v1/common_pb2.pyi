@@ -678,12 +678,14 @@ class ResultSummary(_message.Message):
     def databases(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatabaseVersion]: ...
     @_builtins.property
     def failing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Findings that fail the verdict policy, by finding id (vulnerability id, malware name,
-        secret rule id); those also in `accepted` are under a risk acceptance and fail nothing.
+        """Findings that fail the verdict (vulnerability id, malware name, secret rule id): they fail
+        the verdict policy and no risk acceptance covers them.
         """
 
     @_builtins.property
-    def accepted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def accepted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Findings the verdict policy would fail that a risk acceptance excuses."""
+
     def __init__(
         self,
         *,
@@ -756,6 +758,8 @@ class Job(_message.Message):
     LANE_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     FULL_RESULT_FIELD_NUMBER: _builtins.int
+    DELIVERIES_OWED_FIELD_NUMBER: _builtins.int
+    DELIVERY_ERROR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     status: Global___JobStatus.ValueType
     trigger: Global___Trigger.ValueType
@@ -768,13 +772,23 @@ class Job(_message.Message):
     idempotency_key: _builtins.str
     lane: Global___Lane.ValueType
     kind: Global___ObjectKind.ValueType
+    deliveries_owed: _builtins.int
+    """Deliveries to the receiving server this job still owes: status changes, its result and a
+    verdict change; 0 when every one was acknowledged or no receiving server is configured.
+    """
+    delivery_error: _builtins.str
+    """What the receiving server answered when this job's last delivery attempt failed; empty
+    once a delivery succeeds.
+    """
     @_builtins.property
     def object(self) -> Global___ScanObject: ...
     @_builtins.property
     def policies(self) -> _containers.RepeatedScalarFieldContainer[Global___Policy.ValueType]: ...
     @_builtins.property
     def error(self) -> Global___JobError:
-        """The last failure; set when status is ERROR, and kept from failed runs that were retried."""
+        """The last failure: set when status is ERROR, and kept from a failed run while the job waits
+        or runs again. Cleared when the job is FINISHED (its history keeps every failure).
+        """
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -820,10 +834,12 @@ class Job(_message.Message):
         lane: Global___Lane.ValueType = ...,
         kind: Global___ObjectKind.ValueType = ...,
         full_result: Global___ScanResult | None = ...,
+        deliveries_owed: _builtins.int = ...,
+        delivery_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "full_result", b"full_result", "max_run_time", b"max_run_time", "object", b"object", "result", b"result", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "full_result", b"full_result", "history", b"history", "id", b"id", "idempotency_key", b"idempotency_key", "kind", b"kind", "labels", b"labels", "lane", b"lane", "max_run_time", b"max_run_time", "object", b"object", "policies", b"policies", "queue_position", b"queue_position", "result", b"result", "runs", b"runs", "scanner_id", b"scanner_id", "started_at", b"started_at", "status", b"status", "trigger", b"trigger", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deliveries_owed", b"deliveries_owed", "delivery_error", b"delivery_error", "error", b"error", "finished_at", b"finished_at", "full_result", b"full_result", "history", b"history", "id", b"id", "idempotency_key", b"idempotency_key", "kind", b"kind", "labels", b"labels", "lane", b"lane", "max_run_time", b"max_run_time", "object", b"object", "policies", b"policies", "queue_position", b"queue_position", "result", b"result", "runs", b"runs", "scanner_id", b"scanner_id", "started_at", b"started_at", "status", b"status", "trigger", b"trigger", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from imagehandler.v1 import common_pb2 as imagehandler_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!imagehandler/v1/job_service.proto\x12\x0fimagehandler.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cimagehandler/v1/common.proto\"\xf2\x02\n\x10SubmitJobRequest\x12+\n\x06object\x18\x01 \x01(\x0b\x32\x1b.imagehandler.v1.ScanObject\x12)\n\x07trigger\x18\x02 \x01(\x0e\x32\x18.imagehandler.v1.Trigger\x12)\n\x08policies\x18\x03 \x03(\x0e\x32\x17.imagehandler.v1.Policy\x12/\n\x0cmax_run_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12=\n\x06labels\x18\x06 \x03(\x0b\x32-.imagehandler.v1.SubmitJobRequest.LabelsEntry\x12#\n\x04lane\x18\x07 \x01(\x0e\x32\x15.imagehandler.v1.Lane\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x11SubmitJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.imagehandler.v1.Job\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"D\n\x11SubmitJobsRequest\x12/\n\x04jobs\x18\x01 \x03(\x0b\x32!.imagehandler.v1.SubmitJobRequest\"I\n\x12SubmitJobsResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".imagehandler.v1.SubmitJobResponse\"G\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x04view\x18\x02 \x01(\x0e\x32\x18.imagehandler.v1.JobView\"3\n\x0eGetJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.imagehandler.v1.Job\"\xbe\x01\n\x0fListJobsRequest\x12,\n\x08statuses\x18\x01 \x03(\x0e\x32\x1a.imagehandler.v1.JobStatus\x12*\n\x05kinds\x18\x02 \x03(\x0e\x32\x1b.imagehandler.v1.ObjectKind\x12*\n\x08triggers\x18\x03 \x03(\x0e\x32\x18.imagehandler.v1.Trigger\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"O\n\x10ListJobsResponse\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.imagehandler.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x11\x43\x61ncelJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.imagehandler.v1.Job\"P\n\x10WatchJobsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12,\n\x08statuses\x18\x02 \x03(\x0e\x32\x1a.imagehandler.v1.JobStatus\"j\n\x11WatchJobsResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.imagehandler.v1.Job\x12\x32\n\ntransition\x18\x02 \x01(\x0b\x32\x1e.imagehandler.v1.JobTransition\"%\n\x13GetJobResultRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x84\x01\n\x14GetJobResultResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x1b.imagehandler.v1.ScanResult\x12/\n\x07summary\x18\x03 \x01(\x0b\x32\x1e.imagehandler.v1.ResultSummary\"%\n\x13RedeliverJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"9\n\x14RedeliverJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.imagehandler.v1.Job\"\xeb\x01\n\x0eRiskAcceptance\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nfinding_id\x18\x02 \x01(\t\x12)\n\x05scope\x18\x03 \x01(\x0e\x32\x1a.imagehandler.v1.RiskScope\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06target\x18\x08 \x01(\t\"\x9f\x01\n\x11\x41\x63\x63\x65ptRiskRequest\x12\x12\n\nfinding_id\x18\x01 \x01(\t\x12)\n\x05scope\x18\x02 \x01(\x0e\x32\x1a.imagehandler.v1.RiskScope\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"c\n\x12\x41\x63\x63\x65ptRiskResponse\x12\x33\n\nacceptance\x18\x01 \x01(\x0b\x32\x1f.imagehandler.v1.RiskAcceptance\x12\x18\n\x10verdicts_changed\x18\x02 \x01(\x05\"\x1c\n\x1aListRiskAcceptancesRequest\"S\n\x1bListRiskAcceptancesResponse\x12\x34\n\x0b\x61\x63\x63\x65ptances\x18\x01 \x03(\x0b\x32\x1f.imagehandler.v1.RiskAcceptance\")\n\x1bRevokeRiskAcceptanceRequest\x12\n\n\x02id\x18\x01 \x01(\t\"8\n\x1cRevokeRiskAcceptanceResponse\x12\x18\n\x10verdicts_changed\x18\x01 \x01(\x05\"\x16\n\x14GetQueueStatsRequest\"x\n\tLaneStats\x12#\n\x04lane\x18\x01 \x01(\x0e\x32\x15.imagehandler.v1.Lane\x12\x0f\n\x07pending\x18\x02 \x01(\x03\x12\x35\n\x12oldest_pending_age\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xaa\x03\n\x15GetQueueStatsResponse\x12\x0f\n\x07pending\x18\x01 \x01(\x03\x12\x13\n\x0bin_progress\x18\x02 \x01(\x03\x12\x1a\n\x12processing_results\x18\x03 \x01(\x03\x12\x10\n\x08\x66inished\x18\x04 \x01(\x03\x12\r\n\x05\x65rror\x18\x05 \x01(\x03\x12\x11\n\tcancelled\x18\x06 \x01(\x03\x12)\n\x05lanes\x18\x07 \x03(\x0b\x32\x1a.imagehandler.v1.LaneStats\x12\x1a\n\x12scanners_connected\x18\x08 \x01(\x05\x12\x15\n\rscanners_free\x18\t \x01(\x05\x12\x15\n\rscanners_busy\x18\n \x01(\x05\x12\x12\n\nfree_slots\x18\x0b \x01(\x05\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bqueue_limit\x18\r \x01(\x03\x12\x16\n\x0eresult_backlog\x18\x0e \x01(\x03\x12\x35\n\x12result_backlog_age\x18\x0f \x01(\x0b\x32\x19.google.protobuf.Duration*J\n\x07JobView\x12\x18\n\x14JOB_VIEW_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_VIEW_BASIC\x10\x01\x12\x11\n\rJOB_VIEW_FULL\x10\x02*t\n\tRiskScope\x12\x1a\n\x16RISK_SCOPE_UNSPECIFIED\x10\x00\x12\x15\n\x11RISK_SCOPE_OBJECT\x10\x01\x12\x19\n\x15RISK_SCOPE_REPOSITORY\x10\x02\x12\x19\n\x15RISK_SCOPE_EVERYWHERE\x10\x03\x32\xd5\x08\n\nJobService\x12R\n\tSubmitJob\x12!.imagehandler.v1.SubmitJobRequest\x1a\".imagehandler.v1.SubmitJobResponse\x12U\n\nSubmitJobs\x12\".imagehandler.v1.SubmitJobsRequest\x1a#.imagehandler.v1.SubmitJobsResponse\x12I\n\x06GetJob\x12\x1e.imagehandler.v1.GetJobRequest\x1a\x1f.imagehandler.v1.GetJobResponse\x12O\n\x08ListJobs\x12 .imagehandler.v1.ListJobsRequest\x1a!.imagehandler.v1.ListJobsResponse\x12R\n\tCancelJob\x12!.imagehandler.v1.CancelJobRequest\x1a\".imagehandler.v1.CancelJobResponse\x12T\n\tWatchJobs\x12!.imagehandler.v1.WatchJobsRequest\x1a\".imagehandler.v1.WatchJobsResponse0\x01\x12^\n\rGetQueueStats\x12%.imagehandler.v1.GetQueueStatsRequest\x1a&.imagehandler.v1.GetQueueStatsResponse\x12[\n\x0cGetJobResult\x12$.imagehandler.v1.GetJobResultRequest\x1a%.imagehandler.v1.GetJobResultResponse\x12[\n\x0cRedeliverJob\x12$.imagehandler.v1.RedeliverJobRequest\x1a%.imagehandler.v1.RedeliverJobResponse\x12U\n\nAcceptRisk\x12\".imagehandler.v1.AcceptRiskRequest\x1a#.imagehandler.v1.AcceptRiskResponse\x12p\n\x13ListRiskAcceptances\x12+.imagehandler.v1.ListRiskAcceptancesRequest\x1a,.imagehandler.v1.ListRiskAcceptancesResponse\x12s\n\x14RevokeRiskAcceptance\x12,.imagehandler.v1.RevokeRiskAcceptanceRequest\x1a-.imagehandler.v1.RevokeRiskAcceptanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!imagehandler/v1/job_service.proto\x12\x0fimagehandler.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cimagehandler/v1/common.proto\"\xf2\x02\n\x10SubmitJobRequest\x12+\n\x06object\x18\x01 \x01(\x0b\x32\x1b.imagehandler.v1.ScanObject\x12)\n\x07trigger\x18\x02 \x01(\x0e\x32\x18.imagehandler.v1.Trigger\x12)\n\x08policies\x18\x03 \x03(\x0e\x32\x17.imagehandler.v1.Policy\x12/\n\x0cmax_run_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12=\n\x06labels\x18\x06 \x03(\x0b\x32-.imagehandler.v1.SubmitJobRequest.LabelsEntry\x12#\n\x04lane\x18\x07 \x01(\x0e\x32\x15.imagehandler.v1.Lane\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x11SubmitJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.imagehandler.v1.Job\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"D\n\x11SubmitJobsRequest\x12/\n\x04jobs\x18\x01 \x03(\x0b\x32!.imagehandler.v1.SubmitJobRequest\"I\n\x12SubmitJobsResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".imagehandler.v1.SubmitJobResponse\"G\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x04view\x18\x02 \x01(\x0e\x32\x18.imagehandler.v1.JobView\"3\n\x0eGetJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.imagehandler.v1.Job\"\xbe\x01\n\x0fListJobsRequest\x12,\n\x08statuses\x18\x01 \x03(\x0e\x32\x1a.imagehandler.v1.JobStatus\x12*\n\x05kinds\x18\x02 \x03(\x0e\x32\x1b.imagehandler.v1.ObjectKind\x12*\n\x08triggers\x18\x03 \x03(\x0e\x32\x18.imagehandler.v1.Trigger\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"O\n\x10ListJobsResponse\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.imagehandler.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x11\x43\x61ncelJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.imagehandler.v1.Job\"h\n\x10WatchJobsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12,\n\x08statuses\x18\x02 \x03(\x0e\x32\x1a.imagehandler.v1.JobStatus\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\"|\n\x11WatchJobsResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.imagehandler.v1.Job\x12\x32\n\ntransition\x18\x02 \x01(\x0b\x32\x1e.imagehandler.v1.JobTransition\x12\x10\n\x08sequence\x18\x03 \x01(\x03\"%\n\x13GetJobResultRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x84\x01\n\x14GetJobResultResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x1b.imagehandler.v1.ScanResult\x12/\n\x07summary\x18\x03 \x01(\x0b\x32\x1e.imagehandler.v1.ResultSummary\"%\n\x13RedeliverJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"9\n\x14RedeliverJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.imagehandler.v1.Job\"\xeb\x01\n\x0eRiskAcceptance\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nfinding_id\x18\x02 \x01(\t\x12)\n\x05scope\x18\x03 \x01(\x0e\x32\x1a.imagehandler.v1.RiskScope\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06target\x18\x08 \x01(\t\"\x9f\x01\n\x11\x41\x63\x63\x65ptRiskRequest\x12\x12\n\nfinding_id\x18\x01 \x01(\t\x12)\n\x05scope\x18\x02 \x01(\x0e\x32\x1a.imagehandler.v1.RiskScope\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"~\n\x12\x41\x63\x63\x65ptRiskResponse\x12\x33\n\nacceptance\x18\x01 \x01(\x0b\x32\x1f.imagehandler.v1.RiskAcceptance\x12\x18\n\x10verdicts_changed\x18\x02 \x01(\x05\x12\x19\n\x11summaries_changed\x18\x03 \x01(\x05\"\x1c\n\x1aListRiskAcceptancesRequest\"S\n\x1bListRiskAcceptancesResponse\x12\x34\n\x0b\x61\x63\x63\x65ptances\x18\x01 \x03(\x0b\x32\x1f.imagehandler.v1.RiskAcceptance\")\n\x1bRevokeRiskAcceptanceRequest\x12\n\n\x02id\x18\x01 \x01(\t\"S\n\x1cRevokeRiskAcceptanceResponse\x12\x18\n\x10verdicts_changed\x18\x01 \x01(\x05\x12\x19\n\x11summaries_changed\x18\x02 \x01(\x05\"\x16\n\x14GetQueueStatsRequest\"x\n\tLaneStats\x12#\n\x04lane\x18\x01 \x01(\x0e\x32\x15.imagehandler.v1.Lane\x12\x0f\n\x07pending\x18\x02 \x01(\x03\x12\x35\n\x12oldest_pending_age\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xfd\x03\n\x15GetQueueStatsResponse\x12\x0f\n\x07pending\x18\x01 \x01(\x03\x12\x13\n\x0bin_progress\x18\x02 \x01(\x03\x12\x1a\n\x12processing_results\x18\x03 \x01(\x03\x12\x10\n\x08\x66inished\x18\x04 \x01(\x03\x12\r\n\x05\x65rror\x18\x05 \x01(\x03\x12\x11\n\tcancelled\x18\x06 \x01(\x03\x12)\n\x05lanes\x18\x07 \x03(\x0b\x32\x1a.imagehandler.v1.LaneStats\x12\x1a\n\x12scanners_connected\x18\x08 \x01(\x05\x12\x15\n\rscanners_free\x18\t \x01(\x05\x12\x15\n\rscanners_busy\x18\n \x01(\x05\x12\x12\n\nfree_slots\x18\x0b \x01(\x05\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bqueue_limit\x18\r \x01(\x03\x12\x16\n\x0eresult_backlog\x18\x0e \x01(\x03\x12\x35\n\x12result_backlog_age\x18\x0f \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x64\x65liveries_owed\x18\x10 \x01(\x03\x12\x38\n\x15\x64\x65liveries_oldest_age\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration*J\n\x07JobView\x12\x18\n\x14JOB_VIEW_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_VIEW_BASIC\x10\x01\x12\x11\n\rJOB_VIEW_FULL\x10\x02*t\n\tRiskScope\x12\x1a\n\x16RISK_SCOPE_UNSPECIFIED\x10\x00\x12\x15\n\x11RISK_SCOPE_OBJECT\x10\x01\x12\x19\n\x15RISK_SCOPE_REPOSITORY\x10\x02\x12\x19\n\x15RISK_SCOPE_EVERYWHERE\x10\x03\x32\xd5\x08\n\nJobService\x12R\n\tSubmitJob\x12!.imagehandler.v1.SubmitJobRequest\x1a\".imagehandler.v1.SubmitJobResponse\x12U\n\nSubmitJobs\x12\".imagehandler.v1.SubmitJobsRequest\x1a#.imagehandler.v1.SubmitJobsResponse\x12I\n\x06GetJob\x12\x1e.imagehandler.v1.GetJobRequest\x1a\x1f.imagehandler.v1.GetJobResponse\x12O\n\x08ListJobs\x12 .imagehandler.v1.ListJobsRequest\x1a!.imagehandler.v1.ListJobsResponse\x12R\n\tCancelJob\x12!.imagehandler.v1.CancelJobRequest\x1a\".imagehandler.v1.CancelJobResponse\x12T\n\tWatchJobs\x12!.imagehandler.v1.WatchJobsRequest\x1a\".imagehandler.v1.WatchJobsResponse0\x01\x12^\n\rGetQueueStats\x12%.imagehandler.v1.GetQueueStatsRequest\x1a&.imagehandler.v1.GetQueueStatsResponse\x12[\n\x0cGetJobResult\x12$.imagehandler.v1.GetJobResultRequest\x1a%.imagehandler.v1.GetJobResultResponse\x12[\n\x0cRedeliverJob\x12$.imagehandler.v1.RedeliverJobRequest\x1a%.imagehandler.v1.RedeliverJobResponse\x12U\n\nAcceptRisk\x12\".imagehandler.v1.AcceptRiskRequest\x1a#.imagehandler.v1.AcceptRiskResponse\x12p\n\x13ListRiskAcceptances\x12+.imagehandler.v1.ListRiskAcceptancesRequest\x1a,.imagehandler.v1.ListRiskAcceptancesResponse\x12s\n\x14RevokeRiskAcceptance\x12,.imagehandler.v1.RevokeRiskAcceptanceRequest\x1a-.imagehandler.v1.RevokeRiskAcceptanceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITJOBREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_SUBMITJOBREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBVIEW']._serialized_start=3004
-  _globals['_JOBVIEW']._serialized_end=3078
-  _globals['_RISKSCOPE']._serialized_start=3080
-  _globals['_RISKSCOPE']._serialized_end=3196
+  _globals['_JOBVIEW']._serialized_start=3183
+  _globals['_JOBVIEW']._serialized_end=3257
+  _globals['_RISKSCOPE']._serialized_start=3259
+  _globals['_RISKSCOPE']._serialized_end=3375
   _globals['_SUBMITJOBREQUEST']._serialized_start=150
   _globals['_SUBMITJOBREQUEST']._serialized_end=520
   _globals['_SUBMITJOBREQUEST_LABELSENTRY']._serialized_start=475
@@ -63,37 +63,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELJOBRESPONSE']._serialized_start=1194
   _globals['_CANCELJOBRESPONSE']._serialized_end=1248
   _globals['_WATCHJOBSREQUEST']._serialized_start=1250
-  _globals['_WATCHJOBSREQUEST']._serialized_end=1330
-  _globals['_WATCHJOBSRESPONSE']._serialized_start=1332
-  _globals['_WATCHJOBSRESPONSE']._serialized_end=1438
-  _globals['_GETJOBRESULTREQUEST']._serialized_start=1440
-  _globals['_GETJOBRESULTREQUEST']._serialized_end=1477
-  _globals['_GETJOBRESULTRESPONSE']._serialized_start=1480
-  _globals['_GETJOBRESULTRESPONSE']._serialized_end=1612
-  _globals['_REDELIVERJOBREQUEST']._serialized_start=1614
-  _globals['_REDELIVERJOBREQUEST']._serialized_end=1651
-  _globals['_REDELIVERJOBRESPONSE']._serialized_start=1653
-  _globals['_REDELIVERJOBRESPONSE']._serialized_end=1710
-  _globals['_RISKACCEPTANCE']._serialized_start=1713
-  _globals['_RISKACCEPTANCE']._serialized_end=1948
-  _globals['_ACCEPTRISKREQUEST']._serialized_start=1951
-  _globals['_ACCEPTRISKREQUEST']._serialized_end=2110
-  _globals['_ACCEPTRISKRESPONSE']._serialized_start=2112
-  _globals['_ACCEPTRISKRESPONSE']._serialized_end=2211
-  _globals['_LISTRISKACCEPTANCESREQUEST']._serialized_start=2213
-  _globals['_LISTRISKACCEPTANCESREQUEST']._serialized_end=2241
-  _globals['_LISTRISKACCEPTANCESRESPONSE']._serialized_start=2243
-  _globals['_LISTRISKACCEPTANCESRESPONSE']._serialized_end=2326
-  _globals['_REVOKERISKACCEPTANCEREQUEST']._serialized_start=2328
-  _globals['_REVOKERISKACCEPTANCEREQUEST']._serialized_end=2369
-  _globals['_REVOKERISKACCEPTANCERESPONSE']._serialized_start=2371
-  _globals['_REVOKERISKACCEPTANCERESPONSE']._serialized_end=2427
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=2429
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=2451
-  _globals['_LANESTATS']._serialized_start=2453
-  _globals['_LANESTATS']._serialized_end=2573
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=2576
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=3002
-  _globals['_JOBSERVICE']._serialized_start=3199
-  _globals['_JOBSERVICE']._serialized_end=4308
+  _globals['_WATCHJOBSREQUEST']._serialized_end=1354
+  _globals['_WATCHJOBSRESPONSE']._serialized_start=1356
+  _globals['_WATCHJOBSRESPONSE']._serialized_end=1480
+  _globals['_GETJOBRESULTREQUEST']._serialized_start=1482
+  _globals['_GETJOBRESULTREQUEST']._serialized_end=1519
+  _globals['_GETJOBRESULTRESPONSE']._serialized_start=1522
+  _globals['_GETJOBRESULTRESPONSE']._serialized_end=1654
+  _globals['_REDELIVERJOBREQUEST']._serialized_start=1656
+  _globals['_REDELIVERJOBREQUEST']._serialized_end=1693
+  _globals['_REDELIVERJOBRESPONSE']._serialized_start=1695
+  _globals['_REDELIVERJOBRESPONSE']._serialized_end=1752
+  _globals['_RISKACCEPTANCE']._serialized_start=1755
+  _globals['_RISKACCEPTANCE']._serialized_end=1990
+  _globals['_ACCEPTRISKREQUEST']._serialized_start=1993
+  _globals['_ACCEPTRISKREQUEST']._serialized_end=2152
+  _globals['_ACCEPTRISKRESPONSE']._serialized_start=2154
+  _globals['_ACCEPTRISKRESPONSE']._serialized_end=2280
+  _globals['_LISTRISKACCEPTANCESREQUEST']._serialized_start=2282
+  _globals['_LISTRISKACCEPTANCESREQUEST']._serialized_end=2310
+  _globals['_LISTRISKACCEPTANCESRESPONSE']._serialized_start=2312
+  _globals['_LISTRISKACCEPTANCESRESPONSE']._serialized_end=2395
+  _globals['_REVOKERISKACCEPTANCEREQUEST']._serialized_start=2397
+  _globals['_REVOKERISKACCEPTANCEREQUEST']._serialized_end=2438
+  _globals['_REVOKERISKACCEPTANCERESPONSE']._serialized_start=2440
+  _globals['_REVOKERISKACCEPTANCERESPONSE']._serialized_end=2523
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=2525
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=2547
+  _globals['_LANESTATS']._serialized_start=2549
+  _globals['_LANESTATS']._serialized_end=2669
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=2672
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=3181
+  _globals['_JOBSERVICE']._serialized_start=3378
+  _globals['_JOBSERVICE']._serialized_end=4487
 # @@protoc_insertion_point(module_scope)

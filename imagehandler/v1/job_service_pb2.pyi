@@ -359,8 +359,14 @@ class WatchJobsRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     STATUSES_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Only this job; the stream then starts with the job as it is and ends when it is done."""
+    after_sequence: _builtins.int
+    """Resume a watch of every job: first the events after this sequence (a
+    WatchJobsResponse.sequence an earlier watch received), then new ones. Refused with
+    OUT_OF_RANGE / HNDL-007 when those events are no longer kept: list the jobs and watch anew.
+    """
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.JobStatus.ValueType]:
         """Only transitions into these statuses; empty means all."""
@@ -370,10 +376,11 @@ class WatchJobsRequest(_message.Message):
         *,
         job_id: _builtins.str = ...,
         statuses: _abc.Iterable[_common_pb2.JobStatus.ValueType] | None = ...,
+        after_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "statuses", b"statuses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "job_id", b"job_id", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -385,6 +392,11 @@ class WatchJobsResponse(_message.Message):
 
     JOB_FIELD_NUMBER: _builtins.int
     TRANSITION_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The handler's event sequence number of this transition (increasing; 0 on the first message
+    of a single-job watch): pass the last one received as after_sequence to resume.
+    """
     @_builtins.property
     def job(self) -> _common_pb2.Job:
         """The job after the transition."""
@@ -400,10 +412,11 @@ class WatchJobsResponse(_message.Message):
         *,
         job: _common_pb2.Job | None = ...,
         transition: _common_pb2.JobTransition | None = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "transition", b"transition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "transition", b"transition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "sequence", b"sequence", "transition", b"transition"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -580,8 +593,13 @@ class AcceptRiskResponse(_message.Message):
 
     ACCEPTANCE_FIELD_NUMBER: _builtins.int
     VERDICTS_CHANGED_FIELD_NUMBER: _builtins.int
+    SUMMARIES_CHANGED_FIELD_NUMBER: _builtins.int
     verdicts_changed: _builtins.int
-    """FINISHED jobs whose verdict changed."""
+    """FINISHED jobs whose verdict changed (FAILED to PASSED)."""
+    summaries_changed: _builtins.int
+    """FINISHED jobs whose accepted findings changed while their verdict stayed (other findings
+    still fail them).
+    """
     @_builtins.property
     def acceptance(self) -> Global___RiskAcceptance: ...
     def __init__(
@@ -589,10 +607,11 @@ class AcceptRiskResponse(_message.Message):
         *,
         acceptance: Global___RiskAcceptance | None = ...,
         verdicts_changed: _builtins.int = ...,
+        summaries_changed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acceptance", b"acceptance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptance", b"acceptance", "verdicts_changed", b"verdicts_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptance", b"acceptance", "summaries_changed", b"summaries_changed", "verdicts_changed", b"verdicts_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -657,15 +676,20 @@ class RevokeRiskAcceptanceResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VERDICTS_CHANGED_FIELD_NUMBER: _builtins.int
+    SUMMARIES_CHANGED_FIELD_NUMBER: _builtins.int
     verdicts_changed: _builtins.int
+    """FINISHED jobs whose verdict changed (PASSED to FAILED)."""
+    summaries_changed: _builtins.int
+    """FINISHED jobs whose accepted findings changed while their verdict stayed."""
     def __init__(
         self,
         *,
         verdicts_changed: _builtins.int = ...,
+        summaries_changed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["verdicts_changed", b"verdicts_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["summaries_changed", b"summaries_changed", "verdicts_changed", b"verdicts_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -733,6 +757,8 @@ class GetQueueStatsResponse(_message.Message):
     QUEUE_LIMIT_FIELD_NUMBER: _builtins.int
     RESULT_BACKLOG_FIELD_NUMBER: _builtins.int
     RESULT_BACKLOG_AGE_FIELD_NUMBER: _builtins.int
+    DELIVERIES_OWED_FIELD_NUMBER: _builtins.int
+    DELIVERIES_OLDEST_AGE_FIELD_NUMBER: _builtins.int
     pending: _builtins.int
     in_progress: _builtins.int
     processing_results: _builtins.int
@@ -747,12 +773,16 @@ class GetQueueStatsResponse(_message.Message):
     """0 means no limit."""
     result_backlog: _builtins.int
     """Jobs in PROCESSING_RESULTS waiting for or inside a result worker, and the oldest one's age."""
+    deliveries_owed: _builtins.int
+    """Jobs that owe the receiving server a delivery, and how long the oldest has waited."""
     @_builtins.property
     def lanes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaneStats]: ...
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def result_backlog_age(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def deliveries_oldest_age(self) -> _duration_pb2.Duration: ...
     def __init__(
         self,
         *,
@@ -771,10 +801,12 @@ class GetQueueStatsResponse(_message.Message):
         queue_limit: _builtins.int = ...,
         result_backlog: _builtins.int = ...,
         result_backlog_age: _duration_pb2.Duration | None = ...,
+        deliveries_owed: _builtins.int = ...,
+        deliveries_oldest_age: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["result_backlog_age", b"result_backlog_age", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deliveries_oldest_age", b"deliveries_oldest_age", "result_backlog_age", b"result_backlog_age", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "error", b"error", "finished", b"finished", "free_slots", b"free_slots", "in_progress", b"in_progress", "lanes", b"lanes", "pending", b"pending", "processing_results", b"processing_results", "queue_limit", b"queue_limit", "result_backlog", b"result_backlog", "result_backlog_age", b"result_backlog_age", "scanners_busy", b"scanners_busy", "scanners_connected", b"scanners_connected", "scanners_free", b"scanners_free", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "deliveries_oldest_age", b"deliveries_oldest_age", "deliveries_owed", b"deliveries_owed", "error", b"error", "finished", b"finished", "free_slots", b"free_slots", "in_progress", b"in_progress", "lanes", b"lanes", "pending", b"pending", "processing_results", b"processing_results", "queue_limit", b"queue_limit", "result_backlog", b"result_backlog", "result_backlog_age", b"result_backlog_age", "scanners_busy", b"scanners_busy", "scanners_connected", b"scanners_connected", "scanners_free", b"scanners_free", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

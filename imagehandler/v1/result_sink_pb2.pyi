@@ -19,16 +19,24 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class DeliverRequest(_message.Message):
+    """One event. Events of one job arrive in order: its status changes (key `<job>:<n>` for the
+    n-th history entry, from 0), its result (`<job>:result:<run>`) and verdict changes
+    (`<job>:verdict:<n>`). Exactly one of transition, result and verdict_change is set.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     TRANSITION_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    VERDICT_CHANGE_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     @_builtins.property
     def job(self) -> _common_pb2.Job:
-        """The job as of the event."""
+        """The job as it is when the event is sent (a delayed status change may find the job further
+        along; the transition is the event itself).
+        """
 
     @_builtins.property
     def transition(self) -> _common_pb2.JobTransition:
@@ -38,6 +46,10 @@ class DeliverRequest(_message.Message):
     def result(self) -> _common_pb2.ScanResult:
         """Set for the result delivery (the job is then about to be FINISHED)."""
 
+    @_builtins.property
+    def verdict_change(self) -> Global___VerdictChange:
+        """Set when a FINISHED job's verdict or accepted findings changed."""
+
     def __init__(
         self,
         *,
@@ -45,14 +57,47 @@ class DeliverRequest(_message.Message):
         job: _common_pb2.Job | None = ...,
         transition: _common_pb2.JobTransition | None = ...,
         result: _common_pb2.ScanResult | None = ...,
+        verdict_change: Global___VerdictChange | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "result", b"result", "transition", b"transition"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "result", b"result", "transition", b"transition", "verdict_change", b"verdict_change"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "job", b"job", "result", b"result", "transition", b"transition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "job", b"job", "result", b"result", "transition", b"transition", "verdict_change", b"verdict_change"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeliverRequest: _TypeAlias = DeliverRequest  # noqa: Y015
+
+@_typing.final
+class VerdictChange(_message.Message):
+    """A risk acceptance was added, revoked or expired and changed a FINISHED job's summary. Changes
+    made while one was waiting to be sent are folded into it: its key names the newest, and
+    `summary` is the job's summary when it is sent.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERDICT_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
+    verdict: _common_pb2.Verdict.ValueType
+    cause: _builtins.str
+    """What changed it, for example "risk acceptance 1f0c... added"."""
+    @_builtins.property
+    def summary(self) -> _common_pb2.ResultSummary: ...
+    def __init__(
+        self,
+        *,
+        verdict: _common_pb2.Verdict.ValueType = ...,
+        summary: _common_pb2.ResultSummary | None = ...,
+        cause: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "summary", b"summary", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerdictChange: _TypeAlias = VerdictChange  # noqa: Y015
 
 @_typing.final
 class DeliverResponse(_message.Message):

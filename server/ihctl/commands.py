@@ -134,7 +134,7 @@ def accept_risk(args: argparse.Namespace, client: Client, output: Output) -> int
         response,
         lambda: (
             f"{acceptance.id}\n{acceptance.finding_id} accepted ({acceptance.target}); "
-            f"{response.verdicts_changed} verdicts changed"
+            + render.reevaluated(response.verdicts_changed, response.summaries_changed, "PASSED")
         ),
     )
 
@@ -148,7 +148,13 @@ def risks(args: argparse.Namespace, client: Client, output: Output) -> int:
 def revoke_risk(args: argparse.Namespace, client: Client, output: Output) -> int:
     request = job_service_pb2.RevokeRiskAcceptanceRequest(id=args.acceptance_id)
     response = client.jobs.RevokeRiskAcceptance(request, timeout=client.timeout)
-    return output.show(response, lambda: f"revoked; {response.verdicts_changed} verdicts changed")
+    return output.show(
+        response,
+        lambda: (
+            "revoked; "
+            + render.reevaluated(response.verdicts_changed, response.summaries_changed, "FAILED")
+        ),
+    )
 
 
 def list_jobs(args: argparse.Namespace, client: Client, output: Output) -> int:

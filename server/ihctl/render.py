@@ -551,3 +551,13 @@ def acceptances_table(acceptances: Iterable[job_service_pb2.RiskAcceptance]) -> 
             for a in acceptances
         ],
     )
+
+
+def reevaluated(verdicts: int, summaries: int, now: str) -> str:
+    """What a risk acceptance change did to FINISHED jobs, in words that cannot mislead."""
+    jobs = "job" if verdicts == 1 else "jobs"
+    text = f"{verdicts} {jobs} now {now}" if verdicts else "no verdict changed"
+    if summaries:
+        more = "job" if summaries == 1 else "jobs"
+        text += f"; {summaries} more {more} with accepted findings updated (verdict unchanged)"
+    return text

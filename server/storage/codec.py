@@ -35,6 +35,9 @@ def set_stored(message: storage_pb2.StoredJob, job: Job) -> None:
         message.result_in_file = True
     if job.delivered:
         message.delivered = job.delivered
+    if job.verdict_version:
+        message.verdict_version = job.verdict_version
+        message.verdict_delivered = job.verdict_delivered
 
 
 def set_stored_from(message: storage_pb2.StoredJob, job: Job, built: common_pb2.Job) -> None:
@@ -141,4 +144,6 @@ def job(record: storage_pb2.StoredJob) -> Job:
         lsn=record.lsn,
         result_in_file=record.result_in_file,
         delivered=record.delivered,
+        verdict_version=record.verdict_version,
+        verdict_delivered=record.verdict_delivered,
     )

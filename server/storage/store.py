@@ -386,14 +386,23 @@ class JournalStore:
             found = state.jobs.get(record.delivered.job_id)
             if found is not None:
                 found.delivered = max(found.delivered, record.delivered.delivered)
+                found.verdict_delivered = max(
+                    found.verdict_delivered, record.delivered.verdict_delivered
+                )
         elif change == "risk_accepted":
             state.acceptances[record.risk_accepted.id] = record.risk_accepted
         elif change == "risk_removed":
             state.acceptances.pop(record.risk_removed, None)
         elif change == "verdict_changed":
-            found = state.jobs.get(record.verdict_changed.job_id)
-            if found is not None:
-                found.result_summary = record.verdict_changed.summary
+            changed = record.verdict_changed
+            found = state.jobs.get(changed.job_id)
+            # A snapshot may hold the job with a newer change already (version 0: an older
+            # journal without versions, applied in order).
+            if found is not None and (
+                not changed.verdict_version or changed.verdict_version > found.verdict_version
+            ):
+                found.result_summary = changed.summary
+                found.verdict_version = changed.verdict_version
 
     @staticmethod
     def _apply_moves(
@@ -502,7 +511,9 @@ class JournalStore:
         self._append(storage_pb2.JournalRecord(pruned=storage_pb2.JobsPruned(job_ids=job_ids)))
 
     def delivered(self, job: Job) -> None:
-        record = storage_pb2.JobDelivered(job_id=job.id, delivered=job.delivered)
+        record = storage_pb2.JobDelivered(
+            job_id=job.id, delivered=job.delivered, verdict_delivered=job.verdict_delivered
+        )
         self._append(storage_pb2.JournalRecord(delivered=record))
 
     def risk_accepted(self, acceptance: job_service_pb2.RiskAcceptance) -> None:
@@ -512,7 +523,9 @@ class JournalStore:
         self._append(storage_pb2.JournalRecord(risk_removed=acceptance_id))
 
     def verdict_changed(self, job: Job) -> None:
-        record = storage_pb2.VerdictChanged(job_id=job.id, summary=job.result_summary)
+        record = storage_pb2.VerdictChanged(
+            job_id=job.id, summary=job.result_summary, verdict_version=job.verdict_version
+        )
         self._append(storage_pb2.JournalRecord(verdict_changed=record))
 
     def flush(self) -> None:

@@ -8,20 +8,58 @@ import binascii
 from datetime import timedelta
 from typing import Any
 
+import grpc
 from google.protobuf import duration_pb2
 
 from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
 from server.errors import Catalogue, HandlerError
-from server.events import Subscription
+from server.events import Feed, FellBehind, Subscription
 from server.job_manager import JobManager, Submitted, now_utc
 from server.model import Job, JobStatus, Lane, ObjectKind, Transition, Trigger
 from server.transport import convert
 from server.transport.guard import Context, fail, log, unary
 from server.verdicts import Scope
 
-# A watcher that falls this far behind is ended with an error rather than silently skipped.
-WATCH_BUFFER = 10_000
+# A watcher of every job takes this many events from the shared log at a time.
+WATCH_BATCH = 256
 _CLOSE = object()
+
+
+def _message_or_bytes(response: bytes | job_service_pb2.WatchJobsResponse) -> bytes:
+    """WatchJobs writes either a message or an event already serialized once for all its
+    watchers."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+class _Capture:
+    """Stands in for the server to capture the generated method handlers."""
+
+    handlers: dict[str, Any]
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers = dict(handlers)
+
+
+def register(server: grpc.aio.Server, servicer: JobService) -> None:
+    """Add the JobService as the generated code does, with one change: WatchJobs' serializer
+    passes pre-serialized events through, so an event costs one serialization however many
+    watchers receive it."""
+    capture = _Capture()
+    job_service_pb2_grpc.add_JobServiceServicer_to_server(servicer, capture)  # type: ignore[arg-type]
+    handlers = capture.handlers
+    watch = handlers["WatchJobs"]
+    handlers["WatchJobs"] = grpc.unary_stream_rpc_method_handler(
+        servicer.WatchJobs,
+        request_deserializer=watch.request_deserializer,
+        response_serializer=_message_or_bytes,
+    )
+    name = job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    # grpc-stubs predates registered method handlers (grpcio 1.62).
+    server.add_registered_method_handlers(name, handlers)  # type: ignore[attr-defined]
 
 
 def encode_page_token(seq: int) -> str:
@@ -49,11 +87,26 @@ def decode_page_token(token: str) -> int:
 class JobService(job_service_pb2_grpc.JobServiceServicer):
     def __init__(self, manager: JobManager) -> None:
         self.manager = manager
+        # Watchers of every job share one encoding of each event.
+        manager.events.encode = self._encode_event
 
     def _job(self, job: Job, *, history: bool = False, full_result: bool = False) -> common_pb2.Job:
-        return convert.job_to_proto(
+        message = convert.job_to_proto(
             job, position=self.manager.position(job), history=history, full_result=full_result
         )
+        owed = self.manager.owed(job)
+        if owed:
+            message.deliveries_owed = owed
+            message.delivery_error = self.manager.delivery_error(job)
+        return message
+
+    def _encode_event(self, job: Job, transition: Transition, sequence: int) -> tuple[object, int]:
+        """One event as the bytes every watcher of every job is sent (see register())."""
+        message = job_service_pb2.WatchJobsResponse(sequence=sequence)
+        convert.set_job(message.job, job, position=self.manager.position(job))
+        convert.set_transition(message.transition, transition)
+        data = message.SerializeToString()
+        return data, len(data)
 
     def _reply_job(self, message: common_pb2.Job, submitted: Submitted) -> None:
         if submitted.message is not None:
@@ -149,59 +202,129 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         self, request: job_service_pb2.WatchJobsRequest, context: Context
     ) -> None:
         """Every transition in order. Written with context.write so errors keep their code."""
-        subscription: Subscription | None = None
         try:
             statuses = convert.enum_set(JobStatus, request.statuses, "status")
-            job = self.manager.get(request.job_id) if request.job_id else None
-            outbox: asyncio.Queue[Any] = asyncio.Queue()
-
-            def on_event(event_job: Job, transition: Transition) -> None:
-                if outbox.qsize() >= WATCH_BUFFER:
-                    outbox.put_nowait(_CLOSE)
-                    return
-                outbox.put_nowait(
-                    job_service_pb2.WatchJobsResponse(
-                        job=self._job(event_job),
-                        transition=convert.transition_to_proto(transition),
-                    )
-                )
-
-            subscription = Subscription(on_event, request.job_id, statuses)
-            self.manager.events.subscribe(subscription)
-            # The first message of a single-job watch is the job with its history, taken in
-            # the same loop turn as the subscription: every later move is queued after it.
-            # Decide on the status it shows, not the live one.
-            first = None
-            done = False
-            if job is not None:
-                done = job.status.terminal
-                first = job_service_pb2.WatchJobsResponse(job=self._job(job, history=True))
-            # Headers go out once the watch is subscribed: a client that awaits them knows
-            # that every later transition will reach it.
-            await context.send_initial_metadata(())
-            if first is not None:
-                await context.write(first)
-                if done:
-                    return
-            while True:
-                item = await outbox.get()
-                if item is _CLOSE:
-                    raise HandlerError(
-                        Catalogue.SYSTEM_ERROR,
-                        f"watcher fell {WATCH_BUFFER} events behind and was ended; watch again",
-                        status=Catalogue.SYSTEM_ERROR.entry.statuses[1],
-                    )
-                self._flush_journal()
-                await context.write(item)
-                if job is not None and JobStatus(item.job.status).terminal:
-                    return
+            if request.job_id:
+                await self._watch_job(request.job_id, statuses, context)
+            else:
+                await self._watch_all(request.after_sequence, statuses, context)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             await fail(context, exc, "WatchJobs")
+
+    async def _watch_all(
+        self, after_sequence: int, statuses: frozenset[JobStatus], context: Context
+    ) -> None:
+        """A cursor into the shared event log: a watcher that reads too slowly is ended with
+        the last sequence it was sent, and may resume from there."""
+        bus = self.manager.events
+        self.manager._require_ready()
+        try:
+            feed = bus.open_feed(after_sequence)
+        except FellBehind as behind:
+            raise HandlerError(
+                Catalogue.SYSTEM_ERROR,
+                f"cannot resume after sequence {after_sequence}: {behind.detail}; list the jobs "
+                "(ListJobs) and watch again without after_sequence",
+                status=Catalogue.SYSTEM_ERROR.entry.statuses[5],
+            ) from None
+        task = asyncio.current_task()
+        assert task is not None
+        feed.on_cut = task.cancel  # a watcher blocked in a write cannot see the cut otherwise
+        written = feed.last_sent
+        try:
+            # Headers go out once the feed exists: every later transition will reach it.
+            await context.send_initial_metadata(())
+            while True:
+                entries = bus.read(feed, WATCH_BATCH)
+                if not entries:
+                    feed.changed.clear()
+                    await feed.changed.wait()
+                    continue
+                self._flush_journal()
+                for entry in entries:
+                    if not statuses or entry.to_status in statuses:
+                        await context.write(entry.payload)
+                    written = entry.seq
+        except (asyncio.CancelledError, FellBehind):
+            if feed.cut is None:
+                raise
+            task.uncancel()
+            raise self._fell_behind(feed, written) from None
         finally:
-            if subscription is not None:
-                self.manager.events.unsubscribe(subscription)
+            bus.close_feed(feed)
+
+    def _fell_behind(self, feed: Feed, written: int) -> HandlerError:
+        return HandlerError(
+            Catalogue.SYSTEM_ERROR,
+            f"watcher ended: it fell more than {self.manager.events.lag_bytes} bytes of events "
+            f"behind; the last event it was surely sent is sequence {written} (the next one may "
+            f"have been in flight): watch again with after_sequence={written} to resume",
+            status=Catalogue.SYSTEM_ERROR.entry.statuses[1],
+        )
+
+    async def _watch_job(
+        self, job_id: str, statuses: frozenset[JobStatus], context: Context
+    ) -> None:
+        """One job: first the job with its history, then its transitions until it is done."""
+        job = self.manager.get(job_id)
+        bus = self.manager.events
+        outbox: asyncio.Queue[Any] = asyncio.Queue()
+        queued = 0
+        limit = bus.lag_bytes
+        task = asyncio.current_task()
+        assert task is not None
+        cut = False
+
+        def on_event(event_job: Job, transition: Transition) -> None:
+            nonlocal queued, cut
+            if cut:
+                return
+            message = job_service_pb2.WatchJobsResponse(sequence=bus.seq)
+            convert.set_job(message.job, event_job, position=self.manager.position(event_job))
+            convert.set_transition(message.transition, transition)
+            size = message.ByteSize()
+            queued += size
+            if queued > limit:
+                cut = True
+                task.cancel()
+                return
+            outbox.put_nowait((message, size))
+
+        subscription = Subscription(on_event, job_id, statuses)
+        bus.subscribe(subscription)
+        written = 0
+        try:
+            # The first message is the job with its history, taken in the same loop turn as
+            # the subscription: every later move is queued after it. Decide on the status it
+            # shows, not the live one.
+            done = job.status.terminal
+            first = job_service_pb2.WatchJobsResponse(job=self._job(job, history=True))
+            await context.send_initial_metadata(())
+            await context.write(first)
+            if done:
+                return
+            while True:
+                item, size = await outbox.get()
+                queued -= size
+                self._flush_journal()
+                await context.write(item)
+                written = item.sequence
+                if JobStatus(item.job.status).terminal:
+                    return
+        except asyncio.CancelledError:
+            if not cut:
+                raise
+            task.uncancel()
+            raise HandlerError(
+                Catalogue.SYSTEM_ERROR,
+                f"watcher of job {job_id} ended: it fell more than {limit} bytes of events "
+                f"behind (the last event it was sent is sequence {written}); watch again",
+                status=Catalogue.SYSTEM_ERROR.entry.statuses[1],
+            ) from None
+        finally:
+            bus.unsubscribe(subscription)
 
     @unary
     async def GetJobResult(
@@ -251,7 +374,11 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             finding, scope, request.job_id, request.reason[:1024], days
         )
         await self.manager.store.sync()
-        return job_service_pb2.AcceptRiskResponse(acceptance=acceptance, verdicts_changed=changed)
+        return job_service_pb2.AcceptRiskResponse(
+            acceptance=acceptance,
+            verdicts_changed=changed.verdicts,
+            summaries_changed=changed.summaries,
+        )
 
     @unary
     async def ListRiskAcceptances(
@@ -267,7 +394,9 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     ) -> job_service_pb2.RevokeRiskAcceptanceResponse:
         changed = self.manager.revoke_acceptance(request.id)
         await self.manager.store.sync()
-        return job_service_pb2.RevokeRiskAcceptanceResponse(verdicts_changed=changed)
+        return job_service_pb2.RevokeRiskAcceptanceResponse(
+            verdicts_changed=changed.verdicts, summaries_changed=changed.summaries
+        )
 
     @unary
     async def GetQueueStats(
@@ -305,4 +434,6 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             queue_limit=stats.queue_limit,
             result_backlog=stats.result_backlog,
             result_backlog_age=convert.duration(self.manager.results.oldest_age()),
+            deliveries_owed=stats.deliveries_owed,
+            deliveries_oldest_age=convert.duration(stats.deliveries_oldest_age),
         )

@@ -35,6 +35,8 @@ class StoredJob(_message.Message):
     LSN_FIELD_NUMBER: _builtins.int
     RESULT_IN_FILE_FIELD_NUMBER: _builtins.int
     DELIVERED_FIELD_NUMBER: _builtins.int
+    VERDICT_VERSION_FIELD_NUMBER: _builtins.int
+    VERDICT_DELIVERED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Arrival order: the job's place in the FIFO queue."""
     lsn: _builtins.int
@@ -43,6 +45,9 @@ class StoredJob(_message.Message):
     """The full result is in the data directory's results/ folder, not in job.full_result."""
     delivered: _builtins.int
     """How many history entries the receiving server has acknowledged."""
+    verdict_version: _builtins.int
+    """Verdict changes made to the job, and the newest the receiving server acknowledged."""
+    verdict_delivered: _builtins.int
     @_builtins.property
     def job(self) -> _common_pb2.Job: ...
     def __init__(
@@ -53,10 +58,12 @@ class StoredJob(_message.Message):
         lsn: _builtins.int = ...,
         result_in_file: _builtins.bool = ...,
         delivered: _builtins.int = ...,
+        verdict_version: _builtins.int = ...,
+        verdict_delivered: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "job", b"job", "lsn", b"lsn", "result_in_file", b"result_in_file", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "job", b"job", "lsn", b"lsn", "result_in_file", b"result_in_file", "seq", b"seq", "verdict_delivered", b"verdict_delivered", "verdict_version", b"verdict_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -201,17 +208,21 @@ class JobDelivered(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     DELIVERED_FIELD_NUMBER: _builtins.int
+    VERDICT_DELIVERED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     delivered: _builtins.int
+    verdict_delivered: _builtins.int
+    """The newest verdict change acknowledged."""
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         delivered: _builtins.int = ...,
+        verdict_delivered: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "job_id", b"job_id", "verdict_delivered", b"verdict_delivered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -225,7 +236,10 @@ class VerdictChanged(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    VERDICT_VERSION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    verdict_version: _builtins.int
+    """The job's count of verdict changes, this one included."""
     @_builtins.property
     def summary(self) -> _common_pb2.ResultSummary: ...
     def __init__(
@@ -233,10 +247,11 @@ class VerdictChanged(_message.Message):
         *,
         job_id: _builtins.str = ...,
         summary: _common_pb2.ResultSummary | None = ...,
+        verdict_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "summary", b"summary", "verdict_version", b"verdict_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
