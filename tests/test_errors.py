@@ -113,6 +113,15 @@ BAD_REQUESTS = [
     (
         "SubmitJob",
         job_service_pb2.SubmitJobRequest(
+            object=common_pb2.ScanObject(node=common_pb2.NodeObject(node_name="worker-1"))
+        ),
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "node.root_path is required",
+    ),
+    (
+        "SubmitJob",
+        job_service_pb2.SubmitJobRequest(
             object=common_pb2.ScanObject(artifact=common_pb2.ArtifactObject(pipeline="p"))
         ),
         "HNDL-005",

@@ -187,7 +187,15 @@ def _fields(job: Job, scanner_proxy: str) -> dict[str, str]:
             proxy=image.proxy_url or scanner_proxy,
         )
     elif target == "node":
-        values.update(node=job.object.node.node_name, root=job.object.node.root_path or "/")
+        if not job.object.node.root_path:
+            # Not "/": that is this scanner's own filesystem, not the node's.
+            raise ScanFailure(
+                "node.root_path is empty: the job must name where the node's filesystem is "
+                "mounted on this scanner",
+                code="HNDL-005",
+                permanent=True,
+            )
+        values.update(node=job.object.node.node_name, root=job.object.node.root_path)
     elif target == "artifact":
         values.update(path=job.object.artifact.path, url=job.object.artifact.url)
     if not values["proxy"]:

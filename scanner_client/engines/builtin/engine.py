@@ -272,7 +272,15 @@ class BuiltinEngine(Engine):
         token: CancelToken,
         report: _ThreadProgress,
     ) -> common_pb2.ScanResult:
-        root = Path(node.root_path or "/")
+        if not node.root_path:
+            # Not "/": that is this scanner's own filesystem, not the node's.
+            raise ScanFailure(
+                "node.root_path is empty: the job must name where the node's filesystem is "
+                "mounted on this scanner",
+                code="HNDL-005",
+                permanent=True,
+            )
+        root = Path(node.root_path)
 
         def analyse() -> common_pb2.ScanResult:
             if not root.is_absolute() or not root.is_dir():
