@@ -4,8 +4,10 @@ A session is one stream: register, answer ``registered`` with ``Ready(free_slots
 run each assigned job as an asyncio task and send back its progress and its result or failure;
 heartbeats go both ways. When the stream breaks, the session's running jobs are cancelled (the
 handler has already put them back in the queue) and the client registers again on a new stream
-after an exponential backoff with full jitter. A refused registration is final:
-:meth:`ScannerClient.run` raises :class:`ScannerRejected`.
+after an exponential backoff with full jitter, and never sooner than the handler's retry hint
+(``google.rpc.RetryInfo`` on a refusal that time lifts, such as a scanner id whose old stream
+has not timed out yet). A refused registration is final: :meth:`ScannerClient.run` raises
+:class:`ScannerRejected`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from scanner_client.engine import Engine, Job, Kind, Policy, ScanFailure
 from scanner_client.errors import REGISTRATION_CODES, ScannerRejected
 from scanner_client.outbox import MAX_BATCH_RESULTS, Outbox
 from server.security.client import bearer_metadata
-from server.transport.status import read_rpc_error
+from server.transport.status import read_rpc_error, remote_error
 
 ConnectCall = grpc.aio.StreamStreamCall[
     scanner_service_pb2.ConnectRequest, scanner_service_pb2.ConnectResponse
@@ -143,6 +145,8 @@ class _Broken:
     reason: str
     # Seconds the session was registered; None when it never was.
     registered_for: float | None = None
+    # Seconds the handler asked to wait before reconnecting (its RetryInfo), if it said.
+    retry_after: float | None = None
 
 
 class _Drained:
@@ -305,6 +309,10 @@ class ScannerClient:
                     self.log.info("disconnected", reason=outcome.reason)
                     return
                 delay = backoff.next_delay()
+                if outcome.retry_after is not None:
+                    # Sooner cannot work (an old stream of this id is still live): the handler
+                    # said when. The backoff goes on from there.
+                    delay = max(delay, outcome.retry_after)
                 self.log.warning(
                     "disconnected", reason=outcome.reason, reconnect_in=round(delay, 3)
                 )
@@ -386,7 +394,7 @@ class ScannerClient:
                 remote = read_rpc_error(exc)
                 if remote.code in REGISTRATION_CODES or remote.status in _REFUSED_STATUSES:
                     raise ScannerRejected.from_remote(remote) from None
-                return _Broken(f"cannot register: {remote.message}")
+                return _Broken(f"cannot register: {remote.message}", None, remote.retry_after)
             except asyncio.InvalidStateError:
                 return _Broken(f"cannot register: {await self._status_text(call)}")
             except TimeoutError:
@@ -396,7 +404,7 @@ class ScannerClient:
             except ScannerRejected:
                 raise
             except _RegistrationFailed as exc:
-                return _Broken(str(exc))
+                return _Broken(str(exc), None, exc.retry_after)
             tasks = [
                 asyncio.create_task(self._write_loop(session)),
                 asyncio.create_task(self._heartbeat_loop(session)),
@@ -412,7 +420,9 @@ class ScannerClient:
             )
             if isinstance(outcome, _Broken):
                 outcome = _Broken(
-                    outcome.reason, asyncio.get_running_loop().time() - session.registered_at
+                    outcome.reason,
+                    asyncio.get_running_loop().time() - session.registered_at,
+                    outcome.retry_after,
                 )
             return outcome
         finally:
@@ -452,8 +462,15 @@ class ScannerClient:
             error = response.rejected.error
             if error.code in REGISTRATION_CODES:
                 raise ScannerRejected.from_job_error(error)
-            # Anything else (HNDL-007: this id's old stream is still live) passes: retry.
-            raise _RegistrationFailed(f"registration refused for now: {error.message}")
+            # Anything else (HNDL-007: this id's old stream is still live) passes: retry, after
+            # the delay the status that ends the call asks for (its RetryInfo).
+            async with asyncio.timeout(self.config.register_timeout):
+                ended = remote_error(
+                    await call.code(), await call.details(), await call.trailing_metadata()
+                )
+            raise _RegistrationFailed(
+                f"registration refused for now: {error.message}", ended.retry_after
+            )
         if kind != "registered":
             raise _RegistrationFailed(f"the handler answered the registration with {kind}")
         registered = response.registered
@@ -510,7 +527,8 @@ class ScannerClient:
             except grpc.aio.AioRpcError as exc:
                 if session.closing:
                     return _DRAINED
-                return _Broken(f"stream failed: {read_rpc_error(exc).message}")
+                remote = read_rpc_error(exc)
+                return _Broken(f"stream failed: {remote.message}", None, remote.retry_after)
             if not isinstance(response, scanner_service_pb2.ConnectResponse):
                 if session.closing:
                     return _DRAINED
@@ -774,3 +792,8 @@ class ScannerClient:
 
 class _RegistrationFailed(Exception):
     """The handler neither accepted nor refused the registration (retry later)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        # Seconds the handler asked to wait first, if it said.
+        self.retry_after = retry_after

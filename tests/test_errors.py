@@ -340,6 +340,8 @@ async def test_second_stream_with_a_live_scanner_id_is_refused(handler: Handler)
         assert "already connected" in reply.rejected.error.message
         error = await remote_error(second.call)
         assert error.status == SC.UNAVAILABLE
+        # When trying again can work: once the old stream's heartbeat timeout has passed.
+        assert error.retry_after == handler.config.heartbeat_timeout
 
 
 async def test_result_for_a_job_not_assigned_is_hndl_008_on_the_stream(handler: Handler) -> None:
