@@ -31,7 +31,7 @@ from structlog.typing import FilteringBoundLogger
 from imagehandler.v1 import common_pb2, scanner_service_pb2, scanner_service_pb2_grpc
 from scanner_client import protocol
 from scanner_client.backoff import Backoff
-from scanner_client.engine import Engine, Job, Kind, Policy, ScanFailure
+from scanner_client.engine import Engine, Job, Kind, Policy, ScanFailure, ScannerBroken
 from scanner_client.errors import REGISTRATION_CODES, ScannerRejected
 from scanner_client.outbox import MAX_BATCH_RESULTS, Outbox
 from server.security.client import bearer_metadata
@@ -274,6 +274,8 @@ class ScannerClient:
         self._stub: scanner_service_pb2_grpc.ScannerServiceAsyncStub | None = None
         # Cancelled job tasks still unwinding.
         self._unwinding: set[asyncio.Task[None]] = set()
+        # What the engine said when it found this scanner cannot work (run() raises it).
+        self.broken: ScannerBroken | None = None
 
     # ---- control ----------------------------------------------------------------------------
 
@@ -281,11 +283,17 @@ class ScannerClient:
         """Connect, register and serve jobs, reconnecting when the stream breaks.
 
         Returns after :meth:`drain` or :meth:`stop`; raises :class:`ScannerRejected` when the
-        handler refuses the registration (without reconnecting).
+        handler refuses the registration (without reconnecting), and the engine's
+        :class:`ScannerBroken` once the scanner has drained after the engine raised it.
         """
         if self._started:
             raise RuntimeError("a ScannerClient runs once; make a new one")
         self._started = True
+        await self._serve()
+        if self.broken is not None:
+            raise self.broken
+
+    async def _serve(self) -> None:
         channel = self._channel()
         self._stub = scanner_service_pb2_grpc.ScannerServiceStub(channel)
         backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
@@ -622,6 +630,10 @@ class ScannerClient:
                 "assignment after the stream was closed; the handler requeues it"
             )
             return None
+        if self.broken is not None:
+            # Sent before the handler heard of the drain: handed back unscanned.
+            session.outbox.failure(self._broken_failure(job, self.broken))
+            return None
         previous = session.jobs.pop(job.job_id, None)
         if previous is not None:
             _job_log(session, job).warning(
@@ -715,6 +727,10 @@ class ScannerClient:
                 failure = self._internal_failure(job, exc, _job_log(session, job))
         except ScanFailure as exc:
             failure = protocol.failure(job.job_id, exc.code, exc.detail, permanent=exc.permanent)
+        except ScannerBroken as exc:
+            # The drain goes out before this run's failure: the slot it frees takes nothing.
+            self._break(session, exc)
+            failure = self._broken_failure(job, exc)
         except Exception as exc:
             failure = self._internal_failure(job, exc, _job_log(session, job))
         jobs = session.jobs
@@ -738,6 +754,29 @@ class ScannerClient:
             _job_log(session, job).warning(
                 "job failed", code=failure.code, detail=failure.detail, permanent=failure.permanent
             )
+
+    def _break(self, session: _Session, exc: ScannerBroken) -> None:
+        """The engine says this scanner cannot work: drain (take nothing new, let the running
+        scans end), then run() raises ``exc``."""
+        if self.broken is None:
+            self.broken = exc
+            session.log.error(
+                "scanner broken: taking no more jobs, exiting once the running ones end",
+                error=str(exc),
+                running=len(session.jobs),
+            )
+        if not session.drain_queued and not session.closing:
+            session.outbox.put(protocol.drain())
+            session.drain_queued = True
+        self.request_drain()
+
+    def _broken_failure(self, job: Job, exc: ScannerBroken) -> scanner_service_pb2.Failure:
+        # Retryable, whatever the job: another scanner can scan it.
+        return protocol.failure(
+            job.job_id,
+            "HNDL-007",
+            f"scanner {self.config.scanner_id} cannot work, the job goes back to the queue: {exc}",
+        )
 
     def _internal_failure(
         self, job: Job, exc: BaseException, log: FilteringBoundLogger
