@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,11 +27,13 @@ from scanner_client import (
     Engine,
     Job,
     NoopEngine,
+    NullProgress,
     ProgressReporter,
     ScannerBroken,
     ScannerClient,
 )
 from scanner_client.engines.builtin import BuiltinEngine, BuiltinSettings
+from scanner_client.engines.command import CommandEngine
 from tests.conftest import Handler, MakeHandler
 from tests.helpers import Watcher
 from tests.test_scanner_client_protocol import WAIT, Child, Spawn, get_job, scanners, spawn
@@ -68,6 +71,15 @@ def test_a_scratch_dir_scans_cannot_use_stops_the_scanner_at_start(
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines()[-1].startswith(f"image-scanner: --scratch-dir {directory} ")
     assert names in done.stderr
+
+
+def test_the_command_engine_without_a_temporary_directory_is_broken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    job = Job("j", 1, sbom_job(0).object)
+    with pytest.raises(ScannerBroken, match=r"cannot make a scan directory in .*/gone"):
+        asyncio.run(CommandEngine("true").scan(job, NullProgress()))
 
 
 def test_a_missing_scratch_dir_is_created(tmp_path: Path) -> None:

@@ -32,7 +32,15 @@ from typing import Any, Final
 from google.protobuf import json_format
 
 from imagehandler.v1 import common_pb2
-from scanner_client.engine import Database, Engine, Job, Kind, ProgressReporter, ScanFailure
+from scanner_client.engine import (
+    Database,
+    Engine,
+    Job,
+    Kind,
+    ProgressReporter,
+    ScanFailure,
+    ScannerBroken,
+)
 from scanner_client.engines.builtin.common import SEVERITIES, excerpt
 
 FORMATS: Final = ("trivy-json", "scanresult-json")
@@ -105,7 +113,15 @@ class CommandEngine(Engine):
         return [word.format_map(values) for word in self.words]
 
     async def scan(self, job: Job, progress: ProgressReporter) -> common_pb2.ScanResult:
-        with tempfile.TemporaryDirectory(prefix="image-scanner-cmd-") as scratch:
+        try:
+            workdir = tempfile.TemporaryDirectory(prefix="image-scanner-cmd-")
+        except OSError as exc:
+            # No job can run here: stop taking work rather than fail every job.
+            raise ScannerBroken(
+                f"cannot make a scan directory in {tempfile.gettempdir()}: "
+                f"{exc.strerror or exc} (set TMPDIR to a writable directory)"
+            ) from exc
+        with workdir as scratch:
             sbom_file = ""
             if job.object.HasField("artifact") and job.object.artifact.sbom:
                 sbom_file = str(Path(scratch) / "sbom.json")
