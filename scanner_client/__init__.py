@@ -19,8 +19,9 @@ A minimal engine, run with ``asyncio.run(ScannerClient("127.0.0.1:50051", Hello(
 
 The client registers, keeps the stream and its heartbeats up, runs each assigned job as a task
 (one per slot), cancels it at its deadline (HNDL-004), reports results in batches, turns
-:class:`ScanFailure` into a ``Failure`` and any other exception into HNDL-007, and reconnects
-with backoff when the stream breaks. ``image-scanner`` (:mod:`scanner_client.cli`) runs it.
+:class:`ScanFailure` into a ``Failure`` and any other exception into HNDL-007, stops taking
+work and exits when the engine raises :class:`ScannerBroken`, and reconnects with backoff when
+the stream breaks. ``image-scanner`` (:mod:`scanner_client.cli`) runs it.
 """
 
 from scanner_client.backoff import Backoff
@@ -34,6 +35,7 @@ from scanner_client.engine import (
     Policy,
     ProgressReporter,
     ScanFailure,
+    ScannerBroken,
 )
 from scanner_client.engines import ENGINES, EngineSettings, NoopEngine
 from scanner_client.errors import ScannerRejected
@@ -54,6 +56,7 @@ __all__ = [
     "ProgressReporter",
     "Registration",
     "ScanFailure",
+    "ScannerBroken",
     "ScannerClient",
     "ScannerRejected",
 ]

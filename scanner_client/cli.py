@@ -4,7 +4,10 @@ Every flag also reads an ``IMAGE_SCANNER_*`` environment variable (``--slots`` r
 ``IMAGE_SCANNER_SLOTS``, ``--proxy-url`` reads ``IMAGE_SCANNER_PROXY_URL``, ...); a flag given
 on the command line wins. SIGTERM or SIGINT drains (finish the running jobs, take nothing new)
 and exits 0; a second signal stops at once. A handler that refuses the scanner makes it print
-the catalogue message (``HNDL-0NN: text: detail``) and exit 2.
+the catalogue message (``HNDL-0NN: text: detail``) and exit 2; so does a setting the engine
+cannot work with (a ``--scratch-dir`` that cannot be written, too little free space in it). A
+scanner that breaks while running (its scratch directory removed, its disk full) hands its job
+back, takes nothing more, and exits 3 once its running jobs end, printing why.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scanner_client.client import ClientConfig, ScannerClient, default_scanner_id, package_version
-from scanner_client.engine import Kind, Policy
+from scanner_client.engine import Kind, Policy, ScannerBroken
 from scanner_client.engines import ENGINES, EngineSettings
 from scanner_client.errors import ScannerRejected
 from scanner_client.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
@@ -30,6 +33,7 @@ from server.security.tls import channel_credentials
 ENV_PREFIX = "IMAGE_SCANNER_"
 DEFAULT_HANDLER = "127.0.0.1:50051"
 EXIT_REJECTED = 2
+EXIT_BROKEN = 3
 EVENT_LOOPS = ("asyncio", "uvloop")
 
 
@@ -51,6 +55,7 @@ class Settings:
     # builtin and command engines (see scanner_client.engines.EngineSettings).
     db_dir: str = ""
     scratch_dir: str = ""
+    min_free_scratch: float = 256.0
     credentials_file: str = ""
     insecure_registries: tuple[str, ...] = ()
     platform: str = "linux/amd64"
@@ -104,6 +109,16 @@ def _seconds(allow_zero: bool) -> Callable[[str], float]:
         return number
 
     return parse
+
+
+def _mebibytes(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of MiB") from None
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is out of range")
+    return number
 
 
 def _one_of(choices: Sequence[str]) -> Callable[[str], str]:
@@ -232,7 +247,21 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         metavar="SECONDS",
     )
     option("--db-dir", "", "builtin engine: databases directory (default: packaged)", metavar="DIR")
-    option("--scratch-dir", "", "builtin engine: where images are unpacked", metavar="DIR")
+    option(
+        "--scratch-dir",
+        "",
+        "builtin engine: where images are unpacked, created if missing (default: the system "
+        "temporary directory)",
+        metavar="DIR",
+    )
+    option(
+        "--min-free-scratch",
+        "256",
+        "builtin engine: MiB the scratch directory must have free to start, and to go on after "
+        "a failed scan (0: no check)",
+        parse=_mebibytes,
+        metavar="MIB",
+    )
     option(
         "--credentials-file",
         "",
@@ -336,6 +365,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         backoff_max=args.backoff_max,
         db_dir=args.db_dir,
         scratch_dir=args.scratch_dir,
+        min_free_scratch=args.min_free_scratch,
         credentials_file=args.credentials_file,
         insecure_registries=args.insecure_registries,
         platform=args.platform,
@@ -377,6 +407,7 @@ def build_client(settings: Settings) -> ScannerClient:
             proxy_url=settings.proxy_url,
             db_dir=settings.db_dir,
             scratch_dir=settings.scratch_dir,
+            min_free_scratch=settings.min_free_scratch,
             credentials_file=settings.credentials_file,
             insecure_registries=settings.insecure_registries,
             platform=settings.platform,
@@ -493,6 +524,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ScannerRejected as rejected:
         print(rejected.message, file=sys.stderr)
         return EXIT_REJECTED
+    except ScannerBroken as broken:
+        print(f"image-scanner: the scanner cannot work: {broken}", file=sys.stderr)
+        return EXIT_BROKEN
     return 0
 
 

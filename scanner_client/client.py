@@ -4,8 +4,10 @@ A session is one stream: register, answer ``registered`` with ``Ready(free_slots
 run each assigned job as an asyncio task and send back its progress and its result or failure;
 heartbeats go both ways. When the stream breaks, the session's running jobs are cancelled (the
 handler has already put them back in the queue) and the client registers again on a new stream
-after an exponential backoff with full jitter. A refused registration is final:
-:meth:`ScannerClient.run` raises :class:`ScannerRejected`.
+after an exponential backoff with full jitter, and never sooner than the handler's retry hint
+(``google.rpc.RetryInfo`` on a refusal that time lifts, such as a scanner id whose old stream
+has not timed out yet). A refused registration is final: :meth:`ScannerClient.run` raises
+:class:`ScannerRejected`.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ from structlog.typing import FilteringBoundLogger
 from imagehandler.v1 import common_pb2, scanner_service_pb2, scanner_service_pb2_grpc
 from scanner_client import protocol
 from scanner_client.backoff import Backoff
-from scanner_client.engine import Engine, Job, Kind, Policy, ScanFailure
+from scanner_client.engine import Engine, Job, Kind, Policy, ScanFailure, ScannerBroken
 from scanner_client.errors import REGISTRATION_CODES, ScannerRejected
 from scanner_client.outbox import MAX_BATCH_RESULTS, Outbox
 from server.security.client import bearer_metadata
-from server.transport.status import read_rpc_error
+from server.transport.status import read_rpc_error, remote_error
 
 ConnectCall = grpc.aio.StreamStreamCall[
     scanner_service_pb2.ConnectRequest, scanner_service_pb2.ConnectResponse
@@ -143,6 +145,8 @@ class _Broken:
     reason: str
     # Seconds the session was registered; None when it never was.
     registered_for: float | None = None
+    # Seconds the handler asked to wait before reconnecting (its RetryInfo), if it said.
+    retry_after: float | None = None
 
 
 class _Drained:
@@ -270,6 +274,8 @@ class ScannerClient:
         self._stub: scanner_service_pb2_grpc.ScannerServiceAsyncStub | None = None
         # Cancelled job tasks still unwinding.
         self._unwinding: set[asyncio.Task[None]] = set()
+        # What the engine said when it found this scanner cannot work (run() raises it).
+        self.broken: ScannerBroken | None = None
 
     # ---- control ----------------------------------------------------------------------------
 
@@ -277,11 +283,17 @@ class ScannerClient:
         """Connect, register and serve jobs, reconnecting when the stream breaks.
 
         Returns after :meth:`drain` or :meth:`stop`; raises :class:`ScannerRejected` when the
-        handler refuses the registration (without reconnecting).
+        handler refuses the registration (without reconnecting), and the engine's
+        :class:`ScannerBroken` once the scanner has drained after the engine raised it.
         """
         if self._started:
             raise RuntimeError("a ScannerClient runs once; make a new one")
         self._started = True
+        await self._serve()
+        if self.broken is not None:
+            raise self.broken
+
+    async def _serve(self) -> None:
         channel = self._channel()
         self._stub = scanner_service_pb2_grpc.ScannerServiceStub(channel)
         backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
@@ -305,6 +317,10 @@ class ScannerClient:
                     self.log.info("disconnected", reason=outcome.reason)
                     return
                 delay = backoff.next_delay()
+                if outcome.retry_after is not None:
+                    # Sooner cannot work (an old stream of this id is still live): the handler
+                    # said when. The backoff goes on from there.
+                    delay = max(delay, outcome.retry_after)
                 self.log.warning(
                     "disconnected", reason=outcome.reason, reconnect_in=round(delay, 3)
                 )
@@ -386,7 +402,7 @@ class ScannerClient:
                 remote = read_rpc_error(exc)
                 if remote.code in REGISTRATION_CODES or remote.status in _REFUSED_STATUSES:
                     raise ScannerRejected.from_remote(remote) from None
-                return _Broken(f"cannot register: {remote.message}")
+                return _Broken(f"cannot register: {remote.message}", None, remote.retry_after)
             except asyncio.InvalidStateError:
                 return _Broken(f"cannot register: {await self._status_text(call)}")
             except TimeoutError:
@@ -396,7 +412,7 @@ class ScannerClient:
             except ScannerRejected:
                 raise
             except _RegistrationFailed as exc:
-                return _Broken(str(exc))
+                return _Broken(str(exc), None, exc.retry_after)
             tasks = [
                 asyncio.create_task(self._write_loop(session)),
                 asyncio.create_task(self._heartbeat_loop(session)),
@@ -412,7 +428,9 @@ class ScannerClient:
             )
             if isinstance(outcome, _Broken):
                 outcome = _Broken(
-                    outcome.reason, asyncio.get_running_loop().time() - session.registered_at
+                    outcome.reason,
+                    asyncio.get_running_loop().time() - session.registered_at,
+                    outcome.retry_after,
                 )
             return outcome
         finally:
@@ -452,8 +470,15 @@ class ScannerClient:
             error = response.rejected.error
             if error.code in REGISTRATION_CODES:
                 raise ScannerRejected.from_job_error(error)
-            # Anything else (HNDL-007: this id's old stream is still live) passes: retry.
-            raise _RegistrationFailed(f"registration refused for now: {error.message}")
+            # Anything else (HNDL-007: this id's old stream is still live) passes: retry, after
+            # the delay the status that ends the call asks for (its RetryInfo).
+            async with asyncio.timeout(self.config.register_timeout):
+                ended = remote_error(
+                    await call.code(), await call.details(), await call.trailing_metadata()
+                )
+            raise _RegistrationFailed(
+                f"registration refused for now: {error.message}", ended.retry_after
+            )
         if kind != "registered":
             raise _RegistrationFailed(f"the handler answered the registration with {kind}")
         registered = response.registered
@@ -510,7 +535,8 @@ class ScannerClient:
             except grpc.aio.AioRpcError as exc:
                 if session.closing:
                     return _DRAINED
-                return _Broken(f"stream failed: {read_rpc_error(exc).message}")
+                remote = read_rpc_error(exc)
+                return _Broken(f"stream failed: {remote.message}", None, remote.retry_after)
             if not isinstance(response, scanner_service_pb2.ConnectResponse):
                 if session.closing:
                     return _DRAINED
@@ -603,6 +629,10 @@ class ScannerClient:
             _job_log(session, job).warning(
                 "assignment after the stream was closed; the handler requeues it"
             )
+            return None
+        if self.broken is not None:
+            # Sent before the handler heard of the drain: handed back unscanned.
+            session.outbox.failure(self._broken_failure(job, self.broken))
             return None
         previous = session.jobs.pop(job.job_id, None)
         if previous is not None:
@@ -697,6 +727,10 @@ class ScannerClient:
                 failure = self._internal_failure(job, exc, _job_log(session, job))
         except ScanFailure as exc:
             failure = protocol.failure(job.job_id, exc.code, exc.detail, permanent=exc.permanent)
+        except ScannerBroken as exc:
+            # The drain goes out before this run's failure: the slot it frees takes nothing.
+            self._break(session, exc)
+            failure = self._broken_failure(job, exc)
         except Exception as exc:
             failure = self._internal_failure(job, exc, _job_log(session, job))
         jobs = session.jobs
@@ -720,6 +754,29 @@ class ScannerClient:
             _job_log(session, job).warning(
                 "job failed", code=failure.code, detail=failure.detail, permanent=failure.permanent
             )
+
+    def _break(self, session: _Session, exc: ScannerBroken) -> None:
+        """The engine says this scanner cannot work: drain (take nothing new, let the running
+        scans end), then run() raises ``exc``."""
+        if self.broken is None:
+            self.broken = exc
+            session.log.error(
+                "scanner broken: taking no more jobs, exiting once the running ones end",
+                error=str(exc),
+                running=len(session.jobs),
+            )
+        if not session.drain_queued and not session.closing:
+            session.outbox.put(protocol.drain())
+            session.drain_queued = True
+        self.request_drain()
+
+    def _broken_failure(self, job: Job, exc: ScannerBroken) -> scanner_service_pb2.Failure:
+        # Retryable, whatever the job: another scanner can scan it.
+        return protocol.failure(
+            job.job_id,
+            "HNDL-007",
+            f"scanner {self.config.scanner_id} cannot work, the job goes back to the queue: {exc}",
+        )
 
     def _internal_failure(
         self, job: Job, exc: BaseException, log: FilteringBoundLogger
@@ -774,3 +831,8 @@ class ScannerClient:
 
 class _RegistrationFailed(Exception):
     """The handler neither accepted nor refused the registration (retry later)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        # Seconds the handler asked to wait first, if it said.
+        self.retry_after = retry_after

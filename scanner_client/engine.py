@@ -137,6 +137,21 @@ class ScanFailure(Exception):
         self.permanent = permanent
 
 
+class ScannerBroken(Exception):
+    """The scanner itself cannot work, whatever the job: its scratch directory vanished or is
+    read-only, its disk is full, its database cannot be read. Raise it from ``scan`` (with what
+    is wrong and what to fix) instead of :class:`ScanFailure`, so that a broken scanner does not
+    burn every job's runs.
+
+    The client then reports that run as a retryable HNDL-007 failure (the job goes back to the
+    queue, in its place, for another scanner), tells the handler it drains (it is assigned
+    nothing more; a job assigned before the handler heard is handed back the same way), logs
+    the reason as an error, lets the scans still running end, and :meth:`ScannerClient.run`
+    raises this exception: ``image-scanner`` prints it and exits 3, so that an orchestrator
+    restarts the scanner and the operator sees why.
+    """
+
+
 class Engine(abc.ABC):
     """A scanning engine. Subclass it, set ``name``, implement ``databases`` and ``scan``.
 
@@ -144,6 +159,12 @@ class Engine(abc.ABC):
     thread (``asyncio.to_thread``) or a subprocess (``asyncio.create_subprocess_exec``). A scan
     may be cancelled at any await (the job was cancelled, its deadline passed, or the stream
     broke); clean up in ``finally`` and let ``CancelledError`` propagate.
+
+    A scan ends in one of three ways: a ``ScanResult``; :class:`ScanFailure` when this job
+    cannot be scanned (retried up to the handler's run limit, or not at all when
+    ``permanent``); :class:`ScannerBroken` when this scanner cannot scan anything (the job is
+    handed back and the scanner stops taking work, then exits). Check the environment an
+    engine needs when it is built (raise ``ValueError`` there: the scanner does not start).
     """
 
     # Shown by the handler ("noop", "trivy", ...).
@@ -157,7 +178,8 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def scan(self, job: Job, progress: ProgressReporter) -> common_pb2.ScanResult:
-        """Scan ``job.object``; return what was found or raise :class:`ScanFailure`.
+        """Scan ``job.object``; return what was found, or raise :class:`ScanFailure` (this job)
+        or :class:`ScannerBroken` (this scanner).
 
         The client fills in ``job_id``, ``run`` and (when left empty) ``databases``.
         """

@@ -31,20 +31,24 @@ done
   --scanner-id local-noop-1 --log-format json 2>"$DATA_DIR/scanner.log" &
 scanner=$!
 
+# Every printed command names $LISTEN, so each works as pasted whatever address was chosen.
 cat <<EOM
 
   image handler on $LISTEN, with one local no-op scanner (logs: $DATA_DIR/scanner.log)
 
-  In another terminal:
-    $BIN/ihctl submit image --repository library/alpine --tag 3.20
-    $BIN/ihctl watch JOB_ID            # PENDING -> IN_PROGRESS -> PROCESSING_RESULTS -> FINISHED
-    $BIN/ihctl list
-    $BIN/ihctl scanners
+  In another terminal (or export IHCTL_HANDLER=$LISTEN and leave out --handler):
+    $BIN/ihctl --handler $LISTEN submit image --repository library/alpine --tag 3.20
+    $BIN/ihctl --handler $LISTEN watch JOB_ID   # PENDING -> IN_PROGRESS -> PROCESSING_RESULTS -> FINISHED
+    $BIN/ihctl --handler $LISTEN list
+    $BIN/ihctl --handler $LISTEN scanners
 
   With grpcurl:
     $BIN/grpcurl -plaintext $LISTEN list
     $BIN/grpcurl -plaintext -d '{"object":{"image":{"repository":"library/alpine","tag":"3.20"}}}' \\
       $LISTEN imagehandler.v1.JobService/SubmitJob
+
+  Another scanner:
+    $BIN/image-scanner --handler $LISTEN --engine noop --slots 4 --scanner-id local-noop-2
 
   Ctrl-C stops the handler and the scanner.
 

@@ -170,13 +170,16 @@ class HandlerServer:
         await self._set_health(SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Readiness goes NOT_SERVING at once so Kubernetes stops routing; submits are refused;
-        scanners are told to drain and running jobs get up to ``grace`` seconds to finish;
-        then a snapshot, and the server stops. A second call does nothing."""
+        """Readiness (the per-service statuses) goes NOT_SERVING at once so Kubernetes stops
+        routing; submits are refused; scanners are told to drain and running jobs get up to
+        ``grace`` seconds to finish; then a snapshot, and the server stops. Liveness (the
+        overall status "") stays SERVING throughout: the process is alive and finishing its
+        work, and a failing liveness probe would have it killed mid-drain. A second call does
+        nothing."""
         if self._stopping:
             return
         self._stopping = True
-        await self._set_health(NOT_SERVING)
+        await self._set_readiness(NOT_SERVING)
         self.manager.accepting_submits = False
         finished = True
         if grace and self.manager.recovered:
@@ -202,7 +205,14 @@ class HandlerServer:
     async def _set_health(
         self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
     ) -> None:
+        """Liveness ("", asked by the liveness and startup probes) and readiness together."""
         await self.health.set("", status)
+        await self._set_readiness(status)
+
+    async def _set_readiness(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        """The per-service statuses, which the readiness probe asks."""
         for service in SERVICES:
             await self.health.set(service, status)
 

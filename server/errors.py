@@ -105,13 +105,23 @@ class HandlerError(Exception):
     """A failure with its catalogue entry; the only exception the transport maps to a status."""
 
     def __init__(
-        self, kind: Catalogue, detail: str = "", *, status: StatusCode | None = None
+        self,
+        kind: Catalogue,
+        detail: str = "",
+        *,
+        status: StatusCode | None = None,
+        retry_after: float | None = None,
     ) -> None:
         if status is not None and status not in kind.entry.statuses:
             raise ValueError(f"{kind.code} cannot be answered with {status.name}")
+        if retry_after is not None and not retry_after > 0:
+            raise ValueError(f"retry_after must be positive seconds, got {retry_after}")
         self.kind = kind
         self.detail = detail
         self.status = status or kind.entry.status
+        # Seconds before trying again can succeed (a refusal that time will lift); on the wire
+        # a google.rpc.RetryInfo detail, which clients honour before their own backoff.
+        self.retry_after = retry_after
         super().__init__(self.message)
 
     @property

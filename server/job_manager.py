@@ -565,6 +565,7 @@ class JobManager:
                 f"scanner id {profile.scanner_id!r} is already connected; a scanner id may hold "
                 f"one stream (retry after {self.config.heartbeat_timeout:g}s if the old one died)",
                 status=Catalogue.SYSTEM_ERROR.entry.statuses[2],
+                retry_after=self.config.heartbeat_timeout,
             )
         at = now_utc()
         session = ScannerSession(

@@ -29,7 +29,10 @@ def image(
 
 def node(name: str, **kw: Any) -> job_service_pb2.SubmitJobRequest:
     return job_service_pb2.SubmitJobRequest(
-        object=common_pb2.ScanObject(node=common_pb2.NodeObject(cluster="c1", node_name=name)), **kw
+        object=common_pb2.ScanObject(
+            node=common_pb2.NodeObject(cluster="c1", node_name=name, root_path="/host")
+        ),
+        **kw,
     )
 
 

@@ -584,6 +584,21 @@ def test_job_parameter_failures_are_permanent_hndl_005(tmp_path: Path) -> None:
         assert (info.value.code, info.value.permanent) == ("HNDL-005", True), obj
 
 
+def test_a_node_job_without_root_path_is_refused_not_scanned_as_the_scanners_root(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def walk(self: Rootfs, *args: Any, **kwargs: Any) -> Iterator[tuple[str, os.stat_result]]:
+        raise AssertionError(f"the engine walked {self.root} for a node job without a root")
+
+    monkeypatch.setattr(Rootfs, "walk", walk)
+    obj = common_pb2.ScanObject(node=common_pb2.NodeObject(cluster="c1", node_name="n1"))
+    job = Job("j", 1, obj)
+    for engine in (BuiltinEngine(), CommandEngine("echo {root}")):
+        with pytest.raises(ScanFailure, match=r"node\.root_path is empty") as info:
+            asyncio.run(engine.scan(job, NullProgress()))
+        assert (info.value.code, info.value.permanent) == ("HNDL-005", True), engine.name
+
+
 def test_an_unreachable_registry_is_a_transient_failure() -> None:
     obj = common_pb2.ScanObject(
         image=common_pb2.ImageObject(registry="127.0.0.1:1", repository="a/b", tag="1")
@@ -693,7 +708,9 @@ def test_command_words_are_not_split_by_fields() -> None:
 
 
 def test_command_timeout_and_bad_output_are_hndl_006() -> None:
-    job = Job("j", 1, common_pb2.ScanObject(node=common_pb2.NodeObject(node_name="n")))
+    job = Job(
+        "j", 1, common_pb2.ScanObject(node=common_pb2.NodeObject(node_name="n", root_path="/h"))
+    )
     slow = CommandEngine("sleep 30", timeout=0.2)
     with pytest.raises(ScanFailure, match=r"did not finish within 0\.2s and was killed") as info:
         asyncio.run(slow.scan(job, NullProgress()))

@@ -113,6 +113,15 @@ BAD_REQUESTS = [
     (
         "SubmitJob",
         job_service_pb2.SubmitJobRequest(
+            object=common_pb2.ScanObject(node=common_pb2.NodeObject(node_name="worker-1"))
+        ),
+        "HNDL-005",
+        SC.INVALID_ARGUMENT,
+        "node.root_path is required",
+    ),
+    (
+        "SubmitJob",
+        job_service_pb2.SubmitJobRequest(
             object=common_pb2.ScanObject(artifact=common_pb2.ArtifactObject(pipeline="p"))
         ),
         "HNDL-005",
@@ -331,6 +340,8 @@ async def test_second_stream_with_a_live_scanner_id_is_refused(handler: Handler)
         assert "already connected" in reply.rejected.error.message
         error = await remote_error(second.call)
         assert error.status == SC.UNAVAILABLE
+        # When trying again can work: once the old stream's heartbeat timeout has passed.
+        assert error.retry_after == handler.config.heartbeat_timeout
 
 
 async def test_result_for_a_job_not_assigned_is_hndl_008_on_the_stream(handler: Handler) -> None:

@@ -189,6 +189,7 @@ def test_submit_node_and_artifact(tmp_path: Path) -> None:
         ["submit", "image", "--repository", "r", "--max-run-time", "5 parsecs"],
         ["submit", "image"],
         ["submit", "node"],
+        ["submit", "node", "--node-name", "n1"],
         ["submit", "artifact", "--sbom-file", "/nonexistent/bom.json"],
         ["list", "--status", "done"],
         ["list", "--limit", "0"],

@@ -9,12 +9,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# The tools' directory as make run prints it (relative to the checkout, where a user types).
+MAKE_BIN = ".venv/bin"
 
 
 def free_port() -> int:
@@ -23,8 +26,31 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@dataclass
+class MakeRun:
+    address: str
+    process: subprocess.Popen[str]
+    # What it printed up to its hints' last line.
+    printed: list[str]
+
+    def commands(self) -> list[str]:
+        """The commands its hints tell a user to type (continuation lines joined)."""
+        commands: list[str] = []
+        joined = ""
+        for line in self.printed:
+            text = line.strip()
+            if not joined and not text.startswith(f"{MAKE_BIN}/"):
+                continue
+            joined += text.removesuffix("\\").strip() + " "
+            if not text.endswith("\\"):
+                commands.append(joined.strip())
+                joined = ""
+        return commands
+
+
 @pytest.fixture
-def make_run(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def make_run(tmp_path: Path) -> Iterator[MakeRun]:
+    # Not the default port: what it prints must follow LISTEN.
     address = f"127.0.0.1:{free_port()}"
     process = subprocess.Popen(
         ["make", "-s", "run", f"LISTEN={address}", f"DATA_DIR={tmp_path}"],
@@ -43,7 +69,7 @@ def make_run(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     else:
         pytest.fail("make run ended early:\n" + "".join(seen))
     try:
-        yield address, process
+        yield MakeRun(address, process, seen)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGINT)
@@ -67,24 +93,58 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
+def typed(command: str) -> subprocess.CompletedProcess[str]:
+    """A printed command, run as a user pasting it into a shell would."""
+    return subprocess.run(
+        ["bash", "-c", command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        # No IHCTL_HANDLER from the environment: the command alone must name the address.
+        env={key: value for key, value in os.environ.items() if key != "IHCTL_HANDLER"},
+    )
+
+
 @pytest.mark.timeout(120)
-def test_make_run_serves_jobs_to_its_local_scanner(
-    make_run: tuple[str, subprocess.Popen[str]],
-) -> None:
-    address, process = make_run
-    listed = run(str(BIN / "grpcurl"), "-plaintext", address, "list")
-    assert "imagehandler.v1.JobService" in listed.stdout.split()
-    submitted = run(
-        str(BIN / "ihctl"), "--handler", address,
-        "submit", "image", "--repository", "library/alpine", "--tag", "3.20",
-    )  # fmt: skip
+def test_make_run_serves_jobs_to_its_local_scanner(make_run: MakeRun) -> None:
+    address, process = make_run.address, make_run.process
+    commands = make_run.commands()
+    # Each printed command, as typed, reaches the handler make run started (not the default
+    # 127.0.0.1:50051).
+    for command in commands:
+        assert address in command, command
+    programs = [command.split()[0].rsplit("/", 1)[-1] for command in commands]
+    assert programs == ["ihctl"] * 4 + ["grpcurl"] * 2 + ["image-scanner"]
+    submit, watch, listing, scanners, grpcurl_list, grpcurl_submit, scanner = commands
+    assert "imagehandler.v1.JobService" in typed(grpcurl_list).stdout.split()
+    submitted = typed(submit)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.splitlines()[0]
-    watched = run(str(BIN / "ihctl"), "--handler", address, "watch", job_id)
+    watched = typed(watch.replace("JOB_ID", job_id))
     assert watched.returncode == 0, watched.stdout + watched.stderr
     for step in ("PENDING -> IN_PROGRESS", "-> PROCESSING_RESULTS", "-> FINISHED"):
         assert step in watched.stdout
     assert "scanner=local-noop-1" in watched.stdout
+    assert job_id in typed(listing).stdout
+    assert "local-noop-1" in typed(scanners).stdout
+    via_grpcurl = typed(grpcurl_submit)
+    assert via_grpcurl.returncode == 0, via_grpcurl.stderr
+    assert "JOB_STATUS_" in via_grpcurl.stdout
+    another = subprocess.Popen(
+        ["bash", "-c", f"exec {scanner}"], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    assert another.stderr is not None
+    try:
+        for line in another.stderr:  # ends if it exits; the test's timeout bounds it
+            if '"registered"' in line:
+                break
+        else:
+            pytest.fail(f"the printed scanner command exited {another.wait()} unregistered")
+    finally:
+        another.terminate()
+        another.wait(timeout=30)
+        another.stderr.close()
     # Ctrl-C stops make, the handler and the scanner: the whole process group goes away.
     os.killpg(process.pid, signal.SIGINT)
     assert process.wait(timeout=30) in (0, 130, -signal.SIGINT)

@@ -143,7 +143,7 @@ def test_serve_logs_json_events_and_stops_cleanly_on_sigterm(tmp_path: Path) -> 
         submitted = grpcurl(
             "-plaintext",
             "-d",
-            '{"object": {"node": {"cluster": "prod", "node_name": "worker-7"}}, "trigger": "TRIGGER_NODE_AGENT"}',
+            '{"object": {"node": {"cluster": "prod", "node_name": "worker-7", "root_path": "/host"}}, "trigger": "TRIGGER_NODE_AGENT"}',
             address,
             "imagehandler.v1.JobService/SubmitJob",
         )

@@ -33,7 +33,9 @@ async def test_the_readme_engine_scans_images_and_refuses_nodes(handler: Handler
         image = await handler.jobs.SubmitJob(alpine())
         node = await handler.jobs.SubmitJob(
             job_service_pb2.SubmitJobRequest(
-                object=common_pb2.ScanObject(node=common_pb2.NodeObject(node_name="worker-1"))
+                object=common_pb2.ScanObject(
+                    node=common_pb2.NodeObject(node_name="worker-1", root_path="/host")
+                )
             )
         )
         finished = await until_done(handler, image.job.id)

@@ -579,7 +579,7 @@ async def test_a_busy_scanner_id_is_retried_until_it_is_free(handler: Handler) -
     first = ScannerClient(handler.address, ScriptedEngine(), config("twin"))
     second = ScannerClient(handler.address, ScriptedEngine(), config("twin"))
     async with registered(first), JobEvents(handler.jobs) as jobs, running(second):
-        await wait_for_stats(second, lambda stats: stats.connect_attempts >= 3)
+        await wait_for_stats(second, lambda stats: stats.connect_attempts >= 2)
         assert second.stats.registrations == 0
         await first.stop()
         await wait_for_stats(second, lambda stats: stats.registrations == 1)
@@ -587,6 +587,27 @@ async def test_a_busy_scanner_id_is_retried_until_it_is_free(handler: Handler) -
         job = await jobs.reach(job_id, FINISHED)
         assert job.scanner_id == "twin"
         assert second.stats.jobs_succeeded == 1
+
+
+async def test_a_busy_scanner_id_comes_back_no_sooner_than_the_handlers_retry_hint(
+    make_handler: MakeHandler,
+) -> None:
+    """The refusal carries RetryInfo (the heartbeat timeout: when the old stream is surely gone);
+    a client whose own backoff is 10-50 ms still waits that long before each new attempt."""
+    hint = 1.0
+    handler = await make_handler(heartbeat_timeout=hint)
+    first = ScannerClient(handler.address, ScriptedEngine(), config("twin"))
+    second = ScannerClient(handler.address, ScriptedEngine(), config("twin"))
+    loop = asyncio.get_running_loop()
+    async with registered(first), running(second):
+        await wait_for_stats(second, lambda stats: stats.disconnects >= 1)
+        refused = loop.time()
+        await wait_for_stats(second, lambda stats: stats.connect_attempts >= 3)
+        between = loop.time() - refused
+        assert second.stats.registrations == 0
+    # Two more attempts, each at least a hint after a refusal (the first refusal was seen a
+    # moment after it happened, hence not the full 2 x hint). Without the hint: ~0.1 s.
+    assert between >= 1.5 * hint
 
 
 # ---- jobs ---------------------------------------------------------------------------------

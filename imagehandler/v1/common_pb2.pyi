@@ -277,7 +277,10 @@ class NodeObject(_message.Message):
     node_name: _builtins.str
     """Required."""
     root_path: _builtins.str
-    """Where the node agent mounts the node's filesystem; empty means "/"."""
+    """Required: where the node agent mounts the node's filesystem (an absolute path on the
+    scanner, for example /host). Empty is refused with HNDL-005: a scanner never reads its own
+    host's root for a node job.
+    """
     def __init__(
         self,
         *,

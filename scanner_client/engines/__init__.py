@@ -22,6 +22,8 @@ class EngineSettings:
     # credentials file for credentials_ref, plain-HTTP registries, the platform to pull.
     db_dir: str = ""
     scratch_dir: str = ""
+    # MiB the scratch directory must keep free.
+    min_free_scratch: float = 256.0
     credentials_file: str = ""
     insecure_registries: tuple[str, ...] = ()
     platform: str = "linux/amd64"
@@ -44,6 +46,7 @@ def _builtin(settings: EngineSettings) -> Engine:
         BuiltinSettings(
             db_dir=Path(settings.db_dir) if settings.db_dir else None,
             scratch_dir=Path(settings.scratch_dir) if settings.scratch_dir else None,
+            min_free_scratch=int(settings.min_free_scratch * (1 << 20)),
             proxy_url=settings.proxy_url,
             credentials_file=Path(settings.credentials_file) if settings.credentials_file else None,
             insecure_registries=frozenset(settings.insecure_registries),

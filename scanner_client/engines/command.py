@@ -32,7 +32,15 @@ from typing import Any, Final
 from google.protobuf import json_format
 
 from imagehandler.v1 import common_pb2
-from scanner_client.engine import Database, Engine, Job, Kind, ProgressReporter, ScanFailure
+from scanner_client.engine import (
+    Database,
+    Engine,
+    Job,
+    Kind,
+    ProgressReporter,
+    ScanFailure,
+    ScannerBroken,
+)
 from scanner_client.engines.builtin.common import SEVERITIES, excerpt
 
 FORMATS: Final = ("trivy-json", "scanresult-json")
@@ -105,7 +113,15 @@ class CommandEngine(Engine):
         return [word.format_map(values) for word in self.words]
 
     async def scan(self, job: Job, progress: ProgressReporter) -> common_pb2.ScanResult:
-        with tempfile.TemporaryDirectory(prefix="image-scanner-cmd-") as scratch:
+        try:
+            workdir = tempfile.TemporaryDirectory(prefix="image-scanner-cmd-")
+        except OSError as exc:
+            # No job can run here: stop taking work rather than fail every job.
+            raise ScannerBroken(
+                f"cannot make a scan directory in {tempfile.gettempdir()}: "
+                f"{exc.strerror or exc} (set TMPDIR to a writable directory)"
+            ) from exc
+        with workdir as scratch:
             sbom_file = ""
             if job.object.HasField("artifact") and job.object.artifact.sbom:
                 sbom_file = str(Path(scratch) / "sbom.json")
@@ -187,7 +203,15 @@ def _fields(job: Job, scanner_proxy: str) -> dict[str, str]:
             proxy=image.proxy_url or scanner_proxy,
         )
     elif target == "node":
-        values.update(node=job.object.node.node_name, root=job.object.node.root_path or "/")
+        if not job.object.node.root_path:
+            # Not "/": that is this scanner's own filesystem, not the node's.
+            raise ScanFailure(
+                "node.root_path is empty: the job must name where the node's filesystem is "
+                "mounted on this scanner",
+                code="HNDL-005",
+                permanent=True,
+            )
+        values.update(node=job.object.node.node_name, root=job.object.node.root_path)
     elif target == "artifact":
         values.update(path=job.object.artifact.path, url=job.object.artifact.url)
     if not values["proxy"]:

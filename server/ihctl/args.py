@@ -376,7 +376,12 @@ def _add_submit(
     node = kinds.add_parser("node", parents=parents, help="a cluster node")
     node.add_argument("--node-name", required=True, metavar="NAME")
     node.add_argument("--cluster", default="")
-    node.add_argument("--root-path", default="", metavar="PATH", help='default "/"')
+    node.add_argument(
+        "--root-path",
+        required=True,
+        metavar="PATH",
+        help="where the node agent mounts the node's filesystem on the scanner (e.g. /host)",
+    )
 
     artifact = kinds.add_parser("artifact", parents=parents, help="a CI/CD artifact")
     artifact.add_argument("--pipeline", default="")

@@ -181,7 +181,13 @@ def _image(image: common_pb2.ImageObject) -> ImageRef:
 def _node(node: common_pb2.NodeObject) -> NodeRef:
     validation.check_identifier("node.node_name", node.node_name, required=True)
     validation.check_identifier("node.cluster", node.cluster, required=False)
-    root = node.root_path or "/"
+    root = node.root_path
+    if not root:
+        # Never a default of "/": that would be the scanner host's own filesystem.
+        raise validation.params_error(
+            "node.root_path is required: give the absolute path where the node agent mounts "
+            "the node's filesystem (for example /host)"
+        )
     validation.check_text("node.root_path", root)
     if not root.startswith("/") or "\x00" in root:
         raise validation.params_error(f"node.root_path {root[:80]!r} must be an absolute path")

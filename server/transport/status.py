@@ -2,7 +2,9 @@
 
 On the wire an error is the gRPC status code from the catalogue, the message
 ``HNDL-0NN: text[: detail]`` and a ``google.rpc.ErrorInfo`` detail whose ``reason`` is the code,
-so clients can match on the code without parsing the message.
+so clients can match on the code without parsing the message. A refusal that time lifts (a
+scanner id whose old stream has not timed out yet) also carries a ``google.rpc.RetryInfo``
+detail: the client waits at least its ``retry_delay`` before trying again.
 """
 
 from __future__ import annotations
@@ -31,11 +33,18 @@ def to_rpc_status(error: HandlerError) -> grpc.Status:
     )
     detail = any_pb2.Any()
     detail.Pack(info)
+    details = [detail]
+    if error.retry_after is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(round(error.retry_after * 1e9))
+        hint = any_pb2.Any()
+        hint.Pack(retry)
+        details.append(hint)
     status: grpc.Status = rpc_status.to_status(
         status_pb2.Status(
             code=error.status.value[0],  # grpc.StatusCode values are (number, name)
             message=error.message,
-            details=[detail],
+            details=details,
         )
     )
     return status
@@ -54,6 +63,8 @@ class RemoteError:
     code: str  # "HNDL-0NN", or "" when the server sent no ErrorInfo
     message: str
     status: grpc.StatusCode
+    # Seconds the server asked to wait before trying again (its RetryInfo), if it said.
+    retry_after: float | None = None
 
     def __str__(self) -> str:
         return self.message
@@ -63,17 +74,27 @@ def read_rpc_error(error: grpc.RpcError) -> RemoteError:
     """The HNDL code and message of a failed call (works for sync and aio errors)."""
     # grpc.RpcError itself declares none of these; every raised error is also a grpc.Call.
     call = cast(grpc.Call, error)
-    status_code = call.code()
-    details = call.details() or ""
-    metadata = cast(Sequence[tuple[str, str | bytes]], call.trailing_metadata() or ())
+    return remote_error(call.code(), call.details() or "", call.trailing_metadata())
+
+
+def remote_error(status_code: grpc.StatusCode, details: str, trailing: object) -> RemoteError:
+    """The error a call ended with, from its status code, details and trailing metadata (for
+    an aio call that ended after a message, where there is no exception to read)."""
+    metadata = cast(Sequence[tuple[str, str | bytes]], trailing or ())
     for key, value in metadata:
         if key != _DETAILS_KEY or not isinstance(value, bytes):
             continue
         status = status_pb2.Status.FromString(value)
+        code, retry_after = "", None
         for any_detail in status.details:
             info = error_details_pb2.ErrorInfo()
+            retry = error_details_pb2.RetryInfo()
             if any_detail.Unpack(info) and info.domain == ERROR_DOMAIN:
-                return RemoteError(info.reason, status.message, status_code)
+                code = info.reason
+            elif any_detail.Unpack(retry) and retry.HasField("retry_delay"):
+                retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+        if code:
+            return RemoteError(code, status.message, status_code, retry_after)
     if Catalogue.by_code(details[:8]) is not None:
         return RemoteError(details[:8], details, status_code)
     return RemoteError("", f"{status_code.name}: {details}", status_code)

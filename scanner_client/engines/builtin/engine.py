@@ -24,8 +24,17 @@ from typing import Any, Final, TypeVar
 import httpx
 
 from imagehandler.v1 import common_pb2
-from scanner_client.engine import Database, Engine, Job, Kind, Policy, ProgressReporter, ScanFailure
-from scanner_client.engines.builtin import analyzers, images, malware, sbom, secrets
+from scanner_client.engine import (
+    Database,
+    Engine,
+    Job,
+    Kind,
+    Policy,
+    ProgressReporter,
+    ScanFailure,
+    ScannerBroken,
+)
+from scanner_client.engines.builtin import analyzers, images, malware, sbom, scratch_space, secrets
 from scanner_client.engines.builtin.analyzers import Distro, Package
 from scanner_client.engines.builtin.common import Cancelled, CancelToken, Limits, too_large
 from scanner_client.engines.builtin.databases import LoadedDatabases, load_databases
@@ -51,8 +60,11 @@ ROOT_USERS: Final = frozenset({"", "root", "0", "0:0", "root:root"})
 class BuiltinSettings:
     # Databases (default: the packaged ones).
     db_dir: Path | None = None
-    # Where scans unpack (default: the system temporary directory).
+    # Where scans unpack (default: the system temporary directory), and the free space it
+    # must have: checked at start (the scanner does not start without it) and after a failed
+    # scan (the scanner stops taking work).
     scratch_dir: Path | None = None
+    min_free_scratch: int = scratch_space.DEFAULT_MIN_FREE_MIB * scratch_space.MIB
     # The scanner's proxy; a job's image.proxy_url wins.
     proxy_url: str = ""
     # JSON: {"REF": {"username": ..., "password": ...} | {"token": ...}} for credentials_ref.
@@ -109,6 +121,9 @@ class BuiltinEngine(Engine):
             check_proxy_url(self.settings.proxy_url)
         except ScanFailure as exc:
             raise ValueError(str(exc)) from None
+        self.scratch_root = self.settings.scratch_dir or scratch_space.default_root()
+        # ValueError naming --scratch-dir when scans could not unpack there.
+        scratch_space.prepare(self.scratch_root, self.settings.min_free_scratch)
         # DatabaseError when a database is missing or invalid: the scanner must not start.
         self.db: LoadedDatabases = load_databases(self.settings.db_dir)
         self._credentials = self._read_credentials()
@@ -119,10 +134,33 @@ class BuiltinEngine(Engine):
     # ---- the job ----------------------------------------------------------------------------
 
     async def scan(self, job: Job, progress: ProgressReporter) -> common_pb2.ScanResult:
+        root = self.scratch_root
+        try:
+            workdir = Path(tempfile.mkdtemp(prefix="image-scanner-", dir=root))
+        except OSError as exc:
+            found = scratch_space.problem(root, self.settings.min_free_scratch)
+            raise ScannerBroken(
+                f"--scratch-dir {root} {found or f'refuses a scan directory: {exc.strerror}'}"
+            ) from exc
+        try:
+            return await self._scan_in(workdir, job, progress)
+        except (OSError, ScanFailure) as exc:
+            if isinstance(exc, ScanFailure) and exc.permanent:
+                raise  # the job's own fault
+            # This scan's files are gone: what is wrong now is the scanner's, not the job's.
+            found = await asyncio.to_thread(
+                scratch_space.problem, root, self.settings.min_free_scratch
+            )
+            if found is not None:
+                raise ScannerBroken(f"--scratch-dir {root} {found}") from exc
+            raise
+
+    async def _scan_in(
+        self, scratch: Path, job: Job, progress: ProgressReporter
+    ) -> common_pb2.ScanResult:
         policies = frozenset(job.policies) or frozenset(Policy)
         token = CancelToken()
         report = _ThreadProgress(asyncio.get_running_loop(), progress)
-        scratch = Path(tempfile.mkdtemp(prefix="image-scanner-", dir=self.settings.scratch_dir))
         try:
             kind = job.kind
             if kind is Kind.IMAGE:
@@ -272,7 +310,15 @@ class BuiltinEngine(Engine):
         token: CancelToken,
         report: _ThreadProgress,
     ) -> common_pb2.ScanResult:
-        root = Path(node.root_path or "/")
+        if not node.root_path:
+            # Not "/": that is this scanner's own filesystem, not the node's.
+            raise ScanFailure(
+                "node.root_path is empty: the job must name where the node's filesystem is "
+                "mounted on this scanner",
+                code="HNDL-005",
+                permanent=True,
+            )
+        root = Path(node.root_path)
 
         def analyse() -> common_pb2.ScanResult:
             if not root.is_absolute() or not root.is_dir():
