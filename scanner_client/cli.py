@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import json
 import os
 import signal
 import sys
@@ -50,6 +49,8 @@ class Settings:
     backoff_max: float
     # builtin and command engines (see scanner_client.engines.EngineSettings).
     db_dir: str = ""
+    db_update_url: tuple[str, ...] = ()
+    db_update_interval: float = 0.0
     scratch_dir: str = ""
     credentials_file: str = ""
     insecure_registries: tuple[str, ...] = ()
@@ -104,6 +105,19 @@ def _seconds(allow_zero: bool) -> Callable[[str], float]:
         return number
 
     return parse
+
+
+def duration(value: str) -> float:
+    """Seconds, or a number with s, m, h or d (``6h``)."""
+    text = value.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1:], 0)
+    try:
+        number = float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a time (600, 30m, 6h, 1d)") from None
+    if number < 0 or number != number:
+        raise argparse.ArgumentTypeError(f"{value!r} is out of range")
+    return number
 
 
 def _one_of(choices: Sequence[str]) -> Callable[[str], str]:
@@ -232,6 +246,21 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         metavar="SECONDS",
     )
     option("--db-dir", "", "builtin engine: databases directory (default: packaged)", metavar="DIR")
+    option(
+        "--db-update-url",
+        "",
+        "builtin engine: update the vulnerability database in --db-dir from these sources "
+        "(URLs or paths, comma-separated) every --db-update-interval",
+        parse=_words,
+        metavar="SOURCES",
+    )
+    option(
+        "--db-update-interval",
+        "0",
+        "builtin engine: time between database updates: seconds, or 30m, 6h, 1d (0: never)",
+        parse=duration,
+        metavar="TIME",
+    )
     option("--scratch-dir", "", "builtin engine: where images are unpacked", metavar="DIR")
     option(
         "--credentials-file",
@@ -335,6 +364,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         backoff_initial=args.backoff_initial,
         backoff_max=args.backoff_max,
         db_dir=args.db_dir,
+        db_update_url=args.db_update_url,
+        db_update_interval=args.db_update_interval,
         scratch_dir=args.scratch_dir,
         credentials_file=args.credentials_file,
         insecure_registries=args.insecure_registries,
@@ -376,6 +407,8 @@ def build_client(settings: Settings) -> ScannerClient:
             delay=settings.delay,
             proxy_url=settings.proxy_url,
             db_dir=settings.db_dir,
+            db_update_from=settings.db_update_url,
+            db_update_interval=settings.db_update_interval,
             scratch_dir=settings.scratch_dir,
             credentials_file=settings.credentials_file,
             insecure_registries=settings.insecure_registries,
@@ -442,38 +475,10 @@ def loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | N
 
 
 def db_main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
-    """``image-scanner db info [--db-dir DIR] [--json]``: load and validate the builtin
-    engine's databases and print their versions and release dates (exit 1 when invalid)."""
-    environment = os.environ if env is None else env
-    parser = argparse.ArgumentParser(
-        prog="image-scanner db",
-        description="Show the builtin engine's scan databases, after validating them.",
-    )
-    parser.add_argument("action", choices=["info"])
-    parser.add_argument(
-        "--db-dir",
-        default=environment.get(ENV_PREFIX + "DB_DIR", ""),
-        help=f"databases directory (default: packaged; env {ENV_PREFIX}DB_DIR)",
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    args = parser.parse_args(argv)
-    from scanner_client.engines.builtin.databases import load_databases
+    """``image-scanner db info|verify|build|update``: see :mod:`scanner_client.db_cli`."""
+    from scanner_client.db_cli import main as db_cli_main
 
-    try:
-        loaded = load_databases(Path(args.db_dir) if args.db_dir else None)
-    except ValueError as exc:
-        print(f"image-scanner: invalid database: {exc}", file=sys.stderr)
-        return 1
-    rows = loaded.describe()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for row in rows:
-        print(
-            f"{row['name']:<16} version {row['version']:<12} released {row['released_at']:<21} "
-            f"{row['entries']:<16} {row['path']}"
-        )
-    return 0
+    return db_cli_main(argv, os.environ if env is None else env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
