@@ -163,9 +163,11 @@ def osv_record(record: Any, source: str, imported: Imported) -> Advisory | None:
         imported.leave_out("withdrawn")
         imported.withdrawn[advisory_id] = str(record.get("modified") or record["withdrawn"])
         return None
-    aliases = record.get("aliases") or []
-    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-        raise RecordError(f"{advisory_id}: 'aliases' must be a list of strings")
+    # "upstream" (OSV 1.6: DEBIAN-CVE-2023-4911 -> CVE-2023-4911) names the same
+    # vulnerability for matching purposes: one finding, its CVE as the id.
+    aliases = [*(record.get("aliases") or []), *(record.get("upstream") or [])]
+    if not all(isinstance(a, str) for a in aliases):
+        raise RecordError(f"{advisory_id}: 'aliases' and 'upstream' must be lists of strings")
     affected_list = record.get("affected")
     if not isinstance(affected_list, list) or not affected_list:
         raise RecordError(f"{advisory_id}: 'affected' must be a non-empty list")
@@ -399,12 +401,14 @@ def nodejs_record(record: Any, source: str, imported: Imported) -> Advisory:
     cves = record.get("cves") or []
     if not isinstance(cves, list):
         raise RecordError(f"{advisory_id}: 'cves' must be a list")
+    # The publisher's score first: some records' vectors compute to another score (516:
+    # cvss_score 7.4, its vector 6.3) and the record states which one it means.
     severity: Severity = common_pb2.SEVERITY_UNSPECIFIED
-    if isinstance(record.get("cvss_vector"), str):
-        severity = severity_from_cvss(record["cvss_vector"]) or severity
     score = record.get("cvss_score")
-    if severity == common_pb2.SEVERITY_UNSPECIFIED and isinstance(score, int | float):
+    if isinstance(score, int | float):
         severity = severity_from_score(float(score))
+    elif isinstance(record.get("cvss_vector"), str):
+        severity = severity_from_cvss(record["cvss_vector"]) or severity
     return Advisory(
         id=advisory_id,
         aliases=tuple(sorted({clean_id(str(c)) for c in cves})),

@@ -225,9 +225,9 @@ class VulnStore:
         self._local = threading.local()
         self._cache: dict[tuple[str, str], tuple[Candidate, ...]] = {}
         self._cache_lock = threading.Lock()
+        self._check_file_size()
         connection = self._connection()
         try:
-            self._check_file_size(connection)
             tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
             missing = [t for t in _TABLES if t not in tables]
             if missing:
@@ -256,15 +256,22 @@ class VulnStore:
         if not self.sources:
             raise DatabaseError(f"{self.path}: lists no source")
 
-    def _check_file_size(self, connection: sqlite3.Connection) -> None:
-        """A truncated file: SQLite would only notice when a query reads a missing page."""
-        pages = connection.execute("PRAGMA page_count").fetchone()[0]
-        size = connection.execute("PRAGMA page_size").fetchone()[0]
+    def _check_file_size(self) -> None:
+        """A truncated file: SQLite itself would only notice when a query reads a missing
+        page. The header says how many pages the file has (offsets 16, 24, 28, 92)."""
+        with open(self.path, "rb") as handle:
+            header = handle.read(100)
+        if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+            raise DatabaseError(f"{self.path}: not a readable database (no SQLite header)")
+        page_size = int.from_bytes(header[16:18], "big")
+        page_size = 65536 if page_size == 1 else page_size
+        pages = int.from_bytes(header[28:32], "big")
+        valid = header[24:28] == header[92:96]
         actual = self.path.stat().st_size
-        if pages * size != actual:
+        if valid and pages * page_size != actual:
             raise DatabaseError(
                 f"{self.path}: truncated or damaged ({actual} bytes; its header says "
-                f"{pages * size})"
+                f"{pages * page_size})"
             )
 
     def _connection(self) -> sqlite3.Connection:
