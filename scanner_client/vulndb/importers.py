@@ -165,9 +165,12 @@ def osv_record(record: Any, source: str, imported: Imported) -> Advisory | None:
         return None
     # "upstream" (OSV 1.6: DEBIAN-CVE-2023-4911 -> CVE-2023-4911) names the same
     # vulnerability for matching purposes: one finding, its CVE as the id.
-    aliases = [*(record.get("aliases") or []), *(record.get("upstream") or [])]
-    if not all(isinstance(a, str) for a in aliases):
-        raise RecordError(f"{advisory_id}: 'aliases' and 'upstream' must be lists of strings")
+    aliases: list[Any] = []
+    for key in ("aliases", "upstream"):
+        listed = record.get(key) or []
+        if not isinstance(listed, list) or not all(isinstance(a, str) for a in listed):
+            raise RecordError(f"{advisory_id}: 'aliases' and 'upstream' must be lists of strings")
+        aliases += listed
     affected_list = record.get("affected")
     if not isinstance(affected_list, list) or not affected_list:
         raise RecordError(f"{advisory_id}: 'affected' must be a non-empty list")
