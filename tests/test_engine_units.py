@@ -574,9 +574,9 @@ def test_single_files_and_plain_archives(tmp_path: Path) -> None:
         BuiltinEngine(),
         common_pb2.ScanObject(artifact=common_pb2.ArtifactObject(path=str(archive))),
     )
-    assert [(v.id, v.aliases, v.package, v.fixed_version) for v in result.vulnerabilities] == [
-        ("CVE-2016-4055", ["NSWG-ECO-55"], "moment", "2.11.2")
-    ]
+    assert [
+        (v.id, list(v.aliases), v.package, v.fixed_version) for v in result.vulnerabilities
+    ] == [("CVE-2016-4055", ["NSWG-ECO-55"], "moment", "2.11.2")]
 
 
 def test_cancelling_a_scan_stops_its_thread_and_removes_its_scratch(

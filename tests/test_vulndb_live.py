@@ -79,10 +79,10 @@ async def test_the_handler_takes_new_database_versions_and_refuses_bad_ones(
             rejected = await scanner.expect("rejected")
             assert rejected.error.code == code
             # The stream goes on and the handler keeps the last good list.
-            info = await listed(handler, "raw")
-            assert info is not None
-            assert info.connected
-            assert vulnerability_version(info) == "2"
+            now = await listed(handler, "raw")
+            assert now is not None
+            assert now.connected
+            assert vulnerability_version(now) == "2"
 
 
 @pytest.fixture
@@ -183,9 +183,9 @@ async def test_a_running_scanner_takes_an_update_between_jobs(
     assert {v.id for v in kept.vulnerabilities} == {"CVE-2023-4911", "CVE-2023-38545"}
     refused = await scanner.event("vulnerability database not taken into use; the old one stays")
     assert "truncated or damaged" in refused["error"]
-    info = await listed(handler, "live")
-    assert info is not None
-    assert vulnerability_version(info) == new_version
+    last = await listed(handler, "live")
+    assert last is not None
+    assert vulnerability_version(last) == new_version
 
 
 async def test_periodic_update_from_a_url(

@@ -270,9 +270,9 @@ def _osv_range(advisory_id: str, ecosystem: str, raw: dict[str, Any]) -> Range:
     range_ = Range(str(raw["type"]), tuple(parsed))
     try:
         versions.check_range(ecosystem, range_)
+        return versions.sort_events(ecosystem, range_)
     except VersionError as exc:
         raise RecordError(f"{advisory_id}: {exc}") from None
-    return range_
 
 
 # ---- Alpine secdb -------------------------------------------------------------------------------

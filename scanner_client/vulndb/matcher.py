@@ -88,14 +88,14 @@ class MatchReport(Generic[P]):
     matched_packages: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Hit:
     candidate: Candidate
     fixed: str
+    ids: frozenset[str] = frozenset()
 
-    @property
-    def ids(self) -> set[str]:
-        return {self.candidate.advisory_id, *self.candidate.aliases}
+    def __post_init__(self) -> None:
+        self.ids = frozenset((self.candidate.advisory_id, *self.candidate.aliases))
 
 
 def match(store: VulnStore, packages: Iterable[P]) -> MatchReport[P]:
@@ -112,42 +112,45 @@ def match(store: VulnStore, packages: Iterable[P]) -> MatchReport[P]:
         report.matched_packages += 1
         name = normal_name(ecosystem, package.source_name)
         report.findings.extend(
-            _findings(package, ecosystem, release, store.candidates(ecosystem, name))
+            _findings(
+                package,
+                ecosystem,
+                store.candidates(ecosystem, name, release, package.source_version),
+            )
         )
     report.notes = [_note(e, r, n, store) for (e, r), n in sorted(uncovered.items())]
     return report
 
 
-def _findings(
-    package: P, ecosystem: str, release: str, candidates: tuple[Candidate, ...]
-) -> list[Finding[P]]:
+def _findings(package: P, ecosystem: str, candidates: tuple[Candidate, ...]) -> list[Finding[P]]:
     version = package.source_version
     hits: list[_Hit] = []
     cleared: set[str] = set()
     for candidate in candidates:
-        entry = candidate.affected
-        if entry.release and entry.release != release:
-            continue
-        if entry.not_affected:
+        if candidate.not_affected:
             cleared |= {candidate.advisory_id, *candidate.aliases}
             continue
-        affected, fixed = version in entry.versions, ""
-        for range_ in entry.ranges:
+        affected, fixed = candidate.listed, ""
+        for range_ in candidate.ranges:
             in_range, range_fixed = versions.affected_by(ecosystem, range_, version)
             if in_range:
                 affected, fixed = True, range_fixed or fixed
                 break
         if affected:
-            hits.append(_Hit(candidate, fixed or entry.fixed_hint))
+            hits.append(_Hit(candidate, fixed or candidate.fixed_hint))
+    if not hits:
+        return []
     return [
         _finding(package, ecosystem, group)
         for group in _groups(hits)
-        if not cleared.intersection(*(hit.ids for hit in group))
+        if not cleared or not cleared.intersection(*(hit.ids for hit in group))
     ]
 
 
 def _groups(hits: list[_Hit]) -> list[list[_Hit]]:
     """Hits that share an id (directly or through others) form one group."""
+    if len(hits) == 1:
+        return [hits]
     groups: list[tuple[set[str], list[_Hit]]] = []
     for hit in hits:
         ids = hit.ids
@@ -176,6 +179,16 @@ def _finding(package: P, ecosystem: str, group: list[_Hit]) -> Finding[P]:
         ids |= hit.ids
     first = primary_id(ids)
     fixes = [hit.fixed for hit in group if hit.fixed]
+    if len(group) == 1:
+        (hit,) = group
+        return Finding(
+            package=package,
+            id=first,
+            aliases=tuple(sorted(ids - {first})),
+            fixed=hit.fixed,
+            severity=hit.candidate.severity,  # type: ignore[arg-type]
+            title=hit.candidate.title,
+        )
     titled = sorted(
         (hit.candidate for hit in group if hit.candidate.title),
         key=lambda c: (c.advisory_id != first, c.advisory_id),

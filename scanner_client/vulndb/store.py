@@ -16,6 +16,7 @@ feeds have the same one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from typing import Final
 from urllib.parse import quote
 
 from scanner_client.db import DatabaseError
-from scanner_client.vulndb.model import Advisory, Affected
+from scanner_client.vulndb.model import Advisory
 from scanner_client.vulndb.versions import Event, Range
 
 FORMAT: Final = "image-handler-vulndb"
@@ -83,15 +84,31 @@ class SourceInfo:
     left_out: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Candidate:
-    """An advisory's entry for one package, as read back for matching."""
+    """An advisory's entry for one package, as read back for matching. Lists stay JSON text
+    until needed: most entries of a package are ruled out by their ranges alone."""
 
     advisory_id: str
-    aliases: tuple[str, ...]
+    aliases_json: str
     title: str
     severity: int
-    affected: Affected
+    release: str
+    repository: str
+    not_affected: bool
+    ranges: tuple[Range, ...]
+    # Whether the version asked about is in the entry's ``versions`` list.
+    listed: bool
+    fixed_hint: str
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        return _aliases(self.aliases_json)
+
+
+@functools.lru_cache(maxsize=16384)
+def _aliases(text: str) -> tuple[str, ...]:
+    return tuple(json.loads(text))
 
 
 def _ranges_json(ranges: Sequence[Range]) -> str:
@@ -100,9 +117,10 @@ def _ranges_json(ranges: Sequence[Range]) -> str:
     )
 
 
+@functools.lru_cache(maxsize=65536)
 def _ranges(text: str) -> tuple[Range, ...]:
     return tuple(
-        Range(kind, tuple(Event(event, value) for event, value in events))
+        Range(kind, tuple(Event._make(pair) for pair in events))
         for kind, events in json.loads(text)
     )
 
@@ -223,7 +241,7 @@ class VulnStore:
         if not self.path.is_file():
             raise DatabaseError(f"{self.path} does not exist")
         self._local = threading.local()
-        self._cache: dict[tuple[str, str], tuple[Candidate, ...]] = {}
+        self._cache: dict[tuple[str, str, str, str], tuple[Candidate, ...]] = {}
         self._cache_lock = threading.Lock()
         self._check_file_size()
         connection = self._connection()
@@ -302,37 +320,28 @@ class VulnStore:
         row = self._connection().execute(f"SELECT count(*) FROM {table}").fetchone()
         return int(row[0])
 
-    def candidates(self, ecosystem: str, name: str) -> tuple[Candidate, ...]:
-        """Every advisory entry for ``name`` in ``ecosystem`` (all releases)."""
-        key = (ecosystem, name)
+    def candidates(
+        self, ecosystem: str, name: str, release: str, version: str
+    ) -> tuple[Candidate, ...]:
+        """The advisory entries for ``name`` in ``ecosystem`` that apply to ``release`` (its
+        own, and those written for every release, ``""``), each saying whether it lists
+        ``version``. The lists stay in the file: in their JSON every element is a quoted
+        string and a raw quote only delimits one, so the quoted version occurs in the text
+        exactly when it is an element (long lists are never copied out)."""
+        key = (ecosystem, name, release, version)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
         rows = self._connection().execute(
             "SELECT a.id, a.aliases, a.title, a.severity, f.release, f.repository, "
-            "f.not_affected, f.ranges, f.versions, f.fixed_hint "
+            "f.not_affected, f.ranges, instr(f.versions, ?) > 0, f.fixed_hint "
             "FROM affected f JOIN advisories a ON a.rowid = f.advisory "
-            "WHERE f.ecosystem = ? AND f.name = ?",
-            key,
+            "WHERE f.ecosystem = ? AND f.name = ? AND f.release IN (?, '')",
+            (json.dumps(version), ecosystem, name, release),
         )
         found = tuple(
-            Candidate(
-                advisory_id=row[0],
-                aliases=tuple(json.loads(row[1])),
-                title=row[2],
-                severity=row[3],
-                affected=Affected(
-                    ecosystem=ecosystem,
-                    release=row[4],
-                    name=name,
-                    repository=row[5],
-                    not_affected=bool(row[6]),
-                    ranges=_ranges(row[7]),
-                    versions=tuple(json.loads(row[8])),
-                    fixed_hint=row[9],
-                ),
-            )
-            for row in rows
+            Candidate(a, b, c, d, e, f, bool(g), _ranges(h), bool(i), j)
+            for a, b, c, d, e, f, g, h, i, j in rows
         )
         with self._cache_lock:
             if len(self._cache) > 100_000:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, NamedTuple
 
 from univers.version_range import NpmVersionRange
 from univers.versions import (
@@ -104,35 +103,40 @@ def parse(ecosystem: str, range_type: str, value: str) -> Version:
         raise VersionError(f"{value!r} is not a valid {ecosystem} version") from exc
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
+    # Tuples: thousands are read back per scan, and a tuple is the cheapest object to make.
     kind: str  # introduced, fixed, last_affected, limit
     value: str
 
 
-@dataclass(frozen=True, slots=True)
-class Range:
-    type: str  # ECOSYSTEM or SEMVER
+class Range(NamedTuple):
+    type: str  # ECOSYSTEM, SEMVER, or NPM (a node-semver expression)
     events: tuple[Event, ...]
 
 
 @functools.lru_cache(maxsize=8192)
-def npm_range(expression: str) -> NpmVersionRange:
-    try:
-        parsed: NpmVersionRange = NpmVersionRange.from_native(expression)  # type: ignore[no-untyped-call]
-        return parsed
-    except Exception as exc:
-        raise VersionError(f"{expression!r} is not a node-semver range: {exc}") from None
+def npm_range(expression: str) -> tuple[NpmVersionRange, ...]:
+    """A node-semver range, one univers range per ``||`` alternative (flattened into one,
+    alternatives can make a constraint sequence that univers refuses)."""
+    alternatives = []
+    for alternative in expression.split("||"):
+        try:
+            parsed: NpmVersionRange = NpmVersionRange.from_native(alternative.strip() or "*")  # type: ignore[no-untyped-call]
+            SemverVersion("0.0.0") in parsed  # noqa: B015 (univers checks the sequence here)
+        except Exception as exc:
+            raise VersionError(f"{expression!r} is not a node-semver range: {exc}") from None
+        alternatives.append(parsed)
+    return tuple(alternatives)
 
 
 def npm_lowest(expression: str) -> str:
     """The lowest version a node-semver range starts at (``>=4.17.19`` -> 4.17.19); "" when
     it has no lower bound (``<0.0.0``: nothing is patched)."""
     try:
-        constraints = npm_range(expression).constraints
+        alternatives = npm_range(expression)
     except VersionError:
         return ""
-    lowest = [c.version for c in constraints if c.comparator in (">=", "=")]
+    lowest = [c.version for r in alternatives for c in r.constraints if c.comparator in (">=", "=")]
     if not lowest:
         return ""
     best = lowest[0]
@@ -158,74 +162,78 @@ def check_range(ecosystem: str, range_: Range) -> None:
         parse(ecosystem, range_.type, event.value)
 
 
-def _sorted_events(ecosystem: str, range_: Range) -> list[tuple[Version | None, Event]]:
-    # introduced "0" sorts first; at equal versions, the order of the record is kept.
-    keyed = [
-        (
-            None
-            if event.value == "0" and event.kind == "introduced"
-            else parse(ecosystem, range_.type, event.value),
-            event,
-        )
-        for event in range_.events
+def sort_events(ecosystem: str, range_: Range) -> Range:
+    """The range with its events in version order (``introduced: 0`` first; at equal
+    versions the record's order is kept), as :func:`affected_by` expects them. Done once,
+    when the database is built."""
+    if range_.type == NPM_RANGE:
+        return range_
+    zeros = [e for e in range_.events if e.kind == "introduced" and e.value == "0"]
+    rest = [
+        (parse(ecosystem, range_.type, e.value), e)
+        for e in range_.events
+        if not (e.kind == "introduced" and e.value == "0")
     ]
-    zeros = [item for item in keyed if item[0] is None]
-    rest = [item for item in keyed if item[0] is not None]
     rest.sort(key=functools.cmp_to_key(_compare))
-    return zeros + rest
+    return Range(range_.type, (*zeros, *(event for _, event in rest)))
 
 
-def _compare(a: tuple[Version | None, Event], b: tuple[Version | None, Event]) -> int:
-    left, right = a[0], b[0]
-    assert left is not None
-    assert right is not None
-    return -1 if left < right else (1 if right < left else 0)
+def _compare(a: tuple[Version, Event], b: tuple[Version, Event]) -> int:
+    return -1 if a[0] < b[0] else (1 if b[0] < a[0] else 0)
 
 
-@functools.lru_cache(maxsize=32768)
-def _prepared(ecosystem: str, range_: Range) -> tuple[tuple[Version | None, Event], ...]:
-    return tuple(_sorted_events(ecosystem, range_))
+def _key(version: Version) -> Any:
+    """What ``version`` is ordered by: univers orders a Version by its ``value`` (the
+    packaging / semver / ... object) unless the class compares itself; comparing the values
+    directly skips attrs' per-comparison tuples (most of the cost of matching)."""
+    return version.value if type(version).__lt__ is Version.__lt__ else version
+
+
+@functools.lru_cache(maxsize=131072)
+def _bound(ecosystem: str, range_type: str, value: str) -> Any:
+    return _key(parse(ecosystem, range_type, value))
 
 
 def affected_by(ecosystem: str, range_: Range, version: str) -> tuple[bool, str]:
-    """(affected, fixed version) of ``version`` in ``range_``: the fixed version is the lowest
-    ``fixed`` event above it ("" when none is known). A version the ecosystem cannot place is
-    not affected by any range (it still matches an explicit ``versions`` list)."""
+    """(affected, fixed version) of ``version`` in ``range_`` (events in version order, see
+    :func:`sort_events`): the fixed version is the lowest ``fixed`` event above it ("" when
+    none is known). A version the ecosystem cannot place is not affected by any range (it
+    still matches an explicit ``versions`` list).
+
+    The events are walked in order and the walk stops at the first bound above the version:
+    no later event can change the outcome, so later bounds are not even parsed."""
     try:
         if range_.type == NPM_RANGE:
-            current = parse(ecosystem, "SEMVER", version)
-            return current in npm_range(range_.events[0].value), ""
-        current = parse(ecosystem, range_.type, version)
-        events = _prepared(ecosystem, range_)
+            semver = parse(ecosystem, "SEMVER", version)
+            return any(semver in r for r in npm_range(range_.events[0].value)), ""
+        current = _bound(ecosystem, range_.type, version)
+        events = range_.events
+        vulnerable = False
+        index = 0
+        for index, event in enumerate(events):  # noqa: B007 (index is used after the loop)
+            if event.kind == "limit":
+                continue
+            if event.kind == "introduced" and event.value == "0":
+                vulnerable = True
+                continue
+            bound = _bound(ecosystem, range_.type, event.value)
+            if current < bound:
+                break
+            if event.kind == "introduced":
+                vulnerable = True
+            elif event.kind == "fixed" or (event.kind == "last_affected" and bound < current):
+                vulnerable = False
+        else:
+            index = len(events)
+        if not vulnerable:
+            return False, ""
+        limits = [e.value for e in events if e.kind == "limit"]
+        if limits and not any(current < _bound(ecosystem, range_.type, v) for v in limits):
+            return False, ""
+        fixed = next((e.value for e in events[index:] if e.kind == "fixed"), "")
+        return True, fixed
     except VersionError:
         return False, ""
-    limits = [bound for bound, event in events if event.kind == "limit" and bound is not None]
-    if limits and not any(current < bound for bound in limits):
-        return False, ""
-    vulnerable = False
-    for bound, event in events:
-        if event.kind == "introduced":
-            if bound is None or not current < bound:
-                vulnerable = True
-        elif event.kind == "fixed":
-            assert bound is not None
-            if not current < bound:
-                vulnerable = False
-        elif event.kind == "last_affected":
-            assert bound is not None
-            if bound < current:
-                vulnerable = False
-    if not vulnerable:
-        return False, ""
-    fixed = [
-        (bound, event.value)
-        for bound, event in events
-        if event.kind == "fixed" and bound is not None and current < bound
-    ]
-    if not fixed:
-        return True, ""
-    lowest = functools.reduce(lambda a, b: b if b[0] < a[0] else a, fixed)
-    return True, lowest[1]
 
 
 def highest(ecosystem: str, values: Sequence[str]) -> str:
