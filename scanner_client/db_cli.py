@@ -249,6 +249,7 @@ def _update(args: argparse.Namespace) -> int:
     outcome = update(
         Path(args.db_dir), args.origins, proxy=args.proxy_url, snapshot_date=args.snapshot_date
     )
+    outcome.report.path = outcome.path  # it was built beside it, under a temporary name
     _print_report(outcome.report)
     if outcome.changed:
         print(f"updated {outcome.path}: {outcome.version} (was {outcome.previous_version or '-'})")

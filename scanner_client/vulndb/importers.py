@@ -395,9 +395,10 @@ def nodejs_record(record: Any, source: str, imported: Imported) -> Advisory:
     name = _text(record.get("module_name"), f"{advisory_id}: 'module_name'")
     _newest(imported, record.get("updated_at"))
     vulnerable = _text(record.get("vulnerable_versions"), f"{advisory_id}: 'vulnerable_versions'")
-    range_ = Range("NPM", (Event("range", vulnerable),))
     try:
-        versions.check_range("npm", range_)
+        ranges = versions.npm_ranges(vulnerable)
+        for range_ in ranges:
+            versions.check_range("npm", range_)
     except VersionError as exc:
         raise RecordError(f"{advisory_id}: vulnerable_versions: {exc}") from None
     patched = record.get("patched_versions")
@@ -424,7 +425,7 @@ def nodejs_record(record: Any, source: str, imported: Imported) -> Advisory:
                 ecosystem="npm",
                 release="",
                 name=name,
-                ranges=(range_,),
+                ranges=ranges,
                 fixed_hint=versions.npm_lowest(patched) if isinstance(patched, str) else "",
             ),
         ),

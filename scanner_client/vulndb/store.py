@@ -117,10 +117,14 @@ def _ranges_json(ranges: Sequence[Range]) -> str:
     )
 
 
+# Event(*pair) without a Python-level call per event.
+_event = functools.partial(tuple.__new__, Event)
+
+
 @functools.lru_cache(maxsize=65536)
 def _ranges(text: str) -> tuple[Range, ...]:
     return tuple(
-        Range(kind, tuple(Event._make(pair) for pair in events))
+        Range(kind, tuple(map(_event, events)))
         for kind, events in json.loads(text)
     )
 

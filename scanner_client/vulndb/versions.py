@@ -71,8 +71,10 @@ DISTRIBUTIONS: Final = frozenset(
 )
 
 RANGE_TYPES: Final = frozenset({"ECOSYSTEM", "SEMVER"})
-# Not an OSV type: a node-semver expression kept as written (the Node.js WG's advisories).
+# Not an OSV type: one node-semver comparator set (the Node.js WG's advisories), its events
+# being comparators (">=", "<", ...) that must all hold. An advisory's "a || b" is two ranges.
 NPM_RANGE: Final = "NPM"
+_COMPARATORS: Final = frozenset({">=", ">", "<=", "<", "=", "*"})
 EVENT_KINDS: Final = ("introduced", "fixed", "last_affected", "limit")
 
 
@@ -114,6 +116,15 @@ class Range(NamedTuple):
     events: tuple[Event, ...]
 
 
+def npm_ranges(expression: str) -> tuple[Range, ...]:
+    """A node-semver range as comparator sets, one per ``||`` alternative (``^1.2.3``,
+    ``~1.2`` and x-ranges expanded by univers)."""
+    return tuple(
+        Range(NPM_RANGE, tuple(Event(c.comparator, str(c.version)) for c in r.constraints))
+        for r in npm_range(expression)
+    )
+
+
 @functools.lru_cache(maxsize=8192)
 def npm_range(expression: str) -> tuple[NpmVersionRange, ...]:
     """A node-semver range, one univers range per ``||`` alternative (flattened into one,
@@ -150,7 +161,11 @@ def check_range(ecosystem: str, range_: Range) -> None:
     """Raise VersionError when an event version does not parse, or the events are not a
     range (no ``introduced`` at all)."""
     if range_.type == NPM_RANGE:
-        npm_range(range_.events[0].value)
+        for event in range_.events:
+            if event.kind not in _COMPARATORS:
+                raise VersionError(f"unknown comparator {event.kind!r}")
+            if event.kind != "*":
+                parse("npm", "SEMVER", event.value)
         return
     if not any(event.kind == "introduced" for event in range_.events):
         raise VersionError("a range needs an 'introduced' event")
@@ -204,8 +219,7 @@ def affected_by(ecosystem: str, range_: Range, version: str) -> tuple[bool, str]
     no later event can change the outcome, so later bounds are not even parsed."""
     try:
         if range_.type == NPM_RANGE:
-            semver = parse(ecosystem, "SEMVER", version)
-            return any(semver in r for r in npm_range(range_.events[0].value)), ""
+            return _satisfies(_bound(ecosystem, "SEMVER", version), range_), ""
         current = _bound(ecosystem, range_.type, version)
         events = range_.events
         vulnerable = False
@@ -234,6 +248,26 @@ def affected_by(ecosystem: str, range_: Range, version: str) -> tuple[bool, str]
         return True, fixed
     except VersionError:
         return False, ""
+
+
+def _satisfies(current: Any, range_: Range) -> bool:
+    for event in range_.events:
+        if event.kind == "*":
+            continue
+        bound = _bound("npm", "SEMVER", event.value)
+        if event.kind == ">=":
+            ok = not current < bound
+        elif event.kind == ">":
+            ok = bound < current
+        elif event.kind == "<":
+            ok = current < bound
+        elif event.kind == "<=":
+            ok = not bound < current
+        else:
+            ok = not current < bound and not bound < current
+        if not ok:
+            return False
+    return True
 
 
 def highest(ecosystem: str, values: Sequence[str]) -> str:
