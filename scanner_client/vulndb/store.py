@@ -123,10 +123,7 @@ _event = functools.partial(tuple.__new__, Event)
 
 @functools.lru_cache(maxsize=65536)
 def _ranges(text: str) -> tuple[Range, ...]:
-    return tuple(
-        Range(kind, tuple(map(_event, events)))
-        for kind, events in json.loads(text)
-    )
+    return tuple(Range(kind, tuple(map(_event, events))) for kind, events in json.loads(text))
 
 
 def write(
