@@ -42,7 +42,7 @@ from tests.oci import (
     symlink,
     tools_missing,
 )
-from tests.vulnfeeds import ALPINE, NODEJS, PYPA, debian_zip
+from tests.vulnfeeds import ALPINE, DPKG_STATUS, NODEJS, PYPA, debian_zip
 
 DEADLINE = 20.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,33 +52,6 @@ DONE = frozenset(
 
 OS_RELEASE_DEBIAN = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'
 OS_RELEASE_ALPINE = 'NAME="Alpine Linux"\nID=alpine\nVERSION_ID=3.11.6\n'
-DPKG_STATUS = """\
-Package: libc6
-Status: install ok installed
-Architecture: amd64
-Source: glibc
-Version: 2.36-9+deb12u1
-
-Package: openssh-client
-Status: install ok installed
-Architecture: amd64
-Source: openssh
-Version: 1:9.2p1-2+deb12u3
-Description: secure shell (SSH) client
- A multi-line description
- that goes on.
-
-Package: curl
-Status: install ok installed
-Architecture: amd64
-Version: 7.88.1-10+deb12u3
-
-Package: libssl1.1
-Status: deinstall ok config-files
-Architecture: amd64
-Source: openssl
-Version: 1.1.1n-0+deb11u1
-"""
 # Alpine 3.11: openssl 1.1.1d-r2 is affected by CVE-2019-1551 in v3.11's secdb (fixed in -r3).
 APK_INSTALLED = """\
 C:Q1abc=

@@ -22,7 +22,7 @@ from tests.conftest import Handler, MakeHandler
 from tests.helpers import RawScanner
 from tests.test_scanner_client_protocol import Child, Spawn, spawn  # noqa: F401 (fixture)
 from tests.test_vulndb import served  # noqa: F401 (fixture)
-from tests.vulnfeeds import DPKG_BOOKWORM, debian_zip
+from tests.vulnfeeds import DPKG_STATUS, debian_zip
 
 DEADLINE = 30.0
 PACKAGED_VERSION = VulnStore(DEFAULT_DIR / "vulnerabilities.db").version
@@ -91,7 +91,7 @@ def root_with_bookworm_packages(tmp_path: Path) -> Path:
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "os-release").write_text('ID=debian\nVERSION_ID="12"\n')
     (root / "var" / "lib" / "dpkg").mkdir(parents=True)
-    (root / "var" / "lib" / "dpkg" / "status").write_text(DPKG_BOOKWORM)
+    (root / "var" / "lib" / "dpkg" / "status").write_text(DPKG_STATUS)
     return root
 
 

@@ -64,7 +64,9 @@ def debian_zip(path: Path, records: list[dict[str, Any]] | None = None) -> Path:
     return path
 
 
-DPKG_BOOKWORM = """\
+# A Debian 12 dpkg database: glibc affected by CVE-2023-4911, openssh at exactly its fix (with
+# an epoch), curl affected (deb12u3 < deb12u4), and a removed package that is not installed.
+DPKG_STATUS = """\
 Package: libc6
 Status: install ok installed
 Architecture: amd64
@@ -76,6 +78,9 @@ Status: install ok installed
 Architecture: amd64
 Source: openssh
 Version: 1:9.2p1-2+deb12u3
+Description: secure shell (SSH) client
+ A multi-line description
+ that goes on.
 
 Package: curl
 Status: install ok installed
