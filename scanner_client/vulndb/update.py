@@ -44,12 +44,13 @@ def seed(directory: Path) -> bool:
     if (directory / MANIFEST).exists():
         return False
     directory.mkdir(parents=True, exist_ok=True)
-    for entry in read_manifest(DEFAULT_DIR).values():
-        shutil.copyfile(entry.path, directory / entry.path.name)
-    # The manifest last: a directory with a manifest is complete.
-    partial = directory / f".{MANIFEST}.tmp"
-    shutil.copyfile(DEFAULT_DIR / MANIFEST, partial)
-    os.replace(partial, directory / MANIFEST)
+    # Each file copied under a temporary name and renamed (two seeds at once are harmless),
+    # the manifest last: a directory with a manifest is complete.
+    sources = [entry.path for entry in read_manifest(DEFAULT_DIR).values()]
+    for source in [*sources, DEFAULT_DIR / MANIFEST]:
+        partial = directory / f".{source.name}.{os.getpid()}.tmp"
+        shutil.copyfile(source, partial)
+        os.replace(partial, directory / source.name)
     return True
 
 
@@ -73,8 +74,9 @@ def update(
 ) -> UpdateOutcome:
     """Build from ``origins`` and swap the result in; DatabaseError says why it did not."""
     directory = Path(directory)
-    seed(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     with _locked(directory):
+        seed(directory)
         target = read_manifest(directory)["vulnerabilities"].path
         previous, previous_version = "", ""
         with contextlib.suppress(DatabaseError):
