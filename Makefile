@@ -10,7 +10,7 @@ LISTEN ?= 127.0.0.1:50051
 DATA_DIR ?= .data
 
 .PHONY: run test test-slow lint protos check-protos venv clean bench-durability bench-results \
-	test-tools bench-layers bench
+	test-tools bench-layers bench vulndb
 
 venv: $(STAMP)
 
@@ -31,6 +31,14 @@ protos: $(STAMP)
 	  $(PROTO_FILES)
 	touch imagehandler/__init__.py imagehandler/v1/__init__.py imagehandler/py.typed \
 	  imagehandler/storage/__init__.py imagehandler/storage/v1/__init__.py
+
+# The packaged vulnerability database, compiled from the feeds in vulndata/ (commit the result;
+# tests/test_vulndb.py checks that it equals a fresh build).
+VULNDATA := $(sort $(wildcard vulndata/*.tar.gz))
+vulndb: $(STAMP)
+	rm -f scanner_client/db/vulnerabilities.db
+	$(BIN)/image-scanner db build $(foreach src,$(VULNDATA),--from $(src)) \
+	  --out scanner_client/db/vulnerabilities.db
 
 # The committed generated code must match protos/: regenerate into a scratch copy and compare.
 check-protos: $(STAMP)

@@ -7,7 +7,8 @@ PASS / FAIL, also written as JSON (``bench/results/latest.json``) so runs can be
 
 Everything runs on this machine, the handler and its load in separate processes. What each
 part measures and how is in its module: :mod:`bench.e2e`, :mod:`bench.pickup`,
-:mod:`bench.memory`, :mod:`bench.scale`, :mod:`bench.celery_side`, :mod:`bench.grpc_ceiling`.
+:mod:`bench.memory`, :mod:`bench.scale`, :mod:`bench.celery_side`, :mod:`bench.grpc_ceiling`,
+:mod:`bench.vulndb`.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import celery_side, e2e, grpc_ceiling, memory, pickup, scale
+from bench import celery_side, e2e, grpc_ceiling, memory, pickup, scale, vulndb
 from bench.common import ROOT, median
 
-PARTS = ("e2e", "pickup", "memory", "scale", "celery", "echo")
+PARTS = ("e2e", "pickup", "memory", "scale", "celery", "echo", "vulndb")
 LATEST = ROOT / "bench" / "results" / "latest.json"
 
 
@@ -214,6 +215,9 @@ def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any])
     if "echo" in parts:
         section("echo", "raw grpc.aio echo")
         out["echo"] = {k: asdict(v) for k, v in grpc_ceiling.measure(s.echo_scale).items()}
+    if "vulndb" in parts:
+        section("vulndb", "vulnerability database: build, load, matching")
+        out["vulndb"] = asdict(vulndb.measure(workdir, 1 if s.quick else 3))
 
 
 def rows(out: dict[str, Any]) -> list[Row]:
@@ -351,6 +355,16 @@ def rows(out: dict[str, Any]) -> list[Row]:
                          "<= 1.50", loaded <= 1.5))  # fmt: skip
         table.append(Row("dispatch cost ratio 1,000 / 10 scanners (idle)", idle, "x",
                          "<= 1.50", idle <= 1.5))  # fmt: skip
+    if "vulndb" in out:
+        v = out["vulndb"]
+        table.append(Row(f"vulndb build from the bundled feeds ({v['advisories']:,} advisories)",
+                         v["build_seconds"] * 1000, "ms"))  # fmt: skip
+        table.append(Row("  database file size", v["size_bytes"] / 1024, "KiB"))
+        table.append(Row("  load at scanner start (all databases)", v["load_ms"], "ms"))
+        table.append(Row(f"vulndb match {v['packages']:,} packages, first scan (cold)",
+                         v["match_cold_ms"], "ms", "< 100", v["match_cold_ms"] < 100))  # fmt: skip
+        table.append(Row(f"  match {v['packages']:,} packages, later scans (warm)",
+                         v["match_warm_ms"], "ms"))  # fmt: skip
     speeds = out.get("meta", {}).get("speed", {})
     if len(speeds) > 1:
         # Past ~1.15 x, a ratio between two parts (ours / Celery) is off by as much.

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import json
 import os
 import signal
 import sys
@@ -54,6 +53,8 @@ class Settings:
     backoff_max: float
     # builtin and command engines (see scanner_client.engines.EngineSettings).
     db_dir: str = ""
+    db_update_url: tuple[str, ...] = ()
+    db_update_interval: float = 0.0
     scratch_dir: str = ""
     min_free_scratch: float = 256.0
     credentials_file: str = ""
@@ -117,6 +118,19 @@ def _mebibytes(value: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of MiB") from None
     if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is out of range")
+    return number
+
+
+def duration(value: str) -> float:
+    """Seconds, or a number with s, m, h or d (``6h``)."""
+    text = value.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1:], 0)
+    try:
+        number = float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a time (600, 30m, 6h, 1d)") from None
+    if number < 0 or number != number:
         raise argparse.ArgumentTypeError(f"{value!r} is out of range")
     return number
 
@@ -248,6 +262,21 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     option("--db-dir", "", "builtin engine: databases directory (default: packaged)", metavar="DIR")
     option(
+        "--db-update-url",
+        "",
+        "builtin engine: update the vulnerability database in --db-dir from these sources "
+        "(URLs or paths, comma-separated) every --db-update-interval",
+        parse=_words,
+        metavar="SOURCES",
+    )
+    option(
+        "--db-update-interval",
+        "0",
+        "builtin engine: time between database updates: seconds, or 30m, 6h, 1d (0: never)",
+        parse=duration,
+        metavar="TIME",
+    )
+    option(
         "--scratch-dir",
         "",
         "builtin engine: where images are unpacked, created if missing (default: the system "
@@ -364,6 +393,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         backoff_initial=args.backoff_initial,
         backoff_max=args.backoff_max,
         db_dir=args.db_dir,
+        db_update_url=args.db_update_url,
+        db_update_interval=args.db_update_interval,
         scratch_dir=args.scratch_dir,
         min_free_scratch=args.min_free_scratch,
         credentials_file=args.credentials_file,
@@ -406,6 +437,8 @@ def build_client(settings: Settings) -> ScannerClient:
             delay=settings.delay,
             proxy_url=settings.proxy_url,
             db_dir=settings.db_dir,
+            db_update_from=settings.db_update_url,
+            db_update_interval=settings.db_update_interval,
             scratch_dir=settings.scratch_dir,
             min_free_scratch=settings.min_free_scratch,
             credentials_file=settings.credentials_file,
@@ -473,38 +506,10 @@ def loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | N
 
 
 def db_main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
-    """``image-scanner db info [--db-dir DIR] [--json]``: load and validate the builtin
-    engine's databases and print their versions and release dates (exit 1 when invalid)."""
-    environment = os.environ if env is None else env
-    parser = argparse.ArgumentParser(
-        prog="image-scanner db",
-        description="Show the builtin engine's scan databases, after validating them.",
-    )
-    parser.add_argument("action", choices=["info"])
-    parser.add_argument(
-        "--db-dir",
-        default=environment.get(ENV_PREFIX + "DB_DIR", ""),
-        help=f"databases directory (default: packaged; env {ENV_PREFIX}DB_DIR)",
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    args = parser.parse_args(argv)
-    from scanner_client.engines.builtin.databases import load_databases
+    """``image-scanner db info|verify|build|update``: see :mod:`scanner_client.db_cli`."""
+    from scanner_client.db_cli import main as db_cli_main
 
-    try:
-        loaded = load_databases(Path(args.db_dir) if args.db_dir else None)
-    except ValueError as exc:
-        print(f"image-scanner: invalid database: {exc}", file=sys.stderr)
-        return 1
-    rows = loaded.describe()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for row in rows:
-        print(
-            f"{row['name']:<16} version {row['version']:<12} released {row['released_at']:<21} "
-            f"{row['entries']:<16} {row['path']}"
-        )
-    return 0
+    return db_cli_main(argv, os.environ if env is None else env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -134,6 +134,8 @@ class ClientStats:
     rejections: int = 0
     messages_sent: int = 0
     results_messages: int = 0
+    # DatabasesChanged messages written (live database updates told to the handler).
+    databases_changes: int = 0
 
     @property
     def jobs_done(self) -> int:
@@ -276,6 +278,9 @@ class ScannerClient:
         self._unwinding: set[asyncio.Task[None]] = set()
         # What the engine said when it found this scanner cannot work (run() raises it).
         self.broken: ScannerBroken | None = None
+        # The registered session, while there is one (live database updates go to it).
+        self._live: _Session | None = None
+        engine.databases_changed_callback = self._databases_changed
 
     # ---- control ----------------------------------------------------------------------------
 
@@ -297,6 +302,7 @@ class ScannerClient:
         channel = self._channel()
         self._stub = scanner_service_pb2_grpc.ScannerServiceStub(channel)
         backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
+        background = asyncio.create_task(self._engine_background(), name="engine background")
         try:
             while not self._drain_requested.is_set() and not self._stop_requested.is_set():
                 outcome = await self._until_stopped(self._session)
@@ -331,10 +337,43 @@ class ScannerClient:
             self.log.error("registration refused", code=rejected.code, error=rejected.message)
             raise
         finally:
+            background.cancel()
+            await asyncio.wait({background})
             self.registered.clear()
             await channel.close(None)
             self._done.set()
             self._notify()
+
+    async def _engine_background(self) -> None:
+        """The engine's own background work (periodic database updates); a failure there is
+        logged, never the end of the scanner."""
+        try:
+            await self.engine.run_background()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("engine background work failed")
+
+    def _databases_changed(self) -> None:
+        """The engine took new databases into use: tell the handler on the current stream
+        (a later registration sends them anyway)."""
+        session = self._live
+        if session is None or session.closing:
+            return
+        try:
+            databases = tuple(self.engine.databases())
+        except Exception:
+            self.log.exception("engine cannot list its databases")
+            return
+        protos = tuple(database.to_proto() for database in databases)
+        if protos == session.databases:
+            return
+        session.databases = protos
+        session.outbox.put(protocol.databases_changed(databases))
+        session.log.info(
+            "databases changed",
+            databases={d.name: f"{d.version}@{d.released_at}" for d in databases},
+        )
 
     def request_drain(self) -> None:
         """Start draining (safe from a signal handler); :meth:`run` returns when done."""
@@ -435,6 +474,8 @@ class ScannerClient:
             return outcome
         finally:
             self.registered.clear()
+            if self._live is session:
+                self._live = None
             for task in tasks:
                 task.cancel()
             if session is not None:
@@ -501,6 +542,7 @@ class ScannerClient:
             registered_at=asyncio.get_running_loop().time(),
         )
         self.registration = registration
+        self._live = session
         self.stats.registrations += 1
         self.registered.set()
         self._notify()
@@ -811,6 +853,8 @@ class ScannerClient:
             self.stats.jobs_failed += 1
         elif kind == "drain":
             self.drain_sent.set()
+        elif kind == "databases":
+            self.stats.databases_changes += 1
         else:
             return
         self._notify()

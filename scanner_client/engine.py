@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import enum
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -171,10 +171,29 @@ class Engine(abc.ABC):
     name: str = "engine"
     # Object kinds this engine scans; empty means every kind.
     kinds: frozenset[Kind] = frozenset()
+    # Set by the client: called (on the event loop) when ``databases()`` changed, so that
+    # the handler is told the new versions.
+    databases_changed_callback: Callable[[], None] | None = None
 
     @abc.abstractmethod
     def databases(self) -> Sequence[Database]:
-        """The scan databases in use now, with their release dates (sent at registration)."""
+        """The scan databases in use now, with their release dates (sent at registration,
+        and again whenever :meth:`notify_databases_changed` is called)."""
+
+    def notify_databases_changed(self) -> None:
+        """Call after a live database update: the client tells the handler."""
+        if self.databases_changed_callback is not None:
+            self.databases_changed_callback()
+
+    async def refresh_databases(self) -> bool:
+        """Take updated databases into use between jobs; True when ``databases()`` changed.
+        The default has nothing to refresh."""
+        return False
+
+    async def run_background(self) -> None:
+        """Work the engine does for as long as the client runs (periodic database updates);
+        cancelled when the client stops. The default does nothing."""
+        return None
 
     @abc.abstractmethod
     async def scan(self, job: Job, progress: ProgressReporter) -> common_pb2.ScanResult:

@@ -49,6 +49,14 @@ def heartbeat(active_job_ids: Iterable[str]) -> scanner_service_pb2.ConnectReque
     )
 
 
+def databases_changed(databases: Sequence[Database]) -> scanner_service_pb2.ConnectRequest:
+    return scanner_service_pb2.ConnectRequest(
+        databases=scanner_service_pb2.DatabasesChanged(
+            databases=[database.to_proto() for database in databases]
+        )
+    )
+
+
 def drain() -> scanner_service_pb2.ConnectRequest:
     return scanner_service_pb2.ConnectRequest(drain=scanner_service_pb2.Drain())
 

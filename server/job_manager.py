@@ -9,6 +9,7 @@ the indexes, publishes the event and logs it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections import Counter
@@ -45,6 +46,7 @@ from server.retry import RetryPolicy, RunFailure
 from server.scanners import (
     AssignJobs,
     CancelRun,
+    Database,
     DrainScanner,
     RejectMessage,
     ScannerMessage,
@@ -612,6 +614,15 @@ class JobManager:
         session.draining = True
         self.dispatcher.refresh(session)
         log.info("scanner.draining", scanner_id=session.scanner_id, jobs=list(session.held))
+
+    def databases_changed(self, session: ScannerSession, databases: tuple[Database, ...]) -> None:
+        """A live database update on the scanner: ListScanners shows the new versions."""
+        session.profile = dataclasses.replace(session.profile, databases=databases)
+        log.info(
+            "scanner.databases_changed",
+            scanner_id=session.scanner_id,
+            databases={d.name: f"{d.version}@{d.released_at}" for d in databases},
+        )
 
     def heartbeat(self, session: ScannerSession, active_job_ids: Iterable[str]) -> None:
         now = self.loop.time()

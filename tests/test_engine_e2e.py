@@ -26,6 +26,7 @@ from scanner_client import ClientConfig, Database, ScannerClient
 from scanner_client.engine import Engine
 from scanner_client.engines.builtin import BuiltinEngine, BuiltinSettings
 from scanner_client.engines.command import CommandEngine
+from scanner_client.vulndb import update as vulndb_update
 from tests.conftest import MakeHandler
 from tests.helpers import remote_error
 from tests.oci import (
@@ -41,6 +42,7 @@ from tests.oci import (
     symlink,
     tools_missing,
 )
+from tests.vulnfeeds import ALPINE, DPKG_STATUS, NODEJS, PYPA, debian_zip
 
 DEADLINE = 20.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,58 +51,27 @@ DONE = frozenset(
 )
 
 OS_RELEASE_DEBIAN = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'
-OS_RELEASE_ALPINE = 'NAME="Alpine Linux"\nID=alpine\nVERSION_ID=3.20.3\n'
-DPKG_STATUS = """\
-Package: libc6
-Status: install ok installed
-Architecture: amd64
-Source: glibc
-Version: 2.36-9+deb12u1
-
-Package: openssh-client
-Status: install ok installed
-Architecture: amd64
-Source: openssh
-Version: 1:9.2p1-2+deb12u3
-Description: secure shell (SSH) client
- A multi-line description
- that goes on.
-
-Package: curl
-Status: install ok installed
-Architecture: amd64
-Version: 7.88.1-10+deb12u3
-
-Package: xz-utils
-Status: install ok installed
-Architecture: amd64
-Version: 5.4.1-0.2
-
-Package: libssl1.1
-Status: deinstall ok config-files
-Architecture: amd64
-Source: openssl
-Version: 1.1.1n-0+deb11u1
-"""
+OS_RELEASE_ALPINE = 'NAME="Alpine Linux"\nID=alpine\nVERSION_ID=3.11.6\n'
+# Alpine 3.11: openssl 1.1.1d-r2 is affected by CVE-2019-1551 in v3.11's secdb (fixed in -r3).
 APK_INSTALLED = """\
 C:Q1abc=
 P:musl
-V:1.2.5-r0
+V:1.1.24-r2
 A:x86_64
 o:musl
 
 P:busybox
-V:1.36.1-r2
+V:1.31.1-r9
 A:x86_64
 o:busybox
 
-P:libcrypto3
-V:3.3.1-r0
+P:libcrypto1.1
+V:1.1.1d-r2
 A:x86_64
 o:openssl
 
-P:libssl3
-V:3.3.2-r0
+P:libssl1.1
+V:1.1.1d-r2
 A:x86_64
 o:openssl
 """
@@ -138,6 +109,7 @@ class Images:
 
 def _build(layout: Layout, host_dir: Path) -> dict[str, Image]:
     site = "usr/lib/python3/dist-packages"
+    venv = "opt/venv/lib/python3.11/site-packages"
     debian = Image(
         [
             layer(
@@ -151,9 +123,12 @@ def _build(layout: Layout, host_dir: Path) -> dict[str, Image]:
                 [
                     file(f"{site}/urllib3-2.0.5.dist-info/METADATA", metadata("urllib3", "2.0.5")),
                     file(
-                        f"{site}/requests-2.31.0.dist-info/METADATA", metadata("requests", "2.31.0")
+                        f"{site}/requests-2.19.0.dist-info/METADATA", metadata("requests", "2.19.0")
                     ),
-                    file("app/node_modules/lodash/package.json", npm("lodash", "4.17.20")),
+                    file(
+                        f"{venv}/requests-2.20.0.dist-info/METADATA", metadata("requests", "2.20.0")
+                    ),
+                    file("app/node_modules/lodash/package.json", npm("lodash", "4.17.15")),
                     file("app/node_modules/minimist/package.json", npm("minimist", "1.2.6")),
                     file("app/package.json", npm("app", "1.0.0")),
                 ]
@@ -168,6 +143,16 @@ def _build(layout: Layout, host_dir: Path) -> dict[str, Image]:
                     file("etc/os-release", OS_RELEASE_ALPINE),
                     file("etc/alpine-release", "3.20.3\n"),
                     file("lib/apk/db/installed", APK_INSTALLED),
+                ]
+            )
+        ]
+    )
+    alpine_fixed = Image(
+        [
+            layer(
+                [
+                    file("etc/os-release", OS_RELEASE_ALPINE),
+                    file("lib/apk/db/installed", APK_INSTALLED.replace("1.1.1d-r2", "1.1.1d-r3")),
                 ]
             )
         ]
@@ -242,6 +227,7 @@ def _build(layout: Layout, host_dir: Path) -> dict[str, Image]:
     images = {
         "debian": debian,
         "alpine": alpine,
+        "alpine-fixed": alpine_fixed,
         "eicar": eicar,
         "whiteout": whiteout,
         "hostile": hostile,
@@ -339,36 +325,50 @@ def builtin(**settings: Any) -> BuiltinEngine:
 # ---- findings -------------------------------------------------------------------------------
 
 
-async def test_vulnerable_dpkg_and_apk_packages_give_their_cves(
-    make_handler: MakeHandler, images: Images
+@pytest.fixture(scope="module")
+def debian_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A databases directory updated with a Debian feed (osv.dev's form) and the packaged
+    feeds, as `image-scanner db update` makes it."""
+    work = tmp_path_factory.mktemp("debian-db")
+    origins = [str(debian_zip(work / "Debian" / "all.zip")), str(PYPA), str(ALPINE), str(NODEJS)]
+    vulndb_update.update(work / "db", origins)
+    return work / "db"
+
+
+async def test_vulnerable_packages_give_their_real_advisories(
+    make_handler: MakeHandler, images: Images, debian_db: Path
 ) -> None:
     handler = await make_handler()
     registry = images.registry.address
     async with running(ScannerClient(handler.address, builtin(), client_config("vulns"))):
-        debian, alpine = await asyncio.gather(
+        debian, alpine, alpine_fixed = await asyncio.gather(
             scan(handler, images.pushed["debian"].object(registry)),
             scan(handler, images.pushed["alpine"].object(registry)),
+            scan(handler, images.pushed["alpine-fixed"].object(registry)),
         )
+    # The packaged database: PyPA, Node.js WG, Alpine secdb v3.3-v3.11.
     assert vulns(debian) == {
-        ("CVE-2023-4911", "libc6", "2.36-9+deb12u1", "2.36-9+deb12u3"),
-        ("CVE-2024-2961", "libc6", "2.36-9+deb12u1", "2.36-9+deb12u7"),
-        # deb12u3 < deb12u4: Debian's order, not the strings'.
-        ("CVE-2023-38545", "curl", "7.88.1-10+deb12u3", "7.88.1-10+deb12u4"),
-        # 2.0.5 is in the second range (2.0.0 <= v < 2.0.6) of this advisory.
+        # PYSEC-2018-28 with its aliases: one finding, the CVE as its id.
+        ("CVE-2018-18074", "requests", "2.19.0", "2.20.0"),
+        ("CVE-2023-32681", "requests", "2.19.0", "2.31.0"),
+        ("CVE-2023-32681", "requests", "2.20.0", "2.31.0"),
+        # 2.0.5 is in the second range (2.0.0 <= v < 2.0.6) of PYSEC-2023-192.
         ("CVE-2023-43804", "urllib3", "2.0.5", "2.0.6"),
-        ("CVE-2021-23337", "lodash", "4.17.20", "4.17.21"),
+        ("CVE-2023-45803", "urllib3", "2.0.5", "2.0.7"),
+        ("NSWG-ECO-516", "lodash", "4.17.15", "4.17.19"),
     }
-    # Fixed versions give nothing: openssh at exactly its fixed version (with an epoch),
-    # requests 2.31.0, minimist 1.2.6; xz-utils is below the introduced version (Debian 13
-    # only anyway); a removed package (deinstall ok config-files) is not installed.
-    layer0, layer1 = images.pushed["debian"].layers
-    by_package = {v.package: v for v in debian.vulnerabilities}
-    assert by_package["libc6"].layer_digest == layer0
-    assert by_package["libc6"].path == "/var/lib/dpkg/status"
-    assert by_package["urllib3"].layer_digest == layer1
-    assert by_package["urllib3"].path.endswith("urllib3-2.0.5.dist-info/METADATA")
-    assert by_package["curl"].severity == common_pb2.SEVERITY_CRITICAL
+    by_id = {(v.id, v.installed_version): v for v in debian.vulnerabilities}
+    assert by_id[("CVE-2018-18074", "2.19.0")].aliases == ["GHSA-x84v-xcm2-53pg", "PYSEC-2018-28"]
+    # CVE-2023-43804 carries a CVSS 3.1 vector of 8.1: HIGH, so the image fails.
+    assert by_id[("CVE-2023-43804", "2.0.5")].severity == common_pb2.SEVERITY_HIGH
     assert debian.verdict == common_pb2.VERDICT_FAILED
+    layer0, layer1 = images.pushed["debian"].layers
+    assert by_id[("CVE-2023-43804", "2.0.5")].layer_digest == layer1
+    assert by_id[("CVE-2023-43804", "2.0.5")].path.endswith("urllib3-2.0.5.dist-info/METADATA")
+    # No Debian data in the packaged database: said, not matched against anything else.
+    assert [(n.id, n.subject, n.packages) for n in debian.notes] == [
+        ("IH-VULNDB-001", "Debian:12", 3)
+    ]
     # A non-root user: no root misconfiguration.
     assert "IH-IMG-001" not in {m.id for m in debian.misconfigurations}
 
@@ -379,18 +379,42 @@ async def test_vulnerable_dpkg_and_apk_packages_give_their_cves(
     purls = {c.get("purl") for c in sbom["components"]}
     assert "pkg:deb/debian/libc6@2.36-9%2Bdeb12u1?distro=debian-12&upstream=glibc" in purls
     assert "pkg:pypi/urllib3@2.0.5" in purls
-    assert "pkg:npm/lodash@4.17.20" in purls
+    assert "pkg:npm/lodash@4.17.15" in purls
     assert not any("libssl1.1" in str(purl) for purl in purls)
     assert sbom["metadata"]["component"]["type"] == "container"
 
-    # apk: busybox -r2 < -r17 (numerically; "r2" > "r17" as strings); libcrypto3 is at the
-    # fixed version of CVE-2024-4741 but below that of CVE-2024-6119; libssl3 is fixed.
+    # apk: Alpine 3.11 by v3.11's secdb, through the origin package; -r3 is fixed.
     assert vulns(alpine) == {
-        ("CVE-2023-42363", "busybox", "1.36.1-r2", "1.36.1-r17"),
-        ("CVE-2024-6119", "libcrypto3", "3.3.1-r0", "3.3.2-r0"),
+        ("CVE-2019-1551", "libcrypto1.1", "1.1.1d-r2", "1.1.1d-r3"),
+        ("CVE-2019-1551", "libssl1.1", "1.1.1d-r2", "1.1.1d-r3"),
     }
     assert {v.layer_digest for v in alpine.vulnerabilities} == set(images.pushed["alpine"].layers)
-    assert [d.name for d in alpine.databases] == ["vulnerabilities", "malware"]
+    assert not alpine.notes
+    assert vulns(alpine_fixed) == set()
+    names = [d.name for d in alpine.databases]
+    assert names[0] == "vulnerabilities"
+    assert "vulnerabilities/alpine-secdb-06f6e96" in names
+    assert names[-1] == "malware"
+
+    # A database updated with Debian's feed: dpkg packages by their source package, in
+    # Debian's version order; openssh at exactly its fixed version (with an epoch) gives none;
+    # a removed package (deinstall ok config-files) is not installed.
+    async with running(
+        ScannerClient(handler.address, builtin(db_dir=debian_db), client_config("debian"))
+    ):
+        updated = await scan(handler, images.pushed["debian"].object(registry))
+    debian_findings = {v for v in vulns(updated) if v[1] in ("libc6", "curl", "openssh-client")}
+    assert debian_findings == {
+        ("CVE-2023-4911", "libc6", "2.36-9+deb12u1", "2.36-9+deb12u3"),
+        # deb12u3 < deb12u4: Debian's order, not the strings'.
+        ("CVE-2023-38545", "curl", "7.88.1-10+deb12u3", "7.88.1-10+deb12u4"),
+    }
+    by_package = {v.package: v for v in updated.vulnerabilities}
+    assert by_package["libc6"].aliases == ["DEBIAN-CVE-2023-4911"]
+    assert by_package["libc6"].layer_digest == layer0
+    assert by_package["libc6"].path == "/var/lib/dpkg/status"
+    assert not updated.notes
+    assert {d.name for d in updated.databases} >= {"vulnerabilities/Debian-all"}
 
 
 async def test_a_layer_with_eicar_gives_malware_with_its_layer_digest(
@@ -510,7 +534,7 @@ async def test_basic_auth_registry_with_credentials_ref(
         async with running(ScannerClient(handler.address, engine, client_config("auth"))):
             obj.image.credentials_ref = "team-pull"
             result = await scan(handler, obj)
-            assert "CVE-2024-6119" in {v.id for v in result.vulnerabilities}
+            assert "CVE-2019-1551" in {v.id for v in result.vulnerabilities}
             obj.image.credentials_ref = ""
             job = await until_status(handler, await submit(handler, obj))
     finally:
@@ -549,7 +573,7 @@ async def test_token_auth_registry(
     finally:
         secured.stop()
         tokens.stop()
-    assert "CVE-2024-6119" in {v.id for v in result.vulnerabilities}
+    assert "CVE-2019-1551" in {v.id for v in result.vulnerabilities}
     # The scanner asked the token service for a pull token, with its credentials, once.
     first = tokens.requests[0]
     assert (first["scope"], first["service"], first["authorization"]) == (
@@ -565,7 +589,7 @@ async def test_token_auth_registry(
 
 
 async def test_layouts_archives_nodes_and_sboms(
-    make_handler: MakeHandler, images: Images, tmp_path: Path
+    make_handler: MakeHandler, images: Images, tmp_path: Path, debian_db: Path
 ) -> None:
     archive = tmp_path / "eicar-docker.tar"
     copy = await asyncio.create_subprocess_exec(
@@ -592,14 +616,15 @@ async def test_layouts_archives_nodes_and_sboms(
         "bomFormat": "CycloneDX",
         "specVersion": "1.5",
         "components": [
-            {"type": "library", "name": "minimist", "version": "1.2.5", "purl": "pkg:npm/minimist@1.2.5"},
+            {"type": "library", "name": "lodash", "version": "4.17.15", "purl": "pkg:npm/lodash@4.17.15"},
             {"type": "library", "name": "PyYAML", "version": "5.3.1", "purl": "pkg:pypi/pyyaml@5.3.1"},
-            {"type": "library", "name": "busybox", "version": "1.36.1-r2",
-             "purl": "pkg:apk/alpine/busybox@1.36.1-r2?distro=alpine-3.20.3"},
+            {"type": "library", "name": "busybox", "version": "1.29.3-r9",
+             "purl": "pkg:apk/alpine/busybox@1.29.3-r9?distro=alpine-3.11.6"},
         ],
     }  # fmt: skip
     handler = await make_handler()
-    async with running(ScannerClient(handler.address, builtin(), client_config("local"))):
+    engine = builtin(db_dir=debian_db)
+    async with running(ScannerClient(handler.address, engine, client_config("local"))):
         from_archive, from_layout, node, from_sbom = await asyncio.gather(
             scan(
                 handler,
@@ -628,15 +653,17 @@ async def test_layouts_archives_nodes_and_sboms(
     assert [m.name for m in from_archive.malware] == ["EICAR-Test-File"]
     # docker-archive layers are uncompressed tars: the digest is that of the tar (its diff id).
     assert from_archive.malware[0].layer_digest.startswith("sha256:")
-    assert "CVE-2023-42363" in {v.id for v in from_layout.vulnerabilities}
+    assert "CVE-2019-1551" in {v.id for v in from_layout.vulnerabilities}
     assert ("CVE-2023-4911", "libc6", "2.36-9+deb12u1", "2.36-9+deb12u3") in vulns(node)
     assert not node.malware
     assert {m.id for m in node.misconfigurations} == {"IH-NODE-001"}
     assert all(v.layer_digest == "" for v in node.vulnerabilities)
     assert vulns(from_sbom) == {
-        ("CVE-2021-44906", "minimist", "1.2.5", "1.2.6"),
+        ("NSWG-ECO-516", "lodash", "4.17.15", "4.17.19"),
         ("CVE-2020-14343", "pyyaml", "5.3.1", "5.4"),
-        ("CVE-2023-42363", "busybox", "1.36.1-r2", "1.36.1-r17"),
+        # CVE-2019-5747 was fixed twice in v3.11's secdb (1.29.3-r10, 1.30.1-r2): the higher.
+        ("CVE-2018-20679", "busybox", "1.29.3-r9", "1.29.3-r10"),
+        ("CVE-2019-5747", "busybox", "1.29.3-r9", "1.30.1-r2"),
     }
 
 

@@ -521,3 +521,21 @@ def test_every_generated_token_passes_as_an_option_value() -> None:
         assert token.startswith(TOKEN_PREFIX)
         parsed = parser.parse_args(["--token", token, "stats"])
         assert parsed.token == token
+
+
+def test_findings_show_what_the_scan_could_not_judge() -> None:
+    result = common_pb2.ScanResult(
+        vulnerabilities=[
+            common_pb2.Vulnerability(
+                id="CVE-2018-18074", package="requests", installed_version="2.19.0",
+                fixed_version="2.20.0", aliases=["PYSEC-2018-28"],
+            )
+        ],
+        notes=[common_pb2.ScanNote(id="IH-VULNDB-001", subject="Debian:12", packages=3,
+                                   text="No vulnerability data for Debian:12 in this database")],
+    )  # fmt: skip
+    text = render.findings(result)
+    assert "CVE-2018-18074" in text
+    assert text.endswith(
+        "note IH-VULNDB-001 Debian:12: No vulnerability data for Debian:12 in this database"
+    )

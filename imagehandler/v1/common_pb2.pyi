@@ -449,6 +449,7 @@ class Vulnerability(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     LAYER_DIGEST_FIELD_NUMBER: _builtins.int
     TITLE_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     package: _builtins.str
     installed_version: _builtins.str
@@ -457,6 +458,12 @@ class Vulnerability(_message.Message):
     path: _builtins.str
     layer_digest: _builtins.str
     title: _builtins.str
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The other ids of the same vulnerability (GHSA, PYSEC, distribution advisories, ...);
+        `id` is its CVE where it has one.
+        """
+
     def __init__(
         self,
         *,
@@ -468,10 +475,11 @@ class Vulnerability(_message.Message):
         path: _builtins.str = ...,
         layer_digest: _builtins.str = ...,
         title: _builtins.str = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fixed_version", b"fixed_version", "id", b"id", "installed_version", b"installed_version", "layer_digest", b"layer_digest", "package", b"package", "path", b"path", "severity", b"severity", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "fixed_version", b"fixed_version", "id", b"id", "installed_version", b"installed_version", "layer_digest", b"layer_digest", "package", b"package", "path", b"path", "severity", b"severity", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -609,6 +617,7 @@ class ScanResult(_message.Message):
     SBOM_FORMAT_FIELD_NUMBER: _builtins.int
     DATABASES_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     verdict: Global___Verdict.ValueType
     sbom: _builtins.bytes
@@ -626,6 +635,10 @@ class ScanResult(_message.Message):
     def secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Secret]: ...
     @_builtins.property
     def databases(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatabaseVersion]: ...
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScanNote]:
+        """What the scan could not judge, so that a result without findings is not read as clean."""
+
     def __init__(
         self,
         *,
@@ -639,14 +652,50 @@ class ScanResult(_message.Message):
         sbom_format: _builtins.str = ...,
         databases: _abc.Iterable[Global___DatabaseVersion] | None = ...,
         run: _builtins.int = ...,
+        notes: _abc.Iterable[Global___ScanNote] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases", "job_id", b"job_id", "malware", b"malware", "misconfigurations", b"misconfigurations", "run", b"run", "sbom", b"sbom", "sbom_format", b"sbom_format", "secrets", b"secrets", "verdict", b"verdict", "vulnerabilities", b"vulnerabilities"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases", "job_id", b"job_id", "malware", b"malware", "misconfigurations", b"misconfigurations", "notes", b"notes", "run", b"run", "sbom", b"sbom", "sbom_format", b"sbom_format", "secrets", b"secrets", "verdict", b"verdict", "vulnerabilities", b"vulnerabilities"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ScanResult: _TypeAlias = ScanResult  # noqa: Y015
+
+@_typing.final
+class ScanNote(_message.Message):
+    """Something a scan could not judge, for example packages of a distribution release that the
+    vulnerability database has no data for (they were inventoried, not matched).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    PACKAGES_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Stable id, for example "IH-VULNDB-001" (no vulnerability data for an ecosystem/release)."""
+    subject: _builtins.str
+    """What it is about, for example "Alpine:v3.20" or "PyPI"."""
+    packages: _builtins.int
+    """How many packages it concerns."""
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        packages: _builtins.int = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "packages", b"packages", "subject", b"subject", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScanNote: _TypeAlias = ScanNote  # noqa: Y015
 
 @_typing.final
 class ResultSummary(_message.Message):

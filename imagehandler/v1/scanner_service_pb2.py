@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from imagehandler.v1 import common_pb2 as imagehandler_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%imagehandler/v1/scanner_service.proto\x12\x0fimagehandler.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cimagehandler/v1/common.proto\"\xdf\x01\n\x08Register\x12\x12\n\nscanner_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12*\n\x05kinds\x18\x03 \x03(\x0e\x32\x1b.imagehandler.v1.ObjectKind\x12\r\n\x05slots\x18\x04 \x01(\x05\x12\x33\n\tdatabases\x18\x05 \x03(\x0b\x32 .imagehandler.v1.DatabaseVersion\x12.\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x1e.imagehandler.v1.ScannerConfig\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\"M\n\rScannerConfig\x12\x11\n\tproxy_url\x18\x01 \x01(\t\x12)\n\x08policies\x18\x02 \x03(\x0e\x32\x17.imagehandler.v1.Policy\"\x1b\n\x05Ready\x12\x12\n\nfree_slots\x18\x01 \x01(\x05\"*\n\x10ScannerHeartbeat\x12\x16\n\x0e\x61\x63tive_job_ids\x18\x01 \x03(\t\"K\n\x08Progress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x0f\n\x07percent\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"7\n\x07Results\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.imagehandler.v1.ScanResult\"J\n\x07\x46\x61ilure\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x11\n\tpermanent\x18\x04 \x01(\x08\"\x07\n\x05\x44rain\"\xdc\x02\n\x0e\x43onnectRequest\x12-\n\x08register\x18\x01 \x01(\x0b\x32\x19.imagehandler.v1.RegisterH\x00\x12\'\n\x05ready\x18\x02 \x01(\x0b\x32\x16.imagehandler.v1.ReadyH\x00\x12\x36\n\theartbeat\x18\x03 \x01(\x0b\x32!.imagehandler.v1.ScannerHeartbeatH\x00\x12-\n\x08progress\x18\x04 \x01(\x0b\x32\x19.imagehandler.v1.ProgressH\x00\x12*\n\x06result\x18\x05 \x01(\x0b\x32\x18.imagehandler.v1.ResultsH\x00\x12+\n\x07\x66\x61ilure\x18\x06 \x01(\x0b\x32\x18.imagehandler.v1.FailureH\x00\x12\'\n\x05\x64rain\x18\x07 \x01(\x0b\x32\x16.imagehandler.v1.DrainH\x00\x42\t\n\x07message\"\xa1\x01\n\nRegistered\x12\x12\n\nscanner_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x99\x02\n\x0b\x41ssignedJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\x06object\x18\x02 \x01(\x0b\x32\x1b.imagehandler.v1.ScanObject\x12)\n\x08policies\x18\x03 \x03(\x0e\x32\x17.imagehandler.v1.Policy\x12\x0b\n\x03run\x18\x04 \x01(\x05\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x06labels\x18\x06 \x03(\x0b\x32(.imagehandler.v1.AssignedJob.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\nAssignment\x12*\n\x04jobs\x18\x01 \x03(\x0b\x32\x1c.imagehandler.v1.AssignedJob\"(\n\x06\x43\x61ncel\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"D\n\x08Rejected\x12(\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x19.imagehandler.v1.JobError\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"?\n\x10HandlerHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbd\x02\n\x0f\x43onnectResponse\x12\x31\n\nregistered\x18\x01 \x01(\x0b\x32\x1b.imagehandler.v1.RegisteredH\x00\x12\x31\n\nassignment\x18\x02 \x01(\x0b\x32\x1b.imagehandler.v1.AssignmentH\x00\x12)\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x17.imagehandler.v1.CancelH\x00\x12-\n\x08rejected\x18\x04 \x01(\x0b\x32\x19.imagehandler.v1.RejectedH\x00\x12\x36\n\theartbeat\x18\x05 \x01(\x0b\x32!.imagehandler.v1.HandlerHeartbeatH\x00\x12\'\n\x05\x64rain\x18\x06 \x01(\x0b\x32\x16.imagehandler.v1.DrainH\x00\x42\t\n\x07message\"\x15\n\x13ListScannersRequest\"\xc4\x03\n\x0bScannerInfo\x12\x12\n\nscanner_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12*\n\x05kinds\x18\x04 \x03(\x0e\x32\x1b.imagehandler.v1.ObjectKind\x12\r\n\x05slots\x18\x05 \x01(\x05\x12.\n\x06status\x18\x06 \x01(\x0e\x32\x1e.imagehandler.v1.ScannerStatus\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x0f\n\x07job_ids\x18\t \x03(\t\x12\x1a\n\x12processing_job_ids\x18\n \x03(\t\x12\x33\n\tdatabases\x18\x0b \x03(\x0b\x32 .imagehandler.v1.DatabaseVersion\x12\x30\n\x0c\x63onnected_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_seen_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rjobs_finished\x18\x0e \x01(\x03\x12\x13\n\x0bjobs_failed\x18\x0f \x01(\x03\"F\n\x14ListScannersResponse\x12.\n\x08scanners\x18\x01 \x03(\x0b\x32\x1c.imagehandler.v1.ScannerInfo2\xbf\x01\n\x0eScannerService\x12P\n\x07\x43onnect\x12\x1f.imagehandler.v1.ConnectRequest\x1a .imagehandler.v1.ConnectResponse(\x01\x30\x01\x12[\n\x0cListScanners\x12$.imagehandler.v1.ListScannersRequest\x1a%.imagehandler.v1.ListScannersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%imagehandler/v1/scanner_service.proto\x12\x0fimagehandler.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cimagehandler/v1/common.proto\"\xdf\x01\n\x08Register\x12\x12\n\nscanner_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12*\n\x05kinds\x18\x03 \x03(\x0e\x32\x1b.imagehandler.v1.ObjectKind\x12\r\n\x05slots\x18\x04 \x01(\x05\x12\x33\n\tdatabases\x18\x05 \x03(\x0b\x32 .imagehandler.v1.DatabaseVersion\x12.\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x1e.imagehandler.v1.ScannerConfig\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\"M\n\rScannerConfig\x12\x11\n\tproxy_url\x18\x01 \x01(\t\x12)\n\x08policies\x18\x02 \x03(\x0e\x32\x17.imagehandler.v1.Policy\"\x1b\n\x05Ready\x12\x12\n\nfree_slots\x18\x01 \x01(\x05\"*\n\x10ScannerHeartbeat\x12\x16\n\x0e\x61\x63tive_job_ids\x18\x01 \x03(\t\"K\n\x08Progress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x0f\n\x07percent\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"7\n\x07Results\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.imagehandler.v1.ScanResult\"J\n\x07\x46\x61ilure\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x11\n\tpermanent\x18\x04 \x01(\x08\"\x07\n\x05\x44rain\"G\n\x10\x44\x61tabasesChanged\x12\x33\n\tdatabases\x18\x01 \x03(\x0b\x32 .imagehandler.v1.DatabaseVersion\"\x94\x03\n\x0e\x43onnectRequest\x12-\n\x08register\x18\x01 \x01(\x0b\x32\x19.imagehandler.v1.RegisterH\x00\x12\'\n\x05ready\x18\x02 \x01(\x0b\x32\x16.imagehandler.v1.ReadyH\x00\x12\x36\n\theartbeat\x18\x03 \x01(\x0b\x32!.imagehandler.v1.ScannerHeartbeatH\x00\x12-\n\x08progress\x18\x04 \x01(\x0b\x32\x19.imagehandler.v1.ProgressH\x00\x12*\n\x06result\x18\x05 \x01(\x0b\x32\x18.imagehandler.v1.ResultsH\x00\x12+\n\x07\x66\x61ilure\x18\x06 \x01(\x0b\x32\x18.imagehandler.v1.FailureH\x00\x12\'\n\x05\x64rain\x18\x07 \x01(\x0b\x32\x16.imagehandler.v1.DrainH\x00\x12\x36\n\tdatabases\x18\x08 \x01(\x0b\x32!.imagehandler.v1.DatabasesChangedH\x00\x42\t\n\x07message\"\xa1\x01\n\nRegistered\x12\x12\n\nscanner_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x99\x02\n\x0b\x41ssignedJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\x06object\x18\x02 \x01(\x0b\x32\x1b.imagehandler.v1.ScanObject\x12)\n\x08policies\x18\x03 \x03(\x0e\x32\x17.imagehandler.v1.Policy\x12\x0b\n\x03run\x18\x04 \x01(\x05\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x06labels\x18\x06 \x03(\x0b\x32(.imagehandler.v1.AssignedJob.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\nAssignment\x12*\n\x04jobs\x18\x01 \x03(\x0b\x32\x1c.imagehandler.v1.AssignedJob\"(\n\x06\x43\x61ncel\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"D\n\x08Rejected\x12(\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x19.imagehandler.v1.JobError\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"?\n\x10HandlerHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbd\x02\n\x0f\x43onnectResponse\x12\x31\n\nregistered\x18\x01 \x01(\x0b\x32\x1b.imagehandler.v1.RegisteredH\x00\x12\x31\n\nassignment\x18\x02 \x01(\x0b\x32\x1b.imagehandler.v1.AssignmentH\x00\x12)\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x17.imagehandler.v1.CancelH\x00\x12-\n\x08rejected\x18\x04 \x01(\x0b\x32\x19.imagehandler.v1.RejectedH\x00\x12\x36\n\theartbeat\x18\x05 \x01(\x0b\x32!.imagehandler.v1.HandlerHeartbeatH\x00\x12\'\n\x05\x64rain\x18\x06 \x01(\x0b\x32\x16.imagehandler.v1.DrainH\x00\x42\t\n\x07message\"\x15\n\x13ListScannersRequest\"\xc4\x03\n\x0bScannerInfo\x12\x12\n\nscanner_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12*\n\x05kinds\x18\x04 \x03(\x0e\x32\x1b.imagehandler.v1.ObjectKind\x12\r\n\x05slots\x18\x05 \x01(\x05\x12.\n\x06status\x18\x06 \x01(\x0e\x32\x1e.imagehandler.v1.ScannerStatus\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x0f\n\x07job_ids\x18\t \x03(\t\x12\x1a\n\x12processing_job_ids\x18\n \x03(\t\x12\x33\n\tdatabases\x18\x0b \x03(\x0b\x32 .imagehandler.v1.DatabaseVersion\x12\x30\n\x0c\x63onnected_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_seen_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rjobs_finished\x18\x0e \x01(\x03\x12\x13\n\x0bjobs_failed\x18\x0f \x01(\x03\"F\n\x14ListScannersResponse\x12.\n\x08scanners\x18\x01 \x03(\x0b\x32\x1c.imagehandler.v1.ScannerInfo2\xbf\x01\n\x0eScannerService\x12P\n\x07\x43onnect\x12\x1f.imagehandler.v1.ConnectRequest\x1a .imagehandler.v1.ConnectResponse(\x01\x30\x01\x12[\n\x0cListScanners\x12$.imagehandler.v1.ListScannersRequest\x1a%.imagehandler.v1.ListScannersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,30 +52,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FAILURE']._serialized_end=739
   _globals['_DRAIN']._serialized_start=741
   _globals['_DRAIN']._serialized_end=748
-  _globals['_CONNECTREQUEST']._serialized_start=751
-  _globals['_CONNECTREQUEST']._serialized_end=1099
-  _globals['_REGISTERED']._serialized_start=1102
-  _globals['_REGISTERED']._serialized_end=1263
-  _globals['_ASSIGNEDJOB']._serialized_start=1266
-  _globals['_ASSIGNEDJOB']._serialized_end=1547
-  _globals['_ASSIGNEDJOB_LABELSENTRY']._serialized_start=1502
-  _globals['_ASSIGNEDJOB_LABELSENTRY']._serialized_end=1547
-  _globals['_ASSIGNMENT']._serialized_start=1549
-  _globals['_ASSIGNMENT']._serialized_end=1605
-  _globals['_CANCEL']._serialized_start=1607
-  _globals['_CANCEL']._serialized_end=1647
-  _globals['_REJECTED']._serialized_start=1649
-  _globals['_REJECTED']._serialized_end=1717
-  _globals['_HANDLERHEARTBEAT']._serialized_start=1719
-  _globals['_HANDLERHEARTBEAT']._serialized_end=1782
-  _globals['_CONNECTRESPONSE']._serialized_start=1785
-  _globals['_CONNECTRESPONSE']._serialized_end=2102
-  _globals['_LISTSCANNERSREQUEST']._serialized_start=2104
-  _globals['_LISTSCANNERSREQUEST']._serialized_end=2125
-  _globals['_SCANNERINFO']._serialized_start=2128
-  _globals['_SCANNERINFO']._serialized_end=2580
-  _globals['_LISTSCANNERSRESPONSE']._serialized_start=2582
-  _globals['_LISTSCANNERSRESPONSE']._serialized_end=2652
-  _globals['_SCANNERSERVICE']._serialized_start=2655
-  _globals['_SCANNERSERVICE']._serialized_end=2846
+  _globals['_DATABASESCHANGED']._serialized_start=750
+  _globals['_DATABASESCHANGED']._serialized_end=821
+  _globals['_CONNECTREQUEST']._serialized_start=824
+  _globals['_CONNECTREQUEST']._serialized_end=1228
+  _globals['_REGISTERED']._serialized_start=1231
+  _globals['_REGISTERED']._serialized_end=1392
+  _globals['_ASSIGNEDJOB']._serialized_start=1395
+  _globals['_ASSIGNEDJOB']._serialized_end=1676
+  _globals['_ASSIGNEDJOB_LABELSENTRY']._serialized_start=1631
+  _globals['_ASSIGNEDJOB_LABELSENTRY']._serialized_end=1676
+  _globals['_ASSIGNMENT']._serialized_start=1678
+  _globals['_ASSIGNMENT']._serialized_end=1734
+  _globals['_CANCEL']._serialized_start=1736
+  _globals['_CANCEL']._serialized_end=1776
+  _globals['_REJECTED']._serialized_start=1778
+  _globals['_REJECTED']._serialized_end=1846
+  _globals['_HANDLERHEARTBEAT']._serialized_start=1848
+  _globals['_HANDLERHEARTBEAT']._serialized_end=1911
+  _globals['_CONNECTRESPONSE']._serialized_start=1914
+  _globals['_CONNECTRESPONSE']._serialized_end=2231
+  _globals['_LISTSCANNERSREQUEST']._serialized_start=2233
+  _globals['_LISTSCANNERSREQUEST']._serialized_end=2254
+  _globals['_SCANNERINFO']._serialized_start=2257
+  _globals['_SCANNERINFO']._serialized_end=2709
+  _globals['_LISTSCANNERSRESPONSE']._serialized_start=2711
+  _globals['_LISTSCANNERSRESPONSE']._serialized_end=2781
+  _globals['_SCANNERSERVICE']._serialized_start=2784
+  _globals['_SCANNERSERVICE']._serialized_end=2975
 # @@protoc_insertion_point(module_scope)

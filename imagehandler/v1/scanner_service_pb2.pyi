@@ -244,6 +244,30 @@ class Drain(_message.Message):
 Global___Drain: _TypeAlias = Drain  # noqa: Y015
 
 @_typing.final
+class DatabasesChanged(_message.Message):
+    """The scanner's databases changed while it runs (a live update): the whole new list, checked
+    like Register's (HNDL-012 / HNDL-013 refuse it, and the handler keeps the old list).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def databases(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.DatabaseVersion]: ...
+    def __init__(
+        self,
+        *,
+        databases: _abc.Iterable[_common_pb2.DatabaseVersion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatabasesChanged: _TypeAlias = DatabasesChanged  # noqa: Y015
+
+@_typing.final
 class ConnectRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -254,6 +278,7 @@ class ConnectRequest(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
+    DATABASES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register(self) -> Global___Register: ...
     @_builtins.property
@@ -268,6 +293,8 @@ class ConnectRequest(_message.Message):
     def failure(self) -> Global___Failure: ...
     @_builtins.property
     def drain(self) -> Global___Drain: ...
+    @_builtins.property
+    def databases(self) -> Global___DatabasesChanged: ...
     def __init__(
         self,
         *,
@@ -278,12 +305,13 @@ class ConnectRequest(_message.Message):
         result: Global___Results | None = ...,
         failure: Global___Failure | None = ...,
         drain: Global___Drain | None = ...,
+        databases: Global___DatabasesChanged | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "failure", b"failure", "heartbeat", b"heartbeat", "message", b"message", "progress", b"progress", "ready", b"ready", "register", b"register", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases", "drain", b"drain", "failure", b"failure", "heartbeat", b"heartbeat", "message", b"message", "progress", b"progress", "ready", b"ready", "register", b"register", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "failure", b"failure", "heartbeat", b"heartbeat", "message", b"message", "progress", b"progress", "ready", b"ready", "register", b"register", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases", "drain", b"drain", "failure", b"failure", "heartbeat", b"heartbeat", "message", b"message", "progress", b"progress", "ready", b"ready", "register", b"register", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["register", "ready", "heartbeat", "progress", "result", "failure", "drain"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["register", "ready", "heartbeat", "progress", "result", "failure", "drain", "databases"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

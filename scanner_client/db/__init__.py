@@ -1,10 +1,13 @@
-"""The scan databases the project ships for tests and the demo, and their manifest.
+"""The scan databases the project ships, and their manifest.
 
-``manifest.json`` names each database's file, format, version and release date (RFC 3339). The
-files beside it are a vulnerability database (OSV records in one JSON bundle) and a malware
-database (YARA rules). A scanner may be pointed at another directory with the same layout
-(``image-scanner --db-dir DIR``); :func:`read_manifest` reads and checks the manifest, and the
-builtin engine's loader (:mod:`scanner_client.engines.builtin.databases`) validates the files.
+``manifest.json`` names each database's file and format. The files beside it are the
+vulnerability database (``vulnerabilities.db``: compiled by :mod:`scanner_client.vulndb` from
+the real feeds in the repository's ``vulndata/``; its version, release date and sources are
+inside it) and the malware database (``malware.yar``, YARA rules, with its version and release
+date (RFC 3339) in the manifest). A scanner may be pointed at another directory with the same
+layout (``image-scanner --db-dir DIR``), which ``image-scanner db update`` keeps current;
+:func:`read_manifest` reads and checks the manifest, and the builtin engine's loader
+(:mod:`scanner_client.engines.builtin.databases`) validates the files.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Any
 
 DEFAULT_DIR = Path(__file__).resolve().parent
 MANIFEST = "manifest.json"
-FORMATS = {"vulnerabilities": "osv-bundle", "malware": "yara"}
+FORMATS = {"vulnerabilities": "vulndb-sqlite", "malware": "yara"}
+# Databases whose version and release date are inside the file, not in the manifest.
+SELF_DESCRIBED = frozenset({"vulnerabilities"})
 
 
 class DatabaseError(ValueError):
@@ -72,8 +77,12 @@ def read_manifest(directory: Path | None = None) -> dict[str, DatabaseEntry]:
         version = raw.get("version")
         if not isinstance(file, str) or not file or "/" in file or file.startswith("."):
             raise DatabaseError(f"{path}: database {name!r} needs a plain file name in 'file'")
-        if not isinstance(version, str) or not version:
+        if name in SELF_DESCRIBED:
+            version, released_at = "", ""
+        elif not isinstance(version, str) or not version:
             raise DatabaseError(f"{path}: database {name!r} needs a 'version'")
+        else:
+            released_at = check_release_date(name, raw.get("released_at"))
         if raw.get("format") != expected_format:
             raise DatabaseError(
                 f"{path}: database {name!r} format must be {expected_format!r}, "
@@ -84,6 +93,6 @@ def read_manifest(directory: Path | None = None) -> dict[str, DatabaseEntry]:
             path=root / file,
             format=expected_format,
             version=version,
-            released_at=check_release_date(name, raw.get("released_at")),
+            released_at=released_at,
         )
     return entries

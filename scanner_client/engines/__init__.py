@@ -27,6 +27,9 @@ class EngineSettings:
     credentials_file: str = ""
     insecure_registries: tuple[str, ...] = ()
     platform: str = "linux/amd64"
+    # builtin: periodic vulnerability database update into db_dir (sources, seconds between).
+    db_update_from: tuple[str, ...] = ()
+    db_update_interval: float = 0.0
     # command: the template, its output format, timeout, and declared databases
     # (NAME=VERSION@RELEASED_AT).
     command: str = ""
@@ -51,6 +54,8 @@ def _builtin(settings: EngineSettings) -> Engine:
             credentials_file=Path(settings.credentials_file) if settings.credentials_file else None,
             insecure_registries=frozenset(settings.insecure_registries),
             platform=settings.platform,
+            db_update_from=settings.db_update_from,
+            db_update_interval=settings.db_update_interval,
         )
     )
 

@@ -533,6 +533,9 @@ def findings(result: common_pb2.ScanResult) -> str:
                 ],
             )
         )
+    if result.notes:
+        # What the scan could not judge (no vulnerability data for a release, ...).
+        parts.append("\n".join(f"note {n.id} {n.subject}: {n.text}" for n in result.notes))
     return "\n\n".join(parts) if parts else "no findings"
 
 

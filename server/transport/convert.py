@@ -285,6 +285,22 @@ def spec_from_request(request: job_service_pb2.SubmitJobRequest, config: Config)
     )
 
 
+def databases_from_proto(
+    databases: Iterable[common_pb2.DatabaseVersion],
+) -> tuple[Database, ...]:
+    """A scanner's databases, at registration or after a live update: at least one, each with
+    a release date (HNDL-012 when missing, HNDL-013 when it does not parse)."""
+    given = tuple(databases)
+    if not given:
+        raise HandlerError(
+            Catalogue.DB_RELEASE_DATE_UNKNOWN,
+            "the scanner reported no scan databases; report each with its released_at date",
+        )
+    for db in given:
+        validation.parse_release_date(db.name, db.released_at)
+    return tuple(Database(d.name, d.version, d.released_at) for d in given)
+
+
 def profile_from_register(register: scanner_service_pb2.Register, config: Config) -> ScannerProfile:
     def invalid(detail: str) -> HandlerError:
         return HandlerError(Catalogue.SCANNER_CONFIG_INVALID, detail)
@@ -306,20 +322,14 @@ def profile_from_register(register: scanner_service_pb2.Register, config: Config
             "the scanner declares no policy and the handler has no default policy",
         )
     validation.check_proxy_url("config.proxy_url", register.config.proxy_url)
-    if not register.databases:
-        raise HandlerError(
-            Catalogue.DB_RELEASE_DATE_UNKNOWN,
-            "the scanner reported no scan databases; report each with its released_at date",
-        )
-    for db in register.databases:
-        validation.parse_release_date(db.name, db.released_at)
+    databases = databases_from_proto(register.databases)
     return ScannerProfile(
         scanner_id=register.scanner_id,
         version=register.version[:128],
         engine=register.engine[:64],
         kinds=kinds,
         slots=register.slots,
-        databases=tuple(Database(d.name, d.version, d.released_at) for d in register.databases),
+        databases=databases,
         proxy_url=register.config.proxy_url,
         policies=policies,
     )

@@ -181,6 +181,10 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
             manager.failure(session, f.job_id, RunFailure(kind, detail, f.permanent))
         elif which == "drain":
             manager.drain_scanner(session)
+        elif which == "databases":
+            # HNDL-012/013 refuse the message (a Rejected); the handler keeps the old list.
+            databases = convert.databases_from_proto(request.databases.databases)
+            manager.databases_changed(session, databases)
         elif which == "register":
             raise HandlerError(
                 Catalogue.SCANNER_CONFIG_INVALID, "already registered on this stream"

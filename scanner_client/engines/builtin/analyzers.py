@@ -70,6 +70,9 @@ class Package:
     path: str
     layer: str = ""
     distro: str = ""
+    # A language package whose files belong to an OS package: the distribution's data
+    # judges it (through its OS package), not the language feed (see vulndb.matcher).
+    os_owned: bool = False
 
     @property
     def key(self) -> tuple[str, str, str, str]:

@@ -37,7 +37,7 @@ from scanner_client.engine import (
 from scanner_client.engines.builtin import analyzers, images, malware, sbom, scratch_space, secrets
 from scanner_client.engines.builtin.analyzers import Distro, Package
 from scanner_client.engines.builtin.common import Cancelled, CancelToken, Limits, too_large
-from scanner_client.engines.builtin.databases import LoadedDatabases, load_databases
+from scanner_client.engines.builtin.databases import DatabaseKeeper, LoadedDatabases
 from scanner_client.engines.builtin.layers import Rootfs
 from scanner_client.engines.builtin.registry import (
     Credentials,
@@ -46,6 +46,7 @@ from scanner_client.engines.builtin.registry import (
     RegistryClient,
     check_proxy_url,
 )
+from scanner_client.vulndb import matcher
 
 T = TypeVar("T")
 
@@ -60,6 +61,11 @@ ROOT_USERS: Final = frozenset({"", "root", "0", "0:0", "root:root"})
 class BuiltinSettings:
     # Databases (default: the packaged ones).
     db_dir: Path | None = None
+    # Periodic update of the vulnerability database in db_dir: sources and seconds between.
+    db_update_from: tuple[str, ...] = ()
+    db_update_interval: float = 0.0
+    # How often an idle scanner looks for a database file replaced by `db update`.
+    db_poll_interval: float = 5.0
     # Where scans unpack (default: the system temporary directory), and the free space it
     # must have: checked at start (the scanner does not start without it) and after a failed
     # scan (the scanner stops taking work).
@@ -125,15 +131,35 @@ class BuiltinEngine(Engine):
         # ValueError naming --scratch-dir when scans could not unpack there.
         scratch_space.prepare(self.scratch_root, self.settings.min_free_scratch)
         # DatabaseError when a database is missing or invalid: the scanner must not start.
-        self.db: LoadedDatabases = load_databases(self.settings.db_dir)
+        self.keeper = DatabaseKeeper(
+            self.settings.db_dir,
+            update_from=self.settings.db_update_from,
+            update_interval=self.settings.db_update_interval,
+            proxy_url=self.settings.proxy_url,
+            poll_interval=self.settings.db_poll_interval,
+        )
+        self.keeper.on_change = self.notify_databases_changed
         self._credentials = self._read_credentials()
+
+    @property
+    def db(self) -> LoadedDatabases:
+        """The databases in use now (a live update replaces them between jobs)."""
+        return self.keeper.current
 
     def databases(self) -> Sequence[Database]:
         return self.db.versions()
 
+    async def refresh_databases(self) -> bool:
+        return await self.keeper.refresh()
+
+    async def run_background(self) -> None:
+        await self.keeper.run()
+
     # ---- the job ----------------------------------------------------------------------------
 
     async def scan(self, job: Job, progress: ProgressReporter) -> common_pb2.ScanResult:
+        # Between jobs: a database replaced by `image-scanner db update` is taken into use.
+        await self.keeper.refresh()
         root = self.scratch_root
         try:
             workdir = Path(tempfile.mkdtemp(prefix="image-scanner-", dir=root))
@@ -548,24 +574,33 @@ class BuiltinEngine(Engine):
         policies: frozenset[Policy],
         with_sbom: bool = True,
     ) -> common_pb2.ScanResult:
-        result = common_pb2.ScanResult(databases=[d.to_proto() for d in self.databases()])
+        # One database for the whole result, even if an update lands meanwhile.
+        db = self.db
+        result = common_pb2.ScanResult(databases=[d.to_proto() for d in db.versions()])
         if Policy.VULNERABILITIES in policies:
-            for match in self.db.vulnerabilities.match(findings.packages):
-                package = match.package
+            report = matcher.match(db.vulnerabilities, findings.packages)
+            seen: set[tuple[str, tuple[str, str, str, str]]] = set()
+            for found in report.findings:
+                package = found.package
+                if (found.id, package.key) in seen:
+                    continue  # the same package listed twice (dpkg status and status.d)
+                seen.add((found.id, package.key))
                 result.vulnerabilities.append(
                     common_pb2.Vulnerability(
-                        id=match.advisory.id,
+                        id=found.id,
+                        aliases=found.aliases,
                         package=package.name,
                         installed_version=package.version,
-                        fixed_version=match.fixed,
-                        severity=match.advisory.severity,
+                        fixed_version=found.fixed,
+                        severity=found.severity,
                         path="/" + package.path
                         if not package.path.startswith("sbom:")
                         else package.path,
                         layer_digest=package.layer,
-                        title=match.advisory.summary,
+                        title=found.title,
                     )
                 )
+            result.notes.extend(note.to_proto() for note in report.notes)
         result.vulnerabilities.sort(key=lambda v: (-v.severity, v.id, v.package, v.path))
         result.malware.extend(sorted(findings.malware, key=lambda m: (m.path, m.name)))
         result.secrets.extend(sorted(findings.secrets, key=lambda s: (s.path, s.line, s.rule_id)))
