@@ -39,7 +39,7 @@ def test_promtool_checks_the_rules(promtool: str) -> None:
 
 
 def test_promtool_unit_tests_pass(promtool: str) -> None:
-    result = run(promtool, "test", "rules", UNIT_TESTS.name, cwd=UNIT_TESTS.parent)
+    result = run(promtool, "test", "rules", str(UNIT_TESTS.relative_to(ROOT)))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
