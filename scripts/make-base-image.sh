@@ -28,7 +28,7 @@ if [ ! -s "$tarball" ]; then
   trap 'rm -rf "$rootfs"' EXIT
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
     bookworm "$rootfs" "$mirror" >"$cache/bookworm-minbase.debootstrap.log" 2>&1 \
-    || { echo "debootstrap failed: see $cache/debootstrap.log" >&2; exit 1; }
+    || { echo "debootstrap failed: see $cache/bookworm-minbase.debootstrap.log" >&2; exit 1; }
   # Nothing of the build host's apt state in the image.
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
   tar -C "$rootfs" -cf "$tarball.part" . && mv "$tarball.part" "$tarball"
