@@ -10,7 +10,7 @@ LISTEN ?= 127.0.0.1:50051
 DATA_DIR ?= .data
 
 .PHONY: run test test-slow lint protos check-protos venv clean bench-durability bench-results \
-	test-tools bench-layers bench vulndb
+	test-tools bench-layers bench vulndb checkov image
 
 venv: $(STAMP)
 
@@ -59,21 +59,37 @@ lint: $(STAMP) check-protos
 	$(BIN)/ruff format --check server scanner_client tests bench
 	$(BIN)/mypy
 
-test: lint test-tools
+test: lint test-tools checkov
 	$(BIN)/pytest -m "not slow"
 
-# The scanning engine tests push images with skopeo into a real docker-registry (Debian's
-# packages). Installed with apt-get when missing and running as root (CI); quick otherwise.
-DEB_TEST_TOOLS := docker-registry skopeo
+# checkov (the chart's policy scan, tests/test_helm_operations.py) in a venv of its own: its
+# pinned dependencies would downgrade the project's (cyclonedx-python-lib, packaging).
+CHECKOV_VERSION := 3.3.30
+CHECKOV_STAMP := .venv-checkov/.installed-$(CHECKOV_VERSION)
+checkov: $(CHECKOV_STAMP)
+$(CHECKOV_STAMP):
+	rm -rf .venv-checkov
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
+	touch $@
+
+# The scanning engine tests push images with skopeo into a real docker-registry; the container
+# test builds and runs the image with podman and runc from a debootstrapped base; promtool and
+# a real Prometheus check the alerts and the dashboard (Debian's packages). Installed with
+# apt-get when missing and running as root (CI); quick otherwise. Each is named by a command
+# it ships: PACKAGE:COMMAND.
+DEB_TEST_TOOLS := docker-registry skopeo podman runc debootstrap prometheus:promtool
 test-tools:
-	@missing=""; for tool in $(DEB_TEST_TOOLS); do \
-	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	@missing=""; for entry in $(DEB_TEST_TOOLS); do \
+	  tool=$${entry#*:}; package=$${entry%%:*}; \
+	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$package"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then \
 	    echo "the engine tests need:$$missing (sudo apt-get install$$missing)"; exit 1; fi; \
 	  echo "installing$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq --no-install-recommends$$missing >/dev/null; \
+	  apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends$$missing \
+	    >/dev/null; \
 	fi
 
 test-slow: $(STAMP)
@@ -106,5 +122,10 @@ bench: $(BENCH_STAMP)
 bench-layers: $(STAMP)
 	$(PY) -m bench.layers
 
+# The container image, hermetically: wheels built here, a build that needs no network
+# (docs/operating/container-image.md). IMAGE=name:tag, BASE=another base image.
+image: $(STAMP)
+	PIP=$(BIN)/pip ./scripts/build-image.sh $(if $(IMAGE),--tag $(IMAGE)) $(if $(BASE),--base $(BASE))
+
 clean:
-	rm -rf $(VENV) $(DATA_DIR) .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-checkov $(DATA_DIR) .mypy_cache .ruff_cache

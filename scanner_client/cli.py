@@ -26,6 +26,7 @@ from scanner_client.client import ClientConfig, ScannerClient, default_scanner_i
 from scanner_client.engine import Kind, Policy, ScannerBroken
 from scanner_client.engines import ENGINES, EngineSettings
 from scanner_client.errors import ScannerRejected
+from scanner_client.health import start_health_server
 from scanner_client.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from server.security.tls import channel_credentials
 
@@ -72,6 +73,8 @@ class Settings:
     token: str = field(default="", repr=False)
     # "asyncio" (the standard loop) or "uvloop" (optional: pip install 'image-handler[uvloop]').
     event_loop: str = "asyncio"
+    # Plaintext HOST:PORT serving grpc.health.v1 for probes (scanner_client.health); "": none.
+    health_listen: str = ""
 
 
 def _words(value: str) -> tuple[str, ...]:
@@ -361,8 +364,26 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         parse=_one_of(EVENT_LOOPS),
         metavar="LOOP",
     )
+    option(
+        "--health-listen",
+        "",
+        "plaintext HOST:PORT serving grpc.health.v1 for probes: '' is alive, "
+        "imagehandler.v1.ScannerService is registered ('' = none)",
+        parse=_optional_address,
+        metavar="HOST:PORT",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser
+
+
+def _optional_address(value: str) -> str:
+    """``HOST:PORT`` (port 0 picks a free one), or empty for none."""
+    if not value:
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    return value
 
 
 def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -410,6 +431,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         tls_key=args.tls_key,
         token=_token(parser, args.token, args.token_file),
         event_loop=args.event_loop,
+        health_listen=args.health_listen,
     )
 
 
@@ -471,8 +493,9 @@ def build_client(settings: Settings) -> ScannerClient:
     )
 
 
-async def serve(client: ScannerClient) -> None:
-    """Run the client; the first SIGTERM/SIGINT drains it, a second one stops it."""
+async def serve(client: ScannerClient, health_listen: str = "") -> None:
+    """Run the client; the first SIGTERM/SIGINT drains it, a second one stops it. With
+    ``health_listen``, probes are answered there until the client ends."""
     loop = asyncio.get_running_loop()
     received: list[signal.Signals] = []
 
@@ -488,9 +511,15 @@ async def serve(client: ScannerClient) -> None:
     handled = (signal.SIGTERM, signal.SIGINT)
     for signum in handled:
         loop.add_signal_handler(signum, on_signal, signum)
+    health_server = None
     try:
+        if health_listen:
+            health_server, port = await start_health_server(client, health_listen)
+            client.log.info("health listening", address=health_listen, port=port)
         await client.run()
     finally:
+        if health_server is not None:
+            await health_server.stop(0)
         for signum in handled:
             loop.remove_signal_handler(signum)
 
@@ -525,13 +554,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REJECTED
     try:
         with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
-            runner.run(serve(client))
+            runner.run(serve(client, settings.health_listen))
     except ScannerRejected as rejected:
         print(rejected.message, file=sys.stderr)
         return EXIT_REJECTED
     except ScannerBroken as broken:
         print(f"image-scanner: the scanner cannot work: {broken}", file=sys.stderr)
         return EXIT_BROKEN
+    except ValueError as exc:  # --health-listen cannot be bound
+        print(f"image-scanner: {exc}", file=sys.stderr)
+        return EXIT_REJECTED
     return 0
 
 

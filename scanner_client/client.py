@@ -18,6 +18,7 @@ import importlib.metadata
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -261,6 +262,9 @@ class ScannerClient:
         self.stats = ClientStats()
         # Set while a session is registered.
         self.registered = asyncio.Event()
+        # time.monotonic() of the last connect attempt or message from the handler: the
+        # liveness probe (scanner_client.health) reads it.
+        self.last_activity = time.monotonic()
         self.registration: Registration | None = None
         # Set once a Drain message has been written.
         self.drain_sent = asyncio.Event()
@@ -428,6 +432,7 @@ class ScannerClient:
 
     async def _session(self) -> _Outcome:
         assert self._stub is not None
+        self.last_activity = time.monotonic()
         self.stats.connect_attempts += 1
         self._notify()
         self.log.info("connecting", handler=self.handler, attempt=self.stats.connect_attempts)
@@ -579,6 +584,7 @@ class ScannerClient:
                     return _DRAINED
                 remote = read_rpc_error(exc)
                 return _Broken(f"stream failed: {remote.message}", None, remote.retry_after)
+            self.last_activity = time.monotonic()
             if not isinstance(response, scanner_service_pb2.ConnectResponse):
                 if session.closing:
                     return _DRAINED

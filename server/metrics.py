@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import ssl as ssl_module
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -46,7 +46,8 @@ from prometheus_client.metrics_core import Metric
 from server.errors import Catalogue, HandlerError
 from server.events import Subscription
 from server.model import Job, JobStatus, Lane, Transition
-from server.scanners import ScannerStatus
+from server.scanners import ScannerSession, ScannerStatus
+from server.validation import parse_release_date
 
 if TYPE_CHECKING:  # the job manager (and the journal under it) may import this module
     from server.job_manager import JobManager
@@ -116,6 +117,23 @@ def _age(since: datetime | None, now: datetime) -> float:
     return max(0.0, (now - since).total_seconds()) if since is not None else 0.0
 
 
+def _database_ages(connected: Iterable[ScannerSession], now: datetime) -> GaugeMetricFamily:
+    """Age of each connected scanner's databases: what an alert on stale data reads."""
+    family = GaugeMetricFamily(
+        PREFIX + "scanner_database_age_seconds",
+        "Age of a connected scanner's database, from its release date to now.",
+        labels=["scanner_id", "database"],
+    )
+    for session in connected:
+        for database in session.profile.databases:
+            # Validated at registration (HNDL-012/013), so it parses; a plain date is midnight UTC.
+            released = parse_release_date(database.name, database.released_at)
+            if not isinstance(released, datetime):
+                released = datetime.combine(released, time(), UTC)
+            family.add_metric([session.profile.scanner_id, database.name], _age(released, now))
+    return family
+
+
 class StateCollector:
     """Gauges read from the job manager at scrape time."""
 
@@ -182,6 +200,13 @@ class StateCollector:
             PREFIX + "scanner_free_slots",
             "Free slots of the Free scanners: jobs that could be assigned at once.",
             value=sum(session.free_slots for session in connected if session.is_free),
+        )
+        yield _database_ages(connected, now)
+        # The readiness probe's answer as a figure: recovery ended and submits are taken.
+        yield GaugeMetricFamily(
+            PREFIX + "ready",
+            "1 once recovery ended and the handler takes work; 0 while recovering or draining.",
+            value=int(manager.recovered and manager.accepting_submits),
         )
 
         yield GaugeMetricFamily(

@@ -244,6 +244,8 @@ def test_default_objects(defaults: list[Manifest]) -> None:
         ("ConfigMap", FULLNAME),
         ("ConfigMap", f"{FULLNAME}-scanner"),
         ("Deployment", f"{FULLNAME}-scanner"),
+        ("NetworkPolicy", FULLNAME),
+        ("NetworkPolicy", f"{FULLNAME}-scanner"),
         ("PodDisruptionBudget", f"{FULLNAME}-scanner"),
         ("Service", FULLNAME),
         ("Service", f"{FULLNAME}-headless"),

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,7 @@ async def test_every_documented_metric_is_exported(make_handler: MakeHandler) ->
         "imagehandler_result_workers",
         "imagehandler_deliveries_failed_total",
         "imagehandler_journal_fsync_seconds_bucket",
+        "imagehandler_ready",
         "process_cpu_seconds_total",
     }
     assert documented <= names, documented - names
@@ -287,3 +289,44 @@ async def test_journal_fsyncs_are_timed(make_handler: MakeHandler) -> None:
     await handler.jobs.SubmitJob(image(tag="fsync-timed"))
     after = value(await scrape(handler), "imagehandler_journal_fsync_seconds_count")
     assert after > before
+
+
+async def test_database_ages_and_readiness(make_handler: MakeHandler) -> None:
+    """What the stale-database and not-ready alerts read: each connected scanner's database
+    age from its release date, and 1/0 for taking work (0 from the moment SIGTERM drains)."""
+    handler = await make_handler(metrics_listen="127.0.0.1:0")
+    m = await scrape(handler)
+    assert value(m, "imagehandler_ready") == 1
+    assert not [n for n, _ in m if n == "imagehandler_scanner_database_age_seconds"]
+
+    released = datetime.now(UTC).replace(microsecond=0) - timedelta(days=3, hours=2)
+    plain_day = (datetime.now(UTC) - timedelta(days=10)).date()
+    databases = [
+        common_pb2.DatabaseVersion(
+            name="vulns", version="7", released_at=released.isoformat().replace("+00:00", "Z")
+        ),
+        common_pb2.DatabaseVersion(name="malware", version="2", released_at=plain_day.isoformat()),
+    ]
+    async with RawScanner(handler.scanners, "s-old", databases=databases) as scanner:
+        await scanner.start()
+        before = datetime.now(UTC)
+        m = await scrape(handler)
+        after = datetime.now(UTC)
+        age = value(
+            m, "imagehandler_scanner_database_age_seconds", scanner_id="s-old", database="vulns"
+        )
+        assert (before - released).total_seconds() <= age <= (after - released).total_seconds()
+        midnight = datetime.combine(plain_day, time(), UTC)
+        age = value(
+            m, "imagehandler_scanner_database_age_seconds", scanner_id="s-old", database="malware"
+        )
+        assert (before - midnight).total_seconds() <= age <= (after - midnight).total_seconds()
+
+        # SIGTERM's drain: the scanner holds a job, so the handler waits for it, not ready.
+        await handler.jobs.SubmitJob(image(tag="held"))
+        (held,) = await scanner.assigned()
+        stopping = asyncio.create_task(handler.server.stop(30))
+        await scanner.expect("drain")
+        assert value(await scrape(handler), "imagehandler_ready") == 0
+        await scanner.finish(held)
+        await stopping

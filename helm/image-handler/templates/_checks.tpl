@@ -16,6 +16,21 @@ a message that says what to change. configmap.yaml includes this, so every rende
 {{- if and $h.healthPort (or (eq (int $h.healthPort) (int $h.grpcPort)) (and .Values.metrics.enabled (eq (int $h.healthPort) (int .Values.metrics.port)))) -}}
 {{- fail (printf "handler.healthPort %d is taken by the gRPC or metrics port: give the health service its own port (or 0 to probe the gRPC port)." (int $h.healthPort)) -}}
 {{- end -}}
+{{- if and $h.tls.certSecret $h.extraConfig.tls_cert -}}
+{{- fail "handler.tls.certSecret and handler.extraConfig.tls_cert both set the handler's certificate: keep one (handler.tls.certSecret mounts the Secret for you)." -}}
+{{- end -}}
+{{- if and $h.tls.certSecret (not $h.healthPort) -}}
+{{- fail "handler.tls.certSecret puts TLS on the gRPC port, which Kubernetes' gRPC probes cannot speak: set handler.healthPort (for example 50052) for a plaintext health-only port." -}}
+{{- end -}}
+{{- if and $h.tls.clientCASecret (not $h.tls.certSecret) (not $h.extraConfig.tls_cert) -}}
+{{- fail "handler.tls.clientCASecret (mutual TLS) needs the handler's own certificate: set handler.tls.certSecret." -}}
+{{- end -}}
+{{- if and $h.tls.clientCASecret .Values.scanner.enabled -}}
+{{- fail "handler.tls.clientCASecret (mutual TLS) with the chart's scanners: each scanner's certificate must name its own scanner id, which one Deployment's Secret cannot. Give the scanners a token instead (handler.tokens.secret, scanner.token.secret), or set scanner.enabled=false and run scanners with their own certificates." -}}
+{{- end -}}
+{{- if and $h.tokens.secret .Values.scanner.enabled (not .Values.scanner.token.secret) (not (hasKey .Values.secrets.scannerEnv "IMAGE_SCANNER_TOKEN")) -}}
+{{- fail "handler.tokens.secret makes every call need a token, and the chart's scanners have none: set scanner.token.secret (and key) to a Secret holding a token with the scanner role." -}}
+{{- end -}}
 {{- $s := .Values.scanner -}}
 {{- if and $s.enabled $s.autoscaling.enabled (gt (int $s.autoscaling.minReplicas) (int $s.autoscaling.maxReplicas)) -}}
 {{- fail (printf "scanner.autoscaling.minReplicas (%d) is above scanner.autoscaling.maxReplicas (%d)." (int $s.autoscaling.minReplicas) (int $s.autoscaling.maxReplicas)) -}}

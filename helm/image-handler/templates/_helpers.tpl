@@ -83,3 +83,28 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "image-handler.float" -}}
 {{- if eq (float64 .) (float64 (int64 .)) }}{{ int64 . }}{{ else }}{{ float64 . }}{{ end }}
 {{- end }}
+
+{{/* "true" when the handler speaks TLS (handler.tls.certSecret, or tls_cert in extraConfig). */}}
+{{- define "image-handler.tlsEnabled" -}}
+{{- if or .Values.handler.tls.certSecret .Values.handler.extraConfig.tls_cert }}true{{ end }}
+{{- end }}
+
+{{/*
+checkov skips of a workload, each with its reason (docs/operating/helm.md#policy-scanners), and
+only while it applies: call with (dict "ctx" $ "image" .Values.image "resources" ...).
+*/}}
+{{- define "image-handler.checkovSkips" -}}
+{{- $n := 0 }}
+{{- if not (dig "limits" "cpu" "" .resources) }}
+{{- $n = add1 $n }}
+checkov.io/skip{{ $n }}: "CKV_K8S_11=No CPU limit by design: CFS throttling stalls the event loop (heartbeats included); the request reserves the CPU"
+{{- end }}
+{{- if ne .ctx.Values.image.pullPolicy "Always" }}
+{{- $n = add1 $n }}
+checkov.io/skip{{ $n }}: "CKV_K8S_15=IfNotPresent by design: a pinned digest is exact, and Always makes every start depend on the registry"
+{{- end }}
+{{- if not (contains "@sha256:" (include "image-handler.image" (dict "image" .image "ctx" .ctx))) }}
+{{- $n = add1 $n }}
+checkov.io/skip{{ $n }}: "CKV_K8S_43=Not pinned yet: set image.digest (a chart default cannot know your build's digest)"
+{{- end }}
+{{- end }}
