@@ -482,8 +482,9 @@ def test_analysers() -> None:
     )
     assert analyzers.is_npm_manifest("app/node_modules/@types/node/package.json")
     assert analyzers.is_npm_manifest("node_modules/a/node_modules/b/package.json")
-    assert not analyzers.is_npm_manifest("app/package.json")
-    assert not analyzers.is_npm_manifest("node_modules/a/lib/package.json")
+    # Every package.json names a package, as Syft reads images (an application's own too).
+    assert analyzers.is_npm_manifest("app/package.json")
+    assert not analyzers.is_npm_manifest("app/package.json.orig")
     assert analyzers.parse_npm_manifest(b"[]", "p") == []
     [py] = analyzers.parse_python_metadata(
         b"Metadata-Version: 2.1\nName: Jinja2\nVersion: 3.1.2\n", "m"

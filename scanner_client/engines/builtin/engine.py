@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -22,10 +23,19 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import httpx
+import structlog
 
 from imagehandler.v1 import common_pb2
 from scanner_client.engine import Database, Engine, Job, Kind, Policy, ProgressReporter, ScanFailure
-from scanner_client.engines.builtin import analyzers, images, malware, sbom, secrets
+from scanner_client.engines.builtin import (
+    analyzers,
+    catalog,
+    images,
+    malware,
+    rpm,
+    sbom,
+    secrets,
+)
 from scanner_client.engines.builtin.analyzers import Distro, Package
 from scanner_client.engines.builtin.common import Cancelled, CancelToken, Limits, too_large
 from scanner_client.engines.builtin.databases import LoadedDatabases, load_databases
@@ -39,6 +49,7 @@ from scanner_client.engines.builtin.registry import (
 )
 
 T = TypeVar("T")
+log = structlog.get_logger("image_scanner.builtin")
 
 # How long a cancelled scan waits for its worker thread before it leaves it behind.
 THREAD_STOP_WAIT: Final = 10.0
@@ -245,21 +256,26 @@ class BuiltinEngine(Engine):
     ) -> None:
         touched = [
             rel
-            for rel in (analyzers.DPKG_STATUS, analyzers.APK_INSTALLED)
+            for rel in (analyzers.DPKG_STATUS, analyzers.APK_INSTALLED, *rpm.RPMDB_PATHS)
             if rootfs.origin.get(rel) == layer
+        ] or [
+            rel
+            for rel in rootfs.origin
+            if rel.startswith(analyzers.DPKG_STATUS_DIR + "/") and rootfs.origin[rel] == layer
         ]
         if not touched:
             return
-        for package in self._os_packages(rootfs, _distro(rootfs)):
+        inventory = catalog.os_inventory(rootfs, catalog.distro_of(rootfs), owned=False)
+        for package in inventory.packages:
             first_seen.setdefault((package.type, package.name, package.version), layer)
 
     def _config_secrets(self, config: dict[str, Any]) -> list[common_pb2.Secret]:
         env = (config.get("config") or {}).get("Env") or []
         found = []
         for index, variable in enumerate(env if isinstance(env, list) else []):
-            for hit in self.db.signatures.match_data(
-                str(variable).encode(), frozenset({secrets.NAMESPACE})
-            ):
+            data = str(variable).encode()
+            hits = self.db.signatures.match_data(data, frozenset({secrets.NAMESPACE}))
+            for hit, _offset in malware.confirmed_secrets(hits, data):
                 found.append(malware.secret_finding(hit, f"image config Env[{index}]", 1))
         return found
 
@@ -418,23 +434,6 @@ class BuiltinEngine(Engine):
 
     # ---- analysis of a root -----------------------------------------------------------------
 
-    def _os_packages(self, rootfs: Rootfs, distro: Distro | None) -> list[Package]:
-        packages: list[Package] = []
-        status = rootfs.read(analyzers.DPKG_STATUS)
-        if status is not None:
-            packages += analyzers.parse_dpkg_status(status, analyzers.DPKG_STATUS, distro)
-        status_dir = rootfs.resolve(analyzers.DPKG_STATUS_DIR)
-        if status_dir and rootfs.path(status_dir).is_dir():
-            for entry in sorted(os.listdir(rootfs.path(status_dir))):
-                rel = f"{analyzers.DPKG_STATUS_DIR}/{entry}"
-                data = rootfs.read(rel)
-                if data is not None:
-                    packages += analyzers.parse_dpkg_status(data, rel, distro)
-        installed = rootfs.read(analyzers.APK_INSTALLED)
-        if installed is not None:
-            packages += analyzers.parse_apk_installed(installed, analyzers.APK_INSTALLED, distro)
-        return packages
-
     def _analyse_root(
         self,
         rootfs: Rootfs,
@@ -445,9 +444,15 @@ class BuiltinEngine(Engine):
         first_seen: dict[tuple[str, str, str], str] | None = None,
         skip: frozenset[str] = frozenset(),
     ) -> Findings:
+        """One pass over the root's files: each file is read at most once, for the
+        cataloguers that want it (by name, or an executable that may be a Go binary) and for
+        the malware and secret rules."""
         limits = self.settings.limits
-        findings = Findings(distro=_distro(rootfs))
-        for package in self._os_packages(rootfs, findings.distro):
+        findings = Findings(distro=catalog.distro_of(rootfs))
+        inventory = catalog.os_inventory(rootfs, findings.distro)
+        for note in inventory.notes:
+            log.warning("inventory", problem=note)
+        for package in inventory.packages:
             layer = (first_seen or {}).get((package.type, package.name, package.version)) or (
                 rootfs.origin.get(package.path, "")
             )
@@ -462,34 +467,41 @@ class BuiltinEngine(Engine):
         )
         report("analyse", 70)
         signatures = self.db.signatures
+        language: list[Package] = []
         for count, (rel, info) in enumerate(rootfs.walk(token, skip=skip)):
             if count % 256 == 0:
                 token.check()
                 report("analyse", min(95, 70 + count // 2000))
-            path = rootfs.path(rel)
-            if analyzers.is_python_metadata(rel) or analyzers.is_npm_manifest(rel):
-                data = rootfs.read(rel)
-                if data is not None:
-                    parse = (
-                        analyzers.parse_python_metadata
-                        if analyzers.is_python_metadata(rel)
-                        else analyzers.parse_npm_manifest
-                    )
-                    layer = rootfs.origin.get(rel, "")
-                    findings.packages += [p.with_layer(layer) for p in parse(data, rel)]
-            if not namespaces or info.st_size == 0 or info.st_size > limits.max_match_bytes:
+            size = info.st_size
+            match = bool(namespaces) and 0 < size <= limits.max_match_bytes
+            wanted = catalog.wants(rel)
+            maybe_go = bool(info.st_mode & 0o111) and size >= catalog.MIN_GO_BINARY
+            if not (match or wanted or maybe_go) or size > catalog.MAX_CATALOG_BYTES:
                 continue
-            for hit in signatures.match_file(path, namespaces):
+            data = rootfs.read(rel, catalog.MAX_CATALOG_BYTES)
+            if data is None:
+                continue
+            if wanted or maybe_go or (match and data.startswith(b"\x7fELF")):
+                layer = rootfs.origin.get(rel, "")
+                language += [p.with_layer(layer) for p in catalog.file_packages(rel, data)]
+            if not match:
+                continue
+            hits = signatures.match_data(data, namespaces)
+            for hit in hits:
                 if hit.namespace == malware.MALWARE:
                     findings.malware.append(
                         malware.malware_finding(
-                            hit, "/" + rel, malware.sha256_file(path), rootfs.origin.get(rel, "")
+                            hit,
+                            "/" + rel,
+                            hashlib.sha256(data).hexdigest(),
+                            rootfs.origin.get(rel, ""),
                         )
                     )
-                else:
-                    findings.secrets.append(
-                        malware.secret_finding(hit, "/" + rel, malware.line_of(path, hit.offset))
-                    )
+            for hit, offset in malware.confirmed_secrets(hits, data):
+                findings.secrets.append(
+                    malware.secret_finding(hit, "/" + rel, malware.line_at(data, offset))
+                )
+        findings.packages += catalog.mark_os_owned(language, inventory.owned, rootfs)
         return findings
 
     # ---- the result -------------------------------------------------------------------------
@@ -569,23 +581,6 @@ class BuiltinEngine(Engine):
                 code="HNDL-005",
                 permanent=True,
             ) from None
-
-
-def _distro(rootfs: Rootfs) -> Distro | None:
-    for rel in analyzers.OS_RELEASE_PATHS:
-        data = rootfs.read(rel)
-        if data is not None:
-            distro = analyzers.parse_os_release(data)
-            if distro is not None:
-                return distro
-    alpine = rootfs.read("etc/alpine-release")
-    if alpine is not None:
-        return Distro("alpine", alpine.decode("utf-8", "replace").strip())
-    debian = rootfs.read("etc/debian_version")
-    if debian is not None:
-        version = debian.decode("utf-8", "replace").strip()
-        return Distro("debian", version if version[:1].isdigit() else "")
-    return None
 
 
 def _oci_url(url: str) -> common_pb2.ImageObject:

@@ -258,6 +258,28 @@ class Rootfs:
         with handle:
             return handle.read(self.limits.max_document_bytes if limit is None else limit)
 
+    def listdir(self, rel: str) -> list[str]:
+        """The names in a directory of the image (links followed inside the root); [] when it
+        is missing or not a directory."""
+        real = self.resolve(rel, directory=True)
+        if real is None:
+            return []
+        try:
+            return os.listdir(self.path(real))
+        except OSError:
+            return []
+
+    def link_target(self, rel: str) -> str | None:
+        """Where the symbolic link ``rel`` points (as written in the image); None when it is
+        not a link."""
+        real = self.resolve(rel, follow_final=False)
+        if not real:
+            return None
+        try:
+            return os.readlink(self.path(real))
+        except OSError:
+            return None
+
     def walk(
         self, token: CancelToken | None = None, skip: frozenset[str] = frozenset()
     ) -> Iterator[tuple[str, os.stat_result]]:

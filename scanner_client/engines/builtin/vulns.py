@@ -57,6 +57,8 @@ VERSION_CLASSES: Final[dict[str, type[Version]]] = {
 }
 _ECOSYSTEM_OF: Final = {range_class: name for name, range_class in RANGE_CLASSES.items()}
 RANGE_TYPES: Final = frozenset({"ECOSYSTEM", "SEMVER"})
+# Language feeds: a package whose files an OS package owns is not matched against them.
+LANGUAGE_ECOSYSTEMS: Final = frozenset({"PyPI", "npm", "Go", "Maven", "crates.io", "RubyGems"})
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ class VulnerabilityDB:
         matches = []
         for package in packages:
             ecosystem, _, release = package.ecosystem.partition(":")
+            if package.os_owned and ecosystem in LANGUAGE_ECOSYSTEMS:
+                continue
             name = _normal_name(ecosystem, package.source_name)
             for advisory, affected in self._index.get((ecosystem, name), ()):
                 if affected.release and release and affected.release != release:
