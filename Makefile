@@ -55,17 +55,21 @@ test: lint test-tools
 	$(BIN)/pytest -m "not slow"
 
 # The scanning engine tests push images with skopeo into a real docker-registry (Debian's
-# packages). Installed with apt-get when missing and running as root (CI); quick otherwise.
-DEB_TEST_TOOLS := docker-registry skopeo
+# packages); the inventory tests build an rpm database with rpm, a Go binary with go, and a
+# stock Debian root with debootstrap. Installed with apt-get when missing and running as root
+# (CI); quick otherwise. Each entry is COMMAND:PACKAGE.
+DEB_TEST_TOOLS := docker-registry:docker-registry skopeo:skopeo rpmbuild:rpm go:golang-go \
+	debootstrap:debootstrap gpg:gpg
 test-tools:
-	@missing=""; for tool in $(DEB_TEST_TOOLS); do \
-	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	@missing=""; for entry in $(DEB_TEST_TOOLS); do \
+	  command -v $${entry%%:*} >/dev/null 2>&1 || missing="$$missing $${entry#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then \
 	    echo "the engine tests need:$$missing (sudo apt-get install$$missing)"; exit 1; fi; \
 	  echo "installing$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq --no-install-recommends$$missing >/dev/null; \
+	  apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends$$missing \
+	    >/dev/null; \
 	fi
 
 test-slow: $(STAMP)

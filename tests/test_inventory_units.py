@@ -482,3 +482,30 @@ def test_rootfs_lists_directories_and_links(tmp_path: Path) -> None:
     assert rootfs.listdir("missing") == []
     assert rootfs.link_target("lib") == "usr/lib"
     assert rootfs.link_target("usr") is None
+
+
+def test_sbom_round_trip_of_every_package_type() -> None:
+    from scanner_client.engines.builtin import sbom
+
+    packages = [
+        Package(
+            "rpm", "openssl-libs", "1:3.0.7-27.el9", "Red Hat:9", "openssl", "1:3.0.7-27.el9",
+            "var/lib/rpm/rpmdb.sqlite", distro="rhel-9.2", arch="x86_64",
+        ),
+        Package("golang", "golang.org/x/text", "v0.3.7", "Go", "golang.org/x/text", "v0.3.7", "b"),
+        Package("golang", "stdlib", "go1.19.8", "Go", "stdlib", "1.19.8", "b"),
+        Package(
+            "maven", "log4j-core", "2.14.1", "Maven", "org.apache.logging.log4j:log4j-core",
+            "2.14.1", "app.jar",
+        ),
+        Package("pypi", "urllib3", "1.26.12", "PyPI", "urllib3", "1.26.12", "x", os_owned=True),
+    ]  # fmt: skip
+    document = sbom.build("reg/app:1", "image", packages, Distro("rhel", "9.2"))
+    parsed = sbom.packages_from_cyclonedx(document)
+    assert {
+        (p.type, p.name, p.version, p.ecosystem, p.source_name, p.source_version, p.os_owned)
+        for p in parsed
+    } == {
+        (p.type, p.name, p.version, p.ecosystem, p.source_name, p.source_version, p.os_owned)
+        for p in packages
+    }
