@@ -19,6 +19,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from scanner_client.engines.builtin.analyzers import pypi_name
 
@@ -180,29 +181,79 @@ def minbase_tar() -> Path:
     """A ``debootstrap --variant=minbase`` root of the host's suite as an uncompressed layer
     tar, built once a day (the first build takes a minute or two) and reused after; what apt
     downloaded is removed, as image builds do."""
+    return stock_tar("minbase", ())
+
+
+# A bigger stock image: Debian's npm (with some 400 node-* modules under /usr/share/nodejs)
+# and Python libraries that Debian patches (urllib3, jinja2, yaml): about 490 packages.
+NPM_PYTHON: Final = ("npm", "python3-urllib3", "python3-jinja2", "python3-yaml", "curl")
+
+
+def stock_tar(label: str, include: tuple[str, ...]) -> Path:
+    """A stock root of the host's suite as an uncompressed layer tar, cached a day: the
+    minbase root, plus ``include`` installed by apt inside it (``--no-install-recommends``,
+    as image builds do), with apt's downloads and lists removed."""
     found = debian_suite_and_mirror()
     if found is None:
         raise LookupError("the host is not Debian with an apt source for its own suite")
     suite, mirror = found
     CACHE.mkdir(parents=True, exist_ok=True)
-    tar = CACHE / f"debootstrap-minbase-{suite}-{dt.date.today().isoformat()}.tar"
+    prefix = f"debootstrap-{label}-{suite}-"
+    tar = CACHE / f"{prefix}{dt.date.today().isoformat()}.tar"
     if tar.exists():
         return tar
-    build = CACHE / f"debootstrap-minbase-{suite}.build-{os.getpid()}"
+    build = CACHE / f"debootstrap-{label}-{suite}.build-{os.getpid()}"
     shutil.rmtree(build, ignore_errors=True)
+    root = build / "root"
     try:
-        run(["debootstrap", "--variant=minbase", suite, str(build / "root"), mirror])
-        for deb in (build / "root" / "var" / "cache" / "apt" / "archives").glob("*.deb"):
+        if include:
+            root.mkdir(parents=True)
+            run(["tar", "--numeric-owner", "-C", str(root), "-xf", str(minbase_tar())])
+            _apt_install(root, include)
+        else:
+            run(["debootstrap", "--variant=minbase", suite, str(root), mirror])
+        for deb in (root / "var" / "cache" / "apt" / "archives").glob("*.deb"):
             deb.unlink()
         partial = build / "layer.tar"
-        run(["tar", "--numeric-owner", "-C", str(build / "root"), "-cf", str(partial), "."])
+        run(["tar", "--numeric-owner", "-C", str(root), "-cf", str(partial), "."])
         partial.rename(tar)
     finally:
         shutil.rmtree(build, ignore_errors=True)
-    for old in CACHE.glob(f"debootstrap-minbase-{suite}-*.tar*"):
-        if old != tar and not old.name.startswith(tar.name):
+    for old in CACHE.glob(f"{prefix}*.tar*"):
+        if not old.name.startswith(tar.name):
             old.unlink(missing_ok=True)
     return tar
+
+
+def _apt_install(root: Path, packages: tuple[str, ...]) -> None:
+    """``apt-get install`` inside the root (chroot): no service is started (policy-rc.d),
+    and the host's resolver is lent for the download only."""
+    resolv = root / "etc" / "resolv.conf"
+    policy = root / "usr" / "sbin" / "policy-rc.d"
+    link = os.readlink(resolv) if resolv.is_symlink() else None
+    saved = resolv.read_bytes() if link is None and resolv.is_file() else None
+    resolv.unlink(missing_ok=True)
+    shutil.copyfile("/etc/resolv.conf", resolv)
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        run(["chroot", str(root), "apt-get", "-qq", "update"], env=env)
+        run(
+            ["chroot", str(root), "apt-get", "install", "-y", "-qq", "--no-install-recommends",
+             *packages],
+            env=env,
+        )  # fmt: skip
+        run(["chroot", str(root), "apt-get", "clean"], env=env)
+    finally:
+        policy.unlink(missing_ok=True)
+        resolv.unlink(missing_ok=True)
+        if link is not None:
+            resolv.symlink_to(link)
+        elif saved is not None:
+            resolv.write_bytes(saved)
+        shutil.rmtree(root / "var" / "lib" / "apt" / "lists", ignore_errors=True)
+        (root / "var" / "lib" / "apt" / "lists" / "partial").mkdir(parents=True, exist_ok=True)
 
 
 # ---- Syft ---------------------------------------------------------------------------------------

@@ -324,13 +324,16 @@ def is_npm_manifest(rel: str) -> bool:
 
 
 def parse_npm_manifest(data: bytes, path: str) -> list[Package]:
+    """The package a ``package.json`` names; one that names no version (a sub-package's
+    manifest, such as ``ponyfill/package.json``) is still a package, with version "" (what
+    Syft reports as UNKNOWN), and no advisory matches it."""
     try:
         document = json.loads(data)
     except ValueError:
         return []
     if not isinstance(document, dict):
         return []
-    name, version = document.get("name"), document.get("version")
-    if not isinstance(name, str) or not isinstance(version, str) or not name or not version:
+    name, version = document.get("name"), document.get("version", "")
+    if not isinstance(name, str) or not name or not isinstance(version, str):
         return []
     return [Package("npm", name, version, "npm", name, version, path)]
