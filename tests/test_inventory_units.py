@@ -21,7 +21,7 @@ from imagehandler.v1 import common_pb2
 from scanner_client.engine import Job, NullProgress
 from scanner_client.engines.builtin import BuiltinEngine, catalog, gobinary, java, rpm, secrets
 from scanner_client.engines.builtin.analyzers import Distro, Package
-from scanner_client.engines.builtin.layers import Rootfs
+from scanner_client.engines.builtin.rootfs import Rootfs
 from scanner_client.engines.builtin.vulns import VulnerabilityDB, parse_record
 
 
@@ -509,3 +509,25 @@ def test_sbom_round_trip_of_every_package_type() -> None:
         (p.type, p.name, p.version, p.ecosystem, p.source_name, p.source_version, p.os_owned)
         for p in packages
     }
+
+
+def test_sboms_follow_the_cyclonedx_schema() -> None:
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    from scanner_client.engines.builtin import sbom
+
+    packages = [
+        Package("rpm", "bash", "5.1.8-6.el9", "Red Hat:9", "bash", "5.1.8-6.el9", "var/lib/rpm/x"),
+        Package("npm", "web-streams-ponyfill", "", "npm", "web-streams-ponyfill", "", "a/package.json"),
+        Package("npm", "lodash", "4.17.15", "npm", "lodash", "4.17.15", "b/package.json", "sha256:1"),
+        Package("npm", "lodash", "4.17.15", "npm", "lodash", "4.17.15", "c/package.json", "sha256:1"),
+        Package("pypi", "six", "1.15.0", "PyPI", "six", "1.15.0", "d/METADATA", os_owned=True),
+    ]  # fmt: skip
+    for kind, distro in (("image", Distro("rhel", "9.2")), ("node", None), ("artifact", None)):
+        document = sbom.build("reg/app:1", kind, packages, distro)
+        assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(document.decode()) is None
+        parsed = json.loads(document)
+        refs = [c["bom-ref"] for c in parsed["components"]]
+        assert len(refs) == len(set(refs))  # the second lodash is told apart by its path
+        assert parsed["dependencies"][0]["dependsOn"] == refs

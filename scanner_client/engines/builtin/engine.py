@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -28,18 +27,18 @@ import structlog
 from imagehandler.v1 import common_pb2
 from scanner_client.engine import Database, Engine, Job, Kind, Policy, ProgressReporter, ScanFailure
 from scanner_client.engines.builtin import (
-    analyzers,
     catalog,
+    files,
     images,
     malware,
-    rpm,
     sbom,
     secrets,
 )
 from scanner_client.engines.builtin.analyzers import Distro, Package
 from scanner_client.engines.builtin.common import Cancelled, CancelToken, Limits, too_large
 from scanner_client.engines.builtin.databases import LoadedDatabases, load_databases
-from scanner_client.engines.builtin.layers import Rootfs
+from scanner_client.engines.builtin.files import FileAnalyser, FileFacts
+from scanner_client.engines.builtin.layers import ImageTree
 from scanner_client.engines.builtin.registry import (
     Credentials,
     Platform,
@@ -47,6 +46,7 @@ from scanner_client.engines.builtin.registry import (
     RegistryClient,
     check_proxy_url,
 )
+from scanner_client.engines.builtin.rootfs import Rootfs
 
 T = TypeVar("T")
 log = structlog.get_logger("image_scanner.builtin")
@@ -216,7 +216,8 @@ class BuiltinEngine(Engine):
         report: _ThreadProgress,
         scratch: Path,
     ) -> common_pb2.ScanResult:
-        rootfs = Rootfs(scratch / "rootfs", self.settings.limits)
+        tree = ImageTree(self.settings.limits)
+        analyser = self._analyser(policies)
         total = sum(layer.size for layer in pulled.layers) or 1
         done = 0
         # (type, name, version) -> the layer that first had it, for OS packages.
@@ -228,15 +229,22 @@ class BuiltinEngine(Engine):
             def on_bytes(position: int, base: int = base) -> None:
                 report("unpack", 40 + 30 * (base + position) // total)
 
-            rootfs.apply(layer.path, layer.digest, token, on_bytes)
+            tree.apply(layer.path, layer.digest, token, analyser, on_bytes)
             done += layer.size
             if layer.owned:
                 layer.path.unlink(missing_ok=True)
-            self._attribute_os_packages(rootfs, layer.digest, first_seen)
-        findings = self._analyse_root(rootfs, policies, token, report, first_seen=first_seen)
+            if any(files.os_database(rel) for rel in tree.changed):
+                inventory = catalog.os_inventory(tree, catalog.distro_of(tree), owned=False)
+                for package in inventory.packages:
+                    first_seen.setdefault(
+                        (package.type, package.name, package.version), layer.digest
+                    )
+        report("analyse", 70)
+        facts = ((rel, node.layer, node.facts) for rel, node in tree.files() if node.facts)
+        findings = self._findings(tree, facts, tree.origin, first_seen)
         if Policy.MISCONFIGURATIONS in policies:
             findings.misconfigurations.extend(image_misconfigurations(pulled.config))
-            for skipped in rootfs.skipped:
+            for skipped in tree.skipped:
                 if skipped.escapes:
                     findings.misconfigurations.append(
                         common_pb2.Misconfiguration(
@@ -250,24 +258,6 @@ class BuiltinEngine(Engine):
         if Policy.SECRETS in policies:
             findings.secrets.extend(self._config_secrets(pulled.config))
         return self._result(findings, subject, "image", policies)
-
-    def _attribute_os_packages(
-        self, rootfs: Rootfs, layer: str, first_seen: dict[tuple[str, str, str], str]
-    ) -> None:
-        touched = [
-            rel
-            for rel in (analyzers.DPKG_STATUS, analyzers.APK_INSTALLED, *rpm.RPMDB_PATHS)
-            if rootfs.origin.get(rel) == layer
-        ] or [
-            rel
-            for rel in rootfs.origin
-            if rel.startswith(analyzers.DPKG_STATUS_DIR + "/") and rootfs.origin[rel] == layer
-        ]
-        if not touched:
-            return
-        inventory = catalog.os_inventory(rootfs, catalog.distro_of(rootfs), owned=False)
-        for package in inventory.packages:
-            first_seen.setdefault((package.type, package.name, package.version), layer)
 
     def _config_secrets(self, config: dict[str, Any]) -> list[common_pb2.Secret]:
         env = (config.get("config") or {}).get("Env") or []
@@ -408,9 +398,10 @@ class BuiltinEngine(Engine):
             return self._analyse_image(pulled, subject, policies, token, report, scratch)
         digest = "sha256:" + malware.sha256_file(path)
         if kind == "tar" or path.name.endswith((".tar.zst", ".tzst")):
-            rootfs = Rootfs(scratch / "rootfs", limits)
-            rootfs.apply(path, digest, token)
-            findings = self._analyse_root(rootfs, policies, token, report)
+            tree = ImageTree(limits)
+            tree.apply(path, digest, token, self._analyser(policies))
+            facts = ((rel, node.layer, node.facts) for rel, node in tree.files() if node.facts)
+            findings = self._findings(tree, facts, tree.origin)
             return self._result(findings, subject, "artifact", policies)
         size = path.stat().st_size
         if size <= limits.max_document_bytes:
@@ -423,7 +414,7 @@ class BuiltinEngine(Engine):
                 )
         # One file: scanned in a scratch directory that holds only a copy of it.
         single = scratch / "file"
-        single.mkdir()
+        single.mkdir(parents=True)
         shutil.copyfile(path, single / path.name)
         findings = self._analyse_root(Rootfs(single, limits), policies, token, report)
         for found in findings.malware:
@@ -434,29 +425,7 @@ class BuiltinEngine(Engine):
 
     # ---- analysis of a root -----------------------------------------------------------------
 
-    def _analyse_root(
-        self,
-        rootfs: Rootfs,
-        policies: frozenset[Policy],
-        token: CancelToken,
-        report: _ThreadProgress,
-        *,
-        first_seen: dict[tuple[str, str, str], str] | None = None,
-        skip: frozenset[str] = frozenset(),
-    ) -> Findings:
-        """One pass over the root's files: each file is read at most once, for the
-        cataloguers that want it (by name, or an executable that may be a Go binary) and for
-        the malware and secret rules."""
-        limits = self.settings.limits
-        findings = Findings(distro=catalog.distro_of(rootfs))
-        inventory = catalog.os_inventory(rootfs, findings.distro)
-        for note in inventory.notes:
-            log.warning("inventory", problem=note)
-        for package in inventory.packages:
-            layer = (first_seen or {}).get((package.type, package.name, package.version)) or (
-                rootfs.origin.get(package.path, "")
-            )
-            findings.packages.append(package.with_layer(layer))
+    def _analyser(self, policies: frozenset[Policy]) -> FileAnalyser:
         namespaces = frozenset(
             namespace
             for policy, namespace in (
@@ -465,43 +434,62 @@ class BuiltinEngine(Engine):
             )
             if policy in policies
         )
+        return FileAnalyser(self.db.signatures, namespaces, self.settings.limits)
+
+    def _analyse_root(
+        self,
+        rootfs: Rootfs,
+        policies: frozenset[Policy],
+        token: CancelToken,
+        report: _ThreadProgress,
+        *,
+        skip: frozenset[str] = frozenset(),
+    ) -> Findings:
+        """One pass over a directory's files: each file is read at most once, and only when
+        the analyser wants it."""
+        analyser = self._analyser(policies)
         report("analyse", 70)
-        signatures = self.db.signatures
+
+        def facts() -> Iterator[tuple[str, str, FileFacts]]:
+            for count, (rel, info) in enumerate(rootfs.walk(token, skip=skip)):
+                if count % 256 == 0:
+                    token.check()
+                    report("analyse", min(95, 70 + count // 2000))
+                if not analyser.wants(rel, info.st_size, info.st_mode) & files.READ:
+                    continue
+                data = rootfs.read(rel, catalog.MAX_CATALOG_BYTES)
+                if data is not None:
+                    found = analyser.analyse(rel, data)
+                    if found:
+                        yield rel, "", found
+
+        return self._findings(rootfs, facts(), rootfs.origin)
+
+    def _findings(
+        self,
+        tree: catalog.Tree,
+        facts: Iterable[tuple[str, str, FileFacts]],
+        origin: Callable[[str], str],
+        first_seen: dict[tuple[str, str, str], str] | None = None,
+    ) -> Findings:
+        """The findings of a root: its OS packages (each with the layer that first had it),
+        and the facts of its files (each with the layer of the file)."""
+        findings = Findings(distro=catalog.distro_of(tree))
+        inventory = catalog.os_inventory(tree, findings.distro)
+        for note in inventory.notes:
+            log.warning("inventory", problem=note)
+        for package in inventory.packages:
+            key = (package.type, package.name, package.version)
+            layer = (first_seen or {}).get(key) or origin(package.path)
+            findings.packages.append(package.with_layer(layer))
         language: list[Package] = []
-        for count, (rel, info) in enumerate(rootfs.walk(token, skip=skip)):
-            if count % 256 == 0:
-                token.check()
-                report("analyse", min(95, 70 + count // 2000))
-            size = info.st_size
-            match = bool(namespaces) and 0 < size <= limits.max_match_bytes
-            wanted = catalog.wants(rel)
-            maybe_go = bool(info.st_mode & 0o111) and size >= catalog.MIN_GO_BINARY
-            if not (match or wanted or maybe_go) or size > catalog.MAX_CATALOG_BYTES:
-                continue
-            data = rootfs.read(rel, catalog.MAX_CATALOG_BYTES)
-            if data is None:
-                continue
-            if wanted or maybe_go or (match and data.startswith(b"\x7fELF")):
-                layer = rootfs.origin.get(rel, "")
-                language += [p.with_layer(layer) for p in catalog.file_packages(rel, data)]
-            if not match:
-                continue
-            hits = signatures.match_data(data, namespaces)
-            for hit in hits:
-                if hit.namespace == malware.MALWARE:
-                    findings.malware.append(
-                        malware.malware_finding(
-                            hit,
-                            "/" + rel,
-                            hashlib.sha256(data).hexdigest(),
-                            rootfs.origin.get(rel, ""),
-                        )
-                    )
-            for hit, offset in malware.confirmed_secrets(hits, data):
-                findings.secrets.append(
-                    malware.secret_finding(hit, "/" + rel, malware.line_at(data, offset))
-                )
-        findings.packages += catalog.mark_os_owned(language, inventory.owned, rootfs)
+        for rel, layer, found in facts:
+            language += [p.with_layer(layer) for p in found.packages]
+            for hit, digest in found.malware:
+                findings.malware.append(malware.malware_finding(hit, "/" + rel, digest, layer))
+            for hit, line in found.secrets:
+                findings.secrets.append(malware.secret_finding(hit, "/" + rel, line))
+        findings.packages += catalog.mark_os_owned(language, inventory.owned, tree)
         return findings
 
     # ---- the result -------------------------------------------------------------------------

@@ -1,74 +1,89 @@
-"""SBOMs: CycloneDX JSON out of the packages found (``cyclonedx-python-lib``), and packages out
-of an inline CycloneDX document (an artifact's SBOM)."""
+"""SBOMs: CycloneDX 1.6 JSON out of the packages found, and packages out of an inline
+CycloneDX document (an artifact's SBOM).
+
+The document is written directly as JSON (the tests check it against CycloneDX's own 1.6
+schema): an image of a few thousand packages is written in milliseconds, where building it
+through cyclonedx-python-lib's object model takes seconds (its dependency graph registers
+each component with a linear search).
+"""
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any, Final
 
-from cyclonedx.model import Property
-from cyclonedx.model.bom import Bom
-from cyclonedx.model.component import Component, ComponentType
-from cyclonedx.output.json import JsonV1Dot6
+import orjson
 from packageurl import PackageURL
 
 from scanner_client.engine import ScanFailure
 from scanner_client.engines.builtin.analyzers import Distro, Package, pypi_name
 
 FORMAT: Final = "cyclonedx-json"
+SPEC_VERSION: Final = "1.6"
+SCHEMA: Final = "http://cyclonedx.org/schema/bom-1.6.schema.json"
 PROPERTY_PREFIX: Final = "imagehandler:"
 # A language package whose files an OS package installed (see Package.os_owned).
 OS_OWNED: Final = "os-owned"
+_ROOT_TYPES: Final = {"image": "container", "node": "operating-system"}
 
 
 def build(subject: str, kind: str, packages: Sequence[Package], distro: Distro | None) -> bytes:
     """A CycloneDX 1.6 JSON document: ``subject`` (an image reference, a node, a path) with
-    the packages as components (purl, the layer and path they came from)."""
-    bom = Bom()
-    root_type = {
-        "image": ComponentType.CONTAINER,
-        "node": ComponentType.OPERATING_SYSTEM,
-    }.get(kind, ComponentType.APPLICATION)
-    root = Component(name=subject, type=root_type, bom_ref=f"{kind}:{subject}")
-    bom.metadata.component = root
-    components = []
+    the packages as components (purl, the layer and path they came from), each a dependency
+    of the subject."""
+    root_ref = f"{kind}:{subject}"
+    components: list[dict[str, Any]] = []
     if distro is not None:
-        os_component = Component(
-            name=distro.id,
-            version=distro.version_id or None,
-            type=ComponentType.OPERATING_SYSTEM,
-            bom_ref=f"os:{distro.id}@{distro.version_id}",
-        )
+        os_component: dict[str, Any] = {
+            "type": "operating-system",
+            "bom-ref": f"os:{distro.id}@{distro.version_id}",
+            "name": distro.id,
+        }
+        if distro.version_id:
+            os_component["version"] = distro.version_id
         components.append(os_component)
     seen: set[str] = set()
     for package in sorted(packages, key=lambda p: (p.type, p.name, p.version, p.path)):
         purl = package.purl
         ref = f"{purl}#{package.path}" if purl in seen else purl
         seen.add(purl)
-        component = Component(
-            name=package.name,
-            version=package.version,
-            type=ComponentType.LIBRARY,
-            purl=PackageURL.from_string(purl),
-            bom_ref=ref,
-        )
-        component.properties.add(Property(name=PROPERTY_PREFIX + "path", value="/" + package.path))
+        properties = [{"name": PROPERTY_PREFIX + "path", "value": "/" + package.path}]
         if package.layer:
-            component.properties.add(Property(name=PROPERTY_PREFIX + "layer", value=package.layer))
+            properties.append({"name": PROPERTY_PREFIX + "layer", "value": package.layer})
         if package.source_name != package.name:
-            component.properties.add(
-                Property(name=PROPERTY_PREFIX + "source", value=package.source_name)
-            )
+            properties.append({"name": PROPERTY_PREFIX + "source", "value": package.source_name})
         if package.os_owned:
             # Kept so that matching this SBOM again judges the package the same way.
-            component.properties.add(Property(name=PROPERTY_PREFIX + OS_OWNED, value="true"))
+            properties.append({"name": PROPERTY_PREFIX + OS_OWNED, "value": "true"})
+        component: dict[str, Any] = {"type": "library", "bom-ref": ref, "name": package.name}
+        if package.version:
+            component["version"] = package.version
+        component["purl"] = purl
+        component["properties"] = properties
         components.append(component)
-    for component in components:
-        bom.components.add(component)
-    bom.register_dependency(root, components)
-    return JsonV1Dot6(bom).output_as_string(indent=None).encode()
+    refs = [component["bom-ref"] for component in components]
+    document = {
+        "$schema": SCHEMA,
+        "bomFormat": "CycloneDX",
+        "specVersion": SPEC_VERSION,
+        "serialNumber": uuid.uuid4().urn,
+        "version": 1,
+        "metadata": {
+            "timestamp": datetime.now(UTC).isoformat(),
+            "component": {
+                "type": _ROOT_TYPES.get(kind, "application"),
+                "bom-ref": root_ref,
+                "name": subject,
+            },
+        },
+        "components": components,
+        "dependencies": [{"ref": root_ref, "dependsOn": refs}] + [{"ref": ref} for ref in refs],
+    }
+    return orjson.dumps(document)
 
 
 # purl types whose packages are matched.
