@@ -10,7 +10,7 @@ LISTEN ?= 127.0.0.1:50051
 DATA_DIR ?= .data
 
 .PHONY: run test test-slow lint protos check-protos venv clean bench-durability bench-results \
-	test-tools bench-layers bench
+	test-tools bench-layers bench bench-scan
 
 venv: $(STAMP)
 
@@ -101,6 +101,10 @@ bench: $(BENCH_STAMP)
 # Builtin engine figures: layer analysis MB/s against gzip -dc | tar -t, peak RSS of a 1 GB image.
 bench-layers: $(STAMP)
 	$(PY) -m bench.layers
+
+# Image scan time, builtin engine against Syft on the same stock Debian images (medians).
+bench-scan: $(STAMP) test-tools
+	$(PY) -m bench.scan_speed
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .mypy_cache .ruff_cache

@@ -101,10 +101,12 @@ class DiskLayer:
     path: Path
     digest: str
     media_type: str = OCI_LAYER_TAR
+    # A compressed layer's diff id: the digest of its uncompressed tar.
+    uncompressed_digest: str = ""
 
     @property
     def diff_id(self) -> str:
-        return self.digest
+        return self.uncompressed_digest or self.digest
 
     @property
     def size(self) -> int:
