@@ -16,9 +16,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Final, Protocol
 
+import structlog
+
 from scanner_client.engines.builtin import analyzers, gobinary, java, rpm
 from scanner_client.engines.builtin.analyzers import Distro, Package
 
+log = structlog.get_logger("image_scanner.builtin")
 # Files a cataloguer may read whole, beyond the document limit (an rpm database, an archive).
 MAX_CATALOG_BYTES: Final = 256 << 20
 # The shortest ELF file that can hold build info.
@@ -140,7 +143,16 @@ def wants(rel: str) -> bool:
 
 def file_packages(rel: str, data: bytes) -> list[Package]:
     """The language packages one file names: Python metadata, an npm manifest, a Java
-    archive, or a Go binary's build info."""
+    archive, or a Go binary's build info. A file that breaks a parser names nothing (and is
+    logged): one hostile file must not fail the scan of an image."""
+    try:
+        return _file_packages(rel, data)
+    except Exception as exc:  # a parser's bug on input nobody foresaw
+        log.warning("unreadable package file", path="/" + rel, error=repr(exc)[:300])
+        return []
+
+
+def _file_packages(rel: str, data: bytes) -> list[Package]:
     if analyzers.is_python_metadata(rel):
         return analyzers.parse_python_metadata(data, rel)
     if analyzers.is_npm_manifest(rel):
