@@ -55,11 +55,11 @@ test: lint test-tools
 	$(BIN)/pytest -m "not slow"
 
 # The scanning engine tests push images with skopeo into a real docker-registry (Debian's
-# packages); the inventory tests build an rpm database with rpm, a Go binary with go, and a
-# stock Debian root with debootstrap. Installed with apt-get when missing and running as root
-# (CI); quick otherwise. Each entry is COMMAND:PACKAGE.
+# packages); the inventory tests build rpm databases with rpm and Berkeley DB's db5.3_load, a
+# Go binary with go, and a stock Debian root with debootstrap. Installed with apt-get when
+# missing and running as root (CI); quick otherwise. Each entry is COMMAND:PACKAGE.
 DEB_TEST_TOOLS := docker-registry:docker-registry skopeo:skopeo rpmbuild:rpm go:golang-go \
-	debootstrap:debootstrap gpg:gpg
+	db5.3_load:db5.3-util debootstrap:debootstrap gpg:gpg
 test-tools:
 	@missing=""; for entry in $(DEB_TEST_TOOLS); do \
 	  command -v $${entry%%:*} >/dev/null 2>&1 || missing="$$missing $${entry#*:}"; done; \

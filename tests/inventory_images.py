@@ -78,6 +78,37 @@ def rpm_root(workdir: Path, specs: list[RpmSpec]) -> Path:
     return root
 
 
+def berkeley_packages(root: Path) -> bytes:
+    """The rpm database of ``root`` (SQLite, made by rpm) as the Berkeley DB hash file
+    ``Packages`` of older releases (RHEL 8, UBI 8): its header blobs loaded by Berkeley DB's
+    own ``db5.3_load``, then read back by rpm's ``bdb_ro`` backend to prove it is one."""
+    import sqlite3
+    import struct
+    import tempfile
+
+    with sqlite3.connect(root / "var" / "lib" / "rpm" / "rpmdb.sqlite") as connection:
+        rows = connection.execute("SELECT hnum, blob FROM Packages ORDER BY hnum").fetchall()
+
+    def text(data: bytes) -> str:
+        return "".join(f"\\{byte:02x}" for byte in data)
+
+    with tempfile.TemporaryDirectory(prefix="bdb-") as scratch:
+        dump = Path(scratch) / "dump.txt"
+        dump.write_text(
+            "".join(f"{text(struct.pack('<I', number))}\n{text(blob)}\n" for number, blob in rows)
+        )
+        database = Path(scratch) / "db"
+        database.mkdir()
+        run(["db5.3_load", "-T", "-t", "hash", "-f", str(dump), str(database / "Packages")])
+        listed = run(
+            ["rpm", "--dbpath", str(database), "--define", "_db_backend bdb_ro", "-qa",
+             "--qf", "%{NAME}\n"]
+        ).stdout.split()  # fmt: skip
+        if len(listed) != len(rows):
+            raise RuntimeError(f"rpm reads {len(listed)} of {len(rows)} packages back")
+        return (database / "Packages").read_bytes()
+
+
 def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=600, check=False, **kwargs

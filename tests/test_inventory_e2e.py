@@ -19,6 +19,7 @@ from scanner_client import ScannerClient
 from tests.conftest import MakeHandler
 from tests.inventory_images import (
     RpmSpec,
+    berkeley_packages,
     go_binary,
     jar,
     maven_jar,
@@ -34,6 +35,9 @@ from tests.test_engine_e2e import builtin, client_config, running, scan
 OS_RELEASE_RHEL = (
     'NAME="Red Hat Enterprise Linux"\nVERSION="9.2 (Plow)"\nID="rhel"\nID_LIKE="fedora"\n'
     'VERSION_ID="9.2"\nPRETTY_NAME="Red Hat Enterprise Linux 9.2 (Plow)"\n'
+)
+OS_RELEASE_UBI8 = (
+    'NAME="Red Hat Enterprise Linux"\nVERSION="8.9 (Ootpa)"\nID="rhel"\nVERSION_ID="8.9"\n'
 )
 OS_RELEASE_DEBIAN = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'
 EL9_SITE = "/usr/lib/python3.9/site-packages"
@@ -118,6 +122,28 @@ def build_images(workdir: Path) -> dict[str, Image]:
             ),
         ],
     )
+    # RHEL 8 keeps the same headers in a Berkeley DB hash file.
+    el8 = rpm_root(
+        workdir / "el8",
+        [
+            RpmSpec("platform-python", "3.6.8", "56.el8_9", None, {"/usr/libexec/platform-python": "#!"}),
+            RpmSpec("openssl-libs", "1.1.1k", "9.el8_7", 1, {"/usr/lib64/libssl.so.1.1.1k": "x"}),
+            RpmSpec("zlib", "1.2.11", "25.el8", None, {"/usr/lib64/libz.so.1": "x"}, False),
+            RpmSpec("python3-six", "1.11.0", "8.el8", None,
+                    {"/usr/lib/python3.6/site-packages/six-1.11.0-py3.6.egg-info": pkg_info("six", "1.11.0")}),
+        ],
+    )  # fmt: skip
+    ubi8 = Image(
+        [
+            layer(
+                [
+                    file("etc/os-release", OS_RELEASE_UBI8),
+                    file("var/lib/rpm/Packages", berkeley_packages(el8)),
+                    *[e for e in tree_entries(el8) if not e.name.startswith("var/lib/rpm")],
+                ]
+            )
+        ]
+    )
     local = "usr/local/lib/python3.9/site-packages"
     rhel = Image(
         [
@@ -179,13 +205,13 @@ def build_images(workdir: Path) -> dict[str, Image]:
             ),
         ]
     )  # fmt: skip
-    return {"rhel": rhel, "apps": apps}
+    return {"rhel": rhel, "ubi8": ubi8, "apps": apps}
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     missing = registry_tools_missing() + [
-        tool for tool in ("rpmbuild", "rpm", "go") if shutil.which(tool) is None
+        tool for tool in ("rpmbuild", "rpm", "go", "db5.3_load") if shutil.which(tool) is None
     ]
     if missing:
         pytest.fail(f"{', '.join(missing)} not installed: run `make test-tools` (apt-get)")
@@ -220,6 +246,7 @@ async def test_rpm_go_java_python_and_npm_inventories(
     handler = await make_handler()
     async with running(ScannerClient(handler.address, builtin(), client_config("inventory"))):
         rhel = await scan(handler, built.object("rhel"))
+        ubi8 = await scan(handler, built.object("ubi8"))
         apps = await scan(handler, built.object("apps"))
 
     # rpm: every package of the real database, with epoch, arch and the release of os-release.
@@ -246,6 +273,16 @@ async def test_rpm_go_java_python_and_npm_inventories(
     for component in rpm_components:
         assert {"name": "imagehandler:layer", "value": first} in component["properties"]
 
+    # The Berkeley DB of RHEL 8: the same records; the rpm's single-file egg-info is its own.
+    assert sorted(p for p in purls(ubi8) if p.startswith("pkg:rpm/")) == [
+        "pkg:rpm/redhat/openssl-libs@1.1.1k-9.el8_7?arch=noarch&distro=rhel-8.9&epoch=1",
+        "pkg:rpm/redhat/platform-python@3.6.8-56.el8_9?arch=noarch&distro=rhel-8.9",
+        "pkg:rpm/redhat/python3-six@1.11.0-8.el8?arch=noarch&distro=rhel-8.9",
+        "pkg:rpm/redhat/zlib@1.2.11-25.el8?arch=x86_64&distro=rhel-8.9",
+    ]
+    six = [c for c in json.loads(ubi8.sbom)["components"] if c["name"] == "six"]
+    assert {"name": "imagehandler:os-owned", "value": "true"} in six[0]["properties"]
+
     # Go modules of the compiled binary, the JAR and the JAR inside it, a single-file egg-info.
     apps_purls = purls(apps)
     assert "pkg:golang/example.com/greet@v1.4.2" in apps_purls
@@ -267,7 +304,7 @@ async def test_rpm_go_java_python_and_npm_inventories(
     assert ("lodash", "4.17.15", "/srv/app/node_modules/lodash/package.json") in flagged(apps)
 
 
-@pytest.mark.parametrize("name", ["rhel", "apps"])
+@pytest.mark.parametrize("name", ["rhel", "ubi8", "apps"])
 async def test_every_package_syft_finds_we_find(
     make_handler: MakeHandler, built: Built, name: str
 ) -> None:

@@ -531,3 +531,44 @@ def test_sboms_follow_the_cyclonedx_schema() -> None:
         refs = [c["bom-ref"] for c in parsed["components"]]
         assert len(refs) == len(set(refs))  # the second lodash is told apart by its path
         assert parsed["dependencies"][0]["dependsOn"] == refs
+
+
+def berkeley(blob: bytes, *, stored: int = -1, next_page: int = 0, page_size: int = 4096) -> bytes:
+    """A Berkeley DB hash file as db_load writes one: a meta page, one hash page with key 1
+    and a value on an overflow page holding ``blob`` (its first ``stored`` bytes, the page
+    after it being ``next_page``)."""
+    stored = len(blob) if stored < 0 else stored
+    meta = bytearray(page_size)
+    struct.pack_into("<IIIII", meta, 8, 0, rpm.BDB_HASH_MAGIC, 9, page_size, 0)
+    bucket = bytearray(page_size)
+    key = bytes([rpm.BDB_ITEM_KEYDATA]) + struct.pack("<I", 1)
+    value = bytes([rpm.BDB_ITEM_OFFPAGE, 0, 0, 0]) + struct.pack("<II", 2, len(blob))
+    key_at = page_size - len(key)
+    value_at = key_at - len(value)
+    bucket[key_at:] = key
+    bucket[value_at:key_at] = value
+    struct.pack_into("<IIIHHBB", bucket, 8, 1, 0, 0, 2, value_at, 0, rpm.BDB_PAGE_HASH)
+    struct.pack_into("<HH", bucket, 26, key_at, value_at)
+    overflow = bytearray(page_size)
+    struct.pack_into("<IIIHHBB", overflow, 8, 2, 0, next_page, 0, stored, 0, 7)
+    overflow[26 : 26 + stored] = blob[:stored]
+    return bytes(meta + bucket + overflow)
+
+
+def test_berkeley_db_rpm_databases_are_read_and_damage_is_counted() -> None:
+    blob = header(
+        [
+            (rpm.TAG_NAME, rpm.TYPE_STRING, b"bash\x00", 1),
+            (rpm.TAG_VERSION, rpm.TYPE_STRING, b"4.4.20\x00", 1),
+            (rpm.TAG_RELEASE, rpm.TYPE_STRING, b"4.el8_6\x00", 1),
+        ]
+    )
+    found = rpm.read_berkeley(berkeley(blob))
+    assert [(p.name, p.full_version) for p in found.packages] == [("bash", "4.4.20-4.el8_6")]
+    assert found.unreadable == 0
+    # An overflow chain that loops back to itself, or ends early, is not a record.
+    for next_page in (2, 0):
+        damaged = rpm.read_berkeley(berkeley(blob, stored=len(blob) // 2, next_page=next_page))
+        assert (damaged.packages, damaged.unreadable) == ([], 1)
+    with pytest.raises(rpm.HeaderError, match="not a Berkeley DB hash"):
+        rpm.read_berkeley(b"\x00" * 8192)

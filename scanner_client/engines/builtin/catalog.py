@@ -102,35 +102,41 @@ def _dpkg(tree: Tree, distro: Distro | None, found: OsInventory, owned: bool) ->
 
 
 def _rpm(tree: Tree, distro: Distro | None, found: OsInventory, owned: bool) -> None:
-    for rel in rpm.RPMDB_PATHS:
+    read = None
+    for rel in rpm.RPMDB_PATHS + rpm.BERKELEY_PATHS:
         database = tree.read(rel, MAX_CATALOG_BYTES)
         if database is None:
             continue
         try:
-            read = rpm.read_sqlite(database, tree.read(rel + "-wal", MAX_CATALOG_BYTES))
+            if rel.endswith(".sqlite"):
+                read = rpm.read_sqlite(database, tree.read(rel + "-wal", MAX_CATALOG_BYTES))
+            else:
+                read = rpm.read_berkeley(database)
         except rpm.HeaderError as exc:
             found.notes.append(f"/{rel}: {exc}")
             continue
-        if read.unreadable:
-            found.notes.append(f"/{rel}: {read.unreadable} headers are not package records")
-        ecosystem = distro.ecosystem if distro is not None else "rpm"
-        for package in read.packages:
-            found.packages.append(
-                Package(
-                    "rpm",
-                    package.name,
-                    package.full_version,
-                    ecosystem,
-                    package.source_name,
-                    package.full_version,
-                    rel,
-                    distro=f"{distro.id}-{distro.version_id}" if distro else "",
-                    arch=package.arch,
-                )
+        break  # one database: /var/lib/rpm is a link to /usr/lib/sysimage/rpm on Fedora
+    if read is None:
+        return
+    if read.unreadable:
+        found.notes.append(f"/{rel}: {read.unreadable} entries are not package records")
+    ecosystem = distro.ecosystem if distro is not None else "rpm"
+    for package in read.packages:
+        found.packages.append(
+            Package(
+                "rpm",
+                package.name,
+                package.full_version,
+                ecosystem,
+                package.source_name,
+                package.full_version,
+                rel,
+                distro=f"{distro.id}-{distro.version_id}" if distro else "",
+                arch=package.arch,
             )
-            if owned:
-                found.owned.update(package.files)
-        return  # one database: /var/lib/rpm is a link to /usr/lib/sysimage/rpm on Fedora
+        )
+        if owned:
+            found.owned.update(package.files)
 
 
 def wants(rel: str) -> bool:

@@ -36,10 +36,13 @@ RETAINED_PATHS: Final = frozenset(
         "etc/debian_version",
         *rpm.RPMDB_PATHS,
         *(path + "-wal" for path in rpm.RPMDB_PATHS),
+        *rpm.BERKELEY_PATHS,
     }
 )
 # The files whose change in a layer means its OS packages must be read again.
-OS_DATABASES: Final = frozenset({analyzers.DPKG_STATUS, analyzers.APK_INSTALLED, *rpm.RPMDB_PATHS})
+OS_DATABASES: Final = frozenset(
+    {analyzers.DPKG_STATUS, analyzers.APK_INSTALLED, *rpm.RPMDB_PATHS, *rpm.BERKELEY_PATHS}
+)
 
 
 def retained(rel: str) -> bool:

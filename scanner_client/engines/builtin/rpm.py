@@ -2,8 +2,10 @@
 images have installed.
 
 Current releases keep it in SQLite (``rpmdb.sqlite``: one ``Packages`` table of header blobs);
-each blob is an rpm *header*, the same structure as in an ``.rpm`` file without its lead and
-magic:
+older ones (RHEL and CentOS 7 and 8, UBI 8, Amazon Linux 2) in a Berkeley DB hash file named
+``Packages`` whose values are the same blobs (:func:`read_berkeley` reads its pages directly,
+as rpm's own read-only ``bdb_ro`` backend does). Each blob is an rpm *header*, the same
+structure as in an ``.rpm`` file without its lead and magic:
 
 - ``il`` and ``dl`` (big-endian 32-bit): the number of index entries and the data size;
 - ``il`` index entries of 16 bytes: tag, type, offset into the data, count;
@@ -32,6 +34,20 @@ RPMDB_PATHS: Final = (
     "usr/lib/sysimage/rpm/rpmdb.sqlite",
     "usr/share/rpm/rpmdb.sqlite",
 )
+BERKELEY_PATHS: Final = (
+    "var/lib/rpm/Packages",
+    "usr/lib/sysimage/rpm/Packages",
+    "usr/share/rpm/Packages",
+)
+
+# Berkeley DB: the hash access method's magic and the page types its hash files hold.
+BDB_HASH_MAGIC: Final = 0x00061561
+BDB_PAGE_HASH_UNSORTED: Final = 2
+BDB_PAGE_OVERFLOW: Final = 7
+BDB_PAGE_HASH: Final = 13
+BDB_ITEM_KEYDATA: Final = 1
+BDB_ITEM_OFFPAGE: Final = 3
+BDB_PAGE_HEADER: Final = 26
 
 TAG_NAME: Final = 1000
 TAG_VERSION: Final = 1001
@@ -214,3 +230,79 @@ def read_sqlite(database: bytes, wal: bytes | None = None) -> RpmDatabase:
         if package.name != "gpg-pubkey":
             found.packages.append(package)
     return found
+
+
+def read_berkeley(database: bytes) -> RpmDatabase:
+    """The packages of a Berkeley DB ``Packages`` hash file: every value of every hash page
+    (inline, or on a chain of overflow pages) that is a header blob. Keys are the header
+    numbers and are not needed; the 4-byte value of key 0 (rpm's next instance number) is no
+    header and is passed over."""
+    if len(database) < 512:
+        raise HeaderError("shorter than a Berkeley DB meta page")
+    for order in ("<", ">"):
+        if struct.unpack_from(order + "I", database, 12)[0] == BDB_HASH_MAGIC:
+            break
+    else:
+        raise HeaderError("not a Berkeley DB hash file")
+    page_size = struct.unpack_from(order + "I", database, 20)[0]
+    if page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
+        raise HeaderError(f"implausible page size {page_size}")
+    pages = len(database) // page_size
+    found = RpmDatabase([])
+    for number in range(1, pages):
+        page = memoryview(database)[number * page_size : (number + 1) * page_size]
+        if page[25] not in (BDB_PAGE_HASH, BDB_PAGE_HASH_UNSORTED):
+            continue
+        if struct.unpack_from(order + "I", page, 8)[0] != number:
+            continue  # a page never written (all zeros) or not this one
+        entries = struct.unpack_from(order + "H", page, 20)[0]
+        entries = min(entries, (page_size - BDB_PAGE_HEADER) // 2)
+        offsets = struct.unpack_from(f"{order}{entries}H", page, BDB_PAGE_HEADER)
+        for index in range(1, entries, 2):  # key, value, key, value...
+            start = offsets[index]
+            end = offsets[index - 1]
+            if not BDB_PAGE_HEADER + 2 * entries <= start < end <= page_size:
+                found.unreadable += 1
+                continue
+            value = _berkeley_value(database, order, page_size, page[start:end])
+            if value is None:
+                found.unreadable += 1
+                continue
+            if len(value) <= 4:
+                continue  # key 0: rpm's instance counter
+            try:
+                package = parse_header(value)
+            except (HeaderError, struct.error):
+                found.unreadable += 1
+                continue
+            if package.name != "gpg-pubkey":
+                found.packages.append(package)
+    return found
+
+
+def _berkeley_value(database: bytes, order: str, page_size: int, item: memoryview) -> bytes | None:
+    """The bytes of a hash item: inline, or gathered from its overflow pages."""
+    if item[0] == BDB_ITEM_KEYDATA:
+        return bytes(item[1:])
+    if item[0] != BDB_ITEM_OFFPAGE or len(item) < 12:
+        return None
+    number, length = struct.unpack_from(order + "II", item, 4)
+    if length > MAX_DATA_BYTES + (1 << 20):
+        return None
+    parts: list[bytes] = []
+    remaining = length
+    seen: set[int] = set()
+    while remaining > 0:
+        if number in seen or not 0 < number < len(database) // page_size:
+            return None  # a loop, or a page outside the file
+        seen.add(number)
+        page = memoryview(database)[number * page_size : (number + 1) * page_size]
+        if page[25] != BDB_PAGE_OVERFLOW:
+            return None
+        size = struct.unpack_from(order + "H", page, 22)[0]
+        if size > page_size - BDB_PAGE_HEADER or size > remaining:
+            return None
+        parts.append(bytes(page[BDB_PAGE_HEADER : BDB_PAGE_HEADER + size]))
+        remaining -= size
+        number = struct.unpack_from(order + "I", page, 16)[0]
+    return b"".join(parts)
