@@ -5,12 +5,10 @@ the secret scan (binaries, keys that must load, placeholders)."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import shutil
 import struct
 import subprocess
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from scanner_client.engines.builtin import BuiltinEngine, catalog, gobinary, jav
 from scanner_client.engines.builtin.analyzers import Distro, Package
 from scanner_client.engines.builtin.rootfs import Rootfs
 from scanner_client.engines.builtin.vulns import VulnerabilityDB, parse_record
+from tests.inventory_images import jar
 
 
 def scan_dir(root: Path) -> common_pb2.ScanResult:
@@ -283,14 +282,6 @@ def test_files_that_are_not_go_binaries_are_not_go_packages() -> None:
 
 
 # ---- Java archives -----------------------------------------------------------------------------
-
-
-def jar(members: dict[str, bytes | str]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
 
 
 def pom(group: str, artifact: str, version: str) -> str:

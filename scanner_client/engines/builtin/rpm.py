@@ -195,6 +195,20 @@ class RpmDatabase:
     # Blobs that were not package headers (a damaged or foreign database).
     unreadable: int = 0
 
+    def add(self, blob: object) -> None:
+        """Take one stored value: a package header, else counted as unreadable."""
+        if not isinstance(blob, bytes):
+            self.unreadable += 1
+            return
+        try:
+            package = parse_header(blob)
+        except (HeaderError, struct.error):
+            self.unreadable += 1
+            return
+        # Imported signing keys are headers too, not installed software.
+        if package.name != "gpg-pubkey":
+            self.packages.append(package)
+
 
 def read_sqlite(database: bytes, wal: bytes | None = None) -> RpmDatabase:
     """The packages of an ``rpmdb.sqlite`` (and its write-ahead log, whose pages may not have
@@ -218,17 +232,7 @@ def read_sqlite(database: bytes, wal: bytes | None = None) -> RpmDatabase:
             shutil.rmtree(scratch, ignore_errors=True)
     found = RpmDatabase([])
     for (blob,) in rows:
-        if not isinstance(blob, bytes):
-            found.unreadable += 1
-            continue
-        try:
-            package = parse_header(blob)
-        except (HeaderError, struct.error):
-            found.unreadable += 1
-            continue
-        # Imported signing keys are headers too, not installed software.
-        if package.name != "gpg-pubkey":
-            found.packages.append(package)
+        found.add(blob)
     return found
 
 
@@ -265,18 +269,8 @@ def read_berkeley(database: bytes) -> RpmDatabase:
                 found.unreadable += 1
                 continue
             value = _berkeley_value(database, order, page_size, page[start:end])
-            if value is None:
-                found.unreadable += 1
-                continue
-            if len(value) <= 4:
-                continue  # key 0: rpm's instance counter
-            try:
-                package = parse_header(value)
-            except (HeaderError, struct.error):
-                found.unreadable += 1
-                continue
-            if package.name != "gpg-pubkey":
-                found.packages.append(package)
+            if value is None or len(value) > 4:  # 4 bytes: key 0, rpm's instance counter
+                found.add(value)
     return found
 
 
