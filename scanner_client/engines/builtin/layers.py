@@ -375,7 +375,10 @@ class _Layer:
 
     def run(self) -> None:
         tree = self.tree
+        members = self.tar.members
         for member in self.tar:
+            # tarfile keeps every header it read: dropped, so memory follows the tree alone.
+            members.clear()
             self.token.check()
             tree.entries += 1
             if tree.entries > self.limits.max_entries:
