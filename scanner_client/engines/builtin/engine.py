@@ -1,10 +1,11 @@
-"""The builtin engine: pulls and unpacks images, walks node roots and artifacts, and finds
-packages (into a CycloneDX SBOM), vulnerabilities, malware, secrets and misconfigurations.
+"""The builtin engine: pulls images and streams their layers, walks node roots and artifacts,
+and finds packages (into a CycloneDX SBOM), vulnerabilities, malware, secrets and
+misconfigurations.
 
 Network work (registry pulls, artifact downloads) runs in the event loop and stops at once on
-cancellation. Unpacking and analysis run in a worker thread that checks a cancel token between
-files and chunks; a cancelled scan waits for that thread to stop before it removes its scratch
-directory.
+cancellation. Layer streaming and analysis run in a worker thread that checks a cancel token
+between files and chunks; a cancelled scan waits for that thread to stop before it removes its
+scratch directory (which holds the downloaded blobs).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ ROOT_USERS: Final = frozenset({"", "root", "0", "0:0", "root:root"})
 class BuiltinSettings:
     # Databases (default: the packaged ones).
     db_dir: Path | None = None
-    # Where scans unpack (default: the system temporary directory).
+    # Where scans keep downloaded blobs (default: the system temporary directory).
     scratch_dir: Path | None = None
     # The scanner's proxy; a job's image.proxy_url wins.
     proxy_url: str = ""
