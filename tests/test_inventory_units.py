@@ -563,3 +563,25 @@ def test_berkeley_db_rpm_databases_are_read_and_damage_is_counted() -> None:
         assert (damaged.packages, damaged.unreadable) == ([], 1)
     with pytest.raises(rpm.HeaderError, match="not a Berkeley DB hash"):
         rpm.read_berkeley(b"\x00" * 8192)
+
+
+def test_a_gcp_service_account_key_is_a_secret_only_with_a_real_key(tmp_path: Path) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    account = {
+        "type": "service_account",
+        "project_id": "demo",
+        "private_key_id": "0123",
+        "private_key": pem(key, serialization.PrivateFormat.PKCS8).decode(),
+        "client_email": "demo@demo.iam.gserviceaccount.com",
+    }
+    write(tmp_path, "srv/real.json", json.dumps(account, indent=2))
+    documented = {
+        **account,
+        "private_key": "-----BEGIN PRIVATE KEY-----\nREDACTED\n-----END PRIVATE KEY-----\n",
+    }
+    write(tmp_path, "srv/docs.json", json.dumps(documented, indent=2))
+    result = scan_dir(tmp_path)
+    assert sorted((s.rule_id, s.path) for s in result.secrets) == [
+        ("gcp-service-account", "/srv/real.json"),
+        ("private-key", "/srv/real.json"),
+    ]
