@@ -375,7 +375,7 @@ class _Layer:
 
     def run(self) -> None:
         tree = self.tree
-        members = self.tar.members
+        members: list[tarfile.TarInfo] = self.tar.members  # type: ignore[attr-defined]
         for member in self.tar:
             # tarfile keeps every header it read: dropped, so memory follows the tree alone.
             members.clear()
