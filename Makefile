@@ -10,7 +10,7 @@ LISTEN ?= 127.0.0.1:50051
 DATA_DIR ?= .data
 
 .PHONY: run test test-slow lint protos check-protos venv clean bench-durability bench-results \
-	test-tools bench-layers bench vulndb checkov image
+	test-tools bench-layers bench vulndb checkov image bench-scan
 
 venv: $(STAMP)
 
@@ -73,16 +73,18 @@ $(CHECKOV_STAMP):
 	.venv-checkov/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
 	touch $@
 
-# The scanning engine tests push images with skopeo into a real docker-registry; the container
-# test builds and runs the image with podman and runc from a debootstrapped base; promtool and
-# a real Prometheus check the alerts and the dashboard (Debian's packages). Installed with
-# apt-get when missing and running as root (CI); quick otherwise. Each is named by a command
-# it ships: PACKAGE:COMMAND.
-DEB_TEST_TOOLS := docker-registry skopeo podman runc debootstrap prometheus:promtool
+# The scanning engine tests push images with skopeo into a real docker-registry; the inventory
+# tests build rpm databases with rpm and Berkeley DB's db5.3_load, a Go binary with go, and a
+# stock Debian root with debootstrap; the container test builds and runs the image with podman
+# and runc; promtool and a real Prometheus check the alerts and the dashboard (Debian's
+# packages). Installed with apt-get when missing and running as root (CI); quick otherwise.
+# Each entry is COMMAND:PACKAGE.
+DEB_TEST_TOOLS := docker-registry:docker-registry skopeo:skopeo rpmbuild:rpm go:golang-go \
+	db5.3_load:db5.3-util debootstrap:debootstrap gpg:gpg podman:podman runc:runc \
+	promtool:prometheus
 test-tools:
 	@missing=""; for entry in $(DEB_TEST_TOOLS); do \
-	  tool=$${entry#*:}; package=$${entry%%:*}; \
-	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$package"; done; \
+	  command -v $${entry%%:*} >/dev/null 2>&1 || missing="$$missing $${entry#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then \
 	    echo "the engine tests need:$$missing (sudo apt-get install$$missing)"; exit 1; fi; \
@@ -126,6 +128,10 @@ bench-layers: $(STAMP)
 # (docs/operating/container-image.md). IMAGE=name:tag, BASE=another base image.
 image: $(STAMP)
 	PIP=$(BIN)/pip ./scripts/build-image.sh $(if $(IMAGE),--tag $(IMAGE)) $(if $(BASE),--base $(BASE))
+
+# Image scan time, builtin engine against Syft on the same stock Debian images (medians).
+bench-scan: $(STAMP) test-tools
+	$(PY) -m bench.scan_speed
 
 clean:
 	rm -rf $(VENV) .venv-checkov $(DATA_DIR) .mypy_cache .ruff_cache

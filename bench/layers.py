@@ -6,8 +6,8 @@
 1. **Throughput**: a gzip layer of about ``--layer-mb`` MB (compressed; a mix of text and
    random files, 1 KiB to 4 MiB, as images hold) is written once. The floor is the machine's
    own ``gzip -dc LAYER | tar -t > /dev/null`` on the same file; the builtin engine's figure
-   is a full scan of a one-layer OCI layout holding it (unpack to scratch with all the checks,
-   then packages, malware and secret rules over every file, SBOM). Both are timed best of
+   is a full scan of a one-layer OCI layout holding it (the layer streamed with all the
+   checks, packages, malware and secret rules over every file, SBOM). Both are timed best of
    ``--runs``; printed as MB/s (compressed bytes of the layer per second) and as the ratio
    engine / floor.
 2. **Memory**: an image of about ``--image-mb`` MB (compressed, in 200 MB layers) is scanned

@@ -27,10 +27,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import celery_side, e2e, grpc_ceiling, memory, pickup, scale, vulndb
+from bench import celery_side, e2e, grpc_ceiling, memory, pickup, scale, scan_speed, vulndb
 from bench.common import ROOT, median
 
-PARTS = ("e2e", "pickup", "memory", "scale", "celery", "echo", "vulndb")
+PARTS = ("e2e", "pickup", "memory", "scale", "celery", "echo", "vulndb", "scan")
 LATEST = ROOT / "bench" / "results" / "latest.json"
 
 
@@ -61,7 +61,7 @@ def fmt(value: float, unit: str) -> str:
         return "n/a"
     if unit == "x":
         return f"{value:.2f} x"
-    if unit in ("ms", "us"):
+    if unit in ("ms", "us", "s"):
         return f"{value:,.2f} {unit}"
     return f"{value:,.0f} {unit}"
 
@@ -218,6 +218,14 @@ def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any])
     if "vulndb" in parts:
         section("vulndb", "vulnerability database: build, load, matching")
         out["vulndb"] = asdict(vulndb.measure(workdir, 1 if s.quick else 3))
+    if "scan" in parts:
+        section("scan", "image scan time, builtin engine (every policy) and Syft side by side")
+        missing = scan_speed.missing()
+        if missing:
+            print(f"  skipped: {missing}", flush=True)
+        else:
+            runs = 3 if s.quick else 5
+            out["scan"] = [asdict(r) for r in scan_speed.measure(workdir / "scan", runs)]
 
 
 def rows(out: dict[str, Any]) -> list[Row]:
@@ -327,6 +335,15 @@ def rows(out: dict[str, Any]) -> list[Row]:
             table.append(Row("ours single / unary echo (32 in flight)",
                              e2e_rate("single", 8) / echo["unary_1"]["items_per_second"],
                              "x"))  # fmt: skip
+    for r in out.get("scan", []):
+        speed = scan_speed.ScanSpeed(**r)
+        table.append(Row(f"scan {r['image']} ({r['packages']} packages), builtin, median",
+                         r["builtin_seconds"], "s"))  # fmt: skip
+        table.append(Row("  syft registry: on the same image, median", r["syft_seconds"], "s"))
+        table.append(Row(f"  builtin speed / Syft's, {r['image']}", speed.ratio, "x",
+                         ">= 1.00", speed.ratio >= 1.0))  # fmt: skip
+        table.append(Row(f"  builtin slowest / fastest of {r['runs']} runs", r["builtin_spread"],
+                         "x"))  # fmt: skip
     for p in out.get("pickup", []):
         load = f"{p['load']:.0%}"
         if p["load"] == 0.5:

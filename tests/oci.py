@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -92,6 +93,39 @@ class Layer:
         return sha256(self.blob)
 
 
+@dataclass(frozen=True)
+class DiskLayer:
+    """An uncompressed layer tar already on disk (a large root filesystem): linked into a
+    layout, not read into memory."""
+
+    path: Path
+    digest: str
+    media_type: str = OCI_LAYER_TAR
+    # A compressed layer's diff id: the digest of its uncompressed tar.
+    uncompressed_digest: str = ""
+
+    @property
+    def diff_id(self) -> str:
+        return self.uncompressed_digest or self.digest
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+def disk_layer(path: Path) -> DiskLayer:
+    """A layer of the tar at ``path``; its digest is cached beside it (``PATH.sha256``)."""
+    cached = path.with_name(path.name + ".sha256")
+    if cached.exists() and cached.stat().st_mtime >= path.stat().st_mtime:
+        return DiskLayer(path, cached.read_text().strip())
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    cached.write_text("sha256:" + digest.hexdigest())
+    return DiskLayer(path, "sha256:" + digest.hexdigest())
+
+
 def layer(entries: Sequence[Entry], compress: bool = True) -> Layer:
     raw = tar_bytes(entries)
     if not compress:
@@ -105,7 +139,7 @@ def sha256(data: bytes) -> str:
 
 @dataclass
 class Image:
-    layers: list[Layer]
+    layers: list[Layer | DiskLayer]
     user: str = ""
     env: list[str] = field(default_factory=list)
     os: str = "linux"
@@ -137,6 +171,23 @@ class Layout:
         (self.path / "blobs" / "sha256" / digest.removeprefix("sha256:")).write_bytes(data)
         return digest
 
+    def layer(self, lay: Layer | DiskLayer) -> dict[str, Any]:
+        """Store one layer blob (a disk layer is hard-linked, or copied across file systems);
+        its descriptor."""
+        if isinstance(lay, Layer):
+            return {
+                "mediaType": lay.media_type,
+                "digest": self.blob(lay.blob),
+                "size": len(lay.blob),
+            }
+        target = self.path / "blobs" / "sha256" / lay.digest.removeprefix("sha256:")
+        if not target.exists():
+            try:
+                os.link(lay.path, target)
+            except OSError:
+                shutil.copyfile(lay.path, target)
+        return {"mediaType": lay.media_type, "digest": lay.digest, "size": lay.size}
+
     def manifest(self, image: Image) -> dict[str, Any]:
         """Write the image's blobs and manifest; its descriptor."""
         config = image.config()
@@ -149,14 +200,7 @@ class Layout:
                     "digest": self.blob(config),
                     "size": len(config),
                 },
-                "layers": [
-                    {
-                        "mediaType": lay.media_type,
-                        "digest": self.blob(lay.blob),
-                        "size": len(lay.blob),
-                    }
-                    for lay in image.layers
-                ],
+                "layers": [self.layer(lay) for lay in image.layers],
             }
         ).encode()
         return {

@@ -26,7 +26,6 @@ from scanner_client import ClientConfig, Database, ScannerClient
 from scanner_client.engine import Engine
 from scanner_client.engines.builtin import BuiltinEngine, BuiltinSettings
 from scanner_client.engines.command import CommandEngine
-from scanner_client.vulndb import update as vulndb_update
 from tests.conftest import MakeHandler
 from tests.helpers import remote_error
 from tests.oci import (
@@ -42,7 +41,7 @@ from tests.oci import (
     symlink,
     tools_missing,
 )
-from tests.vulnfeeds import ALPINE, DPKG_STATUS, NODEJS, PYPA, debian_zip
+from tests.vulnfeeds import DPKG_STATUS, debian_database
 
 DEADLINE = 20.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +78,19 @@ o:openssl
 
 def metadata(name: str, version: str) -> str:
     return f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\nSummary: test\n"
+
+
+def real_ssh_key() -> str:
+    """A freshly made OpenSSH private key: what the secret rules must find."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ).decode()
 
 
 def npm(name: str, version: str) -> str:
@@ -163,10 +175,21 @@ def _build(layout: Layout, host_dir: Path) -> dict[str, Image]:
             layer(
                 [
                     file("opt/tools/eicar.com", EICAR),
-                    file("root/.ssh/id_rsa", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\n"),
+                    file("root/.ssh/id_rsa", real_ssh_key()),
                     file(
                         "srv/app/config.ini",
-                        "[aws]\nregion = eu-west-1\nkey = AKIAIOSFODNN7EXAMPLE\n",
+                        "[aws]\nregion = eu-west-1\nkey = AKIA" + "Q3EGRJ5NZT7WXK2D\n",
+                    ),
+                    # Not secrets: AWS's documentation key, a PEM placeholder in a string
+                    # literal (as npm's own sources have), a TLS library's PEM constants.
+                    file("srv/docs/aws.md", "Example: `AKIAIOSFODNN7EXAMPLE`\n"),
+                    file(
+                        "usr/lib/node_modules/npm/lib/definitions.js",
+                        'key="-----BEGIN PRIVATE KEY-----\\nXXXX\\nXXXX\\n-----END PRIVATE KEY-----"\n',
+                    ),
+                    file(
+                        "usr/lib/libtls.so.1",
+                        b"\x7fELF\x02\x01\x01" + b"\x00" * 64 + real_ssh_key().encode(),
                     ),
                 ]
             ),
@@ -329,10 +352,7 @@ def builtin(**settings: Any) -> BuiltinEngine:
 def debian_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A databases directory updated with a Debian feed (osv.dev's form) and the packaged
     feeds, as `image-scanner db update` makes it."""
-    work = tmp_path_factory.mktemp("debian-db")
-    origins = [str(debian_zip(work / "Debian" / "all.zip")), str(PYPA), str(ALPINE), str(NODEJS)]
-    vulndb_update.update(work / "db", origins)
-    return work / "db"
+    return debian_database(tmp_path_factory.mktemp("debian-db"))
 
 
 async def test_vulnerable_packages_give_their_real_advisories(
@@ -377,7 +397,9 @@ async def test_vulnerable_packages_give_their_real_advisories(
     assert sbom["bomFormat"] == "CycloneDX"
     assert sbom["specVersion"] == "1.6"
     purls = {c.get("purl") for c in sbom["components"]}
-    assert "pkg:deb/debian/libc6@2.36-9%2Bdeb12u1?distro=debian-12&upstream=glibc" in purls
+    assert (
+        "pkg:deb/debian/libc6@2.36-9%2Bdeb12u1?arch=amd64&distro=debian-12&upstream=glibc" in purls
+    )
     assert "pkg:pypi/urllib3@2.0.5" in purls
     assert "pkg:npm/lodash@4.17.15" in purls
     assert not any("libssl1.1" in str(purl) for purl in purls)

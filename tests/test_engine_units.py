@@ -10,7 +10,6 @@ import io
 import json
 import os
 import shutil
-import stat
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -28,13 +27,15 @@ from scanner_client.engines.builtin import BuiltinEngine, BuiltinSettings, analy
 from scanner_client.engines.builtin.analyzers import Package
 from scanner_client.engines.builtin.common import Cancelled, CancelToken, Limits
 from scanner_client.engines.builtin.databases import load_databases
-from scanner_client.engines.builtin.layers import Rootfs
+from scanner_client.engines.builtin.files import FileAnalyser
+from scanner_client.engines.builtin.layers import DIR, LINK, READ, RETAIN, ImageTree
 from scanner_client.engines.builtin.registry import (
     Platform,
     check_proxy_url,
     choose_platform,
     parse_challenge,
 )
+from scanner_client.engines.builtin.rootfs import Rootfs
 from scanner_client.engines.command import CommandEngine, parse_database, parse_output
 from scanner_client.vulndb import importers, matcher
 from scanner_client.vulndb.build import build as build_database
@@ -47,28 +48,41 @@ from tests.vulnfeeds import ALPINE, NODEJS, PYPA, debian_zip
 # ---- layers ---------------------------------------------------------------------------------
 
 
-def apply(rootfs: Rootfs, tmp_path: Path, entries: list[Entry], digest: str) -> None:
+class KeepAll:
+    """A file handler that reads and keeps every file (so a test can see the whole tree)."""
+
+    def wants(self, rel: str, size: int, mode: int) -> int:
+        return READ | RETAIN
+
+    def analyse(self, rel: str, data: bytes) -> None:
+        return None
+
+
+def apply(image: ImageTree, tmp_path: Path, entries: list[Entry], digest: str) -> None:
     blob = tmp_path / f"blob-{digest}"
     blob.write_bytes(layer(entries).blob)
-    rootfs.apply(blob, digest, CancelToken())
+    image.apply(blob, digest, CancelToken(), KeepAll())
 
 
-def tree(root: Path) -> dict[str, str]:
-    """Everything under ``root``: files by content, links by target, directories as '/'."""
+def tree(image: ImageTree) -> dict[str, str]:
+    """Everything in the image: files by content, links by target, directories as '/'."""
     found = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            found[rel] = "-> " + os.readlink(path)
-        elif path.is_dir():
+    for rel, node in sorted(image.nodes.items()):
+        if node.kind == LINK:
+            found[rel] = "-> " + node.target
+        elif node.kind == DIR:
             found[rel] = "/"
         else:
-            found[rel] = path.read_text(errors="replace")
+            found[rel] = (node.data or b"").decode(errors="replace")
     return found
 
 
+def origins(image: ImageTree) -> dict[str, str]:
+    return {rel: node.layer for rel, node in image.files()}
+
+
 def test_whiteouts_and_opaque_directories(tmp_path: Path) -> None:
-    rootfs = Rootfs(tmp_path / "root")
+    rootfs = ImageTree()
     apply(
         rootfs,
         tmp_path,
@@ -96,7 +110,7 @@ def test_whiteouts_and_opaque_directories(tmp_path: Path) -> None:
         ],
         "l2",
     )
-    assert tree(rootfs.root) == {
+    assert tree(rootfs) == {
         "a": "/",
         "a/kept.txt": "1",
         "a/new.txt": "2",
@@ -106,7 +120,7 @@ def test_whiteouts_and_opaque_directories(tmp_path: Path) -> None:
         "dir/upper.txt": "2",
         "whole": "/",
     }
-    assert rootfs.origin == {
+    assert origins(rootfs) == {
         "a/kept.txt": "l1",
         "a/new.txt": "l2",
         "dir/sub/upper.txt": "l2",
@@ -118,7 +132,7 @@ def test_hostile_entries_stay_inside_the_root(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret").write_text("host")
-    rootfs = Rootfs(tmp_path / "root")
+    rootfs = ImageTree()
     entries = [
         file("../../outside/escaped", "x"),
         file("a/../../outside/escaped2", "x"),
@@ -139,8 +153,9 @@ def test_hostile_entries_stay_inside_the_root(tmp_path: Path) -> None:
         file("target.txt", "replaced"),
     ]
     apply(rootfs, tmp_path, entries, "bad")
-    assert tree(outside) == {"secret": "host"}
-    inside = tree(rootfs.root)
+    assert sorted(os.listdir(outside)) == ["secret"]
+    assert (outside / "secret").read_text() == "host"
+    inside = tree(rootfs)
     # The links resolve inside the root: the files went to root/<outside path>.
     assert inside[str(outside.relative_to("/") / "via-abs")] == "x"
     assert inside[str(outside.relative_to("/") / "via-rel")] == "x"
@@ -152,7 +167,6 @@ def test_hostile_entries_stay_inside_the_root(tmp_path: Path) -> None:
     assert "leaves the image root" in reasons["a/../../outside/escaped2"]
     assert "leaves the root" in reasons["hard"]
     assert "link loop" in reasons["loop1/x"]
-    assert not os.stat(rootfs.root / "suid").st_mode & stat.S_ISUID
     # Reading back follows links inside the root too.
     assert rootfs.read("abs/via-abs") == b"x"
     assert rootfs.read("hard2") is None
@@ -171,9 +185,9 @@ def test_devices_and_fifos_are_not_created(tmp_path: Path) -> None:
             tar.addfile(info)
     blob = tmp_path / "devices.tar"
     blob.write_bytes(buffer.getvalue())
-    rootfs = Rootfs(tmp_path / "root")
-    rootfs.apply(blob, "dev", CancelToken())
-    assert tree(rootfs.root) == {}
+    rootfs = ImageTree()
+    rootfs.apply(blob, "dev", CancelToken(), KeepAll())
+    assert tree(rootfs) == {}
     assert len(rootfs.skipped) == 3
 
 
@@ -186,7 +200,7 @@ def test_devices_and_fifos_are_not_created(tmp_path: Path) -> None:
     ],
 )
 def test_limits_end_the_scan_for_good(tmp_path: Path, limits: Limits, message: str) -> None:
-    rootfs = Rootfs(tmp_path / "root", limits)
+    rootfs = ImageTree(limits)
     with pytest.raises(ScanFailure, match=message) as info:
         apply(rootfs, tmp_path, [file(f"f{n}", "x" * 1500) for n in range(4)], "big")
     assert info.value.permanent
@@ -198,23 +212,23 @@ def test_compressions(tmp_path: Path) -> None:
     part1, part2 = make_tar([file("b", "one")])[:1024], make_tar([file("b", "one")])[1024:]
     (tmp_path / "multi").write_bytes(gzip.compress(part1) + gzip.compress(part2))
     (tmp_path / "plain").write_bytes(make_tar([file("c", "plain")]))
-    rootfs = Rootfs(tmp_path / "root")
+    rootfs = ImageTree()
     for name in ("zstd", "multi", "plain"):
-        rootfs.apply(tmp_path / name, name, CancelToken())
-    assert tree(rootfs.root) == {"a": "zstd", "b": "one", "c": "plain"}
+        rootfs.apply(tmp_path / name, name, CancelToken(), KeepAll())
+    assert tree(rootfs) == {"a": "zstd", "b": "one", "c": "plain"}
     (tmp_path / "broken").write_bytes(gzip.compress(raw)[:-30])
     with pytest.raises(ScanFailure, match=r"cannot be decompressed|not a valid tar"):
-        rootfs.apply(tmp_path / "broken", "broken", CancelToken())
+        rootfs.apply(tmp_path / "broken", "broken", CancelToken(), KeepAll())
 
 
 def test_a_cancelled_token_stops_unpacking(tmp_path: Path) -> None:
     blob = tmp_path / "blob"
     blob.write_bytes(make_tar([file(f"f{n}", os.urandom(512 * 1024)) for n in range(8)]))
-    rootfs = Rootfs(tmp_path / "root")
+    rootfs = ImageTree()
     token = CancelToken()
     with pytest.raises(Cancelled):
-        rootfs.apply(blob, "l", token, progress=lambda position: token.cancel())
-    assert len(list(rootfs.root.iterdir())) < 8
+        rootfs.apply(blob, "l", token, KeepAll(), progress=lambda position: token.cancel())
+    assert len(rootfs.nodes) < 8
 
 
 # ---- vulnerabilities ------------------------------------------------------------------------
@@ -436,8 +450,9 @@ def test_analysers() -> None:
     )
     assert analyzers.is_npm_manifest("app/node_modules/@types/node/package.json")
     assert analyzers.is_npm_manifest("node_modules/a/node_modules/b/package.json")
-    assert not analyzers.is_npm_manifest("app/package.json")
-    assert not analyzers.is_npm_manifest("node_modules/a/lib/package.json")
+    # Every package.json names a package, as Syft reads images (an application's own too).
+    assert analyzers.is_npm_manifest("app/package.json")
+    assert not analyzers.is_npm_manifest("app/package.json.orig")
     assert analyzers.parse_npm_manifest(b"[]", "p") == []
     [py] = analyzers.parse_python_metadata(
         b"Metadata-Version: 2.1\nName: Jinja2\nVersion: 3.1.2\n", "m"
@@ -604,16 +619,15 @@ def test_cancelling_a_scan_stops_its_thread_and_removes_its_scratch(
     started = threading.Event()
     release = threading.Event()
     walked: list[str] = []
-    original = Rootfs.walk
+    original = FileAnalyser.analyse
 
-    def gated_walk(self: Rootfs, *args: Any, **kwargs: Any) -> Iterator[tuple[str, os.stat_result]]:
-        for item in original(self, *args, **kwargs):
-            started.set()
-            assert release.wait(10)
-            walked.append(item[0])
-            yield item
+    def gated_analyse(self: FileAnalyser, rel: str, data: bytes) -> Any:
+        started.set()
+        assert release.wait(10)
+        walked.append(rel)
+        return original(self, rel, data)
 
-    monkeypatch.setattr(Rootfs, "walk", gated_walk)
+    monkeypatch.setattr(FileAnalyser, "analyse", gated_analyse)
     engine = BuiltinEngine(BuiltinSettings(scratch_dir=scratch))
     job = Job(
         "j", 1, common_pb2.ScanObject(artifact=common_pb2.ArtifactObject(path=str(layout.path)))

@@ -93,3 +93,13 @@ Architecture: amd64
 Source: openssl
 Version: 1.1.1n-0+deb11u1
 """
+
+
+def debian_database(work: Path) -> Path:
+    """A databases directory updated with a Debian feed (osv.dev's form) and the packaged
+    feeds, as `image-scanner db update` makes it."""
+    from scanner_client.vulndb import update
+
+    origins = [str(debian_zip(work / "Debian" / "all.zip")), str(PYPA), str(ALPINE), str(NODEJS)]
+    update.update(work / "db", origins)
+    return work / "db"

@@ -5,8 +5,12 @@
   directory distroless images use), with their source package, which is what Debian's
   advisories name;
 - Alpine packages from the apk database (``lib/apk/db/installed``), with their origin;
-- Python distributions from ``*.dist-info/METADATA`` and ``*.egg-info/PKG-INFO``;
-- npm packages from ``package.json`` files inside ``node_modules``.
+- Python distributions from ``*.dist-info/METADATA``, ``*.egg-info/PKG-INFO`` and single-file
+  ``*.egg-info`` (what ``setup.py install`` of distutils-era packages leaves);
+- npm packages from every ``package.json`` that names a package and its version (the way
+  Syft's cataloguer reads images: inside ``node_modules`` or not);
+- which files the OS packages own (dpkg ``info/*.list``, apk ``R:`` lines, rpm file lists),
+  so that a language package installed by the distribution is judged by the distribution.
 
 Every reader takes bytes and returns :class:`Package` records; the caller finds the files.
 """
@@ -23,6 +27,7 @@ from packageurl import PackageURL
 
 DPKG_STATUS: Final = "var/lib/dpkg/status"
 DPKG_STATUS_DIR: Final = "var/lib/dpkg/status.d"
+DPKG_INFO_DIR: Final = "var/lib/dpkg/info"
 APK_INSTALLED: Final = "lib/apk/db/installed"
 OS_RELEASE_PATHS: Final = ("etc/os-release", "usr/lib/os-release")
 
@@ -39,16 +44,46 @@ class Distro:
 
     @property
     def ecosystem(self) -> str:
-        """The OSV ecosystem of its packages: ``Debian:12``, ``Alpine:v3.20``, ``Ubuntu:22.04``."""
+        """The OSV ecosystem of its packages: ``Debian:12``, ``Alpine:v3.20``, ``Ubuntu:22.04``,
+        ``Rocky Linux:9``; the os-release id itself for a distribution OSV does not name."""
+        major = self.version_id.split(".")[0]
         if self.id == "debian":
-            major = self.version_id.split(".")[0]
             return f"Debian:{major}" if major else "Debian"
         if self.id == "alpine":
             major_minor = ".".join(self.version_id.split(".")[:2])
             return f"Alpine:v{major_minor}" if major_minor else "Alpine"
         if self.id == "ubuntu":
             return f"Ubuntu:{self.version_id}" if self.version_id else "Ubuntu"
+        family = RPM_FAMILIES.get(self.id)
+        if family is not None:
+            release = major if family not in RPM_FULL_RELEASE else self.version_id
+            return f"{family}:{release}" if release else family
         return self.id
+
+    @property
+    def purl_namespace(self) -> str:
+        """The namespace of its OS packages' purls (``redhat`` for RHEL, as Syft writes)."""
+        return {"rhel": "redhat"}.get(self.id, self.id)
+
+
+# os-release ids of rpm distributions -> the ecosystem name their advisories use (OSV's where
+# it has one); releases by major version except where the full version names the release.
+RPM_FAMILIES: Final = {
+    "rhel": "Red Hat",
+    "centos": "CentOS",
+    "rocky": "Rocky Linux",
+    "almalinux": "AlmaLinux",
+    "ol": "Oracle Linux",
+    "fedora": "Fedora",
+    "amzn": "Amazon Linux",
+    "opensuse-leap": "openSUSE",
+    "opensuse-tumbleweed": "openSUSE",
+    "sles": "SUSE",
+    "mariner": "Mariner",
+    "azurelinux": "Azure Linux",
+    "photon": "Photon OS",
+}
+RPM_FULL_RELEASE: Final = frozenset({"openSUSE", "SUSE", "Mariner", "Azure Linux", "Photon OS"})
 
 
 @dataclass(frozen=True)
@@ -58,10 +93,12 @@ class Package:
     ``ecosystem`` is the OSV ecosystem (``Debian:12``, ``Alpine:v3.20``, ``PyPI``, ``npm``);
     ``source_name``/``source_version`` are what advisories name (the Debian source package,
     the Alpine origin; the package itself elsewhere). ``path`` is where it was found and
-    ``layer`` the digest of the layer that brought it ("" outside images).
+    ``layer`` the digest of the layer that brought it ("" outside images). ``os_owned``: a
+    language package (PyPI, npm, ...) whose files belong to an OS package; the distribution's
+    data judges it, not the language feed.
     """
 
-    type: str  # deb, apk, pypi, npm
+    type: str  # deb, apk, rpm, pypi, npm, golang, maven
     name: str
     version: str
     ecosystem: str
@@ -73,6 +110,8 @@ class Package:
     # A language package whose files belong to an OS package: the distribution's data
     # judges it (through its OS package), not the language feed (see vulndb.matcher).
     os_owned: bool = False
+    # The machine architecture of an OS package ("amd64", "x86_64"), "" when not known.
+    arch: str = ""
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -80,15 +119,33 @@ class Package:
 
     @property
     def purl(self) -> str:
+        qualifiers = {"arch": self.arch} if self.arch else {}
+        if self.distro:
+            qualifiers["distro"] = self.distro
         if self.type == "deb":
-            qualifiers = {"distro": self.distro} if self.distro else {}
             if self.source_name != self.name:
                 qualifiers["upstream"] = self.source_name
             namespace = self.ecosystem.split(":")[0].lower()
             return PackageURL("deb", namespace, self.name, self.version, qualifiers).to_string()
         if self.type == "apk":
-            qualifiers = {"distro": self.distro} if self.distro else {}
             return PackageURL("apk", "alpine", self.name, self.version, qualifiers).to_string()
+        if self.type == "rpm":
+            epoch, _, version = self.version.rpartition(":")
+            if epoch:
+                qualifiers["epoch"] = epoch
+            if self.source_name != self.name:
+                qualifiers["upstream"] = self.source_name
+            distro_id = self.distro.rpartition("-")[0]
+            return PackageURL(
+                "rpm", Distro(distro_id, "").purl_namespace or None, self.name, version, qualifiers
+            ).to_string()
+        if self.type == "golang":
+            namespace, _, name = self.name.rpartition("/")
+            version = self.version.removeprefix("go") if self.name == "stdlib" else self.version
+            return PackageURL("golang", namespace or None, name, version).to_string()
+        if self.type == "maven":
+            group, _, artifact = self.source_name.rpartition(":")
+            return PackageURL("maven", group or None, artifact, self.version).to_string()
         if self.type == "pypi":
             return PackageURL("pypi", None, pypi_name(self.name), self.version).to_string()
         namespace, _, name = self.name.rpartition("/")
@@ -145,7 +202,8 @@ def _stanzas(data: bytes) -> list[dict[str, str]]:
 
 
 def parse_dpkg_status(data: bytes, path: str, distro: Distro | None) -> list[Package]:
-    """Installed packages of a dpkg status file (``Status: install ok installed``)."""
+    """Installed packages of a dpkg status file (``Status: install ok installed``; distroless
+    ``status.d`` files have no Status field: every stanza there is installed)."""
     ecosystem = distro.ecosystem if distro and distro.id in ("debian", "ubuntu") else "Debian"
     packages = []
     for record in _stanzas(data):
@@ -171,9 +229,23 @@ def parse_dpkg_status(data: bytes, path: str, distro: Distro | None) -> list[Pac
                 source_version,
                 path,
                 distro=f"{distro.id}-{distro.version_id}" if distro else "",
+                arch=record.get("Architecture", ""),
             )
         )
     return packages
+
+
+def unique_os_packages(packages: list[Package]) -> list[Package]:
+    """The packages with each (type, name, version, arch) once: a package that dpkg's
+    ``status`` and a ``status.d`` file both list is one package (the first path is kept)."""
+    seen: set[tuple[str, str, str, str]] = set()
+    unique = []
+    for package in packages:
+        key = (package.type, package.name, package.version, package.arch)
+        if key not in seen:
+            seen.add(key)
+            unique.append(package)
+    return unique
 
 
 def parse_apk_installed(data: bytes, path: str, distro: Distro | None) -> list[Package]:
@@ -198,13 +270,44 @@ def parse_apk_installed(data: bytes, path: str, distro: Distro | None) -> list[P
                 version,
                 path,
                 distro=f"alpine-{distro.version_id}" if distro else "",
+                arch=fields.get("A", ""),
             )
         )
     return packages
 
 
+def apk_owned_files(data: bytes) -> set[str]:
+    """The files apk's database says its packages installed: each ``R:`` line names a file of
+    the directory the ``F:`` line before it names (paths relative to the root)."""
+    owned: set[str] = set()
+    directory = ""
+    for line in data.decode("utf-8", "replace").splitlines():
+        if line.startswith("F:"):
+            directory = line[2:].strip("/")
+        elif line.startswith("R:"):
+            owned.add(f"{directory}/{line[2:]}" if directory else line[2:])
+        elif not line:
+            directory = ""
+    return owned
+
+
+def dpkg_owned_files(data: bytes) -> set[str]:
+    """The paths of a dpkg ``info/PACKAGE.list`` file (one absolute path a line), or of a
+    ``status.d/PACKAGE.md5sums`` file (``MD5  relative/path``), relative to the root."""
+    owned: set[str] = set()
+    for line in data.decode("utf-8", "replace").splitlines():
+        if "  " in line and not line.startswith("/"):
+            line = line.split("  ", 1)[1]
+        line = line.strip().strip("/")
+        if line and line != ".":
+            owned.add(line)
+    return owned
+
+
 def is_python_metadata(rel: str) -> bool:
-    return rel.endswith((".dist-info/METADATA", ".egg-info/PKG-INFO"))
+    """A Python distribution's metadata file (callers pass regular files only: a path that
+    ends in ``.egg-info`` is then the single-file form)."""
+    return rel.endswith((".dist-info/METADATA", ".egg-info/PKG-INFO", ".egg-info"))
 
 
 def parse_python_metadata(data: bytes, path: str) -> list[Package]:
@@ -217,23 +320,22 @@ def parse_python_metadata(data: bytes, path: str) -> list[Package]:
 
 
 def is_npm_manifest(rel: str) -> bool:
-    if not rel.endswith("/package.json"):
-        return False
-    parts = rel.split("/")
-    # node_modules/NAME/package.json or node_modules/@scope/NAME/package.json
-    return (len(parts) >= 3 and parts[-3] == "node_modules") or (
-        len(parts) >= 4 and parts[-4] == "node_modules" and parts[-3].startswith("@")
-    )
+    """Any ``package.json``: modules in ``node_modules``, an application's own manifest, and
+    the modules Debian ships under ``/usr/share/nodejs`` (owned by their dpkg packages)."""
+    return rel == "package.json" or rel.endswith("/package.json")
 
 
 def parse_npm_manifest(data: bytes, path: str) -> list[Package]:
+    """The package a ``package.json`` names; one that names no version (a sub-package's
+    manifest, such as ``ponyfill/package.json``) is still a package, with version "" (what
+    Syft reports as UNKNOWN), and no advisory matches it."""
     try:
         document = json.loads(data)
     except ValueError:
         return []
     if not isinstance(document, dict):
         return []
-    name, version = document.get("name"), document.get("version")
-    if not isinstance(name, str) or not isinstance(version, str) or not name or not version:
+    name, version = document.get("name"), document.get("version", "")
+    if not isinstance(name, str) or not name or not isinstance(version, str):
         return []
     return [Package("npm", name, version, "npm", name, version, path)]

@@ -1,10 +1,11 @@
-"""The builtin engine: pulls and unpacks images, walks node roots and artifacts, and finds
-packages (into a CycloneDX SBOM), vulnerabilities, malware, secrets and misconfigurations.
+"""The builtin engine: pulls images and streams their layers, walks node roots and artifacts,
+and finds packages (into a CycloneDX SBOM), vulnerabilities, malware, secrets and
+misconfigurations.
 
 Network work (registry pulls, artifact downloads) runs in the event loop and stops at once on
-cancellation. Unpacking and analysis run in a worker thread that checks a cancel token between
-files and chunks; a cancelled scan waits for that thread to stop before it removes its scratch
-directory.
+cancellation. Layer streaming and analysis run in a worker thread that checks a cancel token
+between files and chunks; a cancelled scan waits for that thread to stop before it removes its
+scratch directory (which holds the downloaded blobs).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import httpx
+import structlog
 
 from imagehandler.v1 import common_pb2
 from scanner_client.engine import (
@@ -34,11 +36,20 @@ from scanner_client.engine import (
     ScanFailure,
     ScannerBroken,
 )
-from scanner_client.engines.builtin import analyzers, images, malware, sbom, scratch_space, secrets
+from scanner_client.engines.builtin import (
+    catalog,
+    files,
+    images,
+    malware,
+    sbom,
+    scratch_space,
+    secrets,
+)
 from scanner_client.engines.builtin.analyzers import Distro, Package
 from scanner_client.engines.builtin.common import Cancelled, CancelToken, Limits, too_large
 from scanner_client.engines.builtin.databases import DatabaseKeeper, LoadedDatabases
-from scanner_client.engines.builtin.layers import Rootfs
+from scanner_client.engines.builtin.files import FileAnalyser, FileFacts
+from scanner_client.engines.builtin.layers import ImageTree
 from scanner_client.engines.builtin.registry import (
     Credentials,
     Platform,
@@ -46,9 +57,11 @@ from scanner_client.engines.builtin.registry import (
     RegistryClient,
     check_proxy_url,
 )
+from scanner_client.engines.builtin.rootfs import Rootfs
 from scanner_client.vulndb import matcher
 
 T = TypeVar("T")
+log = structlog.get_logger("image_scanner.builtin")
 
 # How long a cancelled scan waits for its worker thread before it leaves it behind.
 THREAD_STOP_WAIT: Final = 10.0
@@ -66,9 +79,9 @@ class BuiltinSettings:
     db_update_interval: float = 0.0
     # How often an idle scanner looks for a database file replaced by `db update`.
     db_poll_interval: float = 5.0
-    # Where scans unpack (default: the system temporary directory), and the free space it
-    # must have: checked at start (the scanner does not start without it) and after a failed
-    # scan (the scanner stops taking work).
+    # Where scans keep downloaded blobs (default: the system temporary directory), and the
+    # free space it must have: checked at start (the scanner does not start without it) and
+    # after a failed scan (the scanner stops taking work).
     scratch_dir: Path | None = None
     min_free_scratch: int = scratch_space.DEFAULT_MIN_FREE_MIB * scratch_space.MIB
     # The scanner's proxy; a job's image.proxy_url wins.
@@ -269,7 +282,8 @@ class BuiltinEngine(Engine):
         report: _ThreadProgress,
         scratch: Path,
     ) -> common_pb2.ScanResult:
-        rootfs = Rootfs(scratch / "rootfs", self.settings.limits)
+        tree = ImageTree(self.settings.limits)
+        analyser = self._analyser(policies)
         total = sum(layer.size for layer in pulled.layers) or 1
         done = 0
         # (type, name, version) -> the layer that first had it, for OS packages.
@@ -281,15 +295,22 @@ class BuiltinEngine(Engine):
             def on_bytes(position: int, base: int = base) -> None:
                 report("unpack", 40 + 30 * (base + position) // total)
 
-            rootfs.apply(layer.path, layer.digest, token, on_bytes)
+            tree.apply(layer.path, layer.digest, token, analyser, on_bytes)
             done += layer.size
             if layer.owned:
                 layer.path.unlink(missing_ok=True)
-            self._attribute_os_packages(rootfs, layer.digest, first_seen)
-        findings = self._analyse_root(rootfs, policies, token, report, first_seen=first_seen)
+            if any(files.os_database(rel) for rel in tree.changed):
+                inventory = catalog.os_inventory(tree, catalog.distro_of(tree), owned=False)
+                for package in inventory.packages:
+                    first_seen.setdefault(
+                        (package.type, package.name, package.version), layer.digest
+                    )
+        report("analyse", 70)
+        facts = ((rel, node.layer, node.facts) for rel, node in tree.files() if node.facts)
+        findings = self._findings(tree, facts, tree.origin, first_seen)
         if Policy.MISCONFIGURATIONS in policies:
             findings.misconfigurations.extend(image_misconfigurations(pulled.config))
-            for skipped in rootfs.skipped:
+            for skipped in tree.skipped:
                 if skipped.escapes:
                     findings.misconfigurations.append(
                         common_pb2.Misconfiguration(
@@ -304,26 +325,13 @@ class BuiltinEngine(Engine):
             findings.secrets.extend(self._config_secrets(pulled.config))
         return self._result(findings, subject, "image", policies)
 
-    def _attribute_os_packages(
-        self, rootfs: Rootfs, layer: str, first_seen: dict[tuple[str, str, str], str]
-    ) -> None:
-        touched = [
-            rel
-            for rel in (analyzers.DPKG_STATUS, analyzers.APK_INSTALLED)
-            if rootfs.origin.get(rel) == layer
-        ]
-        if not touched:
-            return
-        for package in self._os_packages(rootfs, _distro(rootfs)):
-            first_seen.setdefault((package.type, package.name, package.version), layer)
-
     def _config_secrets(self, config: dict[str, Any]) -> list[common_pb2.Secret]:
         env = (config.get("config") or {}).get("Env") or []
         found = []
         for index, variable in enumerate(env if isinstance(env, list) else []):
-            for hit in self.db.signatures.match_data(
-                str(variable).encode(), frozenset({secrets.NAMESPACE})
-            ):
+            data = str(variable).encode()
+            hits = self.db.signatures.match_data(data, frozenset({secrets.NAMESPACE}))
+            for hit, _offset in malware.confirmed_secrets(hits, data):
                 found.append(malware.secret_finding(hit, f"image config Env[{index}]", 1))
         return found
 
@@ -464,9 +472,10 @@ class BuiltinEngine(Engine):
             return self._analyse_image(pulled, subject, policies, token, report, scratch)
         digest = "sha256:" + malware.sha256_file(path)
         if kind == "tar" or path.name.endswith((".tar.zst", ".tzst")):
-            rootfs = Rootfs(scratch / "rootfs", limits)
-            rootfs.apply(path, digest, token)
-            findings = self._analyse_root(rootfs, policies, token, report)
+            tree = ImageTree(limits)
+            tree.apply(path, digest, token, self._analyser(policies))
+            facts = ((rel, node.layer, node.facts) for rel, node in tree.files() if node.facts)
+            findings = self._findings(tree, facts, tree.origin)
             return self._result(findings, subject, "artifact", policies)
         size = path.stat().st_size
         if size <= limits.max_document_bytes:
@@ -479,7 +488,7 @@ class BuiltinEngine(Engine):
                 )
         # One file: scanned in a scratch directory that holds only a copy of it.
         single = scratch / "file"
-        single.mkdir()
+        single.mkdir(parents=True)
         shutil.copyfile(path, single / path.name)
         findings = self._analyse_root(Rootfs(single, limits), policies, token, report)
         for found in findings.malware:
@@ -490,40 +499,7 @@ class BuiltinEngine(Engine):
 
     # ---- analysis of a root -----------------------------------------------------------------
 
-    def _os_packages(self, rootfs: Rootfs, distro: Distro | None) -> list[Package]:
-        packages: list[Package] = []
-        status = rootfs.read(analyzers.DPKG_STATUS)
-        if status is not None:
-            packages += analyzers.parse_dpkg_status(status, analyzers.DPKG_STATUS, distro)
-        status_dir = rootfs.resolve(analyzers.DPKG_STATUS_DIR)
-        if status_dir and rootfs.path(status_dir).is_dir():
-            for entry in sorted(os.listdir(rootfs.path(status_dir))):
-                rel = f"{analyzers.DPKG_STATUS_DIR}/{entry}"
-                data = rootfs.read(rel)
-                if data is not None:
-                    packages += analyzers.parse_dpkg_status(data, rel, distro)
-        installed = rootfs.read(analyzers.APK_INSTALLED)
-        if installed is not None:
-            packages += analyzers.parse_apk_installed(installed, analyzers.APK_INSTALLED, distro)
-        return packages
-
-    def _analyse_root(
-        self,
-        rootfs: Rootfs,
-        policies: frozenset[Policy],
-        token: CancelToken,
-        report: _ThreadProgress,
-        *,
-        first_seen: dict[tuple[str, str, str], str] | None = None,
-        skip: frozenset[str] = frozenset(),
-    ) -> Findings:
-        limits = self.settings.limits
-        findings = Findings(distro=_distro(rootfs))
-        for package in self._os_packages(rootfs, findings.distro):
-            layer = (first_seen or {}).get((package.type, package.name, package.version)) or (
-                rootfs.origin.get(package.path, "")
-            )
-            findings.packages.append(package.with_layer(layer))
+    def _analyser(self, policies: frozenset[Policy]) -> FileAnalyser:
         namespaces = frozenset(
             namespace
             for policy, namespace in (
@@ -532,36 +508,62 @@ class BuiltinEngine(Engine):
             )
             if policy in policies
         )
+        return FileAnalyser(self.db.signatures, namespaces, self.settings.limits)
+
+    def _analyse_root(
+        self,
+        rootfs: Rootfs,
+        policies: frozenset[Policy],
+        token: CancelToken,
+        report: _ThreadProgress,
+        *,
+        skip: frozenset[str] = frozenset(),
+    ) -> Findings:
+        """One pass over a directory's files: each file is read at most once, and only when
+        the analyser wants it."""
+        analyser = self._analyser(policies)
         report("analyse", 70)
-        signatures = self.db.signatures
-        for count, (rel, info) in enumerate(rootfs.walk(token, skip=skip)):
-            if count % 256 == 0:
-                token.check()
-                report("analyse", min(95, 70 + count // 2000))
-            path = rootfs.path(rel)
-            if analyzers.is_python_metadata(rel) or analyzers.is_npm_manifest(rel):
-                data = rootfs.read(rel)
+
+        def facts() -> Iterator[tuple[str, str, FileFacts]]:
+            for count, (rel, info) in enumerate(rootfs.walk(token, skip=skip)):
+                if count % 256 == 0:
+                    token.check()
+                    report("analyse", min(95, 70 + count // 2000))
+                if not analyser.wants(rel, info.st_size, info.st_mode) & files.READ:
+                    continue
+                data = rootfs.read(rel, catalog.MAX_CATALOG_BYTES)
                 if data is not None:
-                    parse = (
-                        analyzers.parse_python_metadata
-                        if analyzers.is_python_metadata(rel)
-                        else analyzers.parse_npm_manifest
-                    )
-                    layer = rootfs.origin.get(rel, "")
-                    findings.packages += [p.with_layer(layer) for p in parse(data, rel)]
-            if not namespaces or info.st_size == 0 or info.st_size > limits.max_match_bytes:
-                continue
-            for hit in signatures.match_file(path, namespaces):
-                if hit.namespace == malware.MALWARE:
-                    findings.malware.append(
-                        malware.malware_finding(
-                            hit, "/" + rel, malware.sha256_file(path), rootfs.origin.get(rel, "")
-                        )
-                    )
-                else:
-                    findings.secrets.append(
-                        malware.secret_finding(hit, "/" + rel, malware.line_of(path, hit.offset))
-                    )
+                    found = analyser.analyse(rel, data)
+                    if found:
+                        yield rel, "", found
+
+        return self._findings(rootfs, facts(), rootfs.origin)
+
+    def _findings(
+        self,
+        tree: catalog.Tree,
+        facts: Iterable[tuple[str, str, FileFacts]],
+        origin: Callable[[str], str],
+        first_seen: dict[tuple[str, str, str], str] | None = None,
+    ) -> Findings:
+        """The findings of a root: its OS packages (each with the layer that first had it),
+        and the facts of its files (each with the layer of the file)."""
+        findings = Findings(distro=catalog.distro_of(tree))
+        inventory = catalog.os_inventory(tree, findings.distro)
+        for note in inventory.notes:
+            log.warning("inventory", problem=note)
+        for package in inventory.packages:
+            key = (package.type, package.name, package.version)
+            layer = (first_seen or {}).get(key) or origin(package.path)
+            findings.packages.append(package.with_layer(layer))
+        language: list[Package] = []
+        for rel, layer, found in facts:
+            language += [p.with_layer(layer) for p in found.packages]
+            for hit, digest in found.malware:
+                findings.malware.append(malware.malware_finding(hit, "/" + rel, digest, layer))
+            for hit, line in found.secrets:
+                findings.secrets.append(malware.secret_finding(hit, "/" + rel, line))
+        findings.packages += catalog.mark_os_owned(language, inventory.owned, tree)
         return findings
 
     # ---- the result -------------------------------------------------------------------------
@@ -650,23 +652,6 @@ class BuiltinEngine(Engine):
                 code="HNDL-005",
                 permanent=True,
             ) from None
-
-
-def _distro(rootfs: Rootfs) -> Distro | None:
-    for rel in analyzers.OS_RELEASE_PATHS:
-        data = rootfs.read(rel)
-        if data is not None:
-            distro = analyzers.parse_os_release(data)
-            if distro is not None:
-                return distro
-    alpine = rootfs.read("etc/alpine-release")
-    if alpine is not None:
-        return Distro("alpine", alpine.decode("utf-8", "replace").strip())
-    debian = rootfs.read("etc/debian_version")
-    if debian is not None:
-        version = debian.decode("utf-8", "replace").strip()
-        return Distro("debian", version if version[:1].isdigit() else "")
-    return None
 
 
 def _oci_url(url: str) -> common_pb2.ImageObject:

@@ -1,29 +1,28 @@
-"""Unpacking image layers into a scratch root, safely.
+"""Image layers, streamed: the final filesystem of an image as an index, with no file written.
 
-A layer is a tar stream (plain, gzip or zstd). Each layer is applied on top of the ones before
-it in one scratch directory, the *root*:
+A layer is a tar stream (plain, gzip or zstd). The layers of an image are read in order, each
+once, straight from its blob; :class:`ImageTree` keeps one :class:`Node` a path (directory,
+file or link, and the layer that last wrote it), applying each layer on top of the ones before
+as a container runtime would:
 
 - **Whiteouts** (OCI image spec): ``.wh.NAME`` removes ``NAME`` of lower layers, and
   ``.wh..wh..opq`` empties its directory of what lower layers put there.
-- **Containment**: every path is resolved inside the root the way a ``chroot`` would: ``..``
-  stops at the root, and a symbolic link met on the way (absolute or relative) is followed
-  *within* the root. An entry whose own name climbs out of the root (``../../etc/passwd``) is
-  not written and is reported. Files are created with ``O_NOFOLLOW | O_EXCL`` after whatever
-  was at their place is removed, so no write ever goes through a link. Devices and FIFOs are
-  not created; set-uid bits and ownership are dropped.
+- **Containment**: every path is resolved inside the image the way a ``chroot`` would:
+  ``..`` stops at the root, and a symbolic link met on the way (absolute or relative) is
+  followed *within* the image. An entry whose own name climbs out of the root
+  (``../../etc/passwd``), or a hard link to outside it, is not taken and is reported. Devices
+  and FIFOs are not taken. Nothing reaches the scanner's own file system: nothing is written.
 - **Limits** (:class:`~scanner_client.engines.builtin.common.Limits`): the size of one file,
-  of everything unpacked, and the number of entries. Past one, the scan fails for good.
+  of all files, and the number of entries. Past one, the scan fails for good.
 
-:class:`Rootfs` also remembers which layer last wrote each path (``origin``), so findings can
-name the layer they come from, and reads files back with the same in-root resolution.
+File contents pass through once, as the layer streams: a :class:`FileHandler` says which files
+it wants to read (and which to keep in memory: the package databases), and finds each file's
+facts (packages, malware, secrets) on the spot. A file that a later layer removes or replaces
+takes its facts with it.
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import shutil
-import stat
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -39,8 +38,8 @@ OPAQUE: Final = ".wh..wh..opq"
 CHUNK: Final = MIB
 # Symbolic links followed while resolving one path (Linux's own limit).
 MAX_LINK_HOPS: Final = 40
-# OS errors a hostile entry can cause: the entry is skipped, the scan goes on.
-_ENTRY_ERRORS: Final = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ, errno.EMLINK})
+# Longer paths are not kept (Linux's PATH_MAX).
+MAX_PATH: Final = 4096
 
 GZIP_MAGIC: Final = b"\x1f\x8b"
 ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
@@ -48,7 +47,7 @@ ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 
 @dataclass(frozen=True)
 class Skipped:
-    """A layer entry that was not written, and why."""
+    """A layer entry that was not taken into the image's tree, and why."""
 
     layer: str
     path: str
@@ -147,45 +146,89 @@ def clean_path(name: str) -> str | None:
     return "/".join(parts)
 
 
-@dataclass
-class Rootfs:
-    """A scratch directory the layers of one image are unpacked into."""
+DIR: Final = "dir"
+FILE: Final = "file"
+LINK: Final = "link"
 
-    root: Path
+
+class Node:
+    """One path of the image: a directory, a regular file or a symbolic link."""
+
+    __slots__ = ("data", "facts", "kind", "layer", "mode", "size", "target")
+
+    def __init__(
+        self,
+        kind: str,
+        layer: str,
+        *,
+        size: int = 0,
+        mode: int = 0,
+        target: str = "",
+        facts: Any = None,
+        data: bytes | None = None,
+    ) -> None:
+        self.kind = kind
+        self.layer = layer
+        self.size = size
+        self.mode = mode
+        self.target = target  # a link's target, as written in the layer
+        self.facts = facts  # what the handler found in the file
+        self.data = data  # the file's bytes, for the files the handler keeps
+
+
+class FileHandler(Protocol):
+    """What an :class:`ImageTree` asks about each regular file as it streams past."""
+
+    def wants(self, rel: str, size: int, mode: int) -> int:
+        """1 to read the file (then :meth:`analyse` sees it), | 2 to keep its bytes."""
+        ...
+
+    def analyse(self, rel: str, data: bytes) -> Any:
+        """The file's facts (kept on its node)."""
+        ...
+
+
+READ: Final = 1
+RETAIN: Final = 2
+
+
+@dataclass
+class ImageTree:
+    """The final filesystem of an image's layers: paths relative to the root, each a real path
+    (no link among its parents)."""
+
     limits: Limits = field(default_factory=Limits)
-    # Relative path -> digest of the layer that last wrote it (files and links).
-    origin: dict[str, str] = field(default_factory=dict)
+    nodes: dict[str, Node] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
     unpacked_bytes: int = 0
     entries: int = 0
-    # Relative paths known to be real directories (not links); cleared on any removal.
-    _dirs: set[str] = field(default_factory=set)
+    # Kept files that the last layer applied wrote or removed.
+    changed: set[str] = field(default_factory=set)
+    # Directory -> the names in it (insertion order).
+    _children: dict[str, dict[str, None]] = field(default_factory=lambda: {"": {}})
 
-    def __post_init__(self) -> None:
-        self.root = Path(os.path.realpath(self.root))
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    # ---- resolution inside the root -----------------------------------------------------
+    # ---- reading ------------------------------------------------------------------------
 
     def resolve(
         self,
         rel: str,
         *,
         follow_final: bool = True,
-        create: bool = False,
         directory: bool = False,
+        create: str | None = None,
     ) -> str | None:
-        """``rel`` as a real path relative to the root, links followed inside the root.
+        """``rel`` as a real path of the image, links followed inside it.
 
-        The parents of the result are real directories under the root; the final component is
-        a link itself when ``follow_final`` is false. A missing final component is fine; a
-        missing parent is created when ``create`` (replacing a non-directory), else None.
-        With ``directory`` the final component is a parent too. None also for a loop of links.
+        The final component is a link itself when ``follow_final`` is false; a missing final
+        component is fine. A missing parent is made a directory of layer ``create`` (a
+        non-directory in the way is replaced), else the answer is None. With ``directory`` the
+        final component is a parent too. None also for a loop of links.
         """
         pending = [part for part in rel.split("/") if part not in ("", ".")]
         pending.reverse()  # pop() takes the next component
         done: list[str] = []
         hops = 0
+        nodes = self.nodes
         while pending:
             part = pending.pop()
             if part == "..":
@@ -193,117 +236,89 @@ class Rootfs:
                     done.pop()
                 continue
             last = not pending and not directory
-            here = "/".join((*done, part))
-            if not last and here in self._dirs:
-                done.append(part)
-                continue
-            path = os.path.join(self.root, here)
-            try:
-                mode = os.lstat(path).st_mode
-            except FileNotFoundError:
+            here = f"{'/'.join(done)}/{part}" if done else part
+            node = nodes.get(here)
+            if node is None:
                 if last:
                     done.append(part)
                     break
-                if not create:
+                if create is None:
                     return None
-                os.mkdir(path, 0o755)
-                self._dirs.add(here)
-                done.append(part)
-                continue
-            except NotADirectoryError:
-                return None
-            if stat.S_ISLNK(mode) and (follow_final or not last):
+                self._put(here, Node(DIR, create))
+            elif node.kind == LINK and (follow_final or not last):
                 hops += 1
                 if hops > MAX_LINK_HOPS:
                     return None
-                target = os.readlink(path)
-                if target.startswith("/"):
+                if node.target.startswith("/"):
                     done = []
-                pending.extend(reversed([p for p in target.split("/") if p not in ("", ".")]))
+                pending.extend(reversed([p for p in node.target.split("/") if p not in ("", ".")]))
                 continue
-            if not last:
-                if not stat.S_ISDIR(mode):
-                    if not create:
-                        return None
-                    self._remove(here)
-                    os.mkdir(path, 0o755)
-                self._dirs.add(here)
+            elif not last and node.kind != DIR:
+                if create is None:
+                    return None
+                self._remove(here)
+                self._put(here, Node(DIR, create))
             done.append(part)
         return "/".join(done)
 
-    def path(self, rel: str) -> Path:
-        """The absolute path of a resolved relative path."""
-        return self.root / rel if rel else self.root
-
-    def open(self, rel: str) -> IO[bytes] | None:
-        """A regular file of the image for reading, links followed inside the root; None when
-        it is missing or not a regular file."""
+    def node(self, rel: str) -> Node | None:
         real = self.resolve(rel)
-        if real is None or not real:
-            return None
-        try:
-            fd = os.open(self.path(real), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return None
-        return os.fdopen(fd, "rb")
+        return self.nodes.get(real) if real else None
 
     def read(self, rel: str, limit: int | None = None) -> bytes | None:
-        """A file's bytes (at most ``limit``, default the document limit), or None."""
-        handle = self.open(rel)
-        if handle is None:
+        """The bytes of a kept file (links followed inside the image), or None."""
+        node = self.node(rel)
+        if node is None or node.kind != FILE or node.data is None:
             return None
-        with handle:
-            return handle.read(self.limits.max_document_bytes if limit is None else limit)
+        return node.data if limit is None else node.data[:limit]
 
-    def walk(
-        self, token: CancelToken | None = None, skip: frozenset[str] = frozenset()
-    ) -> Iterator[tuple[str, os.stat_result]]:
-        """Every regular file under the root, as (relative path, lstat), links not followed;
-        ``skip`` names top-level directories left out."""
-        stack = [""]
-        while stack:
-            if token is not None:
-                token.check()
-            rel_dir = stack.pop()
-            try:
-                entries = list(os.scandir(self.path(rel_dir)))
-            except OSError:
-                continue
-            for entry in sorted(entries, key=lambda item: item.name):
-                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISDIR(info.st_mode):
-                    if not (rel_dir == "" and entry.name in skip):
-                        stack.append(rel)
-                elif stat.S_ISREG(info.st_mode):
-                    yield rel, info
+    def listdir(self, rel: str) -> list[str]:
+        real = self.resolve(rel, directory=True)
+        if real is None:
+            return []
+        return list(self._children.get(real, ()))
+
+    def link_target(self, rel: str) -> str | None:
+        real = self.resolve(rel, follow_final=False)
+        node = self.nodes.get(real) if real else None
+        return node.target if node is not None and node.kind == LINK else None
+
+    def origin(self, rel: str) -> str:
+        """The digest of the layer that last wrote ``rel`` ("" when it is not there)."""
+        node = self.nodes.get(rel)
+        return node.layer if node is not None else ""
+
+    def files(self) -> Iterator[tuple[str, Node]]:
+        """Every regular file of the image, in no particular order."""
+        for rel, node in self.nodes.items():
+            if node.kind == FILE:
+                yield rel, node
 
     # ---- changes ----------------------------------------------------------------------------
 
-    def _remove(self, rel: str) -> None:
-        """Remove ``rel`` (not followed) and forget what was under it."""
-        path = self.path(rel)
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(mode):
-            shutil.rmtree(path)
-            prefix = rel + "/"
-            for key in [key for key in self.origin if key.startswith(prefix)]:
-                del self.origin[key]
-        else:
-            os.unlink(path)
-        self.origin.pop(rel, None)
-        self._dirs.clear()
+    def _put(self, rel: str, node: Node) -> None:
+        self.nodes[rel] = node
+        parent, _, base = rel.rpartition("/")
+        self._children.setdefault(parent, {})[base] = None
+        if node.kind == DIR:
+            self._children.setdefault(rel, {})
+        elif node.data is not None:
+            self.changed.add(rel)
 
-    def _skip(self, layer: str, name: str, reason: str, escapes: bool = False) -> None:
+    def _remove(self, rel: str) -> None:
+        """Remove ``rel`` (not followed) and everything under it."""
+        node = self.nodes.pop(rel, None)
+        if node is None:
+            return
+        parent, _, base = rel.rpartition("/")
+        self._children.get(parent, {}).pop(base, None)
+        if node.data is not None:
+            self.changed.add(rel)
+        if node.kind == DIR:
+            for name in list(self._children.pop(rel, ())):
+                self._remove(f"{rel}/{name}" if rel else name)
+
+    def skip(self, layer: str, name: str, reason: str, escapes: bool = False) -> None:
         self.skipped.append(Skipped(layer, name, reason, escapes))
 
     def apply(
@@ -311,17 +326,22 @@ class Rootfs:
         blob: Path,
         layer: str,
         token: CancelToken,
+        handler: FileHandler,
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        """Unpack the layer blob at ``blob`` (its digest ``layer``) on top of the root.
+        """Apply the layer blob at ``blob`` (its digest ``layer``) on top of the tree.
 
         ``progress`` gets the compressed bytes read so far, about once per MiB.
         """
+        self.changed = set()
         with open(blob, "rb") as raw:
             stream = open_layer(raw)
+            # A plain tar is read in place (seeking past the files nobody reads); a compressed
+            # one as a stream, each byte decompressed once.
+            mode = "r:" if stream is raw else "r|"
             try:
-                with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
-                    _Layer(self, layer, tar, token, raw, progress).run()
+                with tarfile.open(fileobj=stream, mode=mode) as tar:  # type: ignore[call-overload]
+                    _Layer(self, layer, tar, token, raw, handler, progress).run()
             except tarfile.TarError as exc:
                 raise ScanFailure(f"layer {layer} is not a valid tar stream: {exc}") from None
             except (zlib.error, ValueError, EOFError) as exc:
@@ -333,41 +353,39 @@ class _Layer:
 
     def __init__(
         self,
-        rootfs: Rootfs,
+        tree: ImageTree,
         digest: str,
         tar: tarfile.TarFile,
         token: CancelToken,
         raw: IO[bytes],
+        handler: FileHandler,
         progress: Callable[[int], None] | None,
     ) -> None:
-        self.rootfs = rootfs
-        self.limits = rootfs.limits
+        self.tree = tree
+        self.limits = tree.limits
         self.digest = digest
         self.tar = tar
         self.token = token
         self.raw = raw
+        self.handler = handler
         self.progress = progress
-        # Resolved paths this layer wrote, and their directories: whiteouts spare them.
+        # Paths this layer wrote, and their directories: whiteouts spare them.
         self.written: set[str] = set()
         self._reported = 0
 
     def run(self) -> None:
+        tree = self.tree
+        members: list[tarfile.TarInfo] = self.tar.members  # type: ignore[attr-defined]
         for member in self.tar:
+            # tarfile keeps every header it read: dropped, so memory follows the tree alone.
+            members.clear()
             self.token.check()
-            rootfs = self.rootfs
-            rootfs.entries += 1
-            if rootfs.entries > self.limits.max_entries:
+            tree.entries += 1
+            if tree.entries > self.limits.max_entries:
                 raise ScanFailure(
                     f"the image has more than {self.limits.max_entries} entries", permanent=True
                 )
-            try:
-                self._entry(member)
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise ScanFailure(f"the scratch disk is full unpacking {self.digest}") from None
-                if exc.errno not in _ENTRY_ERRORS:
-                    raise
-                rootfs._skip(self.digest, member.name, f"cannot be written: {exc.strerror}")
+            self._entry(member)
             if self.progress is not None:
                 position = self.raw.tell()
                 if position - self._reported >= CHUNK:
@@ -375,13 +393,16 @@ class _Layer:
                     self.progress(position)
 
     def _entry(self, member: tarfile.TarInfo) -> None:
-        rootfs = self.rootfs
+        tree = self.tree
         name = clean_path(member.name)
         if name is None:
-            rootfs._skip(self.digest, member.name, "the path leaves the image root", escapes=True)
+            tree.skip(self.digest, member.name, "the path leaves the image root", escapes=True)
             return
         if not name:
             return  # the root itself
+        if len(name) > MAX_PATH:
+            tree.skip(self.digest, member.name[:200] + "...", "the path is too long")
+            return
         parent, _, base = name.rpartition("/")
         if base == OPAQUE:
             self._opaque(parent)
@@ -390,36 +411,40 @@ class _Layer:
             self._whiteout(f"{parent}/{base[len(WHITEOUT) :]}" if parent else base[len(WHITEOUT) :])
             return
         if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
-            rootfs._skip(self.digest, member.name, "devices and FIFOs are not created")
+            tree.skip(self.digest, member.name, "devices and FIFOs are not taken")
             return
-        real_parent = rootfs.resolve(parent, create=True, directory=True) if parent else ""
-        if real_parent is None:
-            rootfs._skip(self.digest, member.name, "its directory cannot be resolved (link loop)")
-            return
-        rel = f"{real_parent}/{base}" if real_parent else base
-        path = rootfs.path(rel)
-        try:
-            existing = os.lstat(path).st_mode
-        except FileNotFoundError:
-            existing = None
+        parent_node = tree.nodes.get(parent) if parent else None
+        if parent and (parent_node is None or parent_node.kind != DIR):
+            # Not a plain directory yet: resolve it (links, missing directories).
+            real_parent = tree.resolve(parent, create=self.digest, directory=True)
+            if real_parent is None:
+                tree.skip(self.digest, member.name, "its directory cannot be resolved (link loop)")
+                return
+            parent = real_parent
+        rel = f"{parent}/{base}" if parent else base
+        existing = tree.nodes.get(rel)
         if member.isdir():
-            if existing is not None and not stat.S_ISDIR(existing):
-                rootfs._remove(rel)
+            if existing is not None and existing.kind != DIR:
+                tree._remove(rel)
                 existing = None
             if existing is None:
-                os.mkdir(path, 0o755)
+                tree._put(rel, Node(DIR, self.digest))
+            else:
+                existing.layer = self.digest
             self._wrote(rel)
             return
-        if existing is not None:
-            rootfs._remove(rel)
         if member.issym():
-            os.symlink(member.linkname, path)
+            node = Node(LINK, self.digest, target=member.linkname)
         elif member.islnk():
-            if not self._hardlink(member, path):
+            linked = self._hardlink(member, rel)
+            if linked is None:
                 return
+            node = linked
         else:
-            self._file(member, rel, path)
-        rootfs.origin[rel] = self.digest
+            node = self._file(member, rel)
+        if existing is not None:
+            tree._remove(rel)
+        tree._put(rel, node)
         self._wrote(rel)
 
     def _wrote(self, rel: str) -> None:
@@ -427,82 +452,81 @@ class _Layer:
             self.written.add(rel)
             rel = rel.rpartition("/")[0]
 
-    def _file(self, member: tarfile.TarInfo, rel: str, path: Path) -> None:
-        limits = self.limits
+    def _file(self, member: tarfile.TarInfo, rel: str) -> Node:
+        limits, tree = self.limits, self.tree
         if member.size > limits.max_file_bytes:
             raise too_large(
                 f"{rel} in layer {self.digest} ({member.size} bytes)", limits.max_file_bytes
             )
-        if self.rootfs.unpacked_bytes + member.size > limits.max_unpacked_bytes:
+        if tree.unpacked_bytes + member.size > limits.max_unpacked_bytes:
             raise too_large("the unpacked image", limits.max_unpacked_bytes)
-        mode = 0o755 if member.mode & 0o111 else 0o644
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, mode)
-        with os.fdopen(fd, "wb") as out:
-            source = self.tar.extractfile(member)
-            if source is None:
-                return
-            remaining = member.size
-            while remaining > 0:
-                self.token.check()
-                data = source.read(min(CHUNK, remaining))
-                if not data:
-                    raise ScanFailure(f"layer {self.digest} ends inside {member.name}")
-                out.write(data)
-                remaining -= len(data)
-        self.rootfs.unpacked_bytes += member.size
+        tree.unpacked_bytes += member.size
+        node = Node(FILE, self.digest, size=member.size, mode=member.mode)
+        flags = self.handler.wants(rel, member.size, member.mode)
+        if not flags & READ:
+            return node
+        source = self.tar.extractfile(member)
+        data = source.read() if source is not None else b""
+        if len(data) != member.size:
+            raise ScanFailure(f"layer {self.digest} ends inside {member.name}")
+        node.facts = self.handler.analyse(rel, data)
+        if flags & RETAIN:
+            node.data = data
+        return node
 
-    def _hardlink(self, member: tarfile.TarInfo, path: Path) -> bool:
-        rootfs = self.rootfs
+    def _hardlink(self, member: tarfile.TarInfo, rel: str) -> Node | None:
+        tree = self.tree
         target = clean_path(member.linkname)
-        real = rootfs.resolve(target, follow_final=False) if target else None
+        real = tree.resolve(target, follow_final=False) if target else None
         if not real:
-            rootfs._skip(
+            tree.skip(
                 self.digest,
                 member.name,
                 f"hard link to {member.linkname!r} leaves the root",
                 escapes=True,
             )
-            return False
-        source = rootfs.path(real)
-        try:
-            mode = os.lstat(source).st_mode
-        except FileNotFoundError:
-            rootfs._skip(self.digest, member.name, f"hard link to missing {member.linkname!r}")
-            return False
-        if stat.S_ISDIR(mode):
-            rootfs._skip(self.digest, member.name, "hard link to a directory")
-            return False
-        os.link(source, path, follow_symlinks=False)
-        return True
+            return None
+        source = tree.nodes.get(real)
+        if source is None:
+            tree.skip(self.digest, member.name, f"hard link to missing {member.linkname!r}")
+            return None
+        if source.kind == DIR:
+            tree.skip(self.digest, member.name, "hard link to a directory")
+            return None
+        facts = source.facts
+        relocate = getattr(facts, "relocated", None)
+        return Node(
+            source.kind,
+            self.digest,
+            size=source.size,
+            mode=source.mode,
+            target=source.target,
+            facts=relocate(real, rel) if relocate is not None else facts,
+            data=source.data,
+        )
 
     def _whiteout(self, name: str) -> None:
-        rootfs = self.rootfs
+        tree = self.tree
         parent, _, base = name.rpartition("/")
-        real_parent = rootfs.resolve(parent) if parent else ""
+        real_parent = tree.resolve(parent, directory=True) if parent else ""
         if real_parent is None or base in ("", ".", ".."):
             return
         rel = f"{real_parent}/{base}" if real_parent else base
         if rel not in self.written:
-            rootfs._remove(rel)
+            tree._remove(rel)
 
     def _opaque(self, directory: str) -> None:
-        rootfs = self.rootfs
-        real = rootfs.resolve(directory) if directory else ""
+        real = self.tree.resolve(directory, directory=True) if directory else ""
         if real is None:
             return
         self._clear_lower(real)
 
     def _clear_lower(self, rel_dir: str) -> None:
         """Remove what lower layers put in ``rel_dir``, keeping this layer's entries."""
-        path = self.rootfs.path(rel_dir)
-        try:
-            names = os.listdir(path)
-        except (NotADirectoryError, FileNotFoundError):
-            return
-        for name in names:
+        tree = self.tree
+        for name in list(tree._children.get(rel_dir, ())):
             rel = f"{rel_dir}/{name}" if rel_dir else name
             if rel not in self.written:
-                self.rootfs._remove(rel)
-            elif os.path.isdir(self.rootfs.path(rel)) and not os.path.islink(self.rootfs.path(rel)):
+                tree._remove(rel)
+            elif (node := tree.nodes.get(rel)) is not None and node.kind == DIR:
                 self._clear_lower(rel)
