@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from imagehandler.errors import Catalogue
 from imagehandler.v1 import common_pb2
 from server import logs
 from server.config import Config
-from server.errors import Catalogue
 from server.events import Subscription
 from server.job_manager import JobManager
 from server.model import ImageRef, JobSpec, JobStatus, Lane, ObjectKind, Policy, Trigger

@@ -37,8 +37,8 @@ from typing import Any
 import grpc
 
 from bench.common import ROOT, child_env, cpu_seconds, free_port, image_request
+from imagehandler.channel import bearer_metadata
 from imagehandler.v1 import job_service_pb2, job_service_pb2_grpc
-from server.security.client import bearer_metadata
 from server.security.tokens import file_line, new_token
 from tests.certs import Authority
 

@@ -22,13 +22,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imagehandler.channel import channel_credentials
 from scanner_client.client import ClientConfig, ScannerClient, default_scanner_id, package_version
 from scanner_client.engine import Kind, Policy, ScannerBroken
 from scanner_client.engines import ENGINES, EngineSettings
 from scanner_client.errors import ScannerRejected
 from scanner_client.health import start_health_server
 from scanner_client.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
-from server.security.tls import channel_credentials
 
 ENV_PREFIX = "IMAGE_SCANNER_"
 DEFAULT_HANDLER = "127.0.0.1:50051"

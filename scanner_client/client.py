@@ -29,14 +29,14 @@ import grpc.aio
 import structlog
 from structlog.typing import FilteringBoundLogger
 
+from imagehandler.channel import bearer_metadata
+from imagehandler.rpc import read_rpc_error, remote_error
 from imagehandler.v1 import common_pb2, scanner_service_pb2, scanner_service_pb2_grpc
 from scanner_client import protocol
 from scanner_client.backoff import Backoff
 from scanner_client.engine import Engine, Job, Kind, Policy, ScanFailure, ScannerBroken
 from scanner_client.errors import REGISTRATION_CODES, ScannerRejected
 from scanner_client.outbox import MAX_BATCH_RESULTS, Outbox
-from server.security.client import bearer_metadata
-from server.transport.status import read_rpc_error, remote_error
 
 ConnectCall = grpc.aio.StreamStreamCall[
     scanner_service_pb2.ConnectRequest, scanner_service_pb2.ConnectResponse

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from imagehandler.rpc import RemoteError
 from imagehandler.v1 import common_pb2
-from server.transport.status import RemoteError
 
 # The codes a handler refuses a scanner's registration with (PRODUCT.md, "Scanners").
 REGISTRATION_CODES = frozenset({"HNDL-003", "HNDL-011", "HNDL-012", "HNDL-013", "HNDL-014"})

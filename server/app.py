@@ -12,6 +12,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from imagehandler.errors import Catalogue, HandlerError, Reason
 from imagehandler.v1 import (
     job_service_pb2,
     scanner_service_pb2,
@@ -19,7 +20,6 @@ from imagehandler.v1 import (
 )
 from server.config import Config
 from server.delivery import Receiver, open_receiver
-from server.errors import Catalogue, HandlerError
 from server.job_manager import JobManager
 from server.metrics import JOURNAL_FSYNC_SECONDS, MetricsExporter
 from server.security import Security
@@ -124,7 +124,7 @@ class HandlerServer:
                     Catalogue.SCANNER_CONFIG_INVALID,
                     f"cannot read --receiver-secret-file {config.receiver_secret_file}: "
                     f"{exc.strerror}",
-                    status=Catalogue.SCANNER_CONFIG_INVALID.entry.statuses[1],
+                    reason=Reason.FAILED_PRECONDITION,
                 ) from None
         return open_receiver(
             config.receiver_url, secret, config.delivery_timeout, config.delivery_concurrency

@@ -11,10 +11,10 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from imagehandler.errors import Catalogue, HandlerError
 from server import config as config_module
 from server import logs
 from server.app import HandlerServer
-from server.errors import Catalogue, HandlerError
 from server.security.tokens import add_token_arguments, token_main
 
 

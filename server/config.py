@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from server.errors import Catalogue, HandlerError
+from imagehandler.errors import Catalogue, HandlerError, Reason
 from server.model import Policy
 from server.security.tls import check_settings
 
@@ -198,7 +198,7 @@ class Config:
             raise HandlerError(
                 Catalogue.SCANNER_CONFIG_INVALID,
                 "; ".join(problems),
-                status=Catalogue.SCANNER_CONFIG_INVALID.entry.statuses[1],
+                reason=Reason.FAILED_PRECONDITION,
             )
 
 

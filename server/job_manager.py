@@ -21,12 +21,12 @@ from typing import Any
 import structlog
 from sortedcontainers import SortedDict
 
+from imagehandler.errors import Catalogue, HandlerError, Reason
 from imagehandler.v1 import common_pb2, job_service_pb2, result_sink_pb2
 from server import logs, state_machine
 from server.config import Config
 from server.delivery import Delivery, Kind, Outbox, Receiver
 from server.dispatcher import Dispatcher
-from server.errors import Catalogue, HandlerError
 from server.events import EventBus, Subscription
 from server.ids import new_job_id
 from server.metrics import DELIVERIES_FAILED
@@ -306,7 +306,7 @@ class JobManager:
             raise HandlerError(
                 Catalogue.SYSTEM_ERROR,
                 "the handler is recovering its queue from the data directory; retry shortly",
-                status=Catalogue.SYSTEM_ERROR.entry.statuses[2],
+                reason=Reason.UNAVAILABLE,
             )
 
     async def stop(self) -> None:
@@ -345,7 +345,7 @@ class JobManager:
                 Catalogue.SYSTEM_ERROR,
                 "the handler is shutting down and takes no new jobs; submit to another replica "
                 "or retry after it restarts",
-                status=Catalogue.SYSTEM_ERROR.entry.statuses[2],
+                reason=Reason.UNAVAILABLE,
             )
         if len(specs) > self.config.max_batch:
             raise HandlerError(
@@ -362,7 +362,7 @@ class JobManager:
                 Catalogue.SYSTEM_ERROR,
                 f"queue full (limit {limit}): {len(self.queue)} pending, {fresh} more asked; "
                 "retry later or raise --queue-limit",
-                status=Catalogue.SYSTEM_ERROR.entry.statuses[1],
+                reason=Reason.EXHAUSTED,
             )
         out: list[Submitted] = []
         created: list[tuple[Job, Transition]] = []
@@ -460,7 +460,7 @@ class JobManager:
             raise HandlerError(
                 Catalogue.JOB_ID_INVALID,
                 f"no job with id {job_id}",
-                status=Catalogue.JOB_ID_INVALID.entry.statuses[1],
+                reason=Reason.NOT_FOUND,
             )
         return job
 
@@ -546,7 +546,7 @@ class JobManager:
                 Catalogue.JOB_ID_INVALID,
                 f"job {job.id} is {job.status.name}; only PENDING or IN_PROGRESS jobs can be "
                 "cancelled",
-                status=Catalogue.JOB_ID_INVALID.entry.statuses[2],
+                reason=Reason.FAILED_PRECONDITION,
             )
         return job
 
@@ -566,7 +566,7 @@ class JobManager:
                 Catalogue.SYSTEM_ERROR,
                 f"scanner id {profile.scanner_id!r} is already connected; a scanner id may hold "
                 f"one stream (retry after {self.config.heartbeat_timeout:g}s if the old one died)",
-                status=Catalogue.SYSTEM_ERROR.entry.statuses[2],
+                reason=Reason.UNAVAILABLE,
                 retry_after=self.config.heartbeat_timeout,
             )
         at = now_utc()
@@ -694,9 +694,7 @@ class JobManager:
 
     def close_sessions(self, detail: str) -> None:
         """End every scanner stream with UNAVAILABLE so scanners reconnect elsewhere at once."""
-        error = HandlerError(
-            Catalogue.SYSTEM_ERROR, detail, status=Catalogue.SYSTEM_ERROR.entry.statuses[2]
-        )
+        error = HandlerError(Catalogue.SYSTEM_ERROR, detail, reason=Reason.UNAVAILABLE)
         for session in self.scanners.connected():
             self.disconnect(session, RunFailure(error.kind, detail))
             session.close(error)
@@ -713,9 +711,7 @@ class JobManager:
                 f"{what} for job {job_id or '(empty)'}, which is not assigned to scanner "
                 f"{session.scanner_id} in this session"
             )
-        error = HandlerError(
-            Catalogue.JOB_ID_INVALID, detail, status=Catalogue.JOB_ID_INVALID.entry.statuses[2]
-        )
+        error = HandlerError(Catalogue.JOB_ID_INVALID, detail, reason=Reason.FAILED_PRECONDITION)
         log.warning(
             "scanner.message_rejected",
             scanner_id=session.scanner_id,
@@ -942,7 +938,7 @@ class JobManager:
             raise HandlerError(
                 Catalogue.MDW_ADAPTER_SEND_STATUS,
                 "no receiving server is configured (--receiver-url)",
-                status=Catalogue.MDW_ADAPTER_SEND_STATUS.entry.status,
+                reason=Reason.UNAVAILABLE,
             )
         failed_delivery = (
             job.status is JobStatus.ERROR
@@ -954,7 +950,7 @@ class JobManager:
                 Catalogue.JOB_ID_INVALID,
                 f"job {job.id} is {job.status.name} and has no undelivered result; only a job "
                 "whose delivery failed (HNDL-001) can be redelivered",
-                status=Catalogue.JOB_ID_INVALID.entry.statuses[2],
+                reason=Reason.FAILED_PRECONDITION,
             )
         self._move(job, JobStatus.PROCESSING_RESULTS, reason="redelivery requested")
         job.awaiting_delivery = True

@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 import structlog
 
-from server.errors import Catalogue, HandlerError
+from imagehandler.errors import Catalogue, HandlerError
 
 
 def resolve_timezone(name: str) -> tzinfo:

@@ -43,7 +43,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
-from server.errors import Catalogue, HandlerError
+from imagehandler.errors import Catalogue, HandlerError
 from server.events import Subscription
 from server.model import Job, JobStatus, Lane, Transition
 from server.scanners import ScannerSession, ScannerStatus

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import structlog
 
+from imagehandler.errors import Catalogue, HandlerError
 from imagehandler.v1 import common_pb2
-from server.errors import Catalogue, HandlerError
 from server.model import Job
 from server.storage.result_files import ResultFiles
 from server.verdicts import VerdictPolicy, summarize

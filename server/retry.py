@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.errors import Catalogue
+from imagehandler.errors import Catalogue
 
 DEFAULT_MAX_RUNS = 3
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from server.errors import HandlerError
+from imagehandler.errors import HandlerError
 from server.model import Job, ObjectKind, Policy
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from server.errors import Catalogue, HandlerError
+from imagehandler.errors import Catalogue, HandlerError
 from server.model import Job, JobFailure, JobStatus, Transition
 
 S = JobStatus

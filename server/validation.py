@@ -7,7 +7,7 @@ import re
 from datetime import date, datetime
 from urllib.parse import urlsplit
 
-from server.errors import Catalogue, HandlerError
+from imagehandler.errors import Catalogue, HandlerError
 
 # The distribution spec's grammar for repository names and tags.
 _REPOSITORY = re.compile(

@@ -10,9 +10,9 @@ from typing import Any
 
 import grpc
 
+from imagehandler.rpc import RemoteError, read_rpc_error
 from imagehandler.v1 import common_pb2, job_service_pb2, scanner_service_pb2
 from server.transport.guard import STREAM_END
-from server.transport.status import RemoteError, read_rpc_error
 
 TODAY = dt.date.today().isoformat()
 DEADLINE = 10.0

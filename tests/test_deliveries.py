@@ -12,8 +12,8 @@ from pathlib import Path
 
 from google.protobuf import duration_pb2
 
+from imagehandler.ihctl import render
 from imagehandler.v1 import common_pb2, job_service_pb2
-from server.ihctl import render
 from tests.conftest import MakeHandler
 from tests.helpers import HIGH, LOW, RawScanner, image, scan_once, wait_for_status
 from tests.receiver import ReceiverServer, received_keys

@@ -15,8 +15,8 @@ import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from imagehandler.rpc import read_rpc_error
 from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc, scanner_service_pb2
-from server.transport.status import read_rpc_error
 from tests.conftest import Handler, MakeHandler
 from tests.helpers import RawScanner, image, remote_error, wait_for_status
 

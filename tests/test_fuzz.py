@@ -41,13 +41,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imagehandler.rpc import read_rpc_error
 from imagehandler.v1 import (
     common_pb2,
     job_service_pb2,
     job_service_pb2_grpc,
     scanner_service_pb2,
 )
-from server.transport.status import read_rpc_error
 from tests.conftest import TEST_CONFIG, BackgroundHandler
 from tests.helpers import TODAY, RawScanner, image, node
 

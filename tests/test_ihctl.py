@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from imagehandler.ihctl import main
 from scanner_client import ClientConfig, NoopEngine, ScannerClient
-from server.ihctl import main
 from tests.conftest import BackgroundHandler
 
 Capture = pytest.CaptureFixture[str]

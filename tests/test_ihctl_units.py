@@ -15,15 +15,15 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from imagehandler.ihctl import args as cli_args
+from imagehandler.ihctl import names, render
+from imagehandler.rpc import RemoteError
 from imagehandler.v1 import (
     common_pb2,
     job_service_pb2,
     scanner_service_pb2,
 )
-from server.ihctl import args as cli_args
-from server.ihctl import names, render
 from server.security.tokens import TOKEN_PREFIX, new_token
-from server.transport.status import RemoteError
 
 DIGEST = "sha256:" + "ab" * 32
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)

@@ -15,6 +15,7 @@ import pytest
 import structlog
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from imagehandler.rpc import RemoteError
 from imagehandler.v1 import common_pb2, scanner_service_pb2
 from scanner_client import (
     ENGINES,
@@ -33,7 +34,6 @@ from scanner_client.cli import DEFAULT_HANDLER, build_client, parse_args
 from scanner_client.errors import ScannerRejected
 from scanner_client.logs import configure_logging, resolve_format
 from scanner_client.outbox import Outbox
-from server.transport.status import RemoteError
 
 # ---- backoff ------------------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from imagehandler.channel import bearer_metadata
+from imagehandler.rpc import RemoteError, read_rpc_error
 from imagehandler.v1 import (
     common_pb2,
     job_service_pb2,
@@ -25,9 +27,7 @@ from imagehandler.v1 import (
     scanner_service_pb2,
     scanner_service_pb2_grpc,
 )
-from server.security.client import bearer_metadata
 from server.security.tokens import file_line
-from server.transport.status import RemoteError, read_rpc_error
 from tests.certs import Authority, KeyPair
 from tests.conftest import Handler, MakeHandler
 from tests.helpers import DEADLINE, RawScanner, image, remote_error, wait_for_status
@@ -482,7 +482,7 @@ async def test_token_file_change_takes_effect_without_restart(
 async def test_token_file_without_the_file_stops_the_start(
     make_handler: MakeHandler, tmp_path: Path
 ) -> None:
-    from server.errors import HandlerError
+    from imagehandler.errors import HandlerError
 
     with pytest.raises(HandlerError) as refused:
         await make_handler(token_file=str(tmp_path / "missing"))

@@ -10,13 +10,14 @@ from pathlib import Path
 import grpc
 import pytest
 
+from imagehandler import channel
+from imagehandler.channel import bearer_metadata
+from imagehandler.errors import HandlerError
+from imagehandler.ihctl.args import build_parser as ihctl_parser
 from imagehandler.v1 import job_service_pb2, scanner_service_pb2
 from scanner_client.cli import parse_args as scanner_args
 from server.config import Config
-from server.errors import HandlerError
-from server.ihctl.args import build_parser as ihctl_parser
 from server.security import roles, tls
-from server.security.client import bearer_metadata
 from server.security.interceptor import bearer_token
 from server.security.limits import StreamCounter, SubmitRateLimiter
 from server.security.tokens import (
@@ -254,8 +255,8 @@ def test_server_credentials_name_the_flag_of_a_bad_file(tmp_path: Path) -> None:
     with pytest.raises(HandlerError, match=r"cannot read --tls-cert .*missing"):
         tls.server_credentials(str(tmp_path / "missing"), str(not_pem), "")
     with pytest.raises(ValueError, match="--tls-cert and --tls-key go together"):
-        tls.channel_credentials(cert="c.pem")
-    assert isinstance(tls.channel_credentials(), grpc.ChannelCredentials)
+        channel.channel_credentials(cert="c.pem")
+    assert isinstance(channel.channel_credentials(), grpc.ChannelCredentials)
 
 
 def test_config_defaults_keep_the_old_behaviour() -> None:

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from imagehandler.errors import Catalogue, HandlerError, Reason
 from server import state_machine, validation
-from server.errors import Catalogue, HandlerError
 from server.ids import new_job_id
 from server.model import ImageRef, Job, JobSpec, JobStatus, Lane, NodeRef, Policy, Trigger
 from server.queue import ALL_KINDS, JobQueue
@@ -166,8 +166,8 @@ def test_catalogue_codes_are_unique_and_formatted() -> None:
     assert all(code.startswith("HNDL-0") and len(code) == 8 for code in codes)
     error = HandlerError(Catalogue.SCAN_TIME_OUT, "run 3 exceeded 60s")
     assert error.message == "HNDL-004: scan time out: run 3 exceeded 60s"
-    with pytest.raises(ValueError, match="cannot be answered with NOT_FOUND"):
-        HandlerError(Catalogue.SCAN_TIME_OUT, status=__import__("grpc").StatusCode.NOT_FOUND)
+    with pytest.raises(ValueError, match="cannot be given for reason NOT_FOUND"):
+        HandlerError(Catalogue.SCAN_TIME_OUT, reason=Reason.NOT_FOUND)
 
 
 def test_job_ids_are_random_version_4_uuids() -> None:

@@ -16,11 +16,10 @@ import structlog
 from grpc import aio
 from grpc_health.v1 import health_pb2_grpc
 
-from server.errors import Catalogue, HandlerError
+from imagehandler.errors import Catalogue, HandlerError
 from server.security.interceptor import SecurityInterceptor
 from server.security.tls import (
     bind_scanner_identity,
-    channel_credentials,
     check_settings,
     is_loopback,
     metrics_ssl_context,
@@ -109,7 +108,6 @@ __all__ = [
     "SecurityInterceptor",
     "TokenFile",
     "bind_scanner_identity",
-    "channel_credentials",
     "check_settings",
     "is_loopback",
 ]

@@ -6,7 +6,7 @@ For each call, before any servicer code runs:
    ``authorization: Bearer <token>``. No token, or one the file does not know:
    UNAUTHENTICATED. A known token without a role the method needs (:mod:`.roles`):
    PERMISSION_DENIED. Both are ``HNDL-007`` with an ErrorInfo, via
-   :mod:`server.transport.status`, and a refused call's request is never parsed. A token
+   :mod:`imagehandler.rpc`, and a refused call's request is never parsed. A token
    never appears in a message or a log line; its *name* from the token file does.
 2. **Requests in**: a request larger than ``--max-receive-bytes`` is ``HNDL-007``
    RESOURCE_EXHAUSTED; bytes that do not parse as the method's request message are ``HNDL-005``
@@ -33,12 +33,12 @@ import structlog
 from google.protobuf.message import Message
 from grpc import aio
 
-from server.errors import Catalogue, HandlerError
+from imagehandler.errors import Catalogue, HandlerError, Reason
+from imagehandler.rpc import abort
 from server.security import roles
 from server.security.limits import StreamCounter, SubmitRateLimiter
 from server.security.tls import certificate_names
 from server.security.tokens import Principal, TokenFile
-from server.transport.status import abort
 
 log = structlog.get_logger("imagehandler.security")
 
@@ -57,8 +57,8 @@ _BEARER = "bearer "
 _MAX_WRAPPED = 4096
 
 
-def _error(detail: str, status: grpc.StatusCode) -> HandlerError:
-    return HandlerError(_SYSTEM, detail, status=status)
+def _error(detail: str, reason: Reason) -> HandlerError:
+    return HandlerError(_SYSTEM, detail, reason=reason)
 
 
 class _Refused:
@@ -149,7 +149,7 @@ class SecurityInterceptor(_ServerInterceptor):
             log.warning("rpc.unauthenticated", method=name, reason="no bearer token")
             return _error(
                 f"{name} needs a token: send the metadata 'authorization: Bearer <token>'",
-                grpc.StatusCode.UNAUTHENTICATED,
+                Reason.UNAUTHENTICATED,
             )
         principal = self.tokens.lookup(token)
         if principal is None:
@@ -157,7 +157,7 @@ class SecurityInterceptor(_ServerInterceptor):
             return _error(
                 f"{name}: the token is not known to this handler (wrong, revoked or not yet "
                 "in --token-file)",
-                grpc.StatusCode.UNAUTHENTICATED,
+                Reason.UNAUTHENTICATED,
             )
         needed = roles.roles_for(method)
         if principal.roles.isdisjoint(needed):
@@ -170,7 +170,7 @@ class SecurityInterceptor(_ServerInterceptor):
             return _error(
                 f"token {principal.name!r} (roles: {', '.join(sorted(principal.roles))}) may not "
                 f"call {name}; that needs the role {' or '.join(sorted(needed))}",
-                grpc.StatusCode.PERMISSION_DENIED,
+                Reason.PERMISSION_DENIED,
             )
         return principal
 
@@ -217,7 +217,7 @@ class SecurityInterceptor(_ServerInterceptor):
         return _error(
             f"the {name} request is {size} bytes; the limit is {self.max_receive} bytes "
             "(--max-receive-bytes)",
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            Reason.EXHAUSTED,
         )
 
     @staticmethod
@@ -285,7 +285,7 @@ class SecurityInterceptor(_ServerInterceptor):
                             f"the {name} response would be {size} bytes; the limit is "
                             f"{max_send} bytes (--max-send-bytes): ask for less (a smaller "
                             "page_size, or the summary view)",
-                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            Reason.EXHAUSTED,
                         ),
                     )
             return response
@@ -312,7 +312,7 @@ class SecurityInterceptor(_ServerInterceptor):
                 f"submit rate limit of {rate:g} jobs/s (burst {burst}) for {client} reached; "
                 f"retry in {wait:.2f}s"
             )
-        await abort(context, _error(detail, grpc.StatusCode.RESOURCE_EXHAUSTED))
+        await abort(context, _error(detail, Reason.EXHAUSTED))
 
     async def _open_stream(self, principal: Principal | None, context: Context) -> str | None:
         """Count a stream against its client (None: not counted); refuse one too many."""
@@ -325,7 +325,7 @@ class SecurityInterceptor(_ServerInterceptor):
                 _error(
                     f"{client} has {self.streams.open(client)} streams open; the limit is "
                     f"{self.streams.limit} (--max-streams-per-client)",
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    Reason.EXHAUSTED,
                 ),
             )
         return client

@@ -12,10 +12,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
 from google.protobuf.message import Message
 
-from server.errors import Catalogue, HandlerError
+from imagehandler.errors import Catalogue, HandlerError, Reason
 
 # Past this many buckets, full ones (clients idle long enough to be back at burst) are dropped.
 _PRUNE_AT = 10_000
@@ -103,7 +102,7 @@ def oversized_result(result: Message, limit: int) -> HandlerError | None:
     return HandlerError(
         Catalogue.SYSTEM_ERROR,
         f"the result is {size} bytes; the limit is {limit} bytes (--max-result-bytes)",
-        status=grpc.StatusCode.RESOURCE_EXHAUSTED,
+        reason=Reason.EXHAUSTED,
     )
 
 

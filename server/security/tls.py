@@ -1,5 +1,5 @@
 """TLS for the handler's listeners, mutual TLS for its clients, and the certificate identity a
-scanner connects with.
+scanner connects with (the client side is :mod:`imagehandler.channel`).
 
 - ``--tls-cert`` / ``--tls-key``: the handler's certificate chain and private key (PEM). With
   them, the gRPC port (and the metrics port) speak TLS only.
@@ -15,35 +15,25 @@ from __future__ import annotations
 import ipaddress
 import ssl
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
 
-from server.errors import Catalogue, HandlerError
-
-_PEM_CERT = b"-----BEGIN CERTIFICATE-----"
-_PEM_KEY = b"PRIVATE KEY-----"
+from imagehandler import channel
+from imagehandler.channel import PEM_CERT, PEM_KEY
+from imagehandler.errors import Catalogue, HandlerError, Reason
 
 
 def _config_error(detail: str) -> HandlerError:
-    return HandlerError(
-        Catalogue.SCANNER_CONFIG_INVALID,
-        detail,
-        status=Catalogue.SCANNER_CONFIG_INVALID.entry.statuses[1],
-    )
+    return HandlerError(Catalogue.SCANNER_CONFIG_INVALID, detail, reason=Reason.FAILED_PRECONDITION)
 
 
 def read_pem(flag: str, path: str, marker: bytes) -> bytes:
     """The bytes of a PEM file, HNDL-003 naming the flag when it is missing or not PEM."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise _config_error(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
-    if marker not in data:
-        what = "a PEM certificate" if marker == _PEM_CERT else "a PEM private key"
-        raise _config_error(f"{flag} {path} does not hold {what}")
-    return data
+        return channel.read_pem(flag, path, marker)
+    except ValueError as exc:
+        raise _config_error(str(exc)) from None
 
 
 def check_settings(tls_cert: str, tls_key: str, client_ca: str) -> list[str]:
@@ -62,9 +52,9 @@ def server_credentials(
     """gRPC server credentials for the flags, or None for plaintext."""
     if not tls_cert:
         return None
-    chain = read_pem("--tls-cert", tls_cert, _PEM_CERT)
-    key = read_pem("--tls-key", tls_key, _PEM_KEY)
-    roots = read_pem("--client-ca", client_ca, _PEM_CERT) if client_ca else None
+    chain = read_pem("--tls-cert", tls_cert, PEM_CERT)
+    key = read_pem("--tls-key", tls_key, PEM_KEY)
+    roots = read_pem("--client-ca", client_ca, PEM_CERT) if client_ca else None
     return grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=roots, require_client_auth=roots is not None
     )
@@ -80,25 +70,6 @@ def metrics_ssl_context(tls_cert: str, tls_key: str) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise _config_error(f"cannot load --tls-cert/--tls-key for metrics: {exc}") from None
     return context
-
-
-def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.ChannelCredentials:
-    """Client side: trust ``ca`` (PEM file; empty: the system roots) and present ``cert``/``key``
-    (mutual TLS) when given. ValueError saying what is wrong."""
-    if bool(cert) != bool(key):
-        raise ValueError("--tls-cert and --tls-key go together: give both or neither")
-
-    def read(flag: str, path: str, marker: bytes) -> bytes:
-        try:
-            return read_pem(flag, path, marker)
-        except HandlerError as error:
-            raise ValueError(error.detail) from None
-
-    return grpc.ssl_channel_credentials(
-        root_certificates=read("--tls-ca", ca, _PEM_CERT) if ca else None,
-        private_key=read("--tls-key", key, _PEM_KEY) if key else None,
-        certificate_chain=read("--tls-cert", cert, _PEM_CERT) if cert else None,
-    )
 
 
 def is_loopback(listen: str) -> bool:
@@ -156,7 +127,6 @@ def bind_scanner_identity(context: Any, register: Any) -> None:
 __all__ = [
     "bind_scanner_identity",
     "certificate_names",
-    "channel_credentials",
     "check_settings",
     "is_loopback",
     "metrics_ssl_context",

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import structlog
 
-from server.errors import Catalogue, HandlerError
+from imagehandler.errors import Catalogue, HandlerError, Reason
 
 log = structlog.get_logger("imagehandler.security")
 
@@ -137,7 +137,7 @@ class TokenFile:
             raise HandlerError(
                 Catalogue.SCANNER_CONFIG_INVALID,
                 f"--token-file {path}: {_reason(exc)}",
-                status=Catalogue.SCANNER_CONFIG_INVALID.entry.statuses[1],
+                reason=Reason.FAILED_PRECONDITION,
             ) from None
 
     def _load(self) -> None:

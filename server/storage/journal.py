@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from server.errors import Catalogue, HandlerError
+from imagehandler.errors import Catalogue, HandlerError, Reason
 from server.storage.framing import frame
 
 
@@ -45,7 +45,7 @@ class JournalError(HandlerError):
             Catalogue.SYSTEM_ERROR,
             f"cannot write the journal {path}: {exc.strerror or exc}; nothing was acknowledged "
             "(free disk space or fix the data directory)",
-            status=Catalogue.SYSTEM_ERROR.entry.statuses[2],
+            reason=Reason.UNAVAILABLE,
         )
 
 

@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from imagehandler.errors import Catalogue, HandlerError
 from imagehandler.v1 import common_pb2, job_service_pb2, scanner_service_pb2
 from server import validation
 from server.config import Config
-from server.errors import Catalogue, HandlerError
 from server.model import (
     ArtifactRef,
     ImageRef,

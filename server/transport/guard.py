@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 import structlog
 from grpc import aio
 
-from server.errors import Catalogue, HandlerError
-from server.transport.status import abort
+from imagehandler.errors import Catalogue, HandlerError
+from imagehandler.rpc import abort
 
 log = structlog.get_logger("imagehandler.rpc")
 

@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2
 
+from imagehandler.errors import Catalogue, HandlerError, Reason
 from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
-from server.errors import Catalogue, HandlerError
 from server.events import Feed, FellBehind, Subscription
 from server.job_manager import JobManager, Submitted, now_utc
 from server.model import Job, JobStatus, Lane, ObjectKind, Transition, Trigger
@@ -147,7 +147,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             except HandlerError as error:
                 # Name the bad job; nothing of the batch is queued.
                 raise HandlerError(
-                    error.kind, f"jobs[{index}]: {error.detail}", status=error.status
+                    error.kind, f"jobs[{index}]: {error.detail}", reason=error.reason
                 ) from None
         submitted = self.manager.submit_many(specs)
         await self.manager.store.sync()
@@ -227,7 +227,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
                 Catalogue.SYSTEM_ERROR,
                 f"cannot resume after sequence {after_sequence}: {behind.detail}; list the jobs "
                 "(ListJobs) and watch again without after_sequence",
-                status=Catalogue.SYSTEM_ERROR.entry.statuses[5],
+                reason=Reason.OUT_OF_RANGE,
             ) from None
         task = asyncio.current_task()
         assert task is not None
@@ -261,7 +261,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             f"watcher ended: it fell more than {self.manager.events.lag_bytes} bytes of events "
             f"behind; the last event it was surely sent is sequence {written} (the next one may "
             f"have been in flight): watch again with after_sequence={written} to resume",
-            status=Catalogue.SYSTEM_ERROR.entry.statuses[1],
+            reason=Reason.EXHAUSTED,
         )
 
     async def _watch_job(
@@ -321,7 +321,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
                 Catalogue.SYSTEM_ERROR,
                 f"watcher of job {job_id} ended: it fell more than {limit} bytes of events "
                 f"behind (the last event it was sent is sequence {written}); watch again",
-                status=Catalogue.SYSTEM_ERROR.entry.statuses[1],
+                reason=Reason.EXHAUSTED,
             ) from None
         finally:
             bus.unsubscribe(subscription)
@@ -336,7 +336,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             raise HandlerError(
                 Catalogue.JOB_ID_INVALID,
                 f"job {job.id} is {job.status.name} and has no result yet",
-                status=Catalogue.JOB_ID_INVALID.entry.statuses[2],
+                reason=Reason.FAILED_PRECONDITION,
             )
         return job_service_pb2.GetJobResultResponse(
             job_id=job.id, result=result, summary=job.result_summary

@@ -13,8 +13,9 @@ from datetime import timedelta
 
 import structlog
 
+from imagehandler.errors import Catalogue, HandlerError
+from imagehandler.rpc import abort
 from imagehandler.v1 import scanner_service_pb2, scanner_service_pb2_grpc
-from server.errors import Catalogue, HandlerError
 from server.job_manager import JobManager, now_utc
 from server.model import JobFailure
 from server.retry import RunFailure
@@ -30,7 +31,6 @@ from server.security import limits as security_limits
 from server.security.tls import bind_scanner_identity
 from server.transport import convert
 from server.transport.guard import STREAM_END, Context, as_handler_error, unary
-from server.transport.status import abort
 
 log = structlog.get_logger("imagehandler.scanners")
 

@@ -16,10 +16,10 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from imagehandler.errors import Catalogue, format_message
+from imagehandler.ihctl import names
+from imagehandler.rpc import RemoteError
 from imagehandler.v1 import common_pb2, job_service_pb2, scanner_service_pb2
-from server.errors import Catalogue, format_message
-from server.ihctl import names
-from server.transport.status import RemoteError
 
 DEFAULT_REGISTRY = "docker.io"
 NONE = "-"

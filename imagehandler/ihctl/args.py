@@ -10,8 +10,8 @@ from typing import Any
 
 from google.protobuf import duration_pb2
 
+from imagehandler.ihctl import names
 from imagehandler.v1 import common_pb2, job_service_pb2
-from server.ihctl import names
 
 DEFAULT_HANDLER = "127.0.0.1:50051"
 HANDLER_ENV = "IHCTL_HANDLER"

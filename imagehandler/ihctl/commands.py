@@ -1,7 +1,7 @@
 """The ihctl commands: one call (or stream) to the handler each, printed through render.
 
 A command returns its exit code; a failed call raises :class:`grpc.RpcError`, which
-:func:`server.ihctl.main` prints and turns into exit code 1.
+:func:`imagehandler.ihctl.main` prints and turns into exit code 1.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import grpc
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
+from imagehandler.ihctl import args as cli_args
+from imagehandler.ihctl import names, render
 from imagehandler.v1 import (
     common_pb2,
     job_service_pb2,
@@ -23,8 +25,6 @@ from imagehandler.v1 import (
     scanner_service_pb2,
     scanner_service_pb2_grpc,
 )
-from server.ihctl import args as cli_args
-from server.ihctl import names, render
 
 MAX_PAGE_SIZE = 1000
 

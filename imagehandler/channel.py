@@ -1,20 +1,46 @@
-"""The client side: channels to a handler with TLS, mutual TLS and a bearer token (ihctl, the
-scanner, tests and benches).
+"""The client side of a channel to a handler: TLS and mutual TLS credentials, the bearer token
+(ihctl, the scanner library, tests and benches; never the server's security stack).
 
 The token goes in the ``authorization: Bearer <token>`` metadata of every call, over TLS or (on
-loopback) plaintext alike; it is added by a client interceptor, never printed.
+loopback) plaintext alike; it is added by a client interceptor or per call, never printed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import grpc
 
-from server.security.tls import channel_credentials
-
 AUTHORIZATION = "authorization"
+
+PEM_CERT = b"-----BEGIN CERTIFICATE-----"
+PEM_KEY = b"PRIVATE KEY-----"
+
+
+def read_pem(flag: str, path: str, marker: bytes) -> bytes:
+    """The bytes of a PEM file; ValueError naming the flag when it is missing or not PEM."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    if marker not in data:
+        what = "a PEM certificate" if marker == PEM_CERT else "a PEM private key"
+        raise ValueError(f"{flag} {path} does not hold {what}")
+    return data
+
+
+def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.ChannelCredentials:
+    """Trust ``ca`` (PEM file; empty: the system roots) and present ``cert``/``key`` (mutual
+    TLS) when given. ValueError saying what is wrong."""
+    if bool(cert) != bool(key):
+        raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+    return grpc.ssl_channel_credentials(
+        root_certificates=read_pem("--tls-ca", ca, PEM_CERT) if ca else None,
+        private_key=read_pem("--tls-key", key, PEM_KEY) if key else None,
+        certificate_chain=read_pem("--tls-cert", cert, PEM_CERT) if cert else None,
+    )
 
 
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
@@ -103,4 +129,13 @@ def open_channel(
     return channel
 
 
-__all__ = ["AUTHORIZATION", "TokenInterceptor", "bearer_metadata", "open_channel"]
+__all__ = [
+    "AUTHORIZATION",
+    "PEM_CERT",
+    "PEM_KEY",
+    "TokenInterceptor",
+    "bearer_metadata",
+    "channel_credentials",
+    "open_channel",
+    "read_pem",
+]

@@ -1,16 +1,18 @@
 """The one place where handler errors become gRPC statuses, and where clients read them back.
 
-On the wire an error is the gRPC status code from the catalogue, the message
-``HNDL-0NN: text[: detail]`` and a ``google.rpc.ErrorInfo`` detail whose ``reason`` is the code,
-so clients can match on the code without parsing the message. A refusal that time lifts (a
-scanner id whose old stream has not timed out yet) also carries a ``google.rpc.RetryInfo``
-detail: the client waits at least its ``retry_delay`` before trying again.
+On the wire an error is the gRPC status its :class:`~imagehandler.errors.Reason` maps to
+(:data:`STATUS_OF`, the only such mapping), the message ``HNDL-0NN: text[: detail]`` and a
+``google.rpc.ErrorInfo`` detail whose ``reason`` is the code, so clients can match on the code
+without parsing the message. A refusal that time lifts (a scanner id whose old stream has not
+timed out yet) also carries a ``google.rpc.RetryInfo`` detail: the client waits at least its
+``retry_delay`` before trying again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import cast
 
 import grpc
@@ -18,10 +20,30 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from server.errors import Catalogue, HandlerError
+from imagehandler.errors import Catalogue, HandlerError, Reason
 
 ERROR_DOMAIN = "imagehandler.v1"
 _DETAILS_KEY = "grpc-status-details-bin"
+
+STATUS_OF: MappingProxyType[Reason, grpc.StatusCode] = MappingProxyType(
+    {
+        Reason.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+        Reason.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+        Reason.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+        Reason.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+        Reason.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Reason.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+        Reason.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+        Reason.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+        Reason.INTERNAL: grpc.StatusCode.INTERNAL,
+        Reason.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
+
+
+def status_code(error: HandlerError) -> grpc.StatusCode:
+    """The gRPC status code a handler error is answered with."""
+    return STATUS_OF[error.reason]
 
 
 def to_rpc_status(error: HandlerError) -> grpc.Status:
@@ -42,7 +64,7 @@ def to_rpc_status(error: HandlerError) -> grpc.Status:
         details.append(hint)
     status: grpc.Status = rpc_status.to_status(
         status_pb2.Status(
-            code=error.status.value[0],  # grpc.StatusCode values are (number, name)
+            code=status_code(error).value[0],  # grpc.StatusCode values are (number, name)
             message=error.message,
             details=details,
         )
@@ -98,3 +120,15 @@ def remote_error(status_code: grpc.StatusCode, details: str, trailing: object) -
     if Catalogue.by_code(details[:8]) is not None:
         return RemoteError(details[:8], details, status_code)
     return RemoteError("", f"{status_code.name}: {details}", status_code)
+
+
+__all__ = [
+    "ERROR_DOMAIN",
+    "STATUS_OF",
+    "RemoteError",
+    "abort",
+    "read_rpc_error",
+    "remote_error",
+    "status_code",
+    "to_rpc_status",
+]

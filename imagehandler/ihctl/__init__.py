@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import grpc
 
-from server.ihctl import commands, render
-from server.ihctl.args import build_parser
-from server.security.client import open_channel
-from server.transport.status import read_rpc_error
+from imagehandler.channel import open_channel
+from imagehandler.ihctl import commands, render
+from imagehandler.ihctl.args import build_parser
+from imagehandler.rpc import read_rpc_error
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
