@@ -27,6 +27,7 @@ from scanner_client.client import ClientConfig, ScannerClient, default_scanner_i
 from scanner_client.engine import Kind, Policy, ScannerBroken
 from scanner_client.engines import ENGINES, EngineSettings
 from scanner_client.errors import ScannerRejected
+from scanner_client.extras import MissingExtra, builtin_engine_extra
 from scanner_client.health import start_health_server
 from scanner_client.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 
@@ -536,9 +537,14 @@ def loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | N
 
 def db_main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     """``image-scanner db info|verify|build|update``: see :mod:`scanner_client.db_cli`."""
-    from scanner_client.db_cli import main as db_cli_main
+    try:
+        with builtin_engine_extra("image-scanner db"):
+            from scanner_client.db_cli import main as db_cli_main
 
-    return db_cli_main(argv, os.environ if env is None else env)
+            return db_cli_main(argv, os.environ if env is None else env)
+    except MissingExtra as missing:
+        print(f"image-scanner: {missing}", file=sys.stderr)
+        return EXIT_REJECTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:

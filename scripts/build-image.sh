@@ -25,8 +25,10 @@ done
 
 context=$(mktemp -d)
 trap 'rm -rf "$context"' EXIT
-# The wheels alone are the context: the build installs them and copies nothing else.
-"${PIP:-pip}" wheel --quiet --disable-pip-version-check --wheel-dir "$context/wheels" "$root"
+# The wheels alone are the context: the build installs them and copies nothing else. The image
+# runs both the handler and the builtin-engine scanner, so both extras' wheels go in.
+"${PIP:-pip}" wheel --quiet --disable-pip-version-check --wheel-dir "$context/wheels" \
+  "$root[server,builtin-engine]"
 cp "$root/.dockerignore" "$context/"
 # podman: no intermediate images kept (every build starts from fresh wheels anyway).
 layers=""

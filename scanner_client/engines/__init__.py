@@ -8,6 +8,7 @@ from pathlib import Path
 
 from scanner_client.engine import Engine
 from scanner_client.engines.noop import NoopEngine
+from scanner_client.extras import builtin_engine_extra
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,10 @@ EngineFactory = Callable[[EngineSettings], Engine]
 
 
 def _builtin(settings: EngineSettings) -> Engine:
-    # Imported here: the builtin engine loads yara and its databases, the noop one needs neither.
-    from scanner_client.engines.builtin import BuiltinEngine, BuiltinSettings
+    # Imported here: the builtin engine loads yara and its databases, the noop one needs neither
+    # (nor the builtin-engine extra that installs them).
+    with builtin_engine_extra("--engine builtin"):
+        from scanner_client.engines.builtin import BuiltinEngine, BuiltinSettings
 
     return BuiltinEngine(
         BuiltinSettings(
