@@ -58,6 +58,7 @@ lint: $(STAMP) check-protos
 	$(BIN)/ruff check imagehandler server scanner_client tests bench
 	$(BIN)/ruff format --check imagehandler server scanner_client tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 test: lint test-tools checkov
 	$(BIN)/pytest -m "not slow"
