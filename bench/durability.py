@@ -27,8 +27,8 @@ from bench.common import free_port, wait_serving
 from imagehandler.v1 import job_service_pb2, job_service_pb2_grpc
 from server import logs
 from server.config import Config
+from server.core.model import ImageRef, JobSpec, Lane, Policy, Trigger
 from server.job_manager import JobManager
-from server.model import ImageRef, JobSpec, Lane, Policy, Trigger
 from server.storage.journal import FsyncPolicy
 from server.storage.store import JournalStore, Recovered
 from tests.helpers import image

@@ -21,10 +21,10 @@ from imagehandler.errors import Catalogue
 from imagehandler.v1 import common_pb2
 from server import logs
 from server.config import Config
+from server.core.model import ImageRef, JobSpec, JobStatus, Lane, ObjectKind, Policy, Trigger
+from server.core.retry import RunFailure
 from server.events import Subscription
 from server.job_manager import JobManager
-from server.model import ImageRef, JobSpec, JobStatus, Lane, ObjectKind, Policy, Trigger
-from server.retry import RunFailure
 from server.scanners import AssignJobs, Database, ScannerMessage, ScannerProfile
 from server.storage.journal import FsyncPolicy
 from server.storage.result_files import ResultFiles

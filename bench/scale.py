@@ -47,7 +47,7 @@ class DispatchCost:
 
 
 def _spec(n: int) -> Any:
-    from server.model import ImageRef, JobSpec, Lane, Policy, Trigger
+    from server.core.model import ImageRef, JobSpec, Lane, Policy, Trigger
 
     return JobSpec(
         ImageRef("docker.io", "library/app", f"s{n}"),
@@ -61,8 +61,8 @@ def _spec(n: int) -> Any:
 async def _case(pending: int, scanners: int, mode: str, steps: int, workdir: Path) -> DispatchCost:
     from server import logs
     from server.config import Config
+    from server.core.model import ObjectKind
     from server.job_manager import JobManager
-    from server.model import ObjectKind
     from server.scanners import Database, ScannerProfile
     from server.storage.journal import FsyncPolicy
     from server.storage.store import JournalStore, Recovered

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from imagehandler.errors import Catalogue, HandlerError, Reason
-from server.model import Policy
+from server.core.model import Policy
 from server.security.tls import check_settings
 
 ENV_PREFIX = "IMAGE_HANDLER_"

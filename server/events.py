@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.model import Job, JobStatus, Transition
+from server.core.model import Job, JobStatus, Transition
 
 Listener = Callable[[Job, Transition], None]
 # What an entry of the log costs besides its payload (the Entry, the bytes object's header, the

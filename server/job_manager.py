@@ -2,7 +2,7 @@
 
 It runs on one asyncio loop and knows nothing of gRPC: the transport calls it with domain
 objects and implements the callbacks through which it talks to scanners. Every status change
-goes through :func:`server.state_machine.move` via :meth:`JobManager._move`, which also keeps
+goes through :func:`server.core.state_machine.move` via :meth:`JobManager._move`, which also keeps
 the indexes, publishes the event and logs it.
 """
 
@@ -23,14 +23,11 @@ from sortedcontainers import SortedDict
 
 from imagehandler.errors import Catalogue, HandlerError, Reason
 from imagehandler.v1 import common_pb2, job_service_pb2, result_sink_pb2
-from server import logs, state_machine
+from server import logs, mapping
 from server.config import Config
-from server.delivery import Delivery, Kind, Outbox, Receiver
-from server.dispatcher import Dispatcher
-from server.events import EventBus, Subscription
-from server.ids import new_job_id
-from server.metrics import DELIVERIES_FAILED
-from server.model import (
+from server.core import state_machine
+from server.core.ids import new_job_id
+from server.core.model import (
     Job,
     JobFailure,
     JobSpec,
@@ -40,9 +37,20 @@ from server.model import (
     Transition,
     Trigger,
 )
-from server.queue import JobQueue
+from server.core.retry import RetryPolicy, RunFailure
+from server.core.verdicts import (
+    Acceptance,
+    Acceptances,
+    Change,
+    Scope,
+    Severity,
+    VerdictPolicy,
+    scope_target,
+)
+from server.delivery import Delivery, Kind, Outbox, Receiver
+from server.events import EventBus, Subscription
+from server.metrics import DELIVERIES_FAILED
 from server.results import INLINE_RESULT_BYTES, Processed, ResultPipeline
-from server.retry import RetryPolicy, RunFailure
 from server.scanners import (
     AssignJobs,
     CancelRun,
@@ -54,19 +62,12 @@ from server.scanners import (
     ScannerRegistry,
     ScannerSession,
 )
+from server.scheduling.dispatcher import Dispatcher
+from server.scheduling.queue import JobQueue
+from server.scheduling.timers import BucketTimers
+from server.service.summaries import apply_acceptances
 from server.storage.result_files import MemoryResultFiles, ResultFiles
 from server.storage.store import JobStore, MemoryStore, Recovered
-from server.timers import BucketTimers
-from server.transport import convert
-from server.verdicts import (
-    Acceptance,
-    Acceptances,
-    Change,
-    Scope,
-    VerdictPolicy,
-    apply_acceptances,
-    scope_target,
-)
 
 log = structlog.get_logger("imagehandler")
 
@@ -144,7 +145,7 @@ class JobManager:
         )
         self.retry = RetryPolicy(config.max_runs)
         self.policy = VerdictPolicy(
-            fail_severity=common_pb2.Severity.Value(f"SEVERITY_{config.fail_severity.upper()}"),
+            fail_severity=Severity[config.fail_severity.upper()],
             fail_on_malware=config.fail_on_malware,
             fail_on_secrets=config.fail_on_secrets,
         )
@@ -426,7 +427,7 @@ class JobManager:
         transition = state_machine.record_creation(job, at)
         self.status_counts[JobStatus.PENDING] += 1
         # The reply's message, built once: the journal record copies it.
-        message = convert.job_to_proto(job, position=self.queue.position(job))
+        message = mapping.job_to_proto(job, position=self.queue.position(job))
         self.store.created(job, message)
         return job, transition, message
 
@@ -866,8 +867,8 @@ class JobManager:
         self.store.flush()
         if job.delivered < len(job.history):
             request = result_sink_pb2.DeliverRequest(idempotency_key=f"{job.id}:{job.delivered}")
-            convert.set_job(request.job, job, position=self.position(job))
-            convert.set_transition(request.transition, job.history[job.delivered])
+            mapping.set_job(request.job, job, position=self.position(job))
+            mapping.set_transition(request.transition, job.history[job.delivered])
             return Delivery(job.id, Kind.STATUS, request, job.delivered + 1)
         if job.awaiting_delivery:
             result = await self.load_result(job)
@@ -877,13 +878,13 @@ class JobManager:
             request = result_sink_pb2.DeliverRequest(
                 idempotency_key=f"{job.id}:result:{job.runs}", result=result
             )
-            convert.set_job(request.job, job, position=0)
+            mapping.set_job(request.job, job, position=0)
             return Delivery(job.id, Kind.RESULT, request, job.runs)
         if job.verdict_delivered < job.verdict_version and job.status is JobStatus.FINISHED:
             request = result_sink_pb2.DeliverRequest(
                 idempotency_key=f"{job.id}:verdict:{job.verdict_version}"
             )
-            convert.set_job(request.job, job, position=0)
+            mapping.set_job(request.job, job, position=0)
             change = request.verdict_change
             change.verdict = job.result_summary.verdict
             change.summary.CopyFrom(job.result_summary)
@@ -991,8 +992,8 @@ class JobManager:
             job_id=job_id,
             reason=reason,
             target=text,
-            created_at=convert.timestamp(at),
-            expires_at=convert.timestamp(at + timedelta(days=days)),
+            created_at=mapping.timestamp(at),
+            expires_at=mapping.timestamp(at + timedelta(days=days)),
         )
         self._add_acceptance(record)
         self.store.risk_accepted(record)

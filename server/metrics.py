@@ -44,8 +44,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 from imagehandler.errors import Catalogue, HandlerError
+from server.core.model import Job, JobStatus, Lane, Transition
 from server.events import Subscription
-from server.model import Job, JobStatus, Lane, Transition
 from server.scanners import ScannerSession, ScannerStatus
 from server.validation import parse_release_date
 

@@ -19,9 +19,10 @@ import structlog
 
 from imagehandler.errors import Catalogue, HandlerError
 from imagehandler.v1 import common_pb2
-from server.model import Job
+from server.core.model import Job
+from server.core.verdicts import VerdictPolicy
+from server.service.summaries import summarize
 from server.storage.result_files import ResultFiles
-from server.verdicts import VerdictPolicy, summarize
 
 log = structlog.get_logger("imagehandler.results")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from imagehandler.errors import HandlerError
-from server.model import Job, ObjectKind, Policy
+from server.core.model import Job, ObjectKind, Policy
 
 
 class ScannerStatus(enum.IntEnum):

@@ -24,7 +24,7 @@ from scanner_client import cli as scanner_cli
 from scanner_client.engine import Kind
 from scanner_client.engine import Policy as ScannerPolicy
 from server import config as handler_config
-from server.model import Policy
+from server.core.model import Policy
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "image-handler"
 KUBE_VERSION = "1.30.0"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from imagehandler.storage.v1 import storage_pb2
 from imagehandler.v1 import common_pb2
-from server import state_machine
+from server.core import state_machine
+from server.core.model import ImageRef, Job, JobFailure, JobSpec, JobStatus, Lane, Policy, Trigger
 from server.job_manager import now_utc
-from server.model import ImageRef, Job, JobFailure, JobSpec, JobStatus, Lane, Policy, Trigger
 from server.storage.framing import read_frames
 from server.storage.journal import FsyncPolicy, journal_path
 from server.storage.snapshot import write_snapshot

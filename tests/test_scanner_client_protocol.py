@@ -48,8 +48,8 @@ from scanner_client import (
     ScannerClient,
     ScannerRejected,
 )
-from server.model import Job as ModelJob
-from server.model import JobStatus
+from server.core.model import Job as ModelJob
+from server.core.model import JobStatus
 from server.transport.job_service import JobService
 from tests.conftest import BackgroundHandler, Handler, MakeHandler
 from tests.helpers import Watcher

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from server.timers import BucketTimers
+from server.scheduling.timers import BucketTimers
 
 
 async def test_deadlines_fire_in_order_never_early_and_cancelled_ones_never() -> None:

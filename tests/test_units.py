@@ -10,11 +10,12 @@ from datetime import UTC, datetime
 import pytest
 
 from imagehandler.errors import Catalogue, HandlerError, Reason
-from server import state_machine, validation
-from server.ids import new_job_id
-from server.model import ImageRef, Job, JobSpec, JobStatus, Lane, NodeRef, Policy, Trigger
-from server.queue import ALL_KINDS, JobQueue
-from server.retry import RetryPolicy, RunFailure
+from server import validation
+from server.core import state_machine
+from server.core.ids import new_job_id
+from server.core.model import ImageRef, Job, JobSpec, JobStatus, Lane, NodeRef, Policy, Trigger
+from server.core.retry import RetryPolicy, RunFailure
+from server.scheduling.queue import ALL_KINDS, JobQueue
 
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
 

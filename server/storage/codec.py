@@ -9,7 +9,8 @@ from google.protobuf import timestamp_pb2
 
 from imagehandler.storage.v1 import storage_pb2
 from imagehandler.v1 import common_pb2
-from server.model import (
+from server import mapping
+from server.core.model import (
     ArtifactRef,
     ImageRef,
     Job,
@@ -23,12 +24,11 @@ from server.model import (
     Transition,
     Trigger,
 )
-from server.transport import convert
 
 
 def set_stored(message: storage_pb2.StoredJob, job: Job) -> None:
     """Fill ``message`` (an empty StoredJob, e.g. a journal record's field) from ``job``."""
-    convert.set_job(message.job, job, position=0, history=True, full_result=True)
+    mapping.set_job(message.job, job, position=0, history=True, full_result=True)
     message.seq = job.seq
     message.lsn = job.lsn
     if job.result_in_file:
@@ -47,7 +47,7 @@ def set_stored_from(message: storage_pb2.StoredJob, job: Job, built: common_pb2.
     message.job.ClearField("queue_position")
     add = message.job.history.add
     for t in job.history:
-        convert.set_transition(add(), t)
+        mapping.set_transition(add(), t)
     message.seq = job.seq
 
 

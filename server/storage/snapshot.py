@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagehandler.storage.v1 import storage_pb2
-from server.model import Job
+from server.core.model import Job
 from server.storage import codec
 from server.storage.framing import Damage, frame, read_frames, salvage_frames
 from server.storage.journal import fsync_directory

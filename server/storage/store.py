@@ -22,8 +22,8 @@ import structlog
 from imagehandler.errors import Catalogue, HandlerError
 from imagehandler.storage.v1 import storage_pb2
 from imagehandler.v1 import common_pb2, job_service_pb2
-from server import state_machine
-from server.model import Job, JobFailure, Transition
+from server.core import state_machine
+from server.core.model import Job, JobFailure, Transition
 from server.storage import codec
 from server.storage.framing import Damage, read_frames, salvage_frames
 from server.storage.journal import FsyncPolicy, Journal, fsync_directory, journal_path

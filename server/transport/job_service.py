@@ -13,12 +13,13 @@ from google.protobuf import duration_pb2
 
 from imagehandler.errors import Catalogue, HandlerError, Reason
 from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
+from server import mapping
+from server.core.model import Job, JobStatus, Lane, ObjectKind, Transition, Trigger
+from server.core.verdicts import Scope
 from server.events import Feed, FellBehind, Subscription
 from server.job_manager import JobManager, Submitted, now_utc
-from server.model import Job, JobStatus, Lane, ObjectKind, Transition, Trigger
 from server.transport import convert
 from server.transport.guard import Context, fail, log, unary
-from server.verdicts import Scope
 
 # A watcher of every job takes this many events from the shared log at a time.
 WATCH_BATCH = 256
@@ -91,7 +92,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         manager.events.encode = self._encode_event
 
     def _job(self, job: Job, *, history: bool = False, full_result: bool = False) -> common_pb2.Job:
-        message = convert.job_to_proto(
+        message = mapping.job_to_proto(
             job, position=self.manager.position(job), history=history, full_result=full_result
         )
         owed = self.manager.owed(job)
@@ -103,8 +104,8 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     def _encode_event(self, job: Job, transition: Transition, sequence: int) -> tuple[object, int]:
         """One event as the bytes every watcher of every job is sent (see register())."""
         message = job_service_pb2.WatchJobsResponse(sequence=sequence)
-        convert.set_job(message.job, job, position=self.manager.position(job))
-        convert.set_transition(message.transition, transition)
+        mapping.set_job(message.job, job, position=self.manager.position(job))
+        mapping.set_transition(message.transition, transition)
         data = message.SerializeToString()
         return data, len(data)
 
@@ -114,7 +115,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             # the journal syncs, so a Free scanner may hold it already: WatchJobs tells.
             message.CopyFrom(submitted.message)
         else:  # a duplicate: as it is now
-            convert.set_job(message, submitted.job, position=self.manager.position(submitted.job))
+            mapping.set_job(message, submitted.job, position=self.manager.position(submitted.job))
 
     def _flush_journal(self) -> None:
         """Watchers see only what the journal has (unless it is failing: then say so)."""
@@ -282,8 +283,8 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             if cut:
                 return
             message = job_service_pb2.WatchJobsResponse(sequence=bus.seq)
-            convert.set_job(message.job, event_job, position=self.manager.position(event_job))
-            convert.set_transition(message.transition, transition)
+            mapping.set_job(message.job, event_job, position=self.manager.position(event_job))
+            mapping.set_transition(message.transition, transition)
             size = message.ByteSize()
             queued += size
             if queued > limit:
@@ -412,7 +413,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             age_pb.FromTimedelta(age)
             lanes.append(
                 job_service_pb2.LaneStats(
-                    lane=convert.pb_lane(lane),
+                    lane=mapping.pb_lane(lane),
                     pending=stats.pending_by_lane[lane],
                     oldest_pending_age=age_pb,
                 )
@@ -430,10 +431,10 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             scanners_free=stats.scanners_free,
             scanners_busy=stats.scanners_busy,
             free_slots=stats.free_slots,
-            started_at=convert.timestamp(stats.started_at),
+            started_at=mapping.timestamp(stats.started_at),
             queue_limit=stats.queue_limit,
             result_backlog=stats.result_backlog,
-            result_backlog_age=convert.duration(self.manager.results.oldest_age()),
+            result_backlog_age=mapping.duration(self.manager.results.oldest_age()),
             deliveries_owed=stats.deliveries_owed,
-            deliveries_oldest_age=convert.duration(stats.deliveries_oldest_age),
+            deliveries_oldest_age=mapping.duration(stats.deliveries_oldest_age),
         )

@@ -16,9 +16,10 @@ import structlog
 from imagehandler.errors import Catalogue, HandlerError
 from imagehandler.rpc import abort
 from imagehandler.v1 import scanner_service_pb2, scanner_service_pb2_grpc
+from server import mapping
+from server.core.model import JobFailure
+from server.core.retry import RunFailure
 from server.job_manager import JobManager, now_utc
-from server.model import JobFailure
-from server.retry import RunFailure
 from server.scanners import (
     AssignJobs,
     CancelRun,
@@ -57,7 +58,7 @@ _Outbox = asyncio.Queue["ScannerMessage | _Close | _HeartbeatDue"]
 def rejected(error: HandlerError, job_id: str = "") -> Response:
     return Response(
         rejected=scanner_service_pb2.Rejected(
-            error=convert.error_to_proto(JobFailure(error.code, error.message, error.detail)),
+            error=mapping.error_to_proto(JobFailure(error.code, error.message, error.detail)),
             job_id=job_id,
         )
     )
@@ -115,8 +116,8 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
                     registered=scanner_service_pb2.Registered(
                         scanner_id=profile.scanner_id,
                         session_id=session.session_id,
-                        heartbeat_interval=convert.duration(config.heartbeat_interval),
-                        heartbeat_timeout=convert.duration(config.heartbeat_timeout),
+                        heartbeat_interval=mapping.duration(config.heartbeat_interval),
+                        heartbeat_timeout=mapping.duration(config.heartbeat_timeout),
                     )
                 )
             )
@@ -228,7 +229,7 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
                         continue  # something went out since it was asked for: life enough
                     response = Response(
                         heartbeat=scanner_service_pb2.HandlerHeartbeat(
-                            sent_at=convert.timestamp(now_utc())
+                            sent_at=mapping.timestamp(now_utc())
                         )
                     )
                 elif isinstance(item, AssignJobs):

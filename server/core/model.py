@@ -170,7 +170,7 @@ class Transition(NamedTuple):
 
 @dataclass(slots=True, eq=False)
 class Job:
-    """A scan job. Only :mod:`server.state_machine` changes ``status``."""
+    """A scan job. Only :mod:`server.core.state_machine` changes ``status``."""
 
     id: str
     seq: int  # arrival order; a retried job goes back to this place

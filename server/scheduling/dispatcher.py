@@ -13,9 +13,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from itertools import islice
 
-from server.model import Job
-from server.queue import JobQueue
+from server.core.model import Job
 from server.scanners import ScannerSession
+from server.scheduling.queue import JobQueue
 
 
 class Dispatcher:

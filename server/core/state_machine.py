@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from imagehandler.errors import Catalogue, HandlerError
-from server.model import Job, JobFailure, JobStatus, Transition
+from server.core.model import Job, JobFailure, JobStatus, Transition
 
 S = JobStatus
 

@@ -17,7 +17,7 @@ from typing import TypeAlias
 
 from sortedcontainers import SortedKeyList
 
-from server.model import Job, Lane, ObjectKind
+from server.core.model import Job, Lane, ObjectKind
 
 ALL_KINDS: frozenset[ObjectKind] = frozenset(ObjectKind)
 # Iterating an enum class runs Python code each time; a tuple does not.
