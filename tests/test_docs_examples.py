@@ -1,0 +1,95 @@
+"""The engine example of docs/scanners/own-engine.md: the page shows docs/examples/hello_engine.py
+as the file is, and the file, run as its own process the way the page says, scans on a real
+handler."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+from imagehandler.v1 import common_pb2, job_service_pb2, scanner_service_pb2
+from tests.conftest import Handler
+from tests.test_scanner_client import DONE, alpine
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "docs" / "examples" / "hello_engine.py"
+PAGE = ROOT / "docs" / "scanners" / "own-engine.md"
+# A bound, not a timing: the example starts a Python process of its own (imports included).
+DEADLINE = 60.0
+
+
+def test_the_page_shows_the_example_file_as_it_is() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), re.DOTALL)
+    assert EXAMPLE.read_text() in blocks, f"{PAGE.name} no longer shows {EXAMPLE.name} verbatim"
+
+
+async def finished(
+    handler: Handler, job_id: str, example: asyncio.subprocess.Process
+) -> common_pb2.Job:
+    """The job once it is done, from WatchJobs; fails at once if the example process exits."""
+
+    async def watch() -> common_pb2.Job:
+        call = handler.jobs.WatchJobs(job_service_pb2.WatchJobsRequest(job_id=job_id))
+        try:
+            async for event in call:
+                if event.job.status in DONE:
+                    job: common_pb2.Job = event.job
+                    return job
+        finally:
+            call.cancel()
+        raise AssertionError(f"the watch of {job_id} ended before the job was done")
+
+    watching = asyncio.create_task(watch())
+    exited = asyncio.create_task(example.wait())
+    try:
+        async with asyncio.timeout(DEADLINE):
+            await asyncio.wait({watching, exited}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        exited.cancel()
+        if not watching.done():
+            watching.cancel()
+    if not watching.done() or watching.cancelled():
+        raise AssertionError(
+            f"the example exited with {example.returncode} before {job_id} was done"
+        )
+    return watching.result()
+
+
+async def test_the_example_engine_scans_images_and_refuses_nodes(
+    handler: Handler, tmp_path: Path
+) -> None:
+    image = await handler.jobs.SubmitJob(alpine())
+    node = await handler.jobs.SubmitJob(
+        job_service_pb2.SubmitJobRequest(
+            object=common_pb2.ScanObject(
+                node=common_pb2.NodeObject(node_name="worker-1", root_path="/host")
+            )
+        )
+    )
+    output = tmp_path / "example.log"
+    with output.open("wb") as sink:
+        # As the page says to run it: the file itself, given the handler's address.
+        example = await asyncio.create_subprocess_exec(
+            sys.executable, str(EXAMPLE), handler.address, cwd=ROOT, stdout=sink, stderr=sink
+        )
+    try:
+        passed = await finished(handler, image.job.id, example)
+        refused = await finished(handler, node.job.id, example)
+        listed = await handler.scanners.ListScanners(scanner_service_pb2.ListScannersRequest())
+    finally:
+        if example.returncode is None:
+            example.terminate()
+        async with asyncio.timeout(DEADLINE):
+            await example.wait()
+    log = output.read_text(errors="replace")
+    assert passed.status == common_pb2.JOB_STATUS_FINISHED, log
+    assert passed.result.verdict == common_pb2.VERDICT_PASSED
+    assert passed.scanner_id == "hello-1"
+    assert refused.status == common_pb2.JOB_STATUS_ERROR, log
+    assert refused.error.code == "HNDL-005"
+    assert refused.runs == 1  # permanent: not run again
+    assert "hello scans images only" in refused.error.detail + refused.error.message
+    engines = {s.scanner_id: s.engine for s in listed.scanners}
+    assert engines.get("hello-1") == "hello"
