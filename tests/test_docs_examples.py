@@ -5,7 +5,9 @@ handler."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -93,3 +95,29 @@ async def test_the_example_engine_scans_images_and_refuses_nodes(
     assert "hello scans images only" in refused.error.detail + refused.error.message
     engines = {s.scanner_id: s.engine for s in listed.scanners}
     assert engines.get("hello-1") == "hello"
+
+
+def test_the_bench_table_example_prints_every_figure_of_a_results_file() -> None:
+    """docs/performance.md reads bench results with docs/examples/bench_table.py: every figure
+    of the kept reference run, and a run set beside itself compares as 1.00 x."""
+    reference = ROOT / "bench" / "results" / "reference-2026-12-02.json"
+    script = ROOT / "docs" / "examples" / "bench_table.py"
+    figures = [row["figure"] for row in json.loads(reference.read_text())["table"]]
+    shown = subprocess.run(
+        [sys.executable, str(script), str(reference)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert len(shown) == 1 + len(figures)
+    for line, figure in zip(shown[1:], figures, strict=True):
+        assert line.startswith(figure), (line, figure)
+    verdicts = {line.rsplit(" ", 1)[-1] for line in shown}
+    assert {"PASS", "FAIL"} <= verdicts
+    side_by_side = subprocess.run(
+        [sys.executable, str(script), str(reference), str(reference)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    compared = side_by_side[2:]
+    assert len(compared) == len(figures)
+    for line, figure in zip(compared, figures, strict=True):
+        assert line.startswith(figure), (line, figure)
+        assert line.endswith("1.00 x"), line
