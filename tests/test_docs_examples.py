@@ -1,6 +1,6 @@
-"""The engine example of docs/scanners/own-engine.md: the page shows docs/examples/hello_engine.py
-as the file is, and the file, run as its own process the way the page says, scans on a real
-handler."""
+"""The docs' examples are files the pages show as they are, and each runs as its page says:
+the engine of docs/scanners/own-engine.md scans on a real handler, the API page's client
+submits to one, and docs/performance.md's table printer reads a real bench results file."""
 
 from __future__ import annotations
 
@@ -11,20 +11,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from imagehandler.v1 import common_pb2, job_service_pb2, scanner_service_pb2
 from tests.conftest import Handler
 from tests.test_scanner_client import DONE, alpine
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "docs" / "examples" / "hello_engine.py"
-PAGE = ROOT / "docs" / "scanners" / "own-engine.md"
+DOCS = ROOT / "docs"
+EXAMPLE = DOCS / "examples" / "hello_engine.py"
 # A bound, not a timing: the example starts a Python process of its own (imports included).
 DEADLINE = 60.0
 
 
-def test_the_page_shows_the_example_file_as_it_is() -> None:
-    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), re.DOTALL)
-    assert EXAMPLE.read_text() in blocks, f"{PAGE.name} no longer shows {EXAMPLE.name} verbatim"
+@pytest.mark.parametrize(
+    ("page", "example"),
+    [
+        ("scanners/own-engine.md", "examples/hello_engine.py"),
+        ("reference/api.md", "examples/submit_job.py"),
+    ],
+)
+def test_the_page_shows_the_example_file_as_it_is(page: str, example: str) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.DOTALL)
+    assert (DOCS / example).read_text() in blocks, f"{page} no longer shows {example} verbatim"
 
 
 async def finished(
@@ -121,3 +130,23 @@ def test_the_bench_table_example_prints_every_figure_of_a_results_file() -> None
     for line, figure in zip(compared, figures, strict=True):
         assert line.startswith(figure), (line, figure)
         assert line.endswith("1.00 x"), line
+
+
+async def test_the_submit_example_queues_a_job(handler: Handler) -> None:
+    """docs/examples/submit_job.py, run as the API page says, queues a job the handler knows."""
+    example = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(DOCS / "examples" / "submit_job.py"),
+        handler.address,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(DEADLINE):
+        out, err = await example.communicate()
+    assert example.returncode == 0, err.decode()
+    job_id, status = out.decode().split()
+    assert status == "JOB_STATUS_PENDING"
+    job = (await handler.jobs.GetJob(job_service_pb2.GetJobRequest(job_id=job_id))).job
+    assert job.object.image.repository == "library/alpine"
+    assert job.object.image.tag == "3.20"
