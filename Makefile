@@ -55,8 +55,8 @@ check-protos: $(STAMP)
 
 lint: $(STAMP) check-protos
 	$(BIN)/buf lint protos
-	$(BIN)/ruff check server scanner_client tests bench
-	$(BIN)/ruff format --check server scanner_client tests bench
+	$(BIN)/ruff check server scanner_client tests bench docs/examples docs/receiving
+	$(BIN)/ruff format --check server scanner_client tests bench docs/examples docs/receiving
 	$(BIN)/mypy
 
 test: lint test-tools checkov
