@@ -55,8 +55,8 @@ check-protos: $(STAMP)
 
 lint: $(STAMP) check-protos
 	$(BIN)/buf lint protos
-	$(BIN)/ruff check imagehandler server scanner_client tests bench
-	$(BIN)/ruff format --check imagehandler server scanner_client tests bench
+	$(BIN)/ruff check imagehandler server scanner_client tests bench docs/examples docs/receiving
+	$(BIN)/ruff format --check imagehandler server scanner_client tests bench docs/examples docs/receiving
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 

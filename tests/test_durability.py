@@ -140,7 +140,7 @@ def middle_body_offset(data: bytes) -> int:
     starts = []
     offset = 0
     while offset < len(data):
-        length, _crc = HEADER.unpack_from(data, offset)
+        length: int = HEADER.unpack_from(data, offset)[0]
         starts.append((offset, length))
         offset += HEADER.size + length
     start, length = starts[len(starts) // 2]

@@ -1,8 +1,10 @@
-"""The README's `make run`, as a user runs it: real processes, then ihctl and grpcurl."""
+"""The README's `make run`, as a user runs it: real processes, then ihctl and grpcurl, as make
+run prints them and as the README's first session types them."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -151,3 +153,54 @@ def test_make_run_serves_jobs_to_its_local_scanner(make_run: MakeRun) -> None:
     assert group_ended(process.pid, deadline=30)
     probe = run(str(BIN / "grpcurl"), "-plaintext", "-max-time", "2", address, "list")
     assert probe.returncode != 0
+
+
+def readme_session() -> tuple[list[str], str]:
+    """The commands of the README's "A first session" (continuation lines joined), and the
+    error message the README says the last one answers."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## A first session") :]
+    section = section[: section.index("\n## ", 1)]
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", section, re.DOTALL):
+        for command in block.replace("\\\n", " ").splitlines():
+            commands.append(command.strip())
+    quoted = re.search(r"`(HNDL-008: [^`]*)`", section)
+    assert quoted is not None, "the README no longer quotes the error of its session"
+    return commands, " ".join(quoted.group(1).split())
+
+
+@pytest.mark.timeout(120)
+def test_the_readme_first_session_works_as_typed(make_run: MakeRun) -> None:
+    commands, error = readme_session()
+    programs = [command.split()[0].rsplit("/", 1)[-1] for command in commands]
+    assert programs == ["ihctl"] * 5 + ["grpcurl"] * 3
+    # The README's handler is 127.0.0.1:50051; this one is on a free port. ihctl takes it from
+    # IHCTL_HANDLER (as the README says), grpcurl names it.
+    env = {**os.environ, "IHCTL_HANDLER": make_run.address}
+
+    def typed_here(command: str) -> subprocess.CompletedProcess[str]:
+        command = command.replace("127.0.0.1:50051", make_run.address)
+        return subprocess.run(
+            ["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env
+        )
+
+    submit, watch, listing, scanners, stats, grpcurl_list, grpcurl_submit, get_nope = commands
+    submitted = typed_here(submit)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.splitlines()[0]
+    watched = typed_here(watch.replace("JOB_ID", job_id))
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+    assert "-> FINISHED" in watched.stdout
+    assert job_id in typed_here(listing).stdout
+    assert "local-noop-1" in typed_here(scanners).stdout
+    assert "finished:" in typed_here(stats).stdout
+    assert "imagehandler.v1.JobService" in typed_here(grpcurl_list).stdout.split()
+    via_grpcurl = typed_here(grpcurl_submit)
+    assert via_grpcurl.returncode == 0, via_grpcurl.stderr
+    assert "JOB_STATUS_" in via_grpcurl.stdout
+    refused = typed_here(get_nope)
+    assert refused.returncode != 0
+    assert "Code: InvalidArgument" in refused.stderr
+    assert error in " ".join(refused.stderr.split())
+    assert '"reason":"HNDL-008"' in refused.stderr
