@@ -18,19 +18,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 
 from bench.common import free_port, wait_serving
 from imagehandler.v1 import job_service_pb2, job_service_pb2_grpc
-from server import logs
-from server.config import Config
 from server.core.model import ImageRef, JobSpec, Lane, Policy, Trigger
-from server.job_manager import JobManager
-from server.storage.journal import FsyncPolicy
-from server.storage.store import JournalStore, Recovered
+from server.observability import logs
+from server.storage.embedded import EmbeddedRepository
+from server.storage.embedded.journal import FsyncPolicy
+from server.storage.embedded.store import JournalStore
 from tests.helpers import image
 
 
@@ -80,13 +79,8 @@ def bench_submits(root: Path, seconds: float) -> list[tuple[str, float, float]]:
 
 
 async def fill_and_snapshot(directory: Path, count: int) -> dict[str, float]:
-    config = replace(Config(), data_dir=directory, fsync="never", max_batch=10_000)
-    store = JournalStore(directory, FsyncPolicy.NEVER)
-    store.open_directory()
-    store.start(store.recover())
-    manager = JobManager(config, store)
-    manager.start()
-    manager.restore(Recovered())
+    repository = EmbeddedRepository(directory, policy=FsyncPolicy.NEVER)
+    await repository.open()
     started = time.perf_counter()
     for start in range(0, count, 10_000):
         specs = [
@@ -99,7 +93,7 @@ async def fill_and_snapshot(directory: Path, count: int) -> dict[str, float]:
             )
             for n in range(start, min(count, start + 10_000))
         ]
-        manager.submit_many(specs)
+        await repository.insert_many(specs, at=datetime.now(UTC))
         await asyncio.sleep(0)
     fill_seconds = time.perf_counter() - started
 
@@ -118,14 +112,13 @@ async def fill_and_snapshot(directory: Path, count: int) -> dict[str, float]:
 
     tick = asyncio.create_task(ticker())
     started = time.perf_counter()
-    assert await manager.snapshot()
+    assert await repository.snapshot()
     snapshot_seconds = time.perf_counter() - started
     ticking = False
     await tick
-    assert store.last_snapshot is not None
-    size = store.last_snapshot[1]
-    await manager.results.stop()
-    await store.close()
+    assert repository.store.last_snapshot is not None
+    size = repository.store.last_snapshot[1]
+    await repository.store.close()
     return {
         "fill_seconds": fill_seconds,
         "snapshot_seconds": snapshot_seconds,

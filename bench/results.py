@@ -19,16 +19,15 @@ from pathlib import Path
 
 from imagehandler.errors import Catalogue
 from imagehandler.v1 import common_pb2
-from server import logs
 from server.config import Config
 from server.core.model import ImageRef, JobSpec, JobStatus, Lane, ObjectKind, Policy, Trigger
 from server.core.retry import RunFailure
-from server.events import Subscription
-from server.job_manager import JobManager
-from server.scanners import AssignJobs, Database, ScannerMessage, ScannerProfile
-from server.storage.journal import FsyncPolicy
-from server.storage.result_files import ResultFiles
-from server.storage.store import JournalStore, Recovered
+from server.observability import logs
+from server.service.events import Subscription
+from server.service.handler import Handler
+from server.service.sessions import AssignJobs, Database, ScannerMessage, ScannerProfile
+from server.storage.embedded import EmbeddedRepository
+from server.storage.embedded.journal import FsyncPolicy
 
 
 def make_result(findings: int) -> common_pb2.ScanResult:
@@ -60,12 +59,8 @@ def spec(n: int) -> JobSpec:
 async def run(workers: int, findings: int, jobs: int, directory: Path) -> tuple[float, float]:
     """(results per second, median dispatch latency in ms of jobs submitted meanwhile)."""
     config = Config(data_dir=directory, result_workers=workers, max_batch=100_000)
-    store = JournalStore(directory, FsyncPolicy.BATCH)
-    store.open_directory()
-    store.start(Recovered())
-    manager = JobManager(config, store, result_files=ResultFiles(directory))
-    manager.start()
-    manager.restore(Recovered())
+    manager = Handler(config, EmbeddedRepository(directory, policy=FsyncPolicy.BATCH))
+    await manager.open()
     assigned: dict[str, float] = {}
     assignment = asyncio.Event()
 
@@ -80,7 +75,7 @@ async def run(workers: int, findings: int, jobs: int, directory: Path) -> tuple[
         return ScannerProfile(name, "1", "bench", frozenset(ObjectKind), slots, databases)
 
     busy = manager.connect_scanner(profile("busy", jobs), send, lambda e: None)
-    manager.ready(busy, jobs)
+    manager.scanner_ready(busy, jobs)
     done = asyncio.Event()
     finished = 0
 
@@ -92,29 +87,28 @@ async def run(workers: int, findings: int, jobs: int, directory: Path) -> tuple[
                 done.set()
 
     manager.events.subscribe(Subscription(on_event))
-    manager.submit_many([spec(n) for n in range(jobs)])
-    await asyncio.sleep(0)  # let the dispatch run
+    await manager.submit_many([spec(n) for n in range(jobs)])
+    await asyncio.wait_for(assignment.wait(), timeout=60)  # the dispatch pass assigned them
     result = make_result(findings)
     started = time.perf_counter()
     for job_id in list(busy.held):
-        manager.result(busy, job_id, 0, result)
+        await manager.result(busy, job_id, 0, result)
     # While the workers are busy: a second scanner, and jobs submitted one at a time.
     other = manager.connect_scanner(profile("other", 1), send, lambda e: None)
-    manager.ready(other, 1)
+    manager.scanner_ready(other, 1)
     latencies = []
     for n in range(20):
         assignment.clear()
         submitted = time.perf_counter()
-        (new,) = manager.submit_many([spec(jobs + n)])
+        (new,) = await manager.submit_many([spec(jobs + n)])
         job = new.job
         await asyncio.wait_for(assignment.wait(), timeout=60)
         latencies.append((assigned[job.id] - submitted) * 1000)
         # Free the slot for the next one (a permanent failure: the job is done with).
-        manager.failure(other, job.id, RunFailure(Catalogue.SCAN_PARAMS_EMPTY, "bench"))
+        await manager.failure(other, job.id, RunFailure(Catalogue.SCAN_PARAMS_EMPTY, "bench"))
     await asyncio.wait_for(done.wait(), timeout=600)
     rate = jobs / (time.perf_counter() - started)
     await manager.stop()
-    await store.close()
     return rate, statistics.median(latencies)
 
 

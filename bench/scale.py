@@ -6,7 +6,7 @@ the disk does not set the pace, log level warning), with no gRPC in between: the
 handler's own work to hand one job to one scanner (the dispatch pass: choose the scanner, take
 the queue's head, move the job to IN_PROGRESS, journal record, log call, event, run timer, the
 assignment queued for the scanner's stream). Each dispatch is timed alone by wrapping
-``JobManager._dispatch``; the median over thousands of dispatches is reported.
+``Dispatch.once`` (one dispatch pass); the median over thousands of dispatches is reported.
 
 - **loaded**: every scanner busy (1 slot each); each step frees one slot (cancel) and queues
   one job, so the queue length stays where it was and each pass assigns exactly one job.
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,13 +59,13 @@ def _spec(n: int) -> Any:
 
 
 async def _case(pending: int, scanners: int, mode: str, steps: int, workdir: Path) -> DispatchCost:
-    from server import logs
     from server.config import Config
     from server.core.model import ObjectKind
-    from server.job_manager import JobManager
-    from server.scanners import Database, ScannerProfile
-    from server.storage.journal import FsyncPolicy
-    from server.storage.store import JournalStore, Recovered
+    from server.observability import logs
+    from server.service.handler import Handler
+    from server.service.sessions import Database, ScannerProfile
+    from server.storage.embedded import EmbeddedRepository
+    from server.storage.embedded.journal import FsyncPolicy
 
     logs.configure("json", "warning")
     config = replace(
@@ -76,22 +76,18 @@ async def _case(pending: int, scanners: int, mode: str, steps: int, workdir: Pat
         heartbeat_timeout=1e6,
         result_wait=1e6,
     )
-    store = JournalStore(workdir, FsyncPolicy.NEVER)
-    store.open_directory()
-    store.start(store.recover())
-    manager = JobManager(config, store)
-    manager.start()
-    manager.restore(Recovered())
+    manager = Handler(config, EmbeddedRepository(workdir, policy=FsyncPolicy.NEVER))
+    await manager.open()
     counter = 0
 
-    def submit(count: int) -> None:
+    async def submit(count: int) -> None:
         nonlocal counter
         for start in range(0, count, 10_000):
             n = min(10_000, count - start)
-            manager.submit_many([_spec(counter + i) for i in range(n)])
+            await manager.submit_many([_spec(counter + i) for i in range(n)])
             counter += n
 
-    submit(pending)
+    await submit(pending)
     await asyncio.sleep(0)
     today = datetime.now(UTC).date().isoformat()
     sessions = [
@@ -111,25 +107,28 @@ async def _case(pending: int, scanners: int, mode: str, steps: int, workdir: Pat
     ]
     timings: list[int] = []
     assigned_per_pass: list[int] = []
-    original: Callable[[], None] = manager._dispatch
-    in_progress_before = 0
+    original: Callable[[], Awaitable[None]] = manager.dispatch.once
 
-    def timed() -> None:
-        nonlocal in_progress_before
+    async def timed() -> None:
         held = sum(len(s.held) for s in sessions) if len(timings) < 3 else 0
         started = time.perf_counter_ns()
-        original()
+        await original()
         timings.append(time.perf_counter_ns() - started)
         if len(timings) <= 3:
             assigned_per_pass.append(sum(len(s.held) for s in sessions) - held)
 
+    async def one_pass() -> None:
+        """Let the dispatch task run the pass it was asked for."""
+        for _ in range(3):
+            await asyncio.sleep(0)
+
     for session in sessions:
-        manager.ready(session, 1)
-    await asyncio.sleep(0)  # the first pass fills every slot (loaded) or finds no job (idle)
+        manager.scanner_ready(session, 1)
+    await one_pass()  # the first pass fills every slot (loaded) or finds no job (idle)
     if mode == "loaded":
-        submit(scanners)  # back to `pending` queued jobs
-    await asyncio.sleep(0)
-    manager._dispatch = timed  # type: ignore[method-assign]
+        await submit(scanners)  # back to `pending` queued jobs
+    await one_pass()
+    manager.dispatch.once = timed  # type: ignore[method-assign]
     gc.collect()
     ring = 0
     for _ in range(steps):
@@ -137,22 +136,21 @@ async def _case(pending: int, scanners: int, mode: str, steps: int, workdir: Pat
             session = sessions[ring % scanners]
             ring += 1
             (job_id,) = list(session.held)
-            manager.cancel(job_id)
-            submit(1)
-            await asyncio.sleep(0)  # one pass: assigns exactly one job
+            await manager.cancel(job_id)
+            await submit(1)
+            await one_pass()  # one pass: assigns exactly one job
         else:
-            submit(1)
-            await asyncio.sleep(0)  # one pass: the job goes to the next Free scanner
+            await submit(1)
+            await one_pass()  # one pass: the job goes to the next Free scanner
             for session in sessions:
                 if session.held:
                     (job_id,) = list(session.held)
-                    manager.cancel(job_id)
-            await asyncio.sleep(0)  # (the cancel's pass finds no job; not counted below)
+                    await manager.cancel(job_id)
+            await one_pass()  # (the cancel's pass finds no job; not counted below)
     if mode == "idle":
         # Every second pass followed a cancel and had nothing to assign: keep the others.
         timings = timings[0::2]
-    await manager.results.stop()
-    await store.close()
+    await manager.stop()
     ordered = sorted(timings)
     return DispatchCost(
         pending=pending,

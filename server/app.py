@@ -3,7 +3,6 @@ the port; the CLI runs the same object until a signal arrives."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
@@ -18,14 +17,16 @@ from imagehandler.v1 import (
     scanner_service_pb2,
     scanner_service_pb2_grpc,
 )
+from server.adapters.receivers import open_receiver
 from server.config import Config
-from server.delivery import Receiver, open_receiver
-from server.job_manager import JobManager
-from server.metrics import JOURNAL_FSYNC_SECONDS, MetricsExporter
+from server.observability.metrics import DELIVERIES_FAILED, JOURNAL_FSYNC_SECONDS, MetricsExporter
 from server.security import Security
-from server.storage.journal import FsyncPolicy
-from server.storage.result_files import MemoryResultFiles, ResultFiles
-from server.storage.store import JournalStore, Recovered, open_store
+from server.service.delivery import Receiver
+from server.service.handler import Handler
+from server.storage.embedded import EmbeddedRepository
+from server.storage.embedded.journal import FsyncPolicy
+from server.storage.memory import MemoryRepository
+from server.storage.repository import JobRepository
 from server.transport.job_service import JobService
 from server.transport.job_service import register as register_job_service
 from server.transport.scanner_service import ScannerService
@@ -41,7 +42,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class HandlerServer:
-    """The gRPC server, the job manager behind it and the health service."""
+    """The gRPC server, the handler behind it and the health service."""
 
     def __init__(self, config: Config) -> None:
         config.check()
@@ -49,35 +50,20 @@ class HandlerServer:
         # TLS, tokens and limits (server/security/); a bad certificate or token file stops here.
         self.security = Security(config)
         set_limits(config.max_string_length, config.max_labels)
-        self.store = open_store(
-            config.storage,
-            config.data_dir,
-            FsyncPolicy(config.fsync),
-            snapshot_bytes=int(config.snapshot_journal_mb * 1024 * 1024),
-            salvage=config.salvage,
-            observe_fsync=JOURNAL_FSYNC_SECONDS.observe,
-        )
-        if isinstance(self.store, JournalStore):
-            # Lock and check the directory before binding the port: a clear error at start.
-            self.store.open_directory()
-        self.manager = JobManager(
+        self.repository = open_repository(config)
+        self.handler = Handler(
             config,
-            self.store,
-            result_files=(
-                ResultFiles(config.data_dir)
-                if isinstance(self.store, JournalStore)
-                else MemoryResultFiles()
-            ),
+            self.repository,
             receiver=self._receiver(config),
+            on_delivery_failure=DELIVERIES_FAILED.inc,
         )
         # Prometheus text on --metrics-listen (none when empty); metrics_port is the bound port.
         self.metrics = (
-            MetricsExporter(self.manager, config.metrics_listen, ssl=self.security.metrics_ssl())
+            MetricsExporter(self.handler, config.metrics_listen, ssl=self.security.metrics_ssl())
             if config.metrics_listen
             else None
         )
         self.metrics_port = 0
-        self._housekeeping: asyncio.Task[None] | None = None
         self._stopping = False
         # grpc_health re-exports its asyncio servicer as health.aio without declaring it.
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -85,9 +71,9 @@ class HandlerServer:
             interceptors=[self.security.interceptor],
             options=[*self.security.options, ("grpc.so_reuseport", 0)],
         )
-        register_job_service(self.server, JobService(self.manager))
+        register_job_service(self.server, JobService(self.handler))
         scanner_service_pb2_grpc.add_ScannerServiceServicer_to_server(
-            ScannerService(self.manager), self.server
+            ScannerService(self.handler), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         # --health-listen: health alone on a plaintext port (Kubernetes' gRPC probes cannot
@@ -135,37 +121,30 @@ class HandlerServer:
         if self.metrics is not None:
             self.metrics_port = await self.metrics.start()
         await self._set_health(NOT_SERVING)
-        self.manager.start()
         if self.health_server is not None:
             await self.health_server.start()
         await self.server.start()
         log.info("handler.started", address=self.address, data_dir=str(self.config.data_dir))
         self.security.warn_if_exposed(self.address)
-        state = Recovered()
-        if isinstance(self.store, JournalStore):
-            store = self.store
-            try:
-                state = await asyncio.get_running_loop().run_in_executor(None, store.recover)
-            except BaseException:
-                await self.server.stop(0)
-                if self.health_server is not None:
-                    await self.health_server.stop(0)
-                await self.manager.stop()
-                await store.close()
-                if self.metrics is not None:
-                    await self.metrics.stop()
-                raise
-            store.start(state)
-        self.manager.restore(state)
-        self._housekeeping = asyncio.create_task(self.manager.housekeeping(), name="housekeeping")
+        try:
+            recovered = await self.handler.open()
+        except BaseException:
+            await self.server.stop(0)
+            if self.health_server is not None:
+                await self.health_server.stop(0)
+            await self.handler.stop()
+            if self.metrics is not None:
+                await self.metrics.stop()
+            raise
+        counts = await self.repository.counts()
         log.info(
             "handler.recovered",
-            jobs=len(state.jobs),
-            pending=len(self.manager.queue),
-            records_replayed=state.records_replayed,
-            torn_bytes_cut=state.torn_bytes_cut,
-            lost=state.lost,
-            seconds=round(state.seconds, 3),
+            jobs=recovered.jobs,
+            pending=counts.pending,
+            records_replayed=recovered.records_replayed,
+            torn_bytes_cut=recovered.torn_bytes_cut,
+            lost=recovered.lost,
+            seconds=round(recovered.seconds, 3),
         )
         await self._set_health(SERVING)
 
@@ -180,21 +159,16 @@ class HandlerServer:
             return
         self._stopping = True
         await self._set_readiness(NOT_SERVING)
-        self.manager.accepting_submits = False
+        handler = self.handler
+        handler.accepting_submits = False
         finished = True
-        if grace and self.manager.recovered:
-            finished = await self.manager.drain(grace)
-        self.manager.close_sessions("the handler is shutting down; reconnect")
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-            await asyncio.gather(self._housekeeping, return_exceptions=True)
+        if grace and handler.ready:
+            finished = await handler.drain(grace)
+        handler.close_sessions("the handler is shutting down; reconnect")
         await self.server.stop(min(grace or 0, 1.0))
         if self.health_server is not None:
             await self.health_server.stop(0)
-        await self.manager.stop()
-        if self.manager.recovered:
-            await self.manager.snapshot()
-        await self.store.close()
+        await handler.stop()  # the store's last snapshot
         if self.metrics is not None:
             await self.metrics.stop()
         log.info("handler.stopped", address=self.address, drained=finished)
@@ -215,6 +189,22 @@ class HandlerServer:
         """The per-service statuses, which the readiness probe asks."""
         for service in SERVICES:
             await self.health.set(service, status)
+
+
+def open_repository(config: Config) -> JobRepository:
+    """The store ``--storage`` names (the embedded one locks its data directory now: a clear
+    error before the port is bound)."""
+    if config.storage == "memory":
+        return MemoryRepository(interactive_share=config.interactive_share)
+    return EmbeddedRepository(
+        config.data_dir,
+        policy=FsyncPolicy(config.fsync),
+        interactive_share=config.interactive_share,
+        snapshot_bytes=int(config.snapshot_journal_mb * 1024 * 1024),
+        snapshot_interval=config.snapshot_interval,
+        salvage=config.salvage,
+        observe_fsync=JOURNAL_FSYNC_SECONDS.observe,
+    )
 
 
 async def create_server(config: Config) -> HandlerServer:

@@ -13,8 +13,8 @@ import structlog
 
 from imagehandler.errors import Catalogue, HandlerError
 from server import config as config_module
-from server import logs
 from server.app import HandlerServer
+from server.observability import logs
 from server.security.tokens import add_token_arguments, token_main
 
 

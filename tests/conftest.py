@@ -19,9 +19,9 @@ import pytest
 from grpc import aio
 
 from imagehandler.v1 import job_service_pb2_grpc, scanner_service_pb2_grpc
-from server import logs
 from server.app import HandlerServer
 from server.config import Config
+from server.observability import logs
 
 # The receiving-server fixtures (``receiver``, ``secret_file``) for every test module.
 pytest_plugins = ["tests.receiver"]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import uuid
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
 from server.app import HandlerServer
-from server.config import Config
 from server.core.model import ImageRef, JobSpec, Lane, Policy, Trigger
-from server.job_manager import JobManager, now_utc
-from server.storage.framing import HEADER
-from server.storage.journal import FsyncPolicy
-from server.storage.store import JournalStore, Recovered, StorageError
+from server.storage.embedded import EmbeddedRepository
+from server.storage.embedded.framing import HEADER
+from server.storage.embedded.journal import FsyncPolicy
+from server.storage.repository import StorageError
 from tests.conftest import TEST_CONFIG, Handler, MakeHandler
 from tests.helpers import RawScanner, image, remote_error, wait_for_status
 
@@ -97,7 +96,7 @@ async def test_snapshots_compact_the_journal_and_recovery_uses_both(
 ) -> None:
     handler = await make_handler(snapshot_journal_mb=0.002)  # a snapshot every ~2 KB
     ids = [(await handler.jobs.SubmitJob(image(tag=f"v{n}"))).job.id for n in range(60)]
-    await handler.server.manager.snapshot()
+    await handler.server.repository.snapshot()  # type: ignore[attr-defined]  # embedded
     for n in range(60, 70):  # these are only in the journal after the snapshot
         ids.append((await handler.jobs.SubmitJob(image(tag=f"v{n}"))).job.id)
     data_dir = handler.config.data_dir
@@ -217,9 +216,9 @@ async def test_retention_prunes_old_finished_jobs_for_good(make_handler: MakeHan
     old = (await handler.jobs.SubmitJob(image(tag="old"))).job.id
     kept = (await handler.jobs.SubmitJob(image(tag="pending"))).job.id
     await handler.jobs.CancelJob(job_service_pb2.CancelJobRequest(job_id=old))
-    manager = handler.server.manager
-    assert manager.prune(now_utc() + timedelta(days=89)) == 0
-    assert manager.prune(now_utc() + timedelta(days=91)) == 1
+    jobs = handler.server.handler.jobs
+    assert await jobs.prune(now_utc() + timedelta(days=89)) == 0
+    assert await jobs.prune(now_utc() + timedelta(days=91)) == 1
     error = await remote_error(handler.jobs.GetJob(job_service_pb2.GetJobRequest(job_id=old)))
     assert error.code == "HNDL-008"
     handler = await restart(handler, make_handler)
@@ -359,14 +358,10 @@ def test_sigterm_lets_the_running_job_finish_then_exits_0(tmp_path: Path) -> Non
 
 async def fill_data_dir(directory: Path, count: int) -> None:
     """A data directory holding ``count`` PENDING jobs (journal only, no snapshot)."""
-    store = JournalStore(directory, FsyncPolicy.NEVER)
-    store.open_directory()
-    store.start(Recovered())
-    manager = JobManager(Config(data_dir=directory, max_batch=10_000), store)
-    manager.start()
-    manager.restore(Recovered())
+    repository = EmbeddedRepository(directory, policy=FsyncPolicy.NEVER)
+    await repository.open()
     for start in range(0, count, 5000):
-        manager.submit_many(
+        await repository.insert_many(
             [
                 JobSpec(
                     ImageRef("docker.io", "library/app", f"v{n}"),
@@ -376,10 +371,10 @@ async def fill_data_dir(directory: Path, count: int) -> None:
                     Lane.BULK,
                 )
                 for n in range(start, min(count, start + 5000))
-            ]
+            ],
+            at=now_utc(),
         )
-    await manager.results.stop()
-    await store.close()
+    await repository.store.close()  # no snapshot: the journal alone
 
 
 def test_readiness_is_not_serving_until_recovery_ends(tmp_path: Path) -> None:
@@ -437,3 +432,7 @@ async def test_a_read_only_data_directory_is_a_clear_error_at_start(tmp_path: Pa
         )
     finally:
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(target)], check=False)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

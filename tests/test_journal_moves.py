@@ -6,20 +6,23 @@ Real files in a temporary data directory: the store writes them, a second store 
 from __future__ import annotations
 
 import copy
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from imagehandler.storage.v1 import storage_pb2
 from imagehandler.v1 import common_pb2
 from server.core import state_machine
 from server.core.model import ImageRef, Job, JobFailure, JobSpec, JobStatus, Lane, Policy, Trigger
-from server.job_manager import now_utc
-from server.storage.framing import read_frames
-from server.storage.journal import FsyncPolicy, journal_path
-from server.storage.snapshot import write_snapshot
-from server.storage.store import JournalStore, Recovered
+from server.storage.embedded.framing import read_frames
+from server.storage.embedded.journal import FsyncPolicy, journal_path
+from server.storage.embedded.snapshot import write_snapshot
+from server.storage.embedded.store import JournalState, JournalStore
 
 S = JobStatus
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
 
 
 def new_job(job_id: str, seq: int) -> Job:
@@ -45,7 +48,7 @@ def history(job: Job) -> list[tuple[object, ...]]:
 async def test_a_turns_moves_are_one_record_and_replay_exactly(tmp_path: Path) -> None:
     store = JournalStore(tmp_path, FsyncPolicy.NEVER)
     store.open_directory()
-    store.start(Recovered())
+    store.start(JournalState())
     job, other = new_job("a", 1), new_job("b", 2)
     store.created(job)
     store.created(other)
@@ -115,7 +118,7 @@ async def test_a_turns_moves_are_one_record_and_replay_exactly(tmp_path: Path) -
 async def test_moves_are_written_before_any_later_record_and_at_flush(tmp_path: Path) -> None:
     store = JournalStore(tmp_path, FsyncPolicy.NEVER)
     store.open_directory()
-    store.start(Recovered())
+    store.start(JournalState())
     first = new_job("a", 1)
     store.created(first)
     transition = state_machine.move(

@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from imagehandler.errors import HandlerError
 from imagehandler.v1 import common_pb2, job_service_pb2, scanner_service_pb2
-from server import metrics
 from server.app import HandlerServer
+from server.observability import metrics
 from tests.conftest import TEST_CONFIG, Handler, MakeHandler
 from tests.helpers import RawScanner, Watcher, image, wait_for_status
 

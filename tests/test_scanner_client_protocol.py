@@ -1136,7 +1136,10 @@ async def test_a_single_job_watch_sends_a_terminal_transition_made_while_it_star
     ) -> common_pb2.Job:
         message = take_first_message(self, job, history=history, full_result=full_result)
         if history and job.id == job_id and job.status is JobStatus.PENDING:
-            handler.server.manager.cancel(job_id, "cancelled while the watch starts")
+            # Cancelled right after the watch's first message (the cancel is asynchronous).
+            asyncio.get_running_loop().create_task(
+                handler.server.handler.cancel(job_id, "cancelled while the watch starts")
+            )
         return message
 
     monkeypatch.setattr(JobService, "_job", first_message_then_cancel)

@@ -219,7 +219,7 @@ async def test_certificate_identity_is_the_scanner_id(make_handler: MakeHandler,
 
 async def wait_until_disconnected(handler: Handler, scanner_id: str) -> None:
     async with asyncio.timeout(DEADLINE):
-        while handler.server.manager.scanners.live(scanner_id) is not None:  # noqa: ASYNC110
+        while handler.server.handler.sessions.registry.live(scanner_id) is not None:  # noqa: ASYNC110
             await asyncio.sleep(0.01)  # polling the handler's state with a deadline
 
 

@@ -184,7 +184,7 @@ def test_job_ids_are_random_version_4_uuids() -> None:
 def test_json_log_lines_take_what_orjson_refuses() -> None:
     """A path of non-UTF-8 bytes (a lone surrogate in Python) or a huge int in a log field
     must not make logging raise: the line falls back to the standard encoder."""
-    from server.logs import render_json_line
+    from server.observability.logs import render_json_line
 
     assert json.loads(render_json_line({"event": "x", "n": 1, "at": "é"})) == {
         "event": "x",

@@ -1,76 +1,47 @@
-"""Matching PENDING jobs to Free scanners.
+"""The ring of Free scanners.
 
-Free sessions stand in a ring; each pass gives every Free scanner at most one job in ring order
-and moves it to the back, so Free scanners share the work fairly. A pass stops as soon as the
-queue is empty or no Free scanner can take any queued kind, so its cost follows the number of
-assignments made, not the queue length. Jobs given to one scanner in one pass are sent together
-in one assignment message.
+Free sessions stand in a ring; a dispatch pass offers work to them in ring order and moves each
+one that took a job to the back, so Free scanners share the work fairly. Which jobs go where is
+the job repository's ``claim``; this is only the order in which scanners ask.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
-from itertools import islice
-
-from server.core.model import Job
-from server.scanners import ScannerSession
-from server.scheduling.queue import JobQueue
+from typing import Generic, Protocol, TypeVar
 
 
-class Dispatcher:
-    def __init__(self, queue: JobQueue) -> None:
-        self._queue = queue
-        self._free: OrderedDict[str, ScannerSession] = OrderedDict()
-
-    def refresh(self, session: ScannerSession) -> None:
-        """Call after anything that may change whether a session is Free."""
-        if session.is_free:
-            self._free.setdefault(session.session_id, session)
-        else:
-            self._free.pop(session.session_id, None)
+class Member(Protocol):
+    @property
+    def session_id(self) -> str: ...
 
     @property
-    def free_sessions(self) -> int:
+    def is_free(self) -> bool: ...
+
+
+M = TypeVar("M", bound=Member)
+
+
+class FreeRing(Generic[M]):
+    def __init__(self) -> None:
+        self._free: OrderedDict[str, M] = OrderedDict()
+
+    def refresh(self, member: M) -> None:
+        """Call after anything that may change whether a member is Free."""
+        if member.is_free:
+            self._free.setdefault(member.session_id, member)
+        else:
+            self._free.pop(member.session_id, None)
+
+    def __len__(self) -> int:
         return len(self._free)
 
-    def dispatch(
-        self, assign: Callable[[Job, ScannerSession], None]
-    ) -> dict[ScannerSession, list[Job]]:
-        """Assign as many jobs as there are free slots for; ``assign`` moves each job.
+    def members(self) -> list[M]:
+        """The Free members, the one to ask first first."""
+        return list(self._free.values())
 
-        A pass visits the sessions that are Free at its start in ring order. Sessions that take
-        a job go to the back of the ring; the others stay in front, so the next session to
-        visit is always the one after the ones skipped so far. Sessions are read from the ring
-        a few at a time (no more than there are jobs), so a pass costs what it assigns, not
-        the number of Free scanners.
-        """
-        batches: dict[ScannerSession, list[Job]] = {}
-        queue = self._queue
-        free = self._free
-        while queue and free:
-            assigned_this_pass = False
-            skipped = 0  # sessions at the front of the ring that took nothing in this pass
-            unvisited = len(free)
-            while unvisited and queue:
-                chunk = list(islice(free.values(), skipped, skipped + min(unvisited, len(queue))))
-                unvisited -= len(chunk)
-                for session in chunk:
-                    job = queue.pop_for(session.kinds)
-                    if job is None:
-                        skipped += 1
-                        continue
-                    assign(job, session)
-                    batch = batches.get(session)
-                    if batch is None:
-                        batches[session] = [job]
-                    else:
-                        batch.append(job)
-                    assigned_this_pass = True
-                    free.move_to_end(session.session_id)
-                    self.refresh(session)
-                    if not queue:
-                        break
-            if not assigned_this_pass:
-                break
-        return batches
+    def took(self, member: M) -> None:
+        """The member was handed a job: to the back of the ring (if still Free)."""
+        if member.session_id in self._free:
+            self._free.move_to_end(member.session_id)
+        self.refresh(member)

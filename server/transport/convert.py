@@ -35,7 +35,7 @@ from server.core.model import (
     Trigger,
 )
 from server.mapping import pb_kinds, set_object, set_timestamp, timestamp
-from server.scanners import Database, ScannerProfile, ScannerSession
+from server.service.sessions import Database, ScannerProfile, ScannerSession
 
 E = TypeVar("E", bound=IntEnum)
 

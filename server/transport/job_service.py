@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -16,10 +16,12 @@ from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
 from server import mapping
 from server.core.model import Job, JobStatus, Lane, ObjectKind, Transition, Trigger
 from server.core.verdicts import Scope
-from server.events import Feed, FellBehind, Subscription
-from server.job_manager import JobManager, Submitted, now_utc
+from server.service.events import Feed, FellBehind, Subscription
+from server.service.handler import Handler
+from server.service.jobs import Submitted
+from server.storage.repository import JobFilter
 from server.transport import convert
-from server.transport.guard import Context, fail, log, unary
+from server.transport.guard import Context, fail, unary
 
 # A watcher of every job takes this many events from the shared log at a time.
 WATCH_BATCH = 256
@@ -86,25 +88,25 @@ def decode_page_token(token: str) -> int:
 
 
 class JobService(job_service_pb2_grpc.JobServiceServicer):
-    def __init__(self, manager: JobManager) -> None:
-        self.manager = manager
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
         # Watchers of every job share one encoding of each event.
-        manager.events.encode = self._encode_event
+        handler.events.encode = self._encode_event
 
     def _job(self, job: Job, *, history: bool = False, full_result: bool = False) -> common_pb2.Job:
         message = mapping.job_to_proto(
-            job, position=self.manager.position(job), history=history, full_result=full_result
+            job, position=self.handler.position(job), history=history, full_result=full_result
         )
-        owed = self.manager.owed(job)
+        owed = self.handler.owed(job)
         if owed:
             message.deliveries_owed = owed
-            message.delivery_error = self.manager.delivery_error(job)
+            message.delivery_error = self.handler.delivery_error(job)
         return message
 
     def _encode_event(self, job: Job, transition: Transition, sequence: int) -> tuple[object, int]:
         """One event as the bytes every watcher of every job is sent (see register())."""
         message = job_service_pb2.WatchJobsResponse(sequence=sequence)
-        mapping.set_job(message.job, job, position=self.manager.position(job))
+        mapping.set_job(message.job, job, position=self.handler.position(job))
         mapping.set_transition(message.transition, transition)
         data = message.SerializeToString()
         return data, len(data)
@@ -115,22 +117,19 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             # the journal syncs, so a Free scanner may hold it already: WatchJobs tells.
             message.CopyFrom(submitted.message)
         else:  # a duplicate: as it is now
-            mapping.set_job(message, submitted.job, position=self.manager.position(submitted.job))
+            mapping.set_job(message, submitted.job, position=self.handler.position(submitted.job))
 
     def _flush_journal(self) -> None:
-        """Watchers see only what the journal has (unless it is failing: then say so)."""
-        try:
-            self.manager.store.flush()
-        except HandlerError as error:
-            log.error("journal.flush_failed", error=error.message)
+        """Watchers see only what the store has."""
+        self.handler.flush()
 
     @unary
     async def SubmitJob(
         self, request: job_service_pb2.SubmitJobRequest, context: Context
     ) -> job_service_pb2.SubmitJobResponse:
-        spec = convert.spec_from_request(request, self.manager.config)
-        submitted = self.manager.submit(spec)
-        await self.manager.store.sync()
+        spec = convert.spec_from_request(request, self.handler.config)
+        (submitted,) = await self.handler.submit_many([spec])
+        await self.handler.commit()
         response = job_service_pb2.SubmitJobResponse(duplicate=submitted.duplicate)
         self._reply_job(response.job, submitted)
         return response
@@ -144,14 +143,14 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         specs = []
         for index, item in enumerate(request.jobs):
             try:
-                specs.append(convert.spec_from_request(item, self.manager.config))
+                specs.append(convert.spec_from_request(item, self.handler.config))
             except HandlerError as error:
                 # Name the bad job; nothing of the batch is queued.
                 raise HandlerError(
                     error.kind, f"jobs[{index}]: {error.detail}", reason=error.reason
                 ) from None
-        submitted = self.manager.submit_many(specs)
-        await self.manager.store.sync()
+        submitted = await self.handler.submit_many(specs)
+        await self.handler.commit()
         # Filled in place: a message passed to a constructor is copied.
         response = job_service_pb2.SubmitJobsResponse()
         add = response.results.add
@@ -166,11 +165,11 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     async def GetJob(
         self, request: job_service_pb2.GetJobRequest, context: Context
     ) -> job_service_pb2.GetJobResponse:
-        job = self.manager.get(request.job_id)
+        job = await self.handler.get(request.job_id)
         full = request.view == job_service_pb2.JOB_VIEW_FULL
         message = self._job(job, history=full, full_result=full)
         if full and job.result is None and job.result_in_file:
-            result = await self.manager.load_result(job)
+            result = await self.handler.load_result(job)
             if result is not None:
                 message.full_result.CopyFrom(result)
         return job_service_pb2.GetJobResponse(job=message)
@@ -179,12 +178,13 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     async def ListJobs(
         self, request: job_service_pb2.ListJobsRequest, context: Context
     ) -> job_service_pb2.ListJobsResponse:
-        jobs, next_seq = self.manager.list_jobs(
+        where = JobFilter(
             statuses=convert.enum_set(JobStatus, request.statuses, "status"),
             kinds=convert.enum_set(ObjectKind, request.kinds, "kind"),
             triggers=convert.enum_set(Trigger, request.triggers, "trigger"),
-            after_seq=decode_page_token(request.page_token),
-            page_size=request.page_size,
+        )
+        jobs, next_seq = await self.handler.page(
+            where, decode_page_token(request.page_token), request.page_size
         )
         return job_service_pb2.ListJobsResponse(
             jobs=[self._job(job) for job in jobs],
@@ -195,8 +195,8 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     async def CancelJob(
         self, request: job_service_pb2.CancelJobRequest, context: Context
     ) -> job_service_pb2.CancelJobResponse:
-        job = self.manager.cancel(request.job_id, request.reason[:512])
-        await self.manager.store.sync()
+        job = await self.handler.cancel(request.job_id, request.reason[:512])
+        await self.handler.commit()
         return job_service_pb2.CancelJobResponse(job=self._job(job))
 
     async def WatchJobs(  # type: ignore[override]  # written with context.write
@@ -219,8 +219,8 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     ) -> None:
         """A cursor into the shared event log: a watcher that reads too slowly is ended with
         the last sequence it was sent, and may resume from there."""
-        bus = self.manager.events
-        self.manager._require_ready()
+        bus = self.handler.events
+        self.handler.require_ready()
         try:
             feed = bus.open_feed(after_sequence)
         except FellBehind as behind:
@@ -259,7 +259,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     def _fell_behind(self, feed: Feed, written: int) -> HandlerError:
         return HandlerError(
             Catalogue.SYSTEM_ERROR,
-            f"watcher ended: it fell more than {self.manager.events.lag_bytes} bytes of events "
+            f"watcher ended: it fell more than {self.handler.events.lag_bytes} bytes of events "
             f"behind; the last event it was surely sent is sequence {written} (the next one may "
             f"have been in flight): watch again with after_sequence={written} to resume",
             reason=Reason.EXHAUSTED,
@@ -269,8 +269,8 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         self, job_id: str, statuses: frozenset[JobStatus], context: Context
     ) -> None:
         """One job: first the job with its history, then its transitions until it is done."""
-        job = self.manager.get(job_id)
-        bus = self.manager.events
+        job = await self.handler.get(job_id)
+        bus = self.handler.events
         outbox: asyncio.Queue[Any] = asyncio.Queue()
         queued = 0
         limit = bus.lag_bytes
@@ -283,7 +283,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             if cut:
                 return
             message = job_service_pb2.WatchJobsResponse(sequence=bus.seq)
-            mapping.set_job(message.job, event_job, position=self.manager.position(event_job))
+            mapping.set_job(message.job, event_job, position=self.handler.position(event_job))
             mapping.set_transition(message.transition, transition)
             size = message.ByteSize()
             queued += size
@@ -331,8 +331,8 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     async def GetJobResult(
         self, request: job_service_pb2.GetJobResultRequest, context: Context
     ) -> job_service_pb2.GetJobResultResponse:
-        job = self.manager.get(request.job_id)
-        result = await self.manager.load_result(job)
+        job = await self.handler.get(request.job_id)
+        result = await self.handler.load_result(job)
         if result is None or job.result_summary is None:
             raise HandlerError(
                 Catalogue.JOB_ID_INVALID,
@@ -347,8 +347,8 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     async def RedeliverJob(
         self, request: job_service_pb2.RedeliverJobRequest, context: Context
     ) -> job_service_pb2.RedeliverJobResponse:
-        job = self.manager.redeliver(request.job_id)
-        await self.manager.store.sync()
+        job = await self.handler.redeliver(request.job_id)
+        await self.handler.commit()
         return job_service_pb2.RedeliverJobResponse(job=self._job(job))
 
     @unary
@@ -365,16 +365,16 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         if not request.reason.strip():
             raise HandlerError(Catalogue.SCAN_PARAMS_EMPTY, "reason is required: say why")
         scope = convert.enum_value(Scope, request.scope, "scope", default=Scope.OBJECT)
-        days = self.manager.config.risk_acceptance_days
+        days = self.handler.config.risk_acceptance_days
         if request.HasField("duration"):
             seconds = request.duration.ToNanoseconds() / 1e9
             if seconds <= 0:
                 raise HandlerError(Catalogue.SCAN_PARAMS_EMPTY, "duration must be positive")
             days = seconds / 86400
-        acceptance, changed = self.manager.accept_risk(
+        acceptance, changed = await self.handler.accept_risk(
             finding, scope, request.job_id, request.reason[:1024], days
         )
-        await self.manager.store.sync()
+        await self.handler.commit()
         return job_service_pb2.AcceptRiskResponse(
             acceptance=acceptance,
             verdicts_changed=changed.verdicts,
@@ -386,15 +386,15 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         self, request: job_service_pb2.ListRiskAcceptancesRequest, context: Context
     ) -> job_service_pb2.ListRiskAcceptancesResponse:
         return job_service_pb2.ListRiskAcceptancesResponse(
-            acceptances=self.manager.acceptance_records()
+            acceptances=self.handler.acceptance_records()
         )
 
     @unary
     async def RevokeRiskAcceptance(
         self, request: job_service_pb2.RevokeRiskAcceptanceRequest, context: Context
     ) -> job_service_pb2.RevokeRiskAcceptanceResponse:
-        changed = self.manager.revoke_acceptance(request.id)
-        await self.manager.store.sync()
+        changed = await self.handler.revoke_acceptance(request.id)
+        await self.handler.commit()
         return job_service_pb2.RevokeRiskAcceptanceResponse(
             verdicts_changed=changed.verdicts, summaries_changed=changed.summaries
         )
@@ -403,8 +403,8 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     async def GetQueueStats(
         self, request: job_service_pb2.GetQueueStatsRequest, context: Context
     ) -> job_service_pb2.GetQueueStatsResponse:
-        stats = self.manager.stats()
-        now = now_utc()
+        stats = await self.handler.stats()
+        now = datetime.now(UTC)
         lanes = []
         for lane in Lane:
             oldest = stats.oldest_pending[lane]
@@ -434,7 +434,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             started_at=mapping.timestamp(stats.started_at),
             queue_limit=stats.queue_limit,
             result_backlog=stats.result_backlog,
-            result_backlog_age=mapping.duration(self.manager.results.oldest_age()),
+            result_backlog_age=mapping.duration(stats.result_backlog_age),
             deliveries_owed=stats.deliveries_owed,
             deliveries_oldest_age=mapping.duration(stats.deliveries_oldest_age),
         )

@@ -1,7 +1,7 @@
 """ScannerService: the scanners' bidirectional stream, and the scanner list.
 
 One Connect call is one scanner session. A reader task turns each ConnectRequest into a call on
-the job manager; a writer task sends what the manager pushes (assignments, cancels, rejections)
+the handler; a writer task sends what the handler pushes (assignments, cancels, rejections)
 and a heartbeat whenever the stream has been idle for the heartbeat interval.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
@@ -19,8 +19,10 @@ from imagehandler.v1 import scanner_service_pb2, scanner_service_pb2_grpc
 from server import mapping
 from server.core.model import JobFailure
 from server.core.retry import RunFailure
-from server.job_manager import JobManager, now_utc
-from server.scanners import (
+from server.security import limits as security_limits
+from server.security.tls import bind_scanner_identity
+from server.service.handler import Handler
+from server.service.sessions import (
     AssignJobs,
     CancelRun,
     DrainScanner,
@@ -28,8 +30,6 @@ from server.scanners import (
     ScannerMessage,
     ScannerSession,
 )
-from server.security import limits as security_limits
-from server.security.tls import bind_scanner_identity
 from server.transport import convert
 from server.transport.guard import STREAM_END, Context, as_handler_error, unary
 
@@ -65,12 +65,12 @@ def rejected(error: HandlerError, job_id: str = "") -> Response:
 
 
 class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
-    def __init__(self, manager: JobManager) -> None:
-        self.manager = manager
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
 
     # Written with context.read()/write() (not as a generator), hence the override ignore.
     async def Connect(self, request_iterator: object, context: Context) -> None:  # type: ignore[override]
-        config = self.manager.config
+        config = self.handler.config
         try:
             async with asyncio.timeout(config.heartbeat_timeout):
                 first = await context.read()
@@ -96,7 +96,7 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
             # Mutual TLS: the client certificate names the scanner (HNDL-003 on a mismatch).
             bind_scanner_identity(context, first.register)
             profile = convert.profile_from_register(first.register, config)
-            session = self.manager.connect_scanner(
+            session = self.handler.connect_scanner(
                 profile, send=outbox.put_nowait, close=lambda e: outbox.put_nowait(_Close(e))
             )
         except Exception as exc:
@@ -135,7 +135,7 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
             elif reader in done and not reader.cancelled() and reader.exception() is not None:
                 raise reader.exception()  # type: ignore[misc]
         finally:
-            self.manager.disconnect(session, ended)
+            self.handler.disconnect(session, ended)
 
     async def _read(self, session: ScannerSession, context: Context) -> None:
         while True:
@@ -143,33 +143,35 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
             if request is STREAM_END:
                 return
             assert isinstance(request, scanner_service_pb2.ConnectRequest)
-            self.manager.touch(session)
+            self.handler.touch(session)
             try:
-                self._handle(session, request)
+                await self._handle(session, request)
             except HandlerError as error:
                 session.send(RejectMessage(error))
 
-    def _handle(self, session: ScannerSession, request: scanner_service_pb2.ConnectRequest) -> None:
-        manager = self.manager
+    async def _handle(
+        self, session: ScannerSession, request: scanner_service_pb2.ConnectRequest
+    ) -> None:
+        handler = self.handler
         which = request.WhichOneof("message")
         if which == "ready":
-            manager.ready(session, request.ready.free_slots)
+            handler.scanner_ready(session, request.ready.free_slots)
         elif which == "heartbeat":
-            manager.heartbeat(session, request.heartbeat.active_job_ids)
+            handler.heartbeat(session, request.heartbeat.active_job_ids)
         elif which == "progress":
             p = request.progress
-            manager.progress(session, p.job_id, p.stage[:64], p.percent)
+            handler.progress(session, p.job_id, p.stage[:64], p.percent)
         elif which == "result":
-            limit = manager.config.max_result_bytes
+            limit = handler.config.max_result_bytes
             for result in request.result.results:
                 too_large = security_limits.oversized_result(result, limit)
                 if too_large is not None:  # --max-result-bytes: the job is ERROR (HNDL-007)
-                    manager.failure(
+                    await handler.failure(
                         session, result.job_id, RunFailure(too_large.kind, too_large.detail, True)
                     )
                     session.send(RejectMessage(too_large, result.job_id))
                     continue
-                manager.result(session, result.job_id, result.run, result)
+                await handler.result(session, result.job_id, result.run, result)
         elif which == "failure":
             f = request.failure
             kind = Catalogue.by_code(f.code) if f.code else Catalogue.SYSTEM_ERROR
@@ -179,13 +181,13 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
                     Catalogue.SYSTEM_ERROR,
                     f"scanner reported unknown code {f.code[:16]!r}: {detail}",
                 )
-            manager.failure(session, f.job_id, RunFailure(kind, detail, f.permanent))
+            await handler.failure(session, f.job_id, RunFailure(kind, detail, f.permanent))
         elif which == "drain":
-            manager.drain_scanner(session)
+            handler.drain_scanner(session)
         elif which == "databases":
             # HNDL-012/013 refuse the message (a Rejected); the handler keeps the old list.
             databases = convert.databases_from_proto(request.databases.databases)
-            manager.databases_changed(session, databases)
+            handler.databases_changed(session, databases)
         elif which == "register":
             raise HandlerError(
                 Catalogue.SCANNER_CONFIG_INVALID, "already registered on this stream"
@@ -196,7 +198,7 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
     async def _write(
         self, session: ScannerSession, outbox: _Outbox, context: Context
     ) -> _Close | None:
-        interval = self.manager.config.heartbeat_interval
+        interval = self.handler.config.heartbeat_interval
         loop = asyncio.get_running_loop()
         last_write = loop.time()
 
@@ -229,7 +231,7 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
                         continue  # something went out since it was asked for: life enough
                     response = Response(
                         heartbeat=scanner_service_pb2.HandlerHeartbeat(
-                            sent_at=mapping.timestamp(now_utc())
+                            sent_at=mapping.timestamp(datetime.now(UTC))
                         )
                     )
                 elif isinstance(item, AssignJobs):
@@ -261,7 +263,8 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
                 convert.set_assigned_job(
                     assigned,
                     job,
-                    (job.started_at or now_utc()) + timedelta(seconds=job.spec.max_run_time),
+                    (job.started_at or datetime.now(UTC))
+                    + timedelta(seconds=job.spec.max_run_time),
                 )
                 size += assigned.ByteSize()
             if size >= MAX_ASSIGNMENT_BYTES or outbox.empty():
@@ -272,10 +275,7 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
 
     def _flush_journal(self) -> None:
         """What a scanner is told must be in the journal first (a crash then replays it)."""
-        try:
-            self.manager.store.flush()
-        except HandlerError as error:
-            log.error("journal.flush_failed", error=error.message)
+        self.handler.flush()
 
     @staticmethod
     def _message(item: ScannerMessage) -> Response:
@@ -286,7 +286,8 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
                 convert.set_assigned_job(
                     jobs.add(),
                     job,
-                    (job.started_at or now_utc()) + timedelta(seconds=job.spec.max_run_time),
+                    (job.started_at or datetime.now(UTC))
+                    + timedelta(seconds=job.spec.max_run_time),
                 )
             return response
         if isinstance(item, DrainScanner):
@@ -301,10 +302,10 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
     async def ListScanners(
         self, request: scanner_service_pb2.ListScannersRequest, context: Context
     ) -> scanner_service_pb2.ListScannersResponse:
-        processing = self.manager.processing_by_scanner()
+        processing = self.handler.processing_by_scanner()
         return scanner_service_pb2.ListScannersResponse(
             scanners=[
                 convert.scanner_to_proto(s, processing.get(s.scanner_id, []))
-                for s in self.manager.scanners.all()
+                for s in self.handler.scanners()
             ]
         )

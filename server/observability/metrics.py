@@ -1,8 +1,8 @@
 """Prometheus metrics: the handler's figures as Prometheus text on ``--metrics-listen``.
 
-Two sources, neither of which reaches into the job manager's internals:
+Two sources, both through the handler's façade:
 
-- **Transitions** (``manager.events``): every status change arrives here the moment it
+- **Transitions** (``handler.events``): every status change arrives here the moment it
   happens, so the histograms are exact: dispatch latency (a job's creation to its first
   assignment), run duration (an assignment to the run's end) and runs per job (at a terminal
   status).
@@ -11,7 +11,7 @@ Two sources, neither of which reaches into the job manager's internals:
   the figures are never stale and cost nothing between scrapes.
 
 The HTTP endpoint is a small asyncio server on the handler's own event loop: a scrape reads the
-manager's state on the loop that owns it (no thread ever sees a half-made change) and ``stop``
+handler's state on the loop that owns it (no thread ever sees a half-made change) and ``stop``
 closes it with the handler. Every handler gets its own :class:`CollectorRegistry`, so tests may
 run many handlers in one process.
 
@@ -27,7 +27,6 @@ import contextlib
 import ssl as ssl_module
 from collections.abc import Iterable
 from datetime import UTC, datetime, time
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import structlog
@@ -45,12 +44,10 @@ from prometheus_client.metrics_core import Metric
 
 from imagehandler.errors import Catalogue, HandlerError
 from server.core.model import Job, JobStatus, Lane, Transition
-from server.events import Subscription
-from server.scanners import ScannerSession, ScannerStatus
+from server.service.events import Subscription
+from server.service.handler import Handler, QueueStats
+from server.service.sessions import ScannerSession, ScannerStatus
 from server.validation import parse_release_date
-
-if TYPE_CHECKING:  # the job manager (and the journal under it) may import this module
-    from server.job_manager import JobManager
 
 log = structlog.get_logger("imagehandler.metrics")
 
@@ -135,13 +132,15 @@ def _database_ages(connected: Iterable[ScannerSession], now: datetime) -> GaugeM
 
 
 class StateCollector:
-    """Gauges read from the job manager at scrape time."""
+    """Gauges read from the handler at scrape time (``stats`` is taken just before)."""
 
-    def __init__(self, manager: JobManager) -> None:
-        self._manager = manager
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+        self.stats: QueueStats | None = None
 
     def collect(self) -> Iterable[Metric]:
-        manager = self._manager
+        handler = self._handler
+        stats = self.stats
         now = datetime.now(UTC)
 
         depth = GaugeMetricFamily(
@@ -153,25 +152,25 @@ class StateCollector:
             labels=["lane"],
         )
         for lane in Lane:
-            depth.add_metric([lane.name.lower()], manager.queue.lane_size(lane))
-            head = manager.queue.oldest(lane)
-            oldest.add_metric([lane.name.lower()], _age(head.created_at if head else None, now))
+            depth.add_metric([lane.name.lower()], stats.pending_by_lane[lane] if stats else 0)
+            head = stats.oldest_pending[lane] if stats else None
+            oldest.add_metric([lane.name.lower()], _age(head, now))
         yield depth
         yield oldest
         yield GaugeMetricFamily(
             PREFIX + "queue_limit",
             "Most PENDING jobs allowed at once (--queue-limit; 0 = no limit).",
-            value=manager.config.queue_limit,
+            value=handler.config.queue_limit,
         )
 
         jobs = GaugeMetricFamily(
             PREFIX + "jobs", "Jobs the handler knows, by status.", labels=["status"]
         )
         for status in JobStatus:
-            jobs.add_metric([status.name.lower()], manager.status_counts[status])
+            jobs.add_metric([status.name.lower()], stats.by_status.get(status, 0) if stats else 0)
         yield jobs
 
-        connected = manager.scanners.connected()
+        connected = handler.connected_scanners()
         by_status = dict.fromkeys(
             (ScannerStatus.FREE, ScannerStatus.BUSY, ScannerStatus.DRAINING), 0
         )
@@ -206,47 +205,43 @@ class StateCollector:
         yield GaugeMetricFamily(
             PREFIX + "ready",
             "1 once recovery ended and the handler takes work; 0 while recovering or draining.",
-            value=int(manager.recovered and manager.accepting_submits),
+            value=int(handler.ready and handler.accepting_submits),
         )
 
         yield GaugeMetricFamily(
             PREFIX + "result_backlog",
             "Results waiting for a result worker.",
-            value=manager.results.backlog,
+            value=stats.result_backlog if stats else 0,
         )
-        # The pipeline keeps its jobs in arrival order; a job's last transition (updated_at)
-        # is the one into PROCESSING_RESULTS, also for jobs recovery put back in the pipeline.
-        first = next(iter(manager.results.in_pipeline.values()), None)
         yield GaugeMetricFamily(
             PREFIX + "result_oldest_age_seconds",
             "Time the oldest result not yet processed has waited (0 when none).",
-            value=_age(first.updated_at if first else None, now),
+            value=stats.result_backlog_age if stats else 0.0,
         )
         yield GaugeMetricFamily(
             PREFIX + "result_workers",
             "Result workers (--result-workers, the seed's scanWorkers).",
-            value=manager.config.result_workers,
+            value=handler.config.result_workers,
         )
-        outbox = manager.deliverer
         yield GaugeMetricFamily(
             PREFIX + "deliveries_owed",
             "Jobs that owe the receiving server a delivery (status change, result or verdict).",
-            value=outbox.owing if outbox is not None else 0,
+            value=stats.deliveries_owed if stats else 0,
         )
         yield GaugeMetricFamily(
             PREFIX + "deliveries_oldest_owed_age_seconds",
             "How long the job owing a delivery the longest has waited (0 when none).",
-            value=outbox.oldest_age() if outbox is not None else 0.0,
+            value=stats.deliveries_oldest_age if stats else 0.0,
         )
         yield GaugeMetricFamily(
             PREFIX + "watchers",
             "WatchJobs streams watching every job (each a cursor into the shared event log).",
-            value=manager.events.feeds,
+            value=handler.events.feeds,
         )
         yield GaugeMetricFamily(
             PREFIX + "watch_log_bytes",
             "Bytes of job events kept for watchers of every job (--watch-log-bytes at most).",
-            value=manager.events.logged_bytes,
+            value=handler.events.logged_bytes,
         )
 
 
@@ -254,7 +249,7 @@ class MetricsExporter:
     """The handler's metrics and the HTTP endpoint that serves them."""
 
     def __init__(
-        self, manager: JobManager, listen: str, ssl: ssl_module.SSLContext | None = None
+        self, handler: Handler, listen: str, ssl: ssl_module.SSLContext | None = None
     ) -> None:
         self.listen = listen
         self._ssl = ssl  # HTTPS with the handler's --tls-cert
@@ -306,16 +301,17 @@ class MetricsExporter:
             for status in JobStatus
             if status.terminal
         }
-        self.registry.register(StateCollector(manager))
+        self._state = StateCollector(handler)
+        self.registry.register(self._state)
         self.registry.register(JOURNAL_FSYNC_SECONDS)
         self.registry.register(DELIVERIES_FAILED)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
 
-        self._manager = manager
+        self._handler = handler
         self._subscription = Subscription(self._on_transition)
-        manager.events.subscribe(self._subscription)
+        handler.events.subscribe(self._subscription)
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
@@ -353,7 +349,7 @@ class MetricsExporter:
         return self.port
 
     async def stop(self) -> None:
-        self._manager.events.unsubscribe(self._subscription)
+        self._handler.events.unsubscribe(self._subscription)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -370,6 +366,8 @@ class MetricsExporter:
         try:
             async with asyncio.timeout(_REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
+                # The counts a store may have to be asked for, taken before rendering.
+                self._state.stats = await self._handler.stats() if self._handler.ready else None
                 writer.write(self._respond(head))
                 await writer.drain()
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):

@@ -1,8 +1,8 @@
-"""The job store: what the job manager calls to make changes durable, and recovery at start.
+"""The journal and its snapshots: the embedded store's durable copy of the job tables.
 
-Two implementations with one interface: :class:`MemoryStore` keeps nothing (for throwaway runs)
-and :class:`JournalStore` keeps a journal and snapshots in the data directory. A replicated
-store (PostgreSQL) is the next one.
+:class:`JournalStore` is the :class:`~server.storage.memory.ChangeLog` the in-memory tables
+write every change to (one frame per record; a loop turn's moves are one record), and the
+recovery that reads it back at start: the newest snapshot, then the journals after it.
 """
 
 from __future__ import annotations
@@ -15,25 +15,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import structlog
 
-from imagehandler.errors import Catalogue, HandlerError
 from imagehandler.storage.v1 import storage_pb2
 from imagehandler.v1 import common_pb2, job_service_pb2
 from server.core import state_machine
 from server.core.model import Job, JobFailure, Transition
-from server.storage import codec
-from server.storage.framing import Damage, read_frames, salvage_frames
-from server.storage.journal import FsyncPolicy, Journal, fsync_directory, journal_path
-from server.storage.snapshot import (
+from server.storage.embedded import codec
+from server.storage.embedded.framing import Damage, read_frames, salvage_frames
+from server.storage.embedded.journal import FsyncPolicy, Journal, fsync_directory, journal_path
+from server.storage.embedded.snapshot import (
     SnapshotCorrupt,
     read_snapshot,
     snapshot_generations,
     snapshot_path,
     write_snapshot,
 )
+from server.storage.repository import StorageError
 
 log = structlog.get_logger("imagehandler.storage")
 
@@ -41,7 +40,7 @@ _JOURNAL_NAME = re.compile(r"journal-(\d{8})\.log")
 
 
 @dataclass
-class Recovered:
+class JournalState:
     """What the data directory held."""
 
     jobs: dict[str, Job] = field(default_factory=dict)
@@ -53,102 +52,6 @@ class Recovered:
     lost: list[str] = field(default_factory=list)  # what salvage could not read
     seconds: float = 0.0
     acceptances: dict[str, job_service_pb2.RiskAcceptance] = field(default_factory=dict)
-
-
-class JobStore(Protocol):
-    def created(self, job: Job, message: common_pb2.Job | None = None) -> None:
-        """Record a new job. ``message``: the job as a reply shows it (no history), when the
-        caller built one anyway; the store may copy it instead of building its own."""
-        ...
-
-    def moved(
-        self,
-        job: Job,
-        transition: Transition,
-        *,
-        result: common_pb2.ScanResult | None = None,
-        summary: common_pb2.ResultSummary | None = None,
-    ) -> None: ...
-    def pruned(self, job_ids: Sequence[str]) -> None: ...
-    def delivered(self, job: Job) -> None: ...
-    def risk_accepted(self, acceptance: job_service_pb2.RiskAcceptance) -> None: ...
-    def risk_removed(self, acceptance_id: str) -> None: ...
-    def verdict_changed(self, job: Job) -> None: ...
-    def flush(self) -> None: ...
-    def mark(self) -> int: ...
-    def discard_since(self, mark: int) -> None: ...
-    async def sync(self) -> None: ...
-    def wants_snapshot(self) -> bool: ...
-    async def snapshot(
-        self,
-        jobs: Sequence[Job],
-        next_seq: int,
-        acceptances: Sequence[job_service_pb2.RiskAcceptance] = (),
-    ) -> None: ...
-    async def close(self) -> None: ...
-
-
-class MemoryStore:
-    """Keeps nothing: a restart loses every job. For benchmarks and throwaway runs."""
-
-    def created(self, job: Job, message: common_pb2.Job | None = None) -> None:
-        pass
-
-    def moved(
-        self,
-        job: Job,
-        transition: Transition,
-        *,
-        result: common_pb2.ScanResult | None = None,
-        summary: common_pb2.ResultSummary | None = None,
-    ) -> None:
-        pass
-
-    def pruned(self, job_ids: Sequence[str]) -> None:
-        pass
-
-    def delivered(self, job: Job) -> None:
-        pass
-
-    def risk_accepted(self, acceptance: job_service_pb2.RiskAcceptance) -> None:
-        pass
-
-    def risk_removed(self, acceptance_id: str) -> None:
-        pass
-
-    def verdict_changed(self, job: Job) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def mark(self) -> int:
-        return 0
-
-    def discard_since(self, mark: int) -> None:
-        pass
-
-    async def sync(self) -> None:
-        pass
-
-    def wants_snapshot(self) -> bool:
-        return False
-
-    async def snapshot(
-        self,
-        jobs: Sequence[Job],
-        next_seq: int,
-        acceptances: Sequence[job_service_pb2.RiskAcceptance] = (),
-    ) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-
-class StorageError(HandlerError):
-    def __init__(self, detail: str) -> None:
-        super().__init__(Catalogue.SYSTEM_ERROR, detail)
 
 
 def _replay_move(
@@ -259,10 +162,10 @@ class JournalStore:
                 f"the data directory {self.directory} is in use by another image-handler"
             ) from None
 
-    def recover(self) -> Recovered:
+    def recover(self) -> JournalState:
         """Load the newest snapshot and replay the journals after it (runs before serving)."""
         started = time.perf_counter()
-        state = Recovered()
+        state = JournalState()
         snapshots = snapshot_generations(self.directory)
         if snapshots:
             self._load_snapshot(snapshots[-1], state)
@@ -273,7 +176,7 @@ class JournalStore:
         state.seconds = time.perf_counter() - started
         return state
 
-    def start(self, state: Recovered) -> None:
+    def start(self, state: JournalState) -> None:
         """Open a fresh journal generation after everything recovered."""
         generation = max([state.snapshot_generation, *state.journal_generations, 0]) + 1
         next_lsn = 1 + max((job.lsn for job in state.jobs.values()), default=0)
@@ -297,7 +200,7 @@ class JournalStore:
             if (m := _JOURNAL_NAME.fullmatch(p.name))
         )
 
-    def _load_snapshot(self, generation: int, state: Recovered) -> None:
+    def _load_snapshot(self, generation: int, state: JournalState) -> None:
         path = snapshot_path(self.directory, generation)
         try:
             loaded = read_snapshot(path, salvage=self.salvage)
@@ -317,7 +220,7 @@ class JournalStore:
             state.jobs[job.id] = job
             state.next_seq = max(state.next_seq, job.seq + 1)
 
-    def _replay(self, generation: int, state: Recovered, *, last: bool) -> None:
+    def _replay(self, generation: int, state: JournalState, *, last: bool) -> None:
         path = journal_path(self.directory, generation)
         data = path.read_bytes()
         damages: list[Damage] = []
@@ -353,7 +256,7 @@ class JournalStore:
             moves = len(record.moves.job_ids) if record.HasField("moves") else 1
             self._replayed_lsn = max(self._replayed_lsn, record.lsn + moves - 1)
 
-    def _apply(self, record: storage_pb2.JournalRecord, state: Recovered, path: Path) -> None:
+    def _apply(self, record: storage_pb2.JournalRecord, state: JournalState, path: Path) -> None:
         change = record.WhichOneof("change")
         if change == "created":
             stored = record.created.job
@@ -406,7 +309,7 @@ class JournalStore:
 
     @staticmethod
     def _apply_moves(
-        first_lsn: int, moves: storage_pb2.JobsMoved, state: Recovered, path: Path
+        first_lsn: int, moves: storage_pb2.JobsMoved, state: JournalState, path: Path
     ) -> None:
         errors = dict(zip(moves.error_of, moves.errors, strict=True))
         results = dict(zip(moves.result_of, moves.results, strict=True))
@@ -610,23 +513,3 @@ def _remove_files(paths: Sequence[Path]) -> None:
         path.unlink(missing_ok=True)
     if paths:
         fsync_directory(paths[0].parent)
-
-
-def open_store(
-    kind: str,
-    directory: Path,
-    policy: FsyncPolicy,
-    *,
-    snapshot_bytes: int,
-    salvage: bool,
-    observe_fsync: Callable[[float], None] | None = None,
-) -> MemoryStore | JournalStore:
-    if kind == "memory":
-        return MemoryStore()
-    return JournalStore(
-        directory, policy, snapshot_bytes=snapshot_bytes, salvage=salvage,
-        observe_fsync=observe_fsync,
-    )  # fmt: skip
-
-
-__all__ = ["JobStore", "JournalStore", "MemoryStore", "Recovered", "StorageError", "open_store"]

@@ -14,35 +14,31 @@ Only what the receiving server answered (or a connection that could not be made)
 failed attempt. A wait inside this process (for a pooled connection) is not the receiver's
 fault and is retried without counting.
 
-Two receivers: an HTTP webhook (JSON body, ``X-ImageHandler-Signature: sha256=<HMAC-SHA256 of
-the body with the shared secret>``) and a gRPC ``ResultSinkService`` (``grpc://host:port``).
+The receivers (webhook, gRPC) are in :mod:`server.adapters.receivers`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
-import hmac
-import json
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
-from urllib.parse import urlsplit
 
-import grpc
-import httpx
 import structlog
-from google.protobuf import json_format
 
-from imagehandler.v1 import result_sink_pb2, result_sink_pb2_grpc
+from imagehandler.errors import Catalogue, HandlerError, Reason
+from imagehandler.v1 import common_pb2, result_sink_pb2
+from server import mapping
+from server.core.model import Job, JobFailure, JobStatus
+from server.service.transitions import Transitions
+from server.storage.repository import JobRepository
 
 log = structlog.get_logger("imagehandler.delivery")
 
-SIGNATURE_HEADER = "X-ImageHandler-Signature"
-KEY_HEADER = "X-ImageHandler-Idempotency-Key"
 # A delivery that waited inside this process is tried again after this long, uncounted.
 DEFERRED_RETRY_SECONDS = 0.05
 
@@ -59,67 +55,6 @@ class DeliveryDeferred(Exception):
 class Receiver(Protocol):
     async def send(self, request: result_sink_pb2.DeliverRequest) -> None: ...
     async def close(self) -> None: ...
-
-
-def sign(secret: bytes, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
-
-
-class WebhookReceiver:
-    def __init__(self, url: str, secret: bytes, timeout: float, connections: int) -> None:
-        self.url = url
-        self.secret = secret
-        # As many pooled connections as senders, and no pool timeout: a sender never waits for
-        # a connection, and if it ever did, the wait would not count against the receiver.
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, pool=None),
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-        )
-
-    async def send(self, request: result_sink_pb2.DeliverRequest) -> None:
-        body = json.dumps(
-            json_format.MessageToDict(request, preserving_proto_field_name=True),
-            separators=(",", ":"),
-        ).encode()
-        headers = {
-            "Content-Type": "application/json",
-            KEY_HEADER: request.idempotency_key,
-            SIGNATURE_HEADER: sign(self.secret, body),
-        }
-        try:
-            response = await self._client.post(self.url, content=body, headers=headers)
-        except httpx.PoolTimeout as exc:
-            raise DeliveryDeferred(f"waited for a pooled connection: {exc}") from None
-        except httpx.HTTPError as exc:
-            raise DeliveryFailed(f"{type(exc).__name__}: {exc}") from None
-        if not 200 <= response.status_code < 300:
-            raise DeliveryFailed(f"HTTP {response.status_code}: {response.text[:200]}")
-
-    async def close(self) -> None:
-        await self._client.aclose()
-
-
-class GrpcSinkReceiver:
-    def __init__(self, target: str, timeout: float) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
-        self._stub = result_sink_pb2_grpc.ResultSinkServiceStub(self._channel)
-        self._timeout = timeout
-
-    async def send(self, request: result_sink_pb2.DeliverRequest) -> None:
-        try:
-            await self._stub.Deliver(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise DeliveryFailed(f"{exc.code().name}: {exc.details()}") from None
-
-    async def close(self) -> None:
-        await self._channel.close(None)
-
-
-def open_receiver(url: str, secret: bytes, timeout: float, connections: int) -> Receiver:
-    scheme = urlsplit(url).scheme
-    if scheme == "grpc":
-        return GrpcSinkReceiver(urlsplit(url).netloc, timeout)
-    return WebhookReceiver(url, secret, timeout, connections)
 
 
 class Kind(enum.Enum):
@@ -146,9 +81,9 @@ class Owed(Protocol):
     async def next_delivery(self, job_id: str) -> Delivery | None:
         """The job's next owed event (journaled before it is returned), or None."""
 
-    def delivered(self, delivery: Delivery) -> None: ...
+    async def delivered(self, delivery: Delivery) -> None: ...
 
-    def failed(self, delivery: Delivery, answer: str, failures: int) -> None:
+    async def failed(self, delivery: Delivery, answer: str, failures: int) -> None:
         """The receiver refused it; ``failures`` in a row for this job, this one included."""
 
 
@@ -275,16 +210,18 @@ class Outbox:
                 self._retry_later(job_id, tracked, DEFERRED_RETRY_SECONDS)
                 continue
             except DeliveryFailed as exc:
-                self._failed(job_id, tracked, delivery, str(exc) or "no answer")
+                await self._failed(job_id, tracked, delivery, str(exc) or "no answer")
                 continue
             self._streak = 0
             tracked.failures = 0
             tracked.last_answer = ""
-            self._owed.delivered(delivery)
+            await self._owed.delivered(delivery)
             # To the back of the line: a job with many owed events does not hold a sender.
             self._make_ready(job_id)
 
-    def _failed(self, job_id: str, tracked: _Tracked, delivery: Delivery, answer: str) -> None:
+    async def _failed(
+        self, job_id: str, tracked: _Tracked, delivery: Delivery, answer: str
+    ) -> None:
         tracked.failures += 1
         tracked.last_answer = answer
         self._streak += 1
@@ -298,7 +235,7 @@ class Outbox:
         )
         loop = asyncio.get_running_loop()
         self._paused_until = max(self._paused_until, loop.time() + self._delay(self._streak))
-        self._owed.failed(delivery, answer, tracked.failures)
+        await self._owed.failed(delivery, answer, tracked.failures)
         self._retry_later(job_id, tracked, self._delay(tracked.failures))
 
     def _delay(self, failures: int) -> float:
@@ -310,3 +247,179 @@ class Outbox:
         tracked.state = _State.WAITING
         loop = asyncio.get_running_loop()
         self._timers[job_id] = loop.call_later(delay, self._make_ready, job_id)
+
+
+PROCESSING = frozenset({JobStatus.PROCESSING_RESULTS})
+
+
+class DeliveryBook:
+    """What each job owes the receiving server, read from the job itself, in order: its
+    status changes, then its processed result, then a verdict change."""
+
+    def __init__(
+        self,
+        repository: JobRepository,
+        transitions: Transitions,
+        receiver: Receiver,
+        *,
+        senders: int,
+        attempts: int,
+        backoff: float,
+        max_backoff: float,
+        on_failure: Callable[[], None],
+        load_result: Callable[[Job], Awaitable[common_pb2.ScanResult | None]],
+        position: Callable[[Job], Awaitable[int]],
+    ) -> None:
+        self._repository = repository
+        self._transitions = transitions
+        self._attempts = attempts
+        self._load_result = load_result
+        self._position = position
+        self.outbox = Outbox(
+            receiver,
+            self,
+            senders=senders,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            on_failure=on_failure,
+        )
+        transitions.owe = self.outbox.owe
+
+    def start(self) -> None:
+        self.outbox.start()
+
+    async def stop(self) -> None:
+        # What is owed is read from the jobs again after a restart (results: the job is still
+        # PROCESSING_RESULTS; the rest: the store knows what was acknowledged).
+        await self.outbox.close()
+
+    def owe(self, job: Job) -> None:
+        self.outbox.owe(job.id)
+
+    def deliver_result(self, job: Job) -> None:
+        """The job's processed result waits in PROCESSING_RESULTS for the receiving server."""
+        job.awaiting_delivery = True
+        self.outbox.owe(job.id)
+
+    def owed(self, job: Job) -> int:
+        """Deliveries the job still owes the receiving server."""
+        owed = len(job.history) - job.delivered
+        if job.awaiting_delivery:
+            owed += 1
+        if job.verdict_delivered < job.verdict_version:
+            owed += 1
+        return owed
+
+    def last_answer(self, job: Job) -> str:
+        return self.outbox.last_answer(job.id)
+
+    async def next_delivery(self, job_id: str) -> Delivery | None:
+        """The job's next owed event. The store has it before anyone hears of it."""
+        job = await self._repository.get(job_id)
+        if job is None:
+            return None  # pruned
+        self._repository.flush()
+        if job.delivered < len(job.history):
+            request = result_sink_pb2.DeliverRequest(idempotency_key=f"{job.id}:{job.delivered}")
+            mapping.set_job(request.job, job, position=await self._position(job))
+            mapping.set_transition(request.transition, job.history[job.delivered])
+            return Delivery(job.id, Kind.STATUS, request, job.delivered + 1)
+        if job.awaiting_delivery:
+            result = await self._load_result(job)
+            if result is None:
+                await self._undeliverable(job, "the stored result could not be read")
+                return await self.next_delivery(job_id)
+            request = result_sink_pb2.DeliverRequest(
+                idempotency_key=f"{job.id}:result:{job.runs}", result=result
+            )
+            mapping.set_job(request.job, job, position=0)
+            return Delivery(job.id, Kind.RESULT, request, job.runs)
+        if job.verdict_delivered < job.verdict_version and job.status is JobStatus.FINISHED:
+            request = result_sink_pb2.DeliverRequest(
+                idempotency_key=f"{job.id}:verdict:{job.verdict_version}"
+            )
+            mapping.set_job(request.job, job, position=0)
+            change = request.verdict_change
+            change.verdict = job.result_summary.verdict
+            change.summary.CopyFrom(job.result_summary)
+            change.cause = job.verdict_cause
+            return Delivery(job.id, Kind.VERDICT, request, job.verdict_version)
+        return None
+
+    async def delivered(self, delivery: Delivery) -> None:
+        job = await self._repository.get(delivery.job_id)
+        if job is None:
+            return
+        if delivery.kind is Kind.STATUS:
+            if delivery.mark > job.delivered:
+                job.delivered = delivery.mark
+                await self._repository.acknowledge(job)
+        elif delivery.kind is Kind.VERDICT:
+            if delivery.mark > job.verdict_delivered:
+                job.verdict_delivered = delivery.mark
+                await self._repository.acknowledge(job)
+        elif job.awaiting_delivery and job.status is JobStatus.PROCESSING_RESULTS:
+            job.awaiting_delivery = False
+            moved = await self._repository.move(
+                job.id,
+                JobStatus.FINISHED,
+                expect=PROCESSING,
+                at=datetime.now(UTC),
+                reason="results delivered",
+                summary=job.result_summary,
+            )
+            if moved is not None:
+                self._transitions.moved(moved)
+
+    async def failed(self, delivery: Delivery, answer: str, failures: int) -> None:
+        """A job whose result waits on a receiver that keeps refusing records HNDL-001 and
+        keeps its result; its status changes go on being retried."""
+        job = await self._repository.get(delivery.job_id)
+        if job is None or not job.awaiting_delivery:
+            return
+        if failures >= self._attempts:
+            await self._undeliverable(job, answer)
+
+    async def _undeliverable(self, job: Job, answer: str) -> None:
+        job.awaiting_delivery = False
+        if job.status is not JobStatus.PROCESSING_RESULTS:
+            return
+        error = HandlerError(Catalogue.MDW_ADAPTER_SEND_STATUS, answer)
+        moved = await self._repository.move(
+            job.id,
+            JobStatus.ERROR,
+            expect=PROCESSING,
+            at=datetime.now(UTC),
+            reason="delivery to the receiving server failed; the result is kept",
+            error=JobFailure(error.code, error.message, error.detail),
+            summary=job.result_summary,
+        )
+        if moved is not None:
+            self._transitions.moved(moved)
+
+    async def redeliver(self, job: Job) -> Job:
+        """Deliver a kept result again after HNDL-001."""
+        failed_delivery = (
+            job.status is JobStatus.ERROR
+            and job.error is not None
+            and job.error.code == Catalogue.MDW_ADAPTER_SEND_STATUS.code
+        )
+        if not failed_delivery or job.result_summary is None:
+            raise HandlerError(
+                Catalogue.JOB_ID_INVALID,
+                f"job {job.id} is {job.status.name} and has no undelivered result; only a job "
+                "whose delivery failed (HNDL-001) can be redelivered",
+                reason=Reason.FAILED_PRECONDITION,
+            )
+        moved = await self._repository.move(
+            job.id,
+            JobStatus.PROCESSING_RESULTS,
+            expect=frozenset({JobStatus.ERROR}),
+            at=datetime.now(UTC),
+            reason="redelivery requested",
+        )
+        if moved is None:
+            return job
+        self._transitions.moved(moved)
+        self.deliver_result(moved.job)
+        return moved.job

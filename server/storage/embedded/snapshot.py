@@ -20,9 +20,9 @@ from pathlib import Path
 
 from imagehandler.storage.v1 import storage_pb2
 from server.core.model import Job
-from server.storage import codec
-from server.storage.framing import Damage, frame, read_frames, salvage_frames
-from server.storage.journal import fsync_directory
+from server.storage.embedded import codec
+from server.storage.embedded.framing import Damage, frame, read_frames, salvage_frames
+from server.storage.embedded.journal import fsync_directory
 
 MAGIC = b"IHSNAP1\n"
 CHUNK = 250  # jobs serialized between two yields to the event loop (about 5 ms)

@@ -2,9 +2,9 @@
 
 A result moves its job to PROCESSING_RESULTS and waits in arrival order for one of the result
 workers (the seed's ``scanWorkers``). A worker checks the result, summarises it under the
-verdict policy and, for a large one, writes it to the data directory, in a worker thread so the
-event loop keeps dispatching; then the job manager forwards it (when a receiving server is
-configured) and finishes the job. The backlog is bounded by back-pressure: the dispatcher
+verdict policy and keeps a large one apart (the repository's ``write_result``), in a worker
+thread so the event loop keeps dispatching; then the job is FINISHED, or waits for the
+receiving server when one is configured. The backlog is bounded by back-pressure: dispatch
 assigns nothing new while it is at its limit.
 """
 
@@ -12,22 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
 
 import structlog
 
 from imagehandler.errors import Catalogue, HandlerError
 from imagehandler.v1 import common_pb2
-from server.core.model import Job
-from server.core.verdicts import VerdictPolicy
+from server.config import Config
+from server.core.model import Job, JobFailure, JobStatus, Transition
+from server.core.verdicts import Acceptances, VerdictPolicy
+from server.service.events import Subscription
+from server.service.sessions import RejectMessage, ScannerRegistry
 from server.service.summaries import summarize
-from server.storage.result_files import ResultFiles
+from server.service.transitions import Transitions
+from server.storage.repository import INLINE_RESULT_BYTES, JobRepository
 
 log = structlog.get_logger("imagehandler.results")
 
-# Results up to this size go into the journal with their job; larger ones into a file.
-INLINE_RESULT_BYTES = 64 * 1024
 MAX_FINDINGS = 1_000_000
 # A worker takes up to this many waiting results at once (one thread hop for all of them).
 RESULT_BATCH = 64
@@ -71,17 +75,24 @@ def check_result(result: common_pb2.ScanResult) -> None:
             raise bad(f"secrets[{index}] has no rule_id")
 
 
+class ResultStore(Protocol):
+    """Where large results are kept apart from their job (the repository; thread-safe)."""
+
+    def write_result(self, job_id: str, payload: bytes) -> None: ...
+    def read_result(self, job_id: str) -> bytes | None: ...
+
+
 def process(
     job_id: str,
     result: common_pb2.ScanResult | None,
     policy: VerdictPolicy,
     accepted: set[str],
-    files: ResultFiles,
+    files: ResultStore,
 ) -> Processed:
     """The worker's part, run in a thread: check, summarise, store a large result.
     ``result`` None: it is already in its file (a restart), read it from there."""
     if result is None:
-        payload = files.read(job_id)
+        payload = files.read_result(job_id)
         if payload is None:
             raise HandlerError(Catalogue.SYSTEM_ERROR, f"the stored result of {job_id} is gone")
         summary = summarize(common_pb2.ScanResult.FromString(payload), policy, accepted)
@@ -90,12 +101,14 @@ def process(
     summary = summarize(result, policy, accepted)
     in_file = result.ByteSize() > INLINE_RESULT_BYTES
     if in_file:
-        files.write(job_id, result.SerializeToString())
+        files.write_result(job_id, result.SerializeToString())
     return Processed(summary, in_file)
 
 
+PROCESSING = frozenset({JobStatus.PROCESSING_RESULTS})
+
 Prepare = Callable[[Job], tuple[common_pb2.ScanResult | None, set[str]]]
-Finish = Callable[[Job, "Processed | HandlerError"], None]
+Finish = Callable[[Job, "Processed | HandlerError"], Awaitable[None]]
 
 
 class ResultPipeline:
@@ -105,7 +118,7 @@ class ResultPipeline:
         self,
         workers: int,
         policy: VerdictPolicy,
-        files: ResultFiles,
+        files: ResultStore,
         prepare: Prepare,
         finish: Finish,
     ) -> None:
@@ -177,7 +190,7 @@ class ResultPipeline:
                     outcome = HandlerError(Catalogue.SYSTEM_ERROR, "result processing failed")
                 self.in_pipeline.pop(job.id, None)
                 self._arrived.pop(job.id, None)
-                self._finish(job, outcome)
+                await self._finish(job, outcome)
 
     def _process_many(
         self, work: list[tuple[int, Job, common_pb2.ScanResult | None, set[str]]]
@@ -194,3 +207,112 @@ class ResultPipeline:
                 outcome = HandlerError(Catalogue.SYSTEM_ERROR, "result processing failed")
             out.append((index, outcome))
         return out
+
+
+class Completion:
+    """From a result's arrival to FINISHED (or to the receiving server): the result workers,
+    and the jobs in PROCESSING_RESULTS by scanner for ListScanners."""
+
+    def __init__(
+        self,
+        config: Config,
+        repository: JobRepository,
+        transitions: Transitions,
+        registry: ScannerRegistry,
+        policy: VerdictPolicy,
+        acceptances: Acceptances,
+        *,
+        request_dispatch: Callable[[], None],
+    ) -> None:
+        self._repository = repository
+        self._transitions = transitions
+        self._registry = registry
+        self._acceptances = acceptances
+        self._request_dispatch = request_dispatch
+        self.pipeline = ResultPipeline(
+            config.result_workers, policy, repository, self._prepare, self._finish
+        )
+        # The job's processed result waits for the receiving server (the delivery book's
+        # owe), when one is configured.
+        self.deliver: Callable[[Job], None] | None = None
+        # Jobs in PROCESSING_RESULTS: with a result worker, or waiting on delivery.
+        self.processing: dict[str, Job] = {}
+        transitions.events.subscribe(Subscription(self._track))
+
+    def _track(self, job: Job, transition: Transition) -> None:
+        if transition.to_status is JobStatus.PROCESSING_RESULTS:
+            self.processing[job.id] = job
+        elif transition.from_status is JobStatus.PROCESSING_RESULTS:
+            self.processing.pop(job.id, None)
+
+    def start(self) -> None:
+        self.pipeline.start()
+
+    async def stop(self) -> None:
+        await self.pipeline.stop()
+
+    def submit(self, job: Job) -> None:
+        self.pipeline.submit(job)
+
+    @property
+    def backlog(self) -> int:
+        return self.pipeline.backlog
+
+    def processing_by_scanner(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for job in self.processing.values():
+            out.setdefault(job.scanner_id, []).append(job.id)
+        return out
+
+    def _prepare(self, job: Job) -> tuple[common_pb2.ScanResult | None, set[str]]:
+        """On the loop, for a worker: the result (None: read it from where it was kept) and
+        the findings accepted for this job."""
+        acceptances = self._acceptances
+        accepted = acceptances.accepted_for(job, datetime.now(UTC)) if acceptances.by_id else set()
+        return job.result, accepted
+
+    async def _finish(self, job: Job, outcome: Processed | HandlerError) -> None:
+        self._request_dispatch()  # the backlog shrank: held-back assignments may go
+        if job.status is not JobStatus.PROCESSING_RESULTS:
+            return
+        if isinstance(outcome, HandlerError):
+            moved = await self._repository.move(
+                job.id,
+                JobStatus.ERROR,
+                expect=PROCESSING,
+                at=datetime.now(UTC),
+                reason="result rejected",
+                error=JobFailure(outcome.code, outcome.message, outcome.detail),
+            )
+            if moved is not None:
+                self._transitions.moved(moved)
+            session = self._registry.live(job.scanner_id)
+            if session is not None:
+                session.send(RejectMessage(outcome, job.id))
+            return
+        job.result_summary = outcome.summary
+        if outcome.in_file:
+            job.result_in_file = True
+            job.result = None  # kept apart now: keep RAM for the queue
+        if self.deliver is not None:
+            self.deliver(job)
+            return
+        moved = await self._repository.move(
+            job.id,
+            JobStatus.FINISHED,
+            expect=PROCESSING,
+            at=datetime.now(UTC),
+            reason="results stored",
+            summary=outcome.summary,
+        )
+        if moved is not None:
+            self._transitions.moved(moved)
+
+    async def load_result(self, job: Job) -> common_pb2.ScanResult | None:
+        if job.result is not None:
+            result: common_pb2.ScanResult = job.result
+            return result
+        if not job.result_in_file:
+            return None
+        payload = await asyncio.to_thread(self._repository.read_result, job.id)
+        return common_pb2.ScanResult.FromString(payload) if payload is not None else None

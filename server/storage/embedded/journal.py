@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from imagehandler.errors import Catalogue, HandlerError, Reason
-from server.storage.framing import frame
+from server.storage.embedded.framing import frame
 
 
 class FsyncPolicy(enum.StrEnum):

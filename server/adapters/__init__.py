@@ -1,0 +1,1 @@
+"""Outside systems the handler talks to (the receiving server)."""

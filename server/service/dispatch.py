@@ -1,0 +1,89 @@
+"""Dispatch: once per loop turn at most, the Free scanners in ring order ask the repository for
+work; what each gets goes to it in one assignment message.
+
+Many submits or results in one turn share one pass. While more results wait for the result
+workers than ``--result-backlog-limit``, nothing new is assigned (back-pressure); every
+finished result asks for a pass again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import structlog
+
+from server.scheduling.dispatcher import FreeRing
+from server.service.sessions import AssignJobs, ScannerSession
+from server.service.transitions import Transitions
+from server.storage.repository import Demand, JobRepository, Moved
+
+log = structlog.get_logger("imagehandler")
+
+Assigned = Callable[[ScannerSession, list[Moved]], None]
+
+
+class Dispatch:
+    def __init__(
+        self,
+        repository: JobRepository,
+        transitions: Transitions,
+        ring: FreeRing[ScannerSession],
+        *,
+        backlog: Callable[[], int],
+        backlog_limit: int,
+    ) -> None:
+        self._repository = repository
+        self._transitions = transitions
+        self.ring = ring
+        self._backlog = backlog
+        self._backlog_limit = backlog_limit
+        # The run supervisor's bookkeeping for jobs handed to a session (set by the handler).
+        self.assigned: Assigned = lambda session, moves: None
+        self._wanted = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="dispatch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def request(self) -> None:
+        """Dispatch soon, once: many requests in one loop turn share one pass."""
+        self._wanted.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            try:
+                await self.once()
+            except Exception:  # the dispatcher must outlive any one failed pass
+                log.exception("dispatch.failed")
+
+    async def once(self) -> None:
+        if self._backlog() >= self._backlog_limit:
+            return
+        sessions = self.ring.members()
+        if not sessions:
+            return
+        demands = [Demand(s.scanner_id, s.kinds, s.free_slots) for s in sessions]
+        claimed = await self._repository.claim(demands, at=datetime.now(UTC))
+        if not claimed:
+            return
+        batches: dict[int, list[Moved]] = {}
+        for item in claimed:
+            batches.setdefault(item.index, []).append(item.moved)
+            self._transitions.moved(item.moved)
+        for index, moves in batches.items():
+            session = sessions[index]
+            self.assigned(session, moves)  # ends the runs at once if the session left meanwhile
+            if session.connected:
+                session.send(AssignJobs(tuple(moved.job for moved in moves)))
+        for item in claimed:
+            self.ring.took(sessions[item.index])

@@ -1,0 +1,422 @@
+"""The job repository in memory: the tables, the indexes and the queue.
+
+Every job lives here with its indexes (by id, by arrival, by object for deduplication, by
+idempotency key) and, while PENDING, in the FIFO :class:`~server.scheduling.queue.JobQueue`.
+Each change is also handed to a :class:`ChangeLog`: none here (nothing survives a restart), a
+journal with snapshots in :class:`server.storage.embedded.EmbeddedRepository`. The operations
+answer without suspending, so the event loop's one-turn batching (one dispatch pass, one
+journal record of moves per turn) works as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from sortedcontainers import SortedDict
+
+from imagehandler.v1 import common_pb2, job_service_pb2
+from server import mapping
+from server.core import state_machine
+from server.core.ids import new_job_id
+from server.core.model import Job, JobFailure, JobSpec, JobStatus, Lane, Transition
+from server.scheduling.queue import JobQueue
+from server.storage.repository import (
+    INLINE_RESULT_BYTES,
+    Claimed,
+    Counts,
+    Demand,
+    Inserted,
+    JobFilter,
+    Moved,
+    Recovered,
+    queue_full,
+)
+from server.storage.result_files import MemoryResultFiles, ResultFiles
+
+
+class ChangeLog(Protocol):
+    """What the tables tell their durable copy, change by change (the embedded journal)."""
+
+    def created(self, job: Job, message: common_pb2.Job | None = None) -> None: ...
+    def moved(
+        self,
+        job: Job,
+        transition: Transition,
+        *,
+        result: common_pb2.ScanResult | None = None,
+        summary: common_pb2.ResultSummary | None = None,
+    ) -> None: ...
+    def pruned(self, job_ids: Sequence[str]) -> None: ...
+    def delivered(self, job: Job) -> None: ...
+    def risk_accepted(self, acceptance: job_service_pb2.RiskAcceptance) -> None: ...
+    def risk_removed(self, acceptance_id: str) -> None: ...
+    def verdict_changed(self, job: Job) -> None: ...
+    def flush(self) -> None: ...
+    def mark(self) -> int: ...
+    def discard_since(self, mark: int) -> None: ...
+    async def sync(self) -> None: ...
+
+
+class NoLog:
+    """Keeps nothing."""
+
+    def created(self, job: Job, message: common_pb2.Job | None = None) -> None:
+        pass
+
+    def moved(
+        self,
+        job: Job,
+        transition: Transition,
+        *,
+        result: common_pb2.ScanResult | None = None,
+        summary: common_pb2.ResultSummary | None = None,
+    ) -> None:
+        pass
+
+    def pruned(self, job_ids: Sequence[str]) -> None:
+        pass
+
+    def delivered(self, job: Job) -> None:
+        pass
+
+    def risk_accepted(self, acceptance: job_service_pb2.RiskAcceptance) -> None:
+        pass
+
+    def risk_removed(self, acceptance_id: str) -> None:
+        pass
+
+    def verdict_changed(self, job: Job) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def mark(self) -> int:
+        return 0
+
+    def discard_since(self, mark: int) -> None:
+        pass
+
+    async def sync(self) -> None:
+        pass
+
+
+class MemoryRepository:
+    """The job repository in memory. With ``log`` every change is also journaled."""
+
+    def __init__(
+        self,
+        *,
+        interactive_share: float = 0.8,
+        log: ChangeLog | None = None,
+        result_files: ResultFiles | None = None,
+    ) -> None:
+        self.log: ChangeLog = log if log is not None else NoLog()
+        self.result_files = result_files if result_files is not None else MemoryResultFiles()
+        self.jobs: dict[str, Job] = {}
+        self._by_seq: SortedDict[int, Job] = SortedDict()
+        self._next_seq = 1
+        self._active_by_key: dict[tuple[Any, ...], Job] = {}
+        self._by_idempotency_key: dict[str, Job] = {}
+        self._status_counts: Counter[JobStatus] = Counter()
+        self.queue = JobQueue(interactive_share)
+        self._acceptances: dict[str, job_service_pb2.RiskAcceptance] = {}
+
+    # ----- life cycle ------------------------------------------------------------------------
+
+    async def open(self) -> Recovered:
+        return Recovered()
+
+    async def close(self) -> None:
+        pass
+
+    async def commit(self) -> None:
+        await self.log.sync()
+
+    def flush(self) -> None:
+        self.log.flush()
+
+    async def maintain(self) -> None:
+        pass
+
+    def load(
+        self,
+        jobs: dict[str, Job],
+        next_seq: int,
+        acceptances: dict[str, job_service_pb2.RiskAcceptance],
+    ) -> Recovered:
+        """Rebuild the tables and the queue from recovered jobs (the embedded store's
+        recovery); what was under way is listed for the service to end."""
+        self._next_seq = max(self._next_seq, next_seq)
+        out = Recovered(jobs=len(jobs))
+        for job in sorted(jobs.values(), key=lambda j: j.seq):
+            self.jobs[job.id] = job
+            self._by_seq[job.seq] = job
+            self._status_counts[job.status] += 1
+            if job.spec.idempotency_key:
+                self._by_idempotency_key[job.spec.idempotency_key] = job
+            if job.status.active:
+                self._active_by_key[job.key] = job
+            if job.status is JobStatus.PENDING:
+                self.queue.push(job)
+            elif job.status in (JobStatus.IN_PROGRESS, JobStatus.PROCESSING_RESULTS):
+                out.interrupted.append(job)
+        self._acceptances = dict(acceptances)
+        return out
+
+    # ----- jobs ------------------------------------------------------------------------------
+
+    async def insert_many(
+        self, specs: Sequence[JobSpec], *, at: datetime, queue_limit: int = 0
+    ) -> list[Inserted]:
+        # Decide duplicates first so the queue limit counts only jobs that would be new.
+        keys = [spec.dedup_key() for spec in specs]
+        existing = [self._existing(spec, key) for spec, key in zip(specs, keys, strict=True)]
+        fresh = sum(1 for job in existing if job is None)
+        if queue_limit and fresh and len(self.queue) + fresh > queue_limit:
+            raise queue_full(queue_limit, len(self.queue), fresh)
+        out: list[Inserted] = []
+        created: list[Job] = []
+        mark = self.log.mark()
+        for spec, key, found in zip(specs, keys, existing, strict=True):
+            if found is None:
+                # A batch may repeat an object: the second copy is a duplicate of the first.
+                found = self._existing(spec, key)
+            if found is not None:
+                out.append(Inserted(found, duplicate=True))
+                continue
+            job, message = self._create(spec, at)
+            created.append(job)
+            out.append(Inserted(job, duplicate=False, message=message))
+        try:
+            self.log.flush()
+        except Exception:
+            self.log.discard_since(mark)
+            for job in created:
+                self._forget(job)
+                self.queue.remove(job)
+            raise
+        return out
+
+    def _existing(self, spec: JobSpec, key: tuple[Any, ...]) -> Job | None:
+        if spec.idempotency_key:
+            job = self._by_idempotency_key.get(spec.idempotency_key)
+            if job is not None:
+                return job
+        job = self._active_by_key.get(key)
+        if job is not None and job.status.active:
+            return job
+        return None
+
+    def _create(self, spec: JobSpec, at: datetime) -> tuple[Job, common_pb2.Job]:
+        job = Job(id=new_job_id(), seq=self._next_seq, spec=spec, created_at=at)
+        self._next_seq += 1
+        self.jobs[job.id] = job
+        self._by_seq[job.seq] = job
+        self._active_by_key[job.key] = job
+        if spec.idempotency_key:
+            self._by_idempotency_key[spec.idempotency_key] = job
+        self.queue.push(job)
+        state_machine.record_creation(job, at)
+        self._status_counts[JobStatus.PENDING] += 1
+        # The reply's message, built once: the journal record copies it.
+        message = mapping.job_to_proto(job, position=self.queue.position(job))
+        self.log.created(job, message)
+        return job, message
+
+    def _forget(self, job: Job) -> None:
+        """Remove a job from every index (a failed insert, or retention)."""
+        self.jobs.pop(job.id, None)
+        self._by_seq.pop(job.seq, None)
+        self._status_counts[job.status] -= 1
+        if self._active_by_key.get(job.key) is job:
+            del self._active_by_key[job.key]
+        if self._by_idempotency_key.get(job.spec.idempotency_key) is job:
+            del self._by_idempotency_key[job.spec.idempotency_key]
+
+    async def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    async def page(
+        self, where: JobFilter, after_seq: int, size: int
+    ) -> tuple[list[Job], int | None]:
+        page: list[Job] = []
+        by_seq = self._by_seq
+        for seq in by_seq.irange(minimum=after_seq, inclusive=(False, True)):
+            job = by_seq[seq]
+            if not where.matches(job):
+                continue
+            if len(page) == size:
+                return page, page[-1].seq
+            page.append(job)
+        return page, None
+
+    async def counts(self) -> Counts:
+        queue = self.queue
+        return Counts(
+            by_status=dict(self._status_counts),
+            pending_by_lane={lane: queue.lane_size(lane) for lane in Lane},
+            oldest_pending={
+                lane: (job.created_at if (job := queue.oldest(lane)) else None) for lane in Lane
+            },
+        )
+
+    def counts_now(self) -> Counts:
+        """:meth:`counts` for readers that cannot await (metrics at scrape time)."""
+        coroutine = self.counts()
+        try:
+            coroutine.send(None)
+        except StopIteration as done:
+            counts: Counts = done.value
+            return counts
+        raise RuntimeError("MemoryRepository.counts suspended")  # it never does
+
+    async def position(self, job: Job) -> int:
+        return self.queue.position(job) if job.status is JobStatus.PENDING else 0
+
+    def position_hint(self, job: Job) -> int:
+        return self.queue.position(job) if job.status is JobStatus.PENDING else 0
+
+    async def select(self, statuses: frozenset[JobStatus]) -> list[Job]:
+        return [job for job in self._by_seq.values() if job.status in statuses]
+
+    # ----- runs ------------------------------------------------------------------------------
+
+    async def claim(self, demands: Sequence[Demand], *, at: datetime) -> list[Claimed]:
+        """One job per demand per pass, in the demands' order, until the demands are full or
+        nothing queued fits; a pass reads demands a few at a time (no more than there are
+        jobs), so its cost follows the jobs handed out, not the number of demands."""
+        out: list[Claimed] = []
+        queue = self.queue
+        room = [demand.slots for demand in demands]
+        live = [i for i, slots in enumerate(room) if slots > 0]
+        while queue and live:
+            took: list[int] = []
+            for index in live:
+                if not queue:
+                    break
+                demand = demands[index]
+                job = queue.pop_for(demand.kinds)
+                if job is None:
+                    continue
+                out.append(Claimed(index, self._moved(job, JobStatus.IN_PROGRESS, at, "assigned",
+                                                      scanner_id=demand.scanner_id)))  # fmt: skip
+                room[index] -= 1
+                took.append(index)
+            if not took:
+                break
+            live = [i for i in took if room[i] > 0]
+        return out
+
+    async def move(
+        self,
+        job_id: str,
+        to_status: JobStatus,
+        *,
+        expect: frozenset[JobStatus],
+        run: int = 0,
+        at: datetime,
+        reason: str,
+        scanner_id: str = "",
+        error: JobFailure | None = None,
+        result: Any = None,
+        summary: Any = None,
+    ) -> Moved | None:
+        job = self.jobs.get(job_id)
+        if job is None or job.status not in expect or (run and job.runs != run):
+            return None
+        if job.status is JobStatus.PENDING:
+            self.queue.remove(job)
+        moved = self._moved(
+            job, to_status, at, reason, scanner_id=scanner_id, error=error, result=result,
+            summary=summary,
+        )  # fmt: skip
+        if to_status is JobStatus.PENDING:
+            self.queue.push(job)
+        return moved
+
+    def _moved(
+        self,
+        job: Job,
+        to_status: JobStatus,
+        at: datetime,
+        reason: str,
+        *,
+        scanner_id: str = "",
+        error: JobFailure | None = None,
+        result: Any = None,
+        summary: Any = None,
+    ) -> Moved:
+        """The one place the tables change a job's status."""
+        from_status = job.status
+        transition = state_machine.move(
+            job, to_status, at=at, reason=reason, scanner_id=scanner_id, error=error
+        )
+        if result is not None:
+            job.result = result
+        if summary is not None:
+            job.result_summary = summary
+        # A result is journaled with its move while small; a large one is written apart.
+        inline = result if result is not None and result.ByteSize() <= INLINE_RESULT_BYTES else None
+        self.log.moved(job, transition, result=inline, summary=summary)
+        self._status_counts[from_status] -= 1
+        self._status_counts[to_status] += 1
+        if not to_status.active and self._active_by_key.get(job.key) is job:
+            del self._active_by_key[job.key]
+        return Moved(job, transition)
+
+    # ----- results, deliveries, verdicts, acceptances ----------------------------------------
+
+    def write_result(self, job_id: str, payload: bytes) -> None:
+        self.result_files.write(job_id, payload)
+
+    def read_result(self, job_id: str) -> bytes | None:
+        return self.result_files.read(job_id)
+
+    async def acknowledge(self, job: Job) -> None:
+        self.log.delivered(job)
+
+    async def verdict_changed(self, job: Job) -> None:
+        self.log.verdict_changed(job)
+
+    async def add_acceptance(self, record: job_service_pb2.RiskAcceptance) -> None:
+        self._acceptances[record.id] = record
+        self.log.risk_accepted(record)
+
+    async def remove_acceptance(self, acceptance_id: str) -> None:
+        if self._acceptances.pop(acceptance_id, None) is not None:
+            self.log.risk_removed(acceptance_id)
+
+    async def acceptances(self) -> list[job_service_pb2.RiskAcceptance]:
+        return list(self._acceptances.values())
+
+    async def prune(self, before: datetime) -> list[str]:
+        old = [
+            job
+            for job in self._by_seq.values()
+            if job.status.terminal and job.finished_at is not None and job.finished_at < before
+        ]
+        if not old:
+            return []
+        ids = [job.id for job in old]
+        self.log.pruned(ids)
+        files = [job.id for job in old if job.result_in_file]
+        for job in old:
+            self._forget(job)
+        if files:
+            await asyncio.to_thread(self._delete_results, files)
+        return ids
+
+    def _delete_results(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            self.result_files.delete(job_id)
+
+    def snapshot_state(
+        self,
+    ) -> tuple[list[Job], int, list[job_service_pb2.RiskAcceptance]]:
+        """What a snapshot holds, taken in one loop turn."""
+        return list(self.jobs.values()), self._next_seq, list(self._acceptances.values())
