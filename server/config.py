@@ -12,7 +12,6 @@ from typing import Any
 
 from imagehandler.errors import Catalogue, HandlerError, Reason
 from server.core.model import Policy
-from server.security.tls import check_settings
 
 ENV_PREFIX = "IMAGE_HANDLER_"
 
@@ -173,7 +172,7 @@ class Config:
             problems.append(f"event_loop must be asyncio or uvloop, got {self.event_loop!r}")
         if self.queue_limit < 0:
             problems.append(f"queue_limit must be 0 (none) or positive, got {self.queue_limit}")
-        problems.extend(check_settings(self.tls_cert, self.tls_key, self.client_ca))
+        problems.extend(check_tls_settings(self.tls_cert, self.tls_key, self.client_ca))
         if self.max_send_bytes < self.max_receive_bytes + 1024 * 1024:
             problems.append(
                 f"max_send_bytes ({self.max_send_bytes}) must be at least max_receive_bytes + "
@@ -200,6 +199,16 @@ class Config:
                 "; ".join(problems),
                 reason=Reason.FAILED_PRECONDITION,
             )
+
+
+def check_tls_settings(tls_cert: str, tls_key: str, client_ca: str) -> list[str]:
+    """What is wrong with the combination of TLS flags (empty: nothing)."""
+    problems = []
+    if bool(tls_cert) != bool(tls_key):
+        problems.append("tls_cert and tls_key go together: give both or neither")
+    if client_ca and not tls_cert:
+        problems.append("client_ca (mutual TLS) needs tls_cert and tls_key")
+    return problems
 
 
 def parse_policies(text: str) -> tuple[Policy, ...]:

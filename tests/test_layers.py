@@ -196,6 +196,11 @@ def lint_imports(where: Path) -> subprocess.CompletedProcess[str]:
         ("imagehandler/ihctl/violation.py", "from server import app", "imagehandler (the floor"),
         ("imagehandler/violation.py", "import scanner_client", "imagehandler (the floor"),
         ("imagehandler/errors.py", "import grpc", "error catalogue imports no grpc"),
+        ("server/storage/memory.py", "import server.service.handler", "the handler's layers"),
+        ("server/core/model.py", "from server import mapping", "the handler's layers"),
+        ("server/core/retry.py", "import asyncio", "the core imports no gRPC"),
+        ("server/core/state_machine.py", "from imagehandler.v1 import common_pb2", "the core imports no gRPC"),
+        ("server/service/jobs.py", "import grpc", "the service layer and the stores know nothing"),
     ],
 )
 def test_a_violating_import_fails_lint_imports(

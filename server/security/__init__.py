@@ -20,7 +20,6 @@ from imagehandler.errors import Catalogue, HandlerError
 from server.security.interceptor import SecurityInterceptor
 from server.security.tls import (
     bind_scanner_identity,
-    check_settings,
     is_loopback,
     metrics_ssl_context,
     server_credentials,
@@ -108,6 +107,5 @@ __all__ = [
     "SecurityInterceptor",
     "TokenFile",
     "bind_scanner_identity",
-    "check_settings",
     "is_loopback",
 ]

@@ -36,16 +36,6 @@ def read_pem(flag: str, path: str, marker: bytes) -> bytes:
         raise _config_error(str(exc)) from None
 
 
-def check_settings(tls_cert: str, tls_key: str, client_ca: str) -> list[str]:
-    """What is wrong with the combination of TLS flags (empty: nothing)."""
-    problems = []
-    if bool(tls_cert) != bool(tls_key):
-        problems.append("tls_cert and tls_key go together: give both or neither")
-    if client_ca and not tls_cert:
-        problems.append("client_ca (mutual TLS) needs tls_cert and tls_key")
-    return problems
-
-
 def server_credentials(
     tls_cert: str, tls_key: str, client_ca: str
 ) -> grpc.ServerCredentials | None:
@@ -127,7 +117,6 @@ def bind_scanner_identity(context: Any, register: Any) -> None:
 __all__ = [
     "bind_scanner_identity",
     "certificate_names",
-    "check_settings",
     "is_loopback",
     "metrics_ssl_context",
     "server_credentials",
