@@ -199,7 +199,11 @@ def lint_imports(where: Path) -> subprocess.CompletedProcess[str]:
         ("server/storage/memory.py", "import server.service.handler", "the handler's layers"),
         ("server/core/model.py", "from server import mapping", "the handler's layers"),
         ("server/core/retry.py", "import asyncio", "the core imports no gRPC"),
-        ("server/core/state_machine.py", "from imagehandler.v1 import common_pb2", "the core imports no gRPC"),
+        (
+            "server/core/state_machine.py",
+            "from imagehandler.v1 import common_pb2",
+            "the core imports no gRPC",
+        ),
         ("server/service/jobs.py", "import grpc", "the service layer and the stores know nothing"),
     ],
 )
