@@ -33,7 +33,7 @@ protos: $(STAMP)
 	  imagehandler/storage/__init__.py imagehandler/storage/v1/__init__.py
 
 # The packaged vulnerability database, compiled from the feeds in vulndata/ (commit the result;
-# tests/test_vulndb.py checks that it equals a fresh build).
+# tests/engine/test_vulndb.py checks that it equals a fresh build).
 VULNDATA := $(sort $(wildcard vulndata/*.tar.gz))
 vulndb: $(STAMP)
 	rm -f scanner_client/db/vulnerabilities.db
@@ -63,7 +63,7 @@ lint: $(STAMP) check-protos
 test: lint test-tools checkov
 	$(BIN)/pytest -m "not slow"
 
-# checkov (the chart's policy scan, tests/test_helm_operations.py) in a venv of its own: its
+# checkov (the chart's policy scan, tests/helm/test_helm_operations.py) in a venv of its own: its
 # pinned dependencies would downgrade the project's (cyclonedx-python-lib, packaging).
 CHECKOV_VERSION := 3.3.30
 CHECKOV_STAMP := .venv-checkov/.installed-$(CHECKOV_VERSION)

@@ -151,7 +151,7 @@ def _artifact(artifact: common_pb2.ArtifactObject) -> ArtifactRef:
     if artifact.url:
         try:
             parts = urlsplit(artifact.url)
-        except ValueError:  # "http://[::1" and the like (found by tests/test_fuzz.py)
+        except ValueError:  # "http://[::1" and the like (found by tests/fuzz/test_fuzz.py)
             parts = urlsplit("")
         if parts.scheme not in ("http", "https", "oci", "s3", "gs") or not parts.netloc:
             raise validation.params_error(

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import ROOT
+
 ALERTS = ROOT / "helm" / "image-handler" / "files" / "alerts.yaml"
 UNIT_TESTS = ROOT / "tests" / "prometheus" / "alerts_test.yaml"
 

@@ -25,8 +25,8 @@ import yaml
 from imagehandler.v1 import common_pb2
 from scanner_client import ClientConfig, NoopEngine, ScannerClient
 from tests.conftest import Handler, MakeHandler
+from tests.helm.test_helm import CHART, FULLNAME, find, manifests, render
 from tests.helpers import image
-from tests.test_helm import CHART, FULLNAME, find, manifests, render
 
 DEADLINE = 60.0
 JOBS = 12

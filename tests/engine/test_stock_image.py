@@ -22,6 +22,7 @@ import pytest
 from imagehandler.v1 import common_pb2, job_service_pb2
 from scanner_client import ScannerClient
 from tests.conftest import MakeHandler
+from tests.engine.test_engine_e2e import DONE, builtin, client_config, running
 from tests.inventory_images import (
     NPM_PYTHON,
     debian_suite_and_mirror,
@@ -31,7 +32,6 @@ from tests.inventory_images import (
     syft_inventory,
 )
 from tests.oci import Image, Layout, LocalRegistry, disk_layer, tools_missing
-from tests.test_engine_e2e import DONE, builtin, client_config, running
 
 # A scan of the larger image is tens of seconds on a loaded two-core machine: the deadline is
 # for a hung scan, not a slow one.

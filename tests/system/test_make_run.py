@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import ROOT
+
 BIN = Path(sys.executable).parent
 # The tools' directory as make run prints it (relative to the checkout, where a user types).
 MAKE_BIN = ".venv/bin"

@@ -15,7 +15,7 @@ How a refusal is judged: it must carry a ``google.rpc.ErrorInfo`` whose reason i
 caught). Bytes that do not parse as the request type never reach gRPC's own deserializer
 error (which would be a bare INTERNAL/UNKNOWN): the security interceptor answers them with
 ``HNDL-005`` INVALID_ARGUMENT. The one gRPC-level refusal left is a message over twice
-``--max-receive-bytes``, which these payloads never reach (tests/test_security.py covers it).
+``--max-receive-bytes``, which these payloads never reach (tests/integration/test_security.py covers it).
 A stream the fuzz ends itself (client deadline, cancel) is not a refusal.
 
 ``make test`` runs a budget that keeps this file well under a minute; the ``slow`` marker runs

@@ -17,7 +17,7 @@ import yaml
 from scanner_client import cli as scanner_cli
 from scanner_client.health import STREAM_SERVICE
 from server import config as handler_config
-from tests.test_helm import (
+from tests.helm.test_helm import (
     CHART,
     DIGEST,
     FULLNAME,
@@ -28,6 +28,7 @@ from tests.test_helm import (
     manifests,
     render,
 )
+from tests.paths import ROOT
 
 ALERTS = CHART / "files" / "alerts.yaml"
 DASHBOARD = CHART / "files" / "dashboard.json"
@@ -273,7 +274,7 @@ SKIPPED = {"CKV_K8S_11", "CKV_K8S_15", "CKV_K8S_43"}
 
 def checkov_command() -> list[str]:
     found = os.environ.get("CHECKOV") or shutil.which("checkov")
-    local = Path(__file__).resolve().parent.parent / ".venv-checkov" / "bin" / "checkov"
+    local = ROOT / ".venv-checkov" / "bin" / "checkov"
     if not found and local.exists():
         found = str(local)
     if not found:

@@ -16,8 +16,8 @@ import pytest
 from imagehandler.v1 import common_pb2
 from tests.conftest import MakeHandler
 from tests.helpers import RawScanner, image, wait_for_status
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docs" / "receiving" / "receiver.py"
 WAIT = 10.0
 

@@ -41,10 +41,10 @@ from tests.oci import (
     symlink,
     tools_missing,
 )
+from tests.paths import ROOT
 from tests.vulnfeeds import DPKG_STATUS, debian_database
 
 DEADLINE = 20.0
-ROOT = Path(__file__).resolve().parent.parent
 DONE = frozenset(
     {common_pb2.JOB_STATUS_FINISHED, common_pb2.JOB_STATUS_ERROR, common_pb2.JOB_STATUS_CANCELLED}
 )

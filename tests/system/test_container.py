@@ -35,8 +35,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from imagehandler.v1 import common_pb2, job_service_pb2_grpc
 from scanner_client.health import STREAM_SERVICE
 from tests.helpers import image, wait_for_status
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 CONTAINERS_CONF = ROOT / "tests" / "container" / "containers.conf"
 BASE = "localhost/image-handler-test-base:bookworm"
 UID = 10001

@@ -53,9 +53,9 @@ from server.core.model import JobStatus
 from server.transport.job_service import JobService
 from tests.conftest import BackgroundHandler, Handler, MakeHandler
 from tests.helpers import Watcher
+from tests.paths import ROOT
 
 WAIT = 10.0
-ROOT = Path(__file__).resolve().parent.parent
 # The handler subprocesses' heartbeats (seconds): a frozen handler is noticed within a second.
 HEARTBEAT_INTERVAL = 0.2
 HEARTBEAT_TIMEOUT = 1.0

@@ -36,11 +36,18 @@ from scanner_client.engines.builtin import BuiltinEngine, BuiltinSettings
 from scanner_client.engines.command import CommandEngine
 from tests.conftest import Handler, MakeHandler
 from tests.helpers import Watcher
-from tests.test_scanner_client_protocol import WAIT, Child, Spawn, get_job, scanners, spawn
+from tests.integration.test_scanner_client_protocol import (
+    WAIT,
+    Child,
+    Spawn,
+    get_job,
+    scanners,
+    spawn,
+)
+from tests.paths import ROOT
 
 __all__ = ["spawn"]  # the fixture, imported for this module's tests
 
-ROOT = Path(__file__).resolve().parent.parent
 FINISHED = common_pb2.JOB_STATUS_FINISHED
 ERROR = common_pb2.JOB_STATUS_ERROR
 IN_PROGRESS = common_pb2.JOB_STATUS_IN_PROGRESS

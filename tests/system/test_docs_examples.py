@@ -15,9 +15,9 @@ import pytest
 
 from imagehandler.v1 import common_pb2, job_service_pb2, scanner_service_pb2
 from tests.conftest import Handler
-from tests.test_scanner_client import DONE, alpine
+from tests.integration.test_scanner_client import DONE, alpine
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 EXAMPLE = DOCS / "examples" / "hello_engine.py"
 # A bound, not a timing: the example starts a Python process of its own (imports included).

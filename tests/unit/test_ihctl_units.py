@@ -1,6 +1,6 @@
 """Unit tests of ihctl: argument parsing, requests, rendering, error lines, exit codes.
 
-No handler is needed: these are the pure parts. tests/test_ihctl.py runs the commands against a
+No handler is needed: these are the pure parts. tests/integration/test_ihctl.py runs the commands against a
 real handler.
 """
 

@@ -25,8 +25,8 @@ from imagehandler.errors import Catalogue, Reason
 from imagehandler.rpc import STATUS_OF
 from scanner_client.extras import BUILTIN_ENGINE_MODULES
 from tests.conftest import MakeHandler
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 30.0
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 # Installed by the server extra only; a scanner or ihctl must not load them. (grpc_reflection

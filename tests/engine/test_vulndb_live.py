@@ -19,9 +19,9 @@ from scanner_client.db import DEFAULT_DIR
 from scanner_client.vulndb import update as vulndb_update
 from scanner_client.vulndb.store import VulnStore
 from tests.conftest import Handler, MakeHandler
+from tests.engine.test_vulndb import served  # noqa: F401 (fixture)
 from tests.helpers import RawScanner
-from tests.test_scanner_client_protocol import Child, Spawn, spawn  # noqa: F401 (fixture)
-from tests.test_vulndb import served  # noqa: F401 (fixture)
+from tests.integration.test_scanner_client_protocol import Child, Spawn, spawn  # noqa: F401 (fixture)
 from tests.vulnfeeds import DPKG_STATUS, debian_zip
 
 DEADLINE = 30.0

@@ -17,6 +17,7 @@ import pytest
 from imagehandler.v1 import common_pb2
 from scanner_client import ScannerClient
 from tests.conftest import MakeHandler
+from tests.engine.test_engine_e2e import builtin, client_config, running, scan
 from tests.inventory_images import (
     RpmSpec,
     berkeley_packages,
@@ -30,7 +31,6 @@ from tests.inventory_images import (
 )
 from tests.oci import Entry, Image, Layout, LocalRegistry, directory, file, layer, symlink
 from tests.oci import tools_missing as registry_tools_missing
-from tests.test_engine_e2e import builtin, client_config, running, scan
 from tests.vulnfeeds import debian_database
 
 OS_RELEASE_RHEL = (

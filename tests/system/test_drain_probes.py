@@ -1,7 +1,7 @@
 """SIGTERM under the chart's probes: a draining handler goes unready at once but stays live
 until it exits, so its liveness probe cannot have it killed before the drain is over.
 
-The chart is rendered (Helm as a library, as in tests/test_helm.py) and its handler container's
+The chart is rendered (Helm as a library, as in tests/helm/test_helm.py) and its handler container's
 environment, probe settings and termination grace period are read from the manifests; a real
 ``image-handler serve`` runs with that environment while a scanner holds a job (so the drain
 lasts the whole grace period); the test probes like the kubelet, only more often: every probe
@@ -21,9 +21,9 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imagehandler.v1 import job_service_pb2_grpc, scanner_service_pb2_grpc
+from tests.helm.test_helm import FULLNAME, container, environment, find, manifests, render
 from tests.helpers import RawScanner, image
-from tests.test_helm import FULLNAME, container, environment, find, manifests, render
-from tests.test_scanner_client_protocol import Spawn, spawn
+from tests.integration.test_scanner_client_protocol import Spawn, spawn
 
 __all__ = ["spawn"]  # the fixture, imported for this module's tests
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import helm_python as helm
@@ -25,8 +24,9 @@ from scanner_client.engine import Kind
 from scanner_client.engine import Policy as ScannerPolicy
 from server import config as handler_config
 from server.core.model import Policy
+from tests.paths import ROOT
 
-CHART = Path(__file__).resolve().parent.parent / "helm" / "image-handler"
+CHART = ROOT / "helm" / "image-handler"
 KUBE_VERSION = "1.30.0"
 RELEASE = "ih"
 NAMESPACE = "scans"
