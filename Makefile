@@ -55,8 +55,8 @@ check-protos: $(STAMP)
 
 lint: $(STAMP) check-protos
 	$(BIN)/buf lint protos
-	$(BIN)/ruff check server scanner_client tests bench
-	$(BIN)/ruff format --check server scanner_client tests bench
+	$(BIN)/ruff check server scanner_client tests bench imagehandler/jobpolicy
+	$(BIN)/ruff format --check server scanner_client tests bench imagehandler/jobpolicy
 	$(BIN)/mypy
 
 test: lint test-tools checkov
