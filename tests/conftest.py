@@ -10,6 +10,7 @@ plugin's thread-pool server, which cannot host asyncio servicers.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
@@ -26,6 +27,18 @@ from server.config import Config
 # The receiving-server fixtures (``receiver``, ``secret_file``) for every test module.
 pytest_plugins = ["tests.receiver"]
 
+# The job policy refuses internal addresses, filesystem paths and artifact URLs by default; the
+# tests' jobs name registries and servers on loopback, node roots such as /host and files in
+# temporary directories, so these are the tests' own explicit allowances (the job policy's
+# tests, tests/test_job_policy_e2e.py, start from the defaults).
+TEST_JOB_POLICY: dict[str, str] = {
+    "allowed_registries": "*,*:*",
+    "allowed_artifact_urls": "http://127.0.0.1:*/",
+    "allowed_networks": "127.0.0.0/8",
+    "artifact_roots": f"{tempfile.gettempdir()},/a",
+    "node_roots": f"{tempfile.gettempdir()},/host,/h",
+}
+
 TEST_CONFIG = Config(
     listen="127.0.0.1:0",
     heartbeat_interval=0.2,
@@ -33,6 +46,7 @@ TEST_CONFIG = Config(
     result_wait=30.0,
     log_format="json",
     log_level="warning",
+    **TEST_JOB_POLICY,
 )
 
 logs.configure("json", "warning")

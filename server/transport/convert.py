@@ -20,10 +20,12 @@ from urllib.parse import urlsplit
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from imagehandler.jobpolicy import ANONYMOUS, Submitter
 from imagehandler.v1 import common_pb2, job_service_pb2, scanner_service_pb2
 from server import validation
 from server.config import Config
 from server.errors import Catalogue, HandlerError
+from server.job_policy import SubmitPolicy
 from server.model import (
     ArtifactRef,
     ImageRef,
@@ -40,6 +42,7 @@ from server.model import (
     Trigger,
 )
 from server.scanners import Database, ScannerProfile, ScannerSession
+from server.security import caller
 
 E = TypeVar("E", bound=IntEnum)
 
@@ -240,12 +243,17 @@ def _policies(values: Iterable[int]) -> tuple[Policy, ...]:
     return found
 
 
-def spec_from_request(request: job_service_pb2.SubmitJobRequest, config: Config) -> JobSpec:
+def spec_from_request(
+    request: job_service_pb2.SubmitJobRequest, config: Config, policy: SubmitPolicy
+) -> JobSpec:
+    """The job a submit asks for, checked, and held to the job ``policy`` for its caller."""
     if not request.HasField("object"):
         raise validation.params_error(
             "object is required: set object.image, object.node or object.artifact"
         )
     target = target_from_proto(request.object)
+    submitter = caller.current()
+    policy.check(target, submitter)
     trigger = enum_value(Trigger, request.trigger, "trigger", default=Trigger.MANUAL)
     lane = enum_value(Lane, request.lane, "lane", default=Lane.BULK)
     policies = _policies(request.policies)
@@ -282,6 +290,7 @@ def spec_from_request(request: job_service_pb2.SubmitJobRequest, config: Config)
         lane=lane,
         idempotency_key=request.idempotency_key,
         labels=labels,
+        submitter=submitter,
     )
 
 
@@ -477,6 +486,19 @@ def set_assigned_job(
     set_timestamp(message.deadline, deadline)
     if spec.labels:
         message.labels.update(spec.labels)
+    set_submitter(message.submitter, spec.submitter)
+
+
+def set_submitter(message: common_pb2.Submitter, submitter: Submitter) -> None:
+    if submitter.name:
+        message.token_name = submitter.name
+        message.roles.extend(sorted(submitter.roles))
+
+
+def submitter_from_proto(message: common_pb2.Submitter) -> Submitter:
+    if not message.token_name:
+        return ANONYMOUS
+    return Submitter(message.token_name, frozenset(message.roles))
 
 
 def assigned_job_to_proto(job: Job, deadline: datetime) -> scanner_service_pb2.AssignedJob:

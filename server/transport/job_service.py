@@ -15,6 +15,7 @@ from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
 from server.errors import Catalogue, HandlerError
 from server.events import Feed, FellBehind, Subscription
 from server.job_manager import JobManager, Submitted, now_utc
+from server.job_policy import SubmitPolicy
 from server.model import Job, JobStatus, Lane, ObjectKind, Transition, Trigger
 from server.transport import convert
 from server.transport.guard import Context, fail, log, unary
@@ -85,8 +86,10 @@ def decode_page_token(token: str) -> int:
 
 
 class JobService(job_service_pb2_grpc.JobServiceServicer):
-    def __init__(self, manager: JobManager) -> None:
+    def __init__(self, manager: JobManager, policy: SubmitPolicy) -> None:
         self.manager = manager
+        # What a submitted job may aim scanners at (server/job_policy.py).
+        self.policy = policy
         # Watchers of every job share one encoding of each event.
         manager.events.encode = self._encode_event
 
@@ -127,7 +130,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     async def SubmitJob(
         self, request: job_service_pb2.SubmitJobRequest, context: Context
     ) -> job_service_pb2.SubmitJobResponse:
-        spec = convert.spec_from_request(request, self.manager.config)
+        spec = convert.spec_from_request(request, self.manager.config, self.policy)
         submitted = self.manager.submit(spec)
         await self.manager.store.sync()
         response = job_service_pb2.SubmitJobResponse(duplicate=submitted.duplicate)
@@ -143,7 +146,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         specs = []
         for index, item in enumerate(request.jobs):
             try:
-                specs.append(convert.spec_from_request(item, self.manager.config))
+                specs.append(convert.spec_from_request(item, self.manager.config, self.policy))
             except HandlerError as error:
                 # Name the bad job; nothing of the batch is queued.
                 raise HandlerError(
