@@ -22,6 +22,7 @@ from grpc import aio
 from imagehandler.v1 import job_service_pb2_grpc, scanner_service_pb2_grpc
 from server import logs
 from server.app import HandlerServer
+from scanner_client.job_policy import ScannerPolicy
 from server.config import Config
 
 # The receiving-server fixtures (``receiver``, ``secret_file``) for every test module.
@@ -31,13 +32,22 @@ pytest_plugins = ["tests.receiver"]
 # tests' jobs name registries and servers on loopback, node roots such as /host and files in
 # temporary directories, so these are the tests' own explicit allowances (the job policy's
 # tests, tests/test_job_policy_e2e.py, start from the defaults).
-TEST_JOB_POLICY: dict[str, str] = {
+TEST_JOB_POLICY: dict[str, Any] = {
     "allowed_registries": "*,*:*",
     "allowed_artifact_urls": "http://127.0.0.1:*/",
     "allowed_networks": "127.0.0.0/8",
     "artifact_roots": f"{tempfile.gettempdir()},/a",
     "node_roots": f"{tempfile.gettempdir()},/host,/h",
 }
+
+# The same allowances for the scanners the tests run in-process (BuiltinEngine, CommandEngine).
+TEST_SCANNER_POLICY = ScannerPolicy.parse(**TEST_JOB_POLICY)
+# ... and as image-scanner flags, for the tests that run it as a process.
+TEST_SCANNER_FLAGS = [
+    part
+    for key, value in TEST_JOB_POLICY.items()
+    for part in ("--" + key.replace("_", "-"), value)
+]
 
 TEST_CONFIG = Config(
     listen="127.0.0.1:0",

@@ -42,6 +42,7 @@ from imagehandler.jobpolicy.patterns import (
 from imagehandler.jobpolicy.refusal import Refused
 
 DOCKER_HUB = "docker.io"
+DOCKER_HUB_API = "registry-1.docker.io"
 # Docker Hub's API and token service, which a job naming docker.io reaches.
 DOCKER_HUB_HOSTS = frozenset({"docker.io", "registry-1.docker.io", "auth.docker.io"})
 DEFAULT_REGISTRIES = ("*",)
@@ -227,4 +228,10 @@ def _endpoint(address: IPAddress, port: int) -> str:
     return f"{host}:{port}" if port else host
 
 
-__all__ = ["DEFAULT_REGISTRIES", "DOCKER_HUB", "DOCKER_HUB_HOSTS", "EgressPolicy"]
+__all__ = [
+    "DEFAULT_REGISTRIES",
+    "DOCKER_HUB",
+    "DOCKER_HUB_API",
+    "DOCKER_HUB_HOSTS",
+    "EgressPolicy",
+]
