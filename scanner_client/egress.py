@@ -66,7 +66,11 @@ class EgressGuard:
     async def _with_handler(self) -> EgressPolicy:
         if self._handler_done:
             return self.policy
-        host, port = _host_port(self._handler)
+        try:
+            host, port = _host_port(self._handler)
+        except ValueError:  # a gRPC target such as unix:/path or dns:///name: no TCP endpoint
+            self._handler_done = True
+            return self.policy
         endpoints: list[tuple[str, int]] = [(host, port)]
         try:
             async with asyncio.timeout(RESOLVE_TIMEOUT):
@@ -113,6 +117,9 @@ def _ip(address: str) -> IPAddress:
 
 
 def _host_port(address: str) -> tuple[str, int]:
+    """``host:port`` of the handler; ValueError for a gRPC target of another form."""
+    if ":/" in address or address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        raise ValueError(f"{address!r} is not HOST:PORT")
     host, port = split_host(address)
     return host.strip("[]"), int(port) if port.isdigit() else 0
 

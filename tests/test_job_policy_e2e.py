@@ -33,9 +33,10 @@ from server.config import Config
 from server.security.client import bearer_metadata
 from server.security.tokens import file_line
 from tests.conftest import TEST_JOB_POLICY, Handler, MakeHandler
-from tests.helpers import remote_error
+from tests.helpers import RawScanner, remote_error
 from tests.test_engine_e2e import DONE, client_config, running
 from tests.test_scanner_client_protocol import Spawn, spawn  # noqa: F401 (fixture)
+from tests.test_security import TokenStub
 
 DEADLINE = 20.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -501,6 +502,29 @@ async def test_credentials_are_bound_to_the_callers_and_registries_granted(
         own = await refused_by_scanner(lax, stolen, metadata=md("team-a"))
     assert own.error.code == "HNDL-006", own.error
     assert listener.connections == 1
+
+
+async def test_who_submitted_a_job_survives_a_restart_and_goes_with_its_assignment(
+    make_handler: MakeHandler, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "tokens"
+    token_file.write_text(
+        f"{file_line('team-a', ['submit', 'read'], 'tok-a-' + 'a' * 20)}\n"
+        f"{file_line('scanners', ['scanner'], 'tok-s-' + 's' * 20)}\n"
+    )
+    settings = {"token_file": str(token_file), "node_roots": "/host"}
+    handler = await strict_handler(make_handler, **settings)
+    submitted = await handler.jobs.SubmitJob(
+        node("/host"), metadata=bearer_metadata("tok-a-" + "a" * 20)
+    )
+    await handler.server.stop(0)
+    restarted = await strict_handler(make_handler, data_dir=handler.config.data_dir, **settings)
+    async with RawScanner(TokenStub(restarted.channel, "tok-s-" + "s" * 20), "s1") as scanner:
+        await scanner.start()
+        (assigned,) = await scanner.assigned()
+    assert assigned.job_id == submitted.job.id
+    assert assigned.submitter.token_name == "team-a"
+    assert sorted(assigned.submitter.roles) == ["read", "submit"]
 
 
 # ---- the guard on its own: one resolution, and the connection goes to what was checked ----------
