@@ -35,10 +35,11 @@ if TYPE_CHECKING:
 _CACHE_MAX = 4096
 
 
-def _policy(config: Config) -> JobPolicy:
-    """ValueError naming the setting for anything that does not parse."""
+def _policy(config: Config, *, read_grants: bool = True) -> JobPolicy:
+    """ValueError naming the setting for anything that does not parse (the grants file is read
+    only with ``read_grants``)."""
     grants: Grants = Grants({})
-    if config.credential_grants:
+    if config.credential_grants and read_grants:
         path = Path(config.credential_grants)
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
@@ -60,9 +61,10 @@ def _policy(config: Config) -> JobPolicy:
 
 
 def check_job_policy(config: Config) -> list[str]:
-    """The job policy's settings' problems, for Config.check (HNDL-003 at start)."""
+    """The job policy's settings' problems, for Config.check (HNDL-003 at start). The grants
+    file is read when the handler is built (SubmitPolicy.from_config)."""
     try:
-        _policy(config)
+        _policy(config, read_grants=False)
     except ValueError as exc:
         return [str(exc)]
     return []
@@ -83,7 +85,14 @@ class SubmitPolicy:
     def from_config(
         cls, config: Config, own_endpoints: Iterable[tuple[str, int]] = ()
     ) -> SubmitPolicy:
-        policy = _policy(config)
+        try:
+            policy = _policy(config)
+        except ValueError as exc:
+            raise HandlerError(
+                Catalogue.SCANNER_CONFIG_INVALID,
+                str(exc),
+                status=Catalogue.SCANNER_CONFIG_INVALID.entry.statuses[1],
+            ) from None
         egress = policy.egress.with_own_endpoints(own_endpoints)
         return cls(JobPolicy(egress, policy.artifact_roots, policy.node_roots, policy.grants))
 

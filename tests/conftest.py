@@ -20,9 +20,9 @@ import pytest
 from grpc import aio
 
 from imagehandler.v1 import job_service_pb2_grpc, scanner_service_pb2_grpc
+from scanner_client.job_policy import ScannerPolicy
 from server import logs
 from server.app import HandlerServer
-from scanner_client.job_policy import ScannerPolicy
 from server.config import Config
 
 # The receiving-server fixtures (``receiver``, ``secret_file``) for every test module.
@@ -44,9 +44,7 @@ TEST_JOB_POLICY: dict[str, Any] = {
 TEST_SCANNER_POLICY = ScannerPolicy.parse(**TEST_JOB_POLICY)
 # ... and as image-scanner flags, for the tests that run it as a process.
 TEST_SCANNER_FLAGS = [
-    part
-    for key, value in TEST_JOB_POLICY.items()
-    for part in ("--" + key.replace("_", "-"), value)
+    part for key, value in TEST_JOB_POLICY.items() for part in ("--" + key.replace("_", "-"), value)
 ]
 
 TEST_CONFIG = Config(

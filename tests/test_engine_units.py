@@ -563,7 +563,10 @@ def test_a_node_job_without_root_path_is_refused_not_scanned_as_the_scanners_roo
     monkeypatch.setattr(Rootfs, "walk", walk)
     obj = common_pb2.ScanObject(node=common_pb2.NodeObject(cluster="c1", node_name="n1"))
     job = Job("j", 1, obj)
-    for engine in (BuiltinEngine(BuiltinSettings(policy=TEST_SCANNER_POLICY)), CommandEngine("echo {root}", policy=TEST_SCANNER_POLICY)):
+    for engine in (
+        BuiltinEngine(BuiltinSettings(policy=TEST_SCANNER_POLICY)),
+        CommandEngine("echo {root}", policy=TEST_SCANNER_POLICY),
+    ):
         with pytest.raises(ScanFailure, match=r"node\.root_path is empty") as info:
             asyncio.run(engine.scan(job, NullProgress()))
         assert (info.value.code, info.value.permanent) == ("HNDL-005", True), engine.name
@@ -583,7 +586,8 @@ def test_single_files_and_plain_archives(tmp_path: Path) -> None:
     sample = tmp_path / "download.com"
     sample.write_bytes(EICAR)
     result = run_scan(
-        BuiltinEngine(BuiltinSettings(policy=TEST_SCANNER_POLICY)), common_pb2.ScanObject(artifact=common_pb2.ArtifactObject(path=str(sample)))
+        BuiltinEngine(BuiltinSettings(policy=TEST_SCANNER_POLICY)),
+        common_pb2.ScanObject(artifact=common_pb2.ArtifactObject(path=str(sample))),
     )
     assert [(m.name, m.path, m.layer_digest) for m in result.malware] == [
         ("EICAR-Test-File", str(sample), "")

@@ -30,6 +30,7 @@ from scanner_client.egress import EgressGuard, guarded_client
 from scanner_client.engines.builtin import BuiltinEngine, BuiltinSettings
 from scanner_client.job_policy import ScannerPolicy
 from server.config import Config
+from server.job_policy import SubmitPolicy
 from server.security.client import bearer_metadata
 from server.security.tokens import file_line
 from tests.conftest import TEST_JOB_POLICY, Handler, MakeHandler
@@ -599,6 +600,9 @@ def test_bad_policy_settings_stop_the_handler_and_the_scanner(tmp_path: Path) ->
 
     with pytest.raises(HandlerError, match=r"HNDL-003.*--allowed-networks"):
         Config(allowed_networks="10.0.0.0/33").check()
+    missing = str(tmp_path / "missing.json")
+    with pytest.raises(HandlerError, match=r"HNDL-003.*--credential-grants .*missing\.json"):
+        SubmitPolicy.from_config(Config(credential_grants=missing))
     done = subprocess.run(
         [sys.executable, "-m", "scanner_client.cli", "--engine", "builtin",
          "--node-roots", "host", "--scratch-dir", str(tmp_path)],
