@@ -27,6 +27,7 @@ from scanner_client.engine import Kind, Policy, ScannerBroken
 from scanner_client.engines import ENGINES, EngineSettings
 from scanner_client.errors import ScannerRejected
 from scanner_client.health import start_health_server
+from scanner_client.job_policy import ScannerPolicy
 from scanner_client.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from server.security.tls import channel_credentials
 
@@ -521,13 +522,16 @@ def build_client(settings: Settings) -> ScannerClient:
             credentials_file=settings.credentials_file,
             insecure_registries=settings.insecure_registries,
             platform=settings.platform,
-            allowed_registries=settings.allowed_registries,
-            allowed_artifact_urls=settings.allowed_artifact_urls,
-            allowed_networks=settings.allowed_networks,
-            artifact_roots=settings.artifact_roots,
-            node_roots=settings.node_roots,
-            credential_grants=settings.credential_grants,
-            handler=settings.handler,
+            # ValueError naming the flag of a policy value that does not parse (exit 2).
+            policy=ScannerPolicy.parse(
+                allowed_registries=settings.allowed_registries,
+                allowed_artifact_urls=settings.allowed_artifact_urls,
+                allowed_networks=settings.allowed_networks,
+                artifact_roots=settings.artifact_roots,
+                node_roots=settings.node_roots,
+                credential_grants=settings.credential_grants,
+                handler=settings.handler,
+            ),
             command=settings.command,
             command_format=settings.command_format,
             command_timeout=settings.command_timeout,

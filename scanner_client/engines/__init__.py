@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from scanner_client.engine import Engine
@@ -31,15 +31,8 @@ class EngineSettings:
     # builtin: periodic vulnerability database update into db_dir (sources, seconds between).
     db_update_from: tuple[str, ...] = ()
     db_update_interval: float = 0.0
-    # builtin and command: the job policy's flags (scanner_client.job_policy), and the
-    # handler's HOST:PORT, which no job may aim at.
-    allowed_registries: str = "*"
-    allowed_artifact_urls: str = ""
-    allowed_networks: str = ""
-    artifact_roots: str = ""
-    node_roots: str = ""
-    credential_grants: str = ""
-    handler: str = ""
+    # builtin and command: what a job may aim the scanner at (scanner_client.job_policy).
+    policy: ScannerPolicy = field(default_factory=ScannerPolicy)
     # command: the template, its output format, timeout, and declared databases
     # (NAME=VERSION@RELEASED_AT).
     command: str = ""
@@ -49,19 +42,6 @@ class EngineSettings:
 
 
 EngineFactory = Callable[[EngineSettings], Engine]
-
-
-def job_policy(settings: EngineSettings) -> ScannerPolicy:
-    """ValueError naming the flag of a value that does not parse (the scanner exits 2)."""
-    return ScannerPolicy.parse(
-        allowed_registries=settings.allowed_registries,
-        allowed_artifact_urls=settings.allowed_artifact_urls,
-        allowed_networks=settings.allowed_networks,
-        artifact_roots=settings.artifact_roots,
-        node_roots=settings.node_roots,
-        credential_grants=settings.credential_grants,
-        handler=settings.handler,
-    )
 
 
 def _builtin(settings: EngineSettings) -> Engine:
@@ -79,7 +59,7 @@ def _builtin(settings: EngineSettings) -> Engine:
             platform=settings.platform,
             db_update_from=settings.db_update_from,
             db_update_interval=settings.db_update_interval,
-            policy=job_policy(settings),
+            policy=settings.policy,
         )
     )
 
@@ -93,7 +73,7 @@ def _command(settings: EngineSettings) -> Engine:
         timeout=settings.command_timeout,
         databases=[parse_database(value) for value in settings.command_databases],
         proxy_url=settings.proxy_url,
-        policy=job_policy(settings),
+        policy=settings.policy,
     )
 
 
