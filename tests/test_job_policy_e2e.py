@@ -94,10 +94,12 @@ class Hostile:
     a redirect, or a token realm, pointing at ``target``."""
 
     target: str
-    mode: str  # "redirect" or "realm"
+    # "redirect", "realm", or "basic-redirect" (asks for Basic credentials, then redirects)
+    mode: str
     host: str = "127.0.0.2"
     server: asyncio.Server | None = None
     served: int = 0
+    saw_credentials: bool = False
 
     async def start(self) -> Hostile:
         self.server = await asyncio.start_server(self._serve, self.host, 0)
@@ -111,8 +113,11 @@ class Hostile:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.served += 1
         with contextlib.suppress(OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            await reader.readuntil(b"\r\n\r\n")
-            if self.mode == "redirect":
+            request = await reader.readuntil(b"\r\n\r\n")
+            self.saw_credentials |= b"\r\nauthorization: basic " in request.lower()
+            if self.mode == "basic-redirect" and not self.saw_credentials:
+                head = 'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm="r"\r\n'
+            elif self.mode in ("redirect", "basic-redirect"):
                 head = f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {self.target}\r\n"
             else:
                 head = (
@@ -526,6 +531,33 @@ async def test_who_submitted_a_job_survives_a_restart_and_goes_with_its_assignme
     assert assigned.job_id == submitted.job.id
     assert assigned.submitter.token_name == "team-a"
     assert sorted(assigned.submitter.roles) == ["read", "submit"]
+
+
+async def test_credentials_never_follow_a_redirect_to_another_host(
+    make_handler: MakeHandler, listener: Listener, tmp_path: Path
+) -> None:
+    """A registry that takes the credentials and redirects (as registries do, to blob
+    storage): the redirect is followed, the credentials are not sent along."""
+    hostile = await Hostile(f"http://{listener.netloc}/blob", "basic-redirect").start()
+    try:
+        allow = {"allowed_registries": hostile.netloc, "allowed_networks": "127.0.0.0/8"}
+        grant = {"registries": [hostile.netloc], "allowed": ["*"]}
+        grants = tmp_path / "grants.json"
+        grants.write_text(json.dumps({"pull": grant}))
+        credentials = tmp_path / "credentials.json"
+        credentials.write_text(json.dumps({"pull": {"username": "u", "password": "p", **grant}}))
+        handler = await strict_handler(make_handler, credential_grants=str(grants), **allow)
+        scanner = engine(tmp_path, handler, credentials_file=credentials, **allow)
+        async with running(ScannerClient(handler.address, scanner, client_config("creds"))):
+            job = await refused_by_scanner(
+                handler, image_at(hostile.netloc, credentials_ref="pull")
+            )
+    finally:
+        await hostile.stop()
+    assert hostile.saw_credentials  # the registry got them
+    assert listener.connections == 1  # the redirect was followed ...
+    assert b"\r\nauthorization:" not in listener.requests[0].lower()  # ... without them
+    assert job.error.code == "HNDL-006"  # the listener's 404
 
 
 # ---- the guard on its own: one resolution, and the connection goes to what was checked ----------
