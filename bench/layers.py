@@ -145,8 +145,11 @@ def scan_layout(layout: Path, scratch: Path) -> tuple[float, int]:
     from imagehandler.v1 import common_pb2
     from scanner_client.engine import Job, NullProgress
     from scanner_client.engines.builtin import BuiltinEngine, BuiltinSettings
+    from scanner_client.job_policy import ScannerPolicy
 
-    engine = BuiltinEngine(BuiltinSettings(scratch_dir=scratch))
+    # The layout is a local path: the job policy reads it only under an allowed root.
+    policy = ScannerPolicy.parse(artifact_roots=str(layout.parent))
+    engine = BuiltinEngine(BuiltinSettings(scratch_dir=scratch, policy=policy))
     job = Job(
         "bench",
         1,

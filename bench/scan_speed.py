@@ -96,6 +96,7 @@ def measure(workdir: Path, runs: int, images: tuple[str, ...] = IMAGES) -> list[
     from imagehandler.v1 import common_pb2
     from scanner_client.engine import Job, NullProgress
     from scanner_client.engines.builtin import BuiltinEngine, BuiltinSettings
+    from scanner_client.job_policy import ScannerPolicy
     from tests.inventory_images import NPM_PYTHON, stock_tar, syft_binary
     from tests.oci import OCI_LAYER_GZIP, DiskLayer, Image, Layout, LocalRegistry, disk_layer
 
@@ -117,7 +118,11 @@ def measure(workdir: Path, runs: int, images: tuple[str, ...] = IMAGES) -> list[
             )
             layout.add(name, Image([layer]))
             registry.push(layout.path, name, f"bench/{name}")
-        engine = BuiltinEngine(BuiltinSettings(scratch_dir=workdir))
+        # The registry is on loopback: allowed explicitly, as the job policy refuses it.
+        policy = ScannerPolicy.parse(
+            allowed_registries=registry.address, allowed_networks="127.0.0.1/32"
+        )
+        engine = BuiltinEngine(BuiltinSettings(scratch_dir=workdir, policy=policy))
         env = {
             **os.environ,
             "SYFT_CHECK_FOR_APP_UPDATE": "false",

@@ -22,6 +22,10 @@ The client registers, keeps the stream and its heartbeats up, runs each assigned
 :class:`ScanFailure` into a ``Failure`` and any other exception into HNDL-007, stops taking
 work and exits when the engine raises :class:`ScannerBroken`, and reconnects with backoff when
 the stream breaks. ``image-scanner`` (:mod:`scanner_client.cli`) runs it.
+
+A job is untrusted input: an engine that opens files or connects anywhere for a job holds it to
+a :class:`ScannerPolicy` first (:mod:`scanner_client.job_policy`, :mod:`scanner_client.egress`;
+docs/operating/multi-tenant-hardening.md).
 """
 
 from scanner_client.backoff import Backoff
@@ -39,6 +43,7 @@ from scanner_client.engine import (
 )
 from scanner_client.engines import ENGINES, EngineSettings, NoopEngine
 from scanner_client.errors import ScannerRejected
+from scanner_client.job_policy import ScannerPolicy
 
 __all__ = [
     "ENGINES",
@@ -58,5 +63,6 @@ __all__ = [
     "ScanFailure",
     "ScannerBroken",
     "ScannerClient",
+    "ScannerPolicy",
     "ScannerRejected",
 ]

@@ -29,6 +29,7 @@ from scanner_client.engines import ENGINES, EngineSettings
 from scanner_client.errors import ScannerRejected
 from scanner_client.extras import MissingExtra, builtin_engine_extra
 from scanner_client.health import start_health_server
+from scanner_client.job_policy import ScannerPolicy
 from scanner_client.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 
 ENV_PREFIX = "IMAGE_SCANNER_"
@@ -62,6 +63,13 @@ class Settings:
     credentials_file: str = ""
     insecure_registries: tuple[str, ...] = ()
     platform: str = "linux/amd64"
+    # The job policy (scanner_client.job_policy): comma-separated, as the flags take them.
+    allowed_registries: str = "*"
+    allowed_artifact_urls: str = ""
+    allowed_networks: str = ""
+    artifact_roots: str = ""
+    node_roots: str = ""
+    credential_grants: str = ""
     command: str = ""
     command_format: str = "trivy-json"
     command_timeout: float = 600.0
@@ -310,6 +318,48 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     option("--platform", "linux/amd64", "builtin engine: platform to pull", metavar="OS/ARCH")
     option(
+        "--allowed-registries",
+        "*",
+        "builtin and command engines: registries a job may name, comma-separated HOST[:PORT] "
+        "patterns (* any part; without a port only the default port)",
+        metavar="PATTERNS",
+    )
+    option(
+        "--allowed-artifact-urls",
+        "",
+        "builtin and command engines: artifact URL prefixes a job may name, comma-separated "
+        "SCHEME://HOST[:PORT]/PATH ('' = none)",
+        metavar="PREFIXES",
+    )
+    option(
+        "--allowed-networks",
+        "",
+        "builtin and command engines: internal networks (CIDR, comma-separated) a job may reach; "
+        "loopback, link-local and private addresses are refused otherwise",
+        metavar="CIDRS",
+    )
+    option(
+        "--artifact-roots",
+        "",
+        "builtin and command engines: directories artifact paths may be under, after links "
+        "are resolved ('' = none)",
+        metavar="DIRS",
+    )
+    option(
+        "--node-roots",
+        "",
+        "builtin and command engines: directories node root paths may be under, after links "
+        "are resolved ('' = none)",
+        metavar="DIRS",
+    )
+    option(
+        "--credential-grants",
+        "",
+        "builtin engine: JSON file granting each credentials_ref to callers and registries "
+        "(instead of the grants in --credentials-file)",
+        metavar="FILE",
+    )
+    option(
         "--command",
         "",
         "command engine: command template, e.g. 'trivy image --quiet --format json {image}'",
@@ -422,6 +472,12 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         credentials_file=args.credentials_file,
         insecure_registries=args.insecure_registries,
         platform=args.platform,
+        allowed_registries=args.allowed_registries,
+        allowed_artifact_urls=args.allowed_artifact_urls,
+        allowed_networks=args.allowed_networks,
+        artifact_roots=args.artifact_roots,
+        node_roots=args.node_roots,
+        credential_grants=args.credential_grants,
         command=args.command,
         command_format=args.command_format,
         command_timeout=args.command_timeout,
@@ -467,6 +523,16 @@ def build_client(settings: Settings) -> ScannerClient:
             credentials_file=settings.credentials_file,
             insecure_registries=settings.insecure_registries,
             platform=settings.platform,
+            # ValueError naming the flag of a policy value that does not parse (exit 2).
+            policy=ScannerPolicy.parse(
+                allowed_registries=settings.allowed_registries,
+                allowed_artifact_urls=settings.allowed_artifact_urls,
+                allowed_networks=settings.allowed_networks,
+                artifact_roots=settings.artifact_roots,
+                node_roots=settings.node_roots,
+                credential_grants=settings.credential_grants,
+                handler=settings.handler,
+            ),
             command=settings.command,
             command_format=settings.command_format,
             command_timeout=settings.command_timeout,

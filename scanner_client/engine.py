@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from imagehandler.jobpolicy import ANONYMOUS, Submitter
 from imagehandler.v1 import common_pb2
 
 _CODE = re.compile(r"HNDL-[0-9]{3}")
@@ -100,6 +101,9 @@ class Job:
     # client cancels the scan at the deadline and reports HNDL-004: engines need not check it.
     deadline: datetime | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    # Who submitted the job (its token's name and roles): the job's credentials_ref must be
+    # granted to it (scanner_client.job_policy).
+    submitter: Submitter = ANONYMOUS
 
     @property
     def kind(self) -> Kind | None:

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from imagehandler.jobpolicy import ANONYMOUS, Submitter
 from imagehandler.v1 import common_pb2, scanner_service_pb2
 from scanner_client.engine import Database, Job, Kind, Policy
 
@@ -134,8 +135,15 @@ def assigned_job(assigned: scanner_service_pb2.AssignedJob) -> tuple[Job, float 
         deadline=deadline,
         # dict() of an empty map field costs ten times the check.
         labels=dict(labels) if labels else {},
+        submitter=_submitter(assigned.submitter),
     )
     return job, epoch
+
+
+def _submitter(message: common_pb2.Submitter) -> Submitter:
+    if not message.token_name:
+        return ANONYMOUS
+    return Submitter(message.token_name, frozenset(message.roles))
 
 
 def format_deadline(deadline: datetime) -> str:

@@ -19,6 +19,7 @@ from imagehandler.v1 import (
 )
 from server.adapters.receivers import open_receiver
 from server.config import Config
+from server.job_policy import SubmitPolicy
 from server.observability.metrics import DELIVERIES_FAILED, JOURNAL_FSYNC_SECONDS, MetricsExporter
 from server.security import Security
 from server.service.delivery import Receiver
@@ -71,7 +72,9 @@ class HandlerServer:
             interceptors=[self.security.interceptor],
             options=[*self.security.options, ("grpc.so_reuseport", 0)],
         )
-        register_job_service(self.server, JobService(self.handler))
+        # The job policy; start() adds the handler's own endpoints once its ports are bound.
+        self.job_service = JobService(self.handler, SubmitPolicy.from_config(config))
+        register_job_service(self.server, self.job_service)
         scanner_service_pb2_grpc.add_ScannerServiceServicer_to_server(
             ScannerService(self.handler), self.server
         )
@@ -116,10 +119,21 @@ class HandlerServer:
             config.receiver_url, secret, config.delivery_timeout, config.delivery_concurrency
         )
 
+    def own_endpoints(self) -> list[tuple[str, int]]:
+        """The handler's bound addresses (gRPC, health, metrics): no job may aim a scanner at
+        them."""
+        found = [(self.config.listen.rsplit(":", 1)[0], self.port)]
+        if self.health_server is not None:
+            found.append((self.config.health_listen.rsplit(":", 1)[0], self.health_port))
+        if self.metrics is not None:
+            found.append((self.config.metrics_listen.rsplit(":", 1)[0], self.metrics_port))
+        return found
+
     async def start(self) -> None:
         """Serve health (NOT_SERVING) at once, recover the queue, then go SERVING."""
         if self.metrics is not None:
             self.metrics_port = await self.metrics.start()
+        self.job_service.policy = SubmitPolicy.from_config(self.config, self.own_endpoints())
         await self._set_health(NOT_SERVING)
         if self.health_server is not None:
             await self.health_server.start()

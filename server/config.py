@@ -12,6 +12,7 @@ from typing import Any
 
 from imagehandler.errors import Catalogue, HandlerError, Reason
 from server.core.model import Policy
+from server.job_policy import check_job_policy
 
 ENV_PREFIX = "IMAGE_HANDLER_"
 
@@ -104,6 +105,17 @@ class Config:
     handshake_timeout: float = 10.0
     # Plaintext HOST:PORT serving only grpc.health.v1 (for probes without TLS); "": none.
     health_listen: str = ""
+    # The job policy (server/job_policy.py, imagehandler/jobpolicy): what a job may aim scanners
+    # at. Comma-separated; a scanner enforces its own copy again. Registries: any public one by
+    # default; artifact URLs, internal networks and filesystem roots: none unless allowed.
+    allowed_registries: str = "*"
+    allowed_artifact_urls: str = ""
+    allowed_networks: str = ""
+    artifact_roots: str = ""
+    node_roots: str = ""
+    # JSON file of credential grants ({"REF": {"registries": [...], "allowed": [...]}}); "":
+    # no credentials_ref is accepted.
+    credential_grants: str = ""
 
     def check(self) -> None:
         """HNDL-003 for scanner settings that cannot work."""
@@ -193,6 +205,7 @@ class Config:
             problems.append(f"max_labels must be 0 or positive, got {self.max_labels}")
         if self.handshake_timeout <= 0:
             problems.append(f"handshake_timeout must be positive, got {self.handshake_timeout}")
+        problems.extend(check_job_policy(self))
         if problems:
             raise HandlerError(
                 Catalogue.SCANNER_CONFIG_INVALID,
@@ -284,6 +297,16 @@ _HELP: dict[str, str] = {
     "handshake_timeout": "seconds a connection may take to finish its TLS/HTTP2 handshake",
     "health_listen": "plaintext HOST:PORT with only the health service, for probes that cannot "
     "speak TLS ('' = none)",
+    "allowed_registries": "registries jobs may name, comma-separated HOST[:PORT] patterns "
+    "(* any part; no port = the default port only)",
+    "allowed_artifact_urls": "artifact URL prefixes jobs may name, comma-separated "
+    "SCHEME://HOST[:PORT]/PATH ('' = none)",
+    "allowed_networks": "internal networks (CIDR, comma-separated) jobs may reach; loopback, "
+    "link-local and private addresses are refused otherwise",
+    "artifact_roots": "directories artifact paths may be under, comma-separated ('' = none)",
+    "node_roots": "directories node root_paths may be under, comma-separated ('' = none)",
+    "credential_grants": "JSON file: which callers may use which credentials_ref, for which "
+    "registries ('' = none may)",
 }
 
 

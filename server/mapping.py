@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from imagehandler.jobpolicy import ANONYMOUS, Submitter
 from imagehandler.v1 import common_pb2
 from server.core.model import (
     ImageRef,
@@ -209,3 +210,15 @@ def job_to_proto(
     message = common_pb2.Job()
     set_job(message, job, position=position, history=history, full_result=full_result)
     return message
+
+
+def set_submitter(message: common_pb2.Submitter, submitter: Submitter) -> None:
+    if submitter.name:
+        message.token_name = submitter.name
+        message.roles.extend(sorted(submitter.roles))
+
+
+def submitter_from_proto(message: common_pb2.Submitter) -> Submitter:
+    if not message.token_name:
+        return ANONYMOUS
+    return Submitter(message.token_name, frozenset(message.roles))

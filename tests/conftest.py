@@ -10,6 +10,7 @@ plugin's thread-pool server, which cannot host asyncio servicers.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
@@ -19,12 +20,32 @@ import pytest
 from grpc import aio
 
 from imagehandler.v1 import job_service_pb2_grpc, scanner_service_pb2_grpc
+from scanner_client.job_policy import ScannerPolicy
 from server.app import HandlerServer
 from server.config import Config
 from server.observability import logs
 
 # The receiving-server fixtures (``receiver``, ``secret_file``) for every test module.
 pytest_plugins = ["tests.receiver"]
+
+# The job policy refuses internal addresses, filesystem paths and artifact URLs by default; the
+# tests' jobs name registries and servers on loopback, node roots such as /host and files in
+# temporary directories, so these are the tests' own explicit allowances (the job policy's
+# tests, tests/test_job_policy_e2e.py, start from the defaults).
+TEST_JOB_POLICY: dict[str, Any] = {
+    "allowed_registries": "*,*:*",
+    "allowed_artifact_urls": "http://127.0.0.1:*/",
+    "allowed_networks": "127.0.0.0/8",
+    "artifact_roots": f"{tempfile.gettempdir()},/a",
+    "node_roots": f"{tempfile.gettempdir()},/host,/h",
+}
+
+# The same allowances for the scanners the tests run in-process (BuiltinEngine, CommandEngine).
+TEST_SCANNER_POLICY = ScannerPolicy.parse(**TEST_JOB_POLICY)
+# ... and as image-scanner flags, for the tests that run it as a process.
+TEST_SCANNER_FLAGS = [
+    part for key, value in TEST_JOB_POLICY.items() for part in ("--" + key.replace("_", "-"), value)
+]
 
 TEST_CONFIG = Config(
     listen="127.0.0.1:0",
@@ -33,6 +54,7 @@ TEST_CONFIG = Config(
     result_wait=30.0,
     log_format="json",
     log_level="warning",
+    **TEST_JOB_POLICY,
 )
 
 logs.configure("json", "warning")

@@ -283,7 +283,8 @@ class TokenService:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+        self.netloc = f"127.0.0.1:{self.server.server_address[1]}"
+        self.realm = f"http://{self.netloc}/token"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
 

@@ -265,6 +265,33 @@ class ImageObject(_message.Message):
 Global___ImageObject: _TypeAlias = ImageObject  # noqa: Y015
 
 @_typing.final
+class Submitter(_message.Message):
+    """Who submitted a job: the name of the caller's token and its roles (both empty when the
+    handler takes calls without tokens).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_NAME_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
+    token_name: _builtins.str
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        token_name: _builtins.str = ...,
+        roles: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["roles", b"roles", "token_name", b"token_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Submitter: _TypeAlias = Submitter  # noqa: Y015
+
+@_typing.final
 class NodeObject(_message.Message):
     """A cluster node, scanned through a node agent's filesystem root."""
 

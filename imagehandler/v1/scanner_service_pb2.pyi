@@ -382,6 +382,7 @@ class AssignedJob(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    SUBMITTER_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     run: _builtins.int
     """The run number; echo it in the result."""
@@ -395,6 +396,12 @@ class AssignedJob(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def submitter(self) -> _common_pb2.Submitter:
+        """Who submitted the job. A scanner checks the job's credentials_ref against its grants
+        for this caller before it uses the credential (docs/operating/multi-tenant-hardening.md).
+        """
+
     def __init__(
         self,
         *,
@@ -404,10 +411,11 @@ class AssignedJob(_message.Message):
         run: _builtins.int = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        submitter: _common_pb2.Submitter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "object", b"object"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "object", b"object", "submitter", b"submitter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "job_id", b"job_id", "labels", b"labels", "object", b"object", "policies", b"policies", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "job_id", b"job_id", "labels", b"labels", "object", b"object", "policies", b"policies", "run", b"run", "submitter", b"submitter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

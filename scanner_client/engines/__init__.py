@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from scanner_client.engine import Engine
 from scanner_client.engines.noop import NoopEngine
 from scanner_client.extras import builtin_engine_extra
+from scanner_client.job_policy import ScannerPolicy
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class EngineSettings:
     # builtin: periodic vulnerability database update into db_dir (sources, seconds between).
     db_update_from: tuple[str, ...] = ()
     db_update_interval: float = 0.0
+    # builtin and command: what a job may aim the scanner at (scanner_client.job_policy).
+    policy: ScannerPolicy = field(default_factory=ScannerPolicy)
     # command: the template, its output format, timeout, and declared databases
     # (NAME=VERSION@RELEASED_AT).
     command: str = ""
@@ -59,6 +62,7 @@ def _builtin(settings: EngineSettings) -> Engine:
             platform=settings.platform,
             db_update_from=settings.db_update_from,
             db_update_interval=settings.db_update_interval,
+            policy=settings.policy,
         )
     )
 
@@ -72,6 +76,7 @@ def _command(settings: EngineSettings) -> Engine:
         timeout=settings.command_timeout,
         databases=[parse_database(value) for value in settings.command_databases],
         proxy_url=settings.proxy_url,
+        policy=settings.policy,
     )
 
 

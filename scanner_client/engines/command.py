@@ -28,9 +28,13 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from google.protobuf import json_format
 
+from imagehandler.jobpolicy import Refused
+from imagehandler.jobpolicy.egress import DOCKER_HUB, DOCKER_HUB_API
+from imagehandler.jobpolicy.patterns import split_host
 from imagehandler.v1 import common_pb2
 from scanner_client.engine import (
     Database,
@@ -42,6 +46,8 @@ from scanner_client.engine import (
     ScannerBroken,
 )
 from scanner_client.engines.builtin.common import SEVERITIES, excerpt
+from scanner_client.job_policy import ScannerPolicy
+from scanner_client.job_policy import failure as policy_failure
 
 FORMATS: Final = ("trivy-json", "scanresult-json")
 PLACEHOLDERS: Final = frozenset(
@@ -78,6 +84,7 @@ class CommandEngine(Engine):
         kinds: frozenset[Kind] = frozenset(),
         proxy_url: str = "",
         env: Mapping[str, str] | None = None,
+        policy: ScannerPolicy | None = None,
     ) -> None:
         if not template.strip():
             raise ValueError("the command engine needs a command (--command)")
@@ -103,6 +110,11 @@ class CommandEngine(Engine):
         self.kinds = kinds
         self.proxy_url = proxy_url
         self.env = dict(os.environ if env is None else env)
+        # The job policy (default: refuse internal addresses, paths and artifact URLs). The
+        # command makes its own connections, so they cannot be pinned: the job's names, paths
+        # and the addresses its hosts resolve to now are checked before it runs.
+        self.policy = policy or ScannerPolicy()
+        self.guard = self.policy.guard()
 
     def databases(self) -> Sequence[Database]:
         return self._databases
@@ -112,7 +124,33 @@ class CommandEngine(Engine):
         values["sbom"] = sbom_file
         return [word.format_map(values) for word in self.words]
 
+    async def _check(self, job: Job) -> None:
+        """The job policy before the command runs (ScanFailure HNDL-005 when refused)."""
+        self.policy.check_job(job)
+        obj = job.object
+        # (field, URL) of each host the command would connect to for the job.
+        targets: list[tuple[str, str]] = []
+        if obj.HasField("image"):
+            registry = obj.image.registry or DOCKER_HUB
+            host = DOCKER_HUB_API if registry == DOCKER_HUB else registry
+            targets.append(("image.registry", f"https://{host}"))
+            if obj.image.proxy_url and obj.image.proxy_url != self.proxy_url:
+                targets.append(("image.proxy_url", obj.image.proxy_url))
+        elif obj.HasField("artifact") and obj.artifact.url:
+            targets.append(("artifact.url", obj.artifact.url))
+        for what, url in targets:
+            try:
+                parts = urlsplit(url)
+                host, port = split_host(parts.netloc.rpartition("@")[2])
+                default = 80 if parts.scheme == "http" else 443
+                await self.guard.addresses(host, int(port) if port.isdigit() else default, what)
+            except Refused as refused:
+                raise policy_failure(refused) from None
+            except (OSError, TimeoutError, ValueError):
+                pass  # a name this machine cannot resolve: the command will say so
+
     async def scan(self, job: Job, progress: ProgressReporter) -> common_pb2.ScanResult:
+        await self._check(job)
         try:
             workdir = tempfile.TemporaryDirectory(prefix="image-scanner-cmd-")
         except OSError as exc:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
+from imagehandler.jobpolicy import ANONYMOUS, Submitter
+
 
 class JobStatus(enum.IntEnum):
     PENDING = 1
@@ -138,6 +140,8 @@ class JobSpec:
     lane: Lane
     idempotency_key: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    # Who submitted it (not part of its identity): scanners check its credential grants.
+    submitter: Submitter = ANONYMOUS
 
     @property
     def kind(self) -> ObjectKind:

@@ -35,7 +35,7 @@ from grpc import aio
 
 from imagehandler.errors import Catalogue, HandlerError, Reason
 from imagehandler.rpc import abort
-from server.security import roles
+from server.security import caller, roles
 from server.security.limits import StreamCounter, SubmitRateLimiter
 from server.security.tls import certificate_names
 from server.security.tokens import Principal, TokenFile
@@ -266,16 +266,21 @@ class SecurityInterceptor(_ServerInterceptor):
         name = roles.short_name(method)
         submit = self.rate is not None and method in roles.SUBMIT_METHODS
         is_async = inspect.iscoroutinefunction(inner)
+        submitter = caller.submitter_of(principal)
 
         async def behaviour(request: Any, context: Context) -> Any:
             if isinstance(request, _Refused):
                 await abort(context, request.error)
             if submit:
                 await self._check_rate(method, request, principal, context)
-            if is_async:
-                response = await inner(request, context)
-            else:  # a plain function (none of ours): called on the loop
-                response = inner(request, context)
+            bound = caller.bind(submitter)  # who submits, for the job's credential grants
+            try:
+                if is_async:
+                    response = await inner(request, context)
+                else:  # a plain function (none of ours): called on the loop
+                    response = inner(request, context)
+            finally:
+                caller.unbind(bound)
             if max_send and isinstance(response, Message):
                 size = response.ByteSize()
                 if size > max_send:

@@ -34,7 +34,9 @@ from server.core.model import (
     ScanTarget,
     Trigger,
 )
-from server.mapping import pb_kinds, set_object, set_timestamp, timestamp
+from server.job_policy import SubmitPolicy
+from server.mapping import pb_kinds, set_object, set_submitter, set_timestamp, timestamp
+from server.security import caller
 from server.service.sessions import Database, ScannerProfile, ScannerSession
 
 E = TypeVar("E", bound=IntEnum)
@@ -187,12 +189,17 @@ def _policies(values: Iterable[int]) -> tuple[Policy, ...]:
     return found
 
 
-def spec_from_request(request: job_service_pb2.SubmitJobRequest, config: Config) -> JobSpec:
+def spec_from_request(
+    request: job_service_pb2.SubmitJobRequest, config: Config, policy: SubmitPolicy
+) -> JobSpec:
+    """The job a submit asks for, checked, and held to the job ``policy`` for its caller."""
     if not request.HasField("object"):
         raise validation.params_error(
             "object is required: set object.image, object.node or object.artifact"
         )
     target = target_from_proto(request.object)
+    submitter = caller.current()
+    policy.check(target, submitter)
     trigger = enum_value(Trigger, request.trigger, "trigger", default=Trigger.MANUAL)
     lane = enum_value(Lane, request.lane, "lane", default=Lane.BULK)
     policies = _policies(request.policies)
@@ -229,6 +236,7 @@ def spec_from_request(request: job_service_pb2.SubmitJobRequest, config: Config)
         lane=lane,
         idempotency_key=request.idempotency_key,
         labels=labels,
+        submitter=submitter,
     )
 
 
@@ -297,6 +305,7 @@ def set_assigned_job(
     set_timestamp(message.deadline, deadline)
     if spec.labels:
         message.labels.update(spec.labels)
+    set_submitter(message.submitter, spec.submitter)
 
 
 def assigned_job_to_proto(job: Job, deadline: datetime) -> scanner_service_pb2.AssignedJob:

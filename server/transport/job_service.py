@@ -16,6 +16,7 @@ from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
 from server import mapping
 from server.core.model import Job, JobStatus, Lane, ObjectKind, Transition, Trigger
 from server.core.verdicts import Scope
+from server.job_policy import SubmitPolicy
 from server.service.events import Feed, FellBehind, Subscription
 from server.service.handler import Handler
 from server.service.jobs import Submitted
@@ -88,8 +89,10 @@ def decode_page_token(token: str) -> int:
 
 
 class JobService(job_service_pb2_grpc.JobServiceServicer):
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, policy: SubmitPolicy) -> None:
         self.handler = handler
+        # What a submitted job may aim scanners at (server/job_policy.py).
+        self.policy = policy
         # Watchers of every job share one encoding of each event.
         handler.events.encode = self._encode_event
 
@@ -127,7 +130,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     async def SubmitJob(
         self, request: job_service_pb2.SubmitJobRequest, context: Context
     ) -> job_service_pb2.SubmitJobResponse:
-        spec = convert.spec_from_request(request, self.handler.config)
+        spec = convert.spec_from_request(request, self.handler.config, self.policy)
         (submitted,) = await self.handler.submit_many([spec])
         await self.handler.commit()
         response = job_service_pb2.SubmitJobResponse(duplicate=submitted.duplicate)
@@ -143,7 +146,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         specs = []
         for index, item in enumerate(request.jobs):
             try:
-                specs.append(convert.spec_from_request(item, self.handler.config))
+                specs.append(convert.spec_from_request(item, self.handler.config, self.policy))
             except HandlerError as error:
                 # Name the bad job; nothing of the batch is queued.
                 raise HandlerError(

@@ -26,7 +26,7 @@ from scanner_client import ClientConfig, Database, ScannerClient
 from scanner_client.engine import Engine
 from scanner_client.engines.builtin import BuiltinEngine, BuiltinSettings
 from scanner_client.engines.command import CommandEngine
-from tests.conftest import MakeHandler
+from tests.conftest import TEST_SCANNER_FLAGS, TEST_SCANNER_POLICY, MakeHandler
 from tests.helpers import remote_error
 from tests.oci import (
     EICAR,
@@ -342,6 +342,7 @@ def vulns(result: common_pb2.ScanResult) -> set[tuple[str, str, str, str]]:
 
 
 def builtin(**settings: Any) -> BuiltinEngine:
+    settings.setdefault("policy", TEST_SCANNER_POLICY)
     return BuiltinEngine(BuiltinSettings(**settings))
 
 
@@ -542,11 +543,15 @@ async def test_basic_auth_registry_with_credentials_ref(
     secured = LocalRegistry(tmp_path / "secured", htpasswd=("scanner", "s3cret"))
     try:
         secured.push(images.layout, "alpine", "private/alpine")
+        # The grant beside the secret: for this registry, for any caller (no tokens here).
+        grant = {"registries": [secured.address], "allowed": ["*"]}
         credentials = tmp_path / "credentials.json"
         credentials.write_text(
-            json.dumps({"team-pull": {"username": "scanner", "password": "s3cret"}})
+            json.dumps({"team-pull": {"username": "scanner", "password": "s3cret", **grant}})
         )
-        handler = await make_handler()
+        grants = tmp_path / "grants.json"
+        grants.write_text(json.dumps({"team-pull": grant}))
+        handler = await make_handler(credential_grants=str(grants))
         engine = builtin(credentials_file=credentials)
         obj = common_pb2.ScanObject(
             image=common_pb2.ImageObject(
@@ -575,11 +580,15 @@ async def test_token_auth_registry(
     secured = LocalRegistry(tmp_path / "secured", token=tokens)
     try:
         secured.push(images.layout, "alpine", "private/alpine")
+        # For the registry and its token service (on another port, so named too).
+        grant = {"registries": [secured.address, tokens.netloc], "allowed": ["*"]}
         credentials = tmp_path / "credentials.json"
         credentials.write_text(
-            json.dumps({"robot": {"username": "robot", "password": "t0ken-pass"}})
+            json.dumps({"robot": {"username": "robot", "password": "t0ken-pass", **grant}})
         )
-        handler = await make_handler()
+        grants = tmp_path / "grants.json"
+        grants.write_text(json.dumps({"robot": grant}))
+        handler = await make_handler(credential_grants=str(grants))
         engine = builtin(credentials_file=credentials)
         obj = common_pb2.ScanObject(
             image=common_pb2.ImageObject(
@@ -902,6 +911,7 @@ async def test_a_scanner_killed_mid_job_leaves_it_to_another(
         "--handler", handler.address, "--engine", "builtin", "--scanner-id", "scanner-a",
         "--proxy-url", proxy, "--log-format", "json", "--log-level", "warning",
         "--scratch-dir", str(tmp_path),  # kill -9 leaves its scratch directory behind
+        *TEST_SCANNER_FLAGS,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL, cwd=ROOT, env=env,
     )  # fmt: skip

@@ -41,6 +41,7 @@ from scanner_client.vulndb import importers, matcher
 from scanner_client.vulndb.build import build as build_database
 from scanner_client.vulndb.model import Imported
 from scanner_client.vulndb.store import VulnStore
+from tests.conftest import TEST_SCANNER_POLICY
 from tests.oci import EICAR, Entry, Image, Layout, directory, file, hardlink, layer, symlink
 from tests.oci import tar_bytes as make_tar
 from tests.vulnfeeds import ALPINE, NODEJS, PYPA, debian_zip
@@ -533,7 +534,7 @@ def run_scan(engine: BuiltinEngine, obj: common_pb2.ScanObject) -> common_pb2.Sc
 
 
 def test_job_parameter_failures_are_permanent_hndl_005(tmp_path: Path) -> None:
-    engine = BuiltinEngine()
+    engine = BuiltinEngine(BuiltinSettings(policy=TEST_SCANNER_POLICY))
     cases = [
         common_pb2.ScanObject(
             image=common_pb2.ImageObject(
@@ -562,7 +563,10 @@ def test_a_node_job_without_root_path_is_refused_not_scanned_as_the_scanners_roo
     monkeypatch.setattr(Rootfs, "walk", walk)
     obj = common_pb2.ScanObject(node=common_pb2.NodeObject(cluster="c1", node_name="n1"))
     job = Job("j", 1, obj)
-    for engine in (BuiltinEngine(), CommandEngine("echo {root}")):
+    for engine in (
+        BuiltinEngine(BuiltinSettings(policy=TEST_SCANNER_POLICY)),
+        CommandEngine("echo {root}", policy=TEST_SCANNER_POLICY),
+    ):
         with pytest.raises(ScanFailure, match=r"node\.root_path is empty") as info:
             asyncio.run(engine.scan(job, NullProgress()))
         assert (info.value.code, info.value.permanent) == ("HNDL-005", True), engine.name
@@ -573,7 +577,7 @@ def test_an_unreachable_registry_is_a_transient_failure() -> None:
         image=common_pb2.ImageObject(registry="127.0.0.1:1", repository="a/b", tag="1")
     )
     with pytest.raises(ScanFailure, match=r"cannot reach registry 127\.0\.0\.1:1") as info:
-        run_scan(BuiltinEngine(), obj)
+        run_scan(BuiltinEngine(BuiltinSettings(policy=TEST_SCANNER_POLICY)), obj)
     assert info.value.code == "HNDL-006"
     assert not info.value.permanent
 
@@ -582,7 +586,8 @@ def test_single_files_and_plain_archives(tmp_path: Path) -> None:
     sample = tmp_path / "download.com"
     sample.write_bytes(EICAR)
     result = run_scan(
-        BuiltinEngine(), common_pb2.ScanObject(artifact=common_pb2.ArtifactObject(path=str(sample)))
+        BuiltinEngine(BuiltinSettings(policy=TEST_SCANNER_POLICY)),
+        common_pb2.ScanObject(artifact=common_pb2.ArtifactObject(path=str(sample))),
     )
     assert [(m.name, m.path, m.layer_digest) for m in result.malware] == [
         ("EICAR-Test-File", str(sample), "")
@@ -601,7 +606,7 @@ def test_single_files_and_plain_archives(tmp_path: Path) -> None:
         ).blob
     )
     result = run_scan(
-        BuiltinEngine(),
+        BuiltinEngine(BuiltinSettings(policy=TEST_SCANNER_POLICY)),
         common_pb2.ScanObject(artifact=common_pb2.ArtifactObject(path=str(archive))),
     )
     assert [
@@ -628,7 +633,7 @@ def test_cancelling_a_scan_stops_its_thread_and_removes_its_scratch(
         return original(self, rel, data)
 
     monkeypatch.setattr(FileAnalyser, "analyse", gated_analyse)
-    engine = BuiltinEngine(BuiltinSettings(scratch_dir=scratch))
+    engine = BuiltinEngine(BuiltinSettings(scratch_dir=scratch, policy=TEST_SCANNER_POLICY))
     job = Job(
         "j", 1, common_pb2.ScanObject(artifact=common_pb2.ArtifactObject(path=str(layout.path)))
     )
@@ -683,14 +688,14 @@ def test_command_timeout_and_bad_output_are_hndl_006() -> None:
     job = Job(
         "j", 1, common_pb2.ScanObject(node=common_pb2.NodeObject(node_name="n", root_path="/h"))
     )
-    slow = CommandEngine("sleep 30", timeout=0.2)
+    slow = CommandEngine("sleep 30", timeout=0.2, policy=TEST_SCANNER_POLICY)
     with pytest.raises(ScanFailure, match=r"did not finish within 0\.2s and was killed") as info:
         asyncio.run(slow.scan(job, NullProgress()))
     assert info.value.code == "HNDL-006"
-    garbage = CommandEngine("echo not json")
+    garbage = CommandEngine("echo not json", policy=TEST_SCANNER_POLICY)
     with pytest.raises(ScanFailure, match="wrote no valid JSON"):
         asyncio.run(garbage.scan(job, NullProgress()))
-    missing = CommandEngine("/nonexistent/scanner {root}")
+    missing = CommandEngine("/nonexistent/scanner {root}", policy=TEST_SCANNER_POLICY)
     with pytest.raises(ScanFailure, match="cannot start") as info:
         asyncio.run(missing.scan(job, NullProgress()))
     assert info.value.permanent
@@ -760,7 +765,7 @@ def test_progress_goes_through_the_stages(tmp_path: Path) -> None:
     job = Job(
         "j", 1, common_pb2.ScanObject(artifact=common_pb2.ArtifactObject(path=str(layout.path)))
     )
-    asyncio.run(BuiltinEngine().scan(job, Recorder()))
+    asyncio.run(BuiltinEngine(BuiltinSettings(policy=TEST_SCANNER_POLICY)).scan(job, Recorder()))
     stages = list(dict.fromkeys(stage for stage, _ in seen))
     assert stages == ["unpack", "analyse", "report"]
     percents = [percent for _, percent in seen]

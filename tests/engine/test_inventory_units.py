@@ -28,13 +28,14 @@ from scanner_client.engines.builtin import (
 )
 from scanner_client.engines.builtin.analyzers import Distro, Package
 from scanner_client.engines.builtin.rootfs import Rootfs
+from tests.conftest import TEST_SCANNER_POLICY
 from tests.inventory_images import jar
 from tests.vulnfeeds import debian_database
 
 
 def scan_dir(root: Path, db_dir: Path | None = None) -> common_pb2.ScanResult:
     obj = common_pb2.ScanObject(artifact=common_pb2.ArtifactObject(path=str(root)))
-    engine = BuiltinEngine(BuiltinSettings(db_dir=db_dir))
+    engine = BuiltinEngine(BuiltinSettings(db_dir=db_dir, policy=TEST_SCANNER_POLICY))
     return asyncio.run(engine.scan(Job("j", 1, obj), NullProgress()))
 
 

@@ -18,7 +18,7 @@ from imagehandler.v1 import common_pb2, job_service_pb2, scanner_service_pb2
 from scanner_client.db import DEFAULT_DIR
 from scanner_client.vulndb import update as vulndb_update
 from scanner_client.vulndb.store import VulnStore
-from tests.conftest import Handler, MakeHandler
+from tests.conftest import TEST_SCANNER_FLAGS, Handler, MakeHandler
 from tests.engine.test_vulndb import served  # noqa: F401 (fixture)
 from tests.helpers import RawScanner
 from tests.integration.test_scanner_client_protocol import Child, Spawn, spawn  # noqa: F401 (fixture)
@@ -137,6 +137,7 @@ async def test_a_running_scanner_takes_an_update_between_jobs(
     scanner = await spawn(
         "-m", "scanner_client.cli", "--handler", handler.address, "--engine", "builtin",
         "--db-dir", str(db_dir), "--scanner-id", "live", "--log-format", "json",
+        *TEST_SCANNER_FLAGS,
     )  # fmt: skip
     await until_listed(handler, "live", lambda i: vulnerability_version(i) == PACKAGED_VERSION)
 

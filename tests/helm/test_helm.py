@@ -11,6 +11,7 @@ read fails here, not in a cluster.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import fields
 from typing import Any
 
@@ -19,6 +20,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from imagehandler.jobpolicy import parse_grants
 from scanner_client import cli as scanner_cli
 from scanner_client.engine import Kind
 from scanner_client.engine import Policy as ScannerPolicy
@@ -91,6 +93,20 @@ PRODUCTION: dict[str, Any] = {
                 ]
             }
         },
+    },
+    "jobPolicy": {
+        "allowedRegistries": ["*", "harbor.scans.svc:8443"],
+        "allowedArtifactUrls": ["https://artifacts.example.com/ci/"],
+        "allowedNetworks": ["10.96.0.0/12"],
+        "artifactRoots": ["/artifacts"],
+        "nodeRoots": ["/host"],
+        "credentialGrants": {
+            "team-a-harbor": {
+                "registries": ["harbor.scans.svc:8443"],
+                "allowed": ["ci-team-a", "role:admin"],
+            }
+        },
+        "credentialsSecret": "ih-pull-credentials",
     },
     "secrets": {
         "handlerEnv": {"IMAGE_HANDLER_RECEIVER_SECRET": {"name": "ih-webhook", "key": "secret"}},
@@ -456,6 +472,47 @@ def test_scanner_settings_reach_the_scanners(production: list[Manifest]) -> None
     assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "10Gi"}
 
 
+def test_the_job_policy_reaches_the_handler_and_the_scanners_alike(
+    production: list[Manifest], defaults: list[Manifest]
+) -> None:
+    """One set of rules, parsed by the handler's and the scanner's own flag parsers; the grants
+    in a ConfigMap both mount, the pull secrets on the scanners only."""
+    statefulset = find(production, "StatefulSet", FULLNAME)
+    deployment = find(production, "Deployment", f"{FULLNAME}-scanner")
+    config = handler_config.parse([], environ=environment(production, statefulset))
+    settings = scanner_cli.parse_args([], env=environment(production, deployment))
+    for name in (
+        "allowed_registries",
+        "allowed_artifact_urls",
+        "allowed_networks",
+        "artifact_roots",
+        "node_roots",
+        "credential_grants",
+    ):
+        assert getattr(config, name) == getattr(settings, name), name
+    assert config.allowed_registries == "*,harbor.scans.svc:8443"
+    assert config.node_roots == "/host"
+    assert config.credential_grants == "/etc/image-handler/grants/grants.json"
+    assert settings.credentials_file == "/etc/image-handler/credentials/credentials.json"
+    grants = find(production, "ConfigMap", f"{FULLNAME}-credential-grants")
+    parsed = parse_grants(json.loads(grants["data"]["grants.json"]), "grants.json")
+    assert parsed["team-a-harbor"].is_for("harbor.scans.svc:8443")
+    assert parsed["team-a-harbor"].allowed == {"ci-team-a", "role:admin"}
+    handler_mounts = {m["mountPath"] for m in container(statefulset)["volumeMounts"]}
+    scanner_mounts = {m["mountPath"] for m in container(deployment)["volumeMounts"]}
+    assert "/etc/image-handler/grants" in handler_mounts & scanner_mounts
+    assert "/etc/image-handler/credentials" in scanner_mounts - handler_mounts
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["credentials"]["secret"]["secretName"] == "ih-pull-credentials"
+    # The defaults: any public registry, nothing else; the same on both sides.
+    scanner_defaults = scanner_cli.parse_args(
+        [], env=environment(defaults, find(defaults, "Deployment", f"{FULLNAME}-scanner"))
+    )
+    assert (scanner_defaults.allowed_registries, scanner_defaults.allowed_networks) == ("*", "")
+    assert (scanner_defaults.artifact_roots, scanner_defaults.node_roots) == ("", "")
+    assert not [d for d in defaults if d["metadata"]["name"].endswith("credential-grants")]
+
+
 def test_secrets_are_referenced_never_embedded(production: list[Manifest]) -> None:
     assert not [d for d in production if d["kind"] == "Secret"]
     handler = container(find(production, "StatefulSet", FULLNAME))
@@ -463,7 +520,7 @@ def test_secrets_are_referenced_never_embedded(production: list[Manifest]) -> No
     assert by_name["IMAGE_HANDLER_RECEIVER_SECRET"]["valueFrom"] == {
         "secretKeyRef": {"name": "ih-webhook", "key": "secret"}
     }
-    (mount,) = [m for m in handler["volumeMounts"] if m["mountPath"].startswith("/etc/")]
+    (mount,) = [m for m in handler["volumeMounts"] if m["name"].startswith("secret-")]
     assert mount == {"name": "secret-0", "mountPath": "/etc/image-handler/tokens", "readOnly": True}
     scanner = container(find(production, "Deployment", f"{FULLNAME}-scanner"))
     assert scanner["env"] == [
@@ -486,6 +543,19 @@ def test_a_config_change_rolls_the_pods() -> None:
     assert checksum({}, *handler) != checksum(more_workers, *handler)
     assert checksum({}, *scanner) == checksum(more_workers, *scanner)
     assert checksum({}, *scanner) != checksum({"scanner": {"slots": 2}}, *scanner)
+    # The job policy goes to both, its grants too (read at start).
+    nodes = {"jobPolicy": {"nodeRoots": ["/host"]}}
+    assert checksum({}, *handler) != checksum(nodes, *handler)
+    assert checksum({}, *scanner) != checksum(nodes, *scanner)
+    grant = {"registries": ["ghcr.io"], "allowed": ["ci"]}
+    one, two = ({"jobPolicy": {"credentialGrants": {ref: grant}}} for ref in ("a", "b"))
+    for kind, name in (handler, scanner):
+        first = find(manifests(render(one)), kind, name)["spec"]["template"]["metadata"]
+        second = find(manifests(render(two)), kind, name)["spec"]["template"]["metadata"]
+        assert (
+            first["annotations"]["checksum/credential-grants"]
+            != second["annotations"]["checksum/credential-grants"]
+        )
 
 
 def test_metrics_port_service_and_annotations(production: list[Manifest]) -> None:
@@ -604,6 +674,17 @@ def test_disruption_budgets_and_network_policies(production: list[Manifest]) -> 
             "/secrets/handlerEnv/X",
             "missing property 'key'",
         ),
+        ({"jobPolicy": {"nodeRoots": ["host"]}}, "/jobPolicy/nodeRoots/0", "does not match"),
+        (
+            {"jobPolicy": {"allowedRegistries": ["https://ghcr.io"]}},
+            "/jobPolicy/allowedRegistries/0",
+            "does not match",
+        ),
+        (
+            {"jobPolicy": {"credentialGrants": {"team-a": {"registries": ["ghcr.io"]}}}},
+            "/jobPolicy/credentialGrants/team-a",
+            "missing property 'allowed'",
+        ),
     ],
 )
 def test_the_schema_refuses_wrong_values(values: dict[str, Any], where: str, what: str) -> None:
@@ -632,6 +713,10 @@ def test_the_schema_refuses_wrong_values(values: dict[str, Any], where: str, wha
             "scanner.autoscaling.minReplicas (5) is above",
         ),
         ({"scanner": {"backoff": {"initial": 5, "max": 1}}}, "scanner.backoff.max (1 s) is below"),
+        (
+            {"jobPolicy": {"credentialsSecret": "pull"}},
+            "jobPolicy.credentialGrants grants none of them",
+        ),
     ],
 )
 def test_rules_across_values_fail_with_what_to_change(values: dict[str, Any], what: str) -> None:

@@ -124,6 +124,8 @@ def test_serve_logs_json_events_and_stops_cleanly_on_sigterm(tmp_path: Path) -> 
         **os.environ,
         "IMAGE_HANDLER_LISTEN": "127.0.0.1:0",
         "IMAGE_HANDLER_DATA_DIR": str(tmp_path),
+        # The job policy takes node jobs only under configured roots.
+        "IMAGE_HANDLER_NODE_ROOTS": "/host",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve"],

@@ -34,7 +34,7 @@ from scanner_client import (
 )
 from scanner_client.engines.builtin import BuiltinEngine, BuiltinSettings
 from scanner_client.engines.command import CommandEngine
-from tests.conftest import Handler, MakeHandler
+from tests.conftest import TEST_SCANNER_POLICY, Handler, MakeHandler
 from tests.helpers import Watcher
 from tests.integration.test_scanner_client_protocol import (
     WAIT,
@@ -91,7 +91,7 @@ def test_the_command_engine_without_a_temporary_directory_is_broken(
 
 def test_a_missing_scratch_dir_is_created(tmp_path: Path) -> None:
     scratch = tmp_path / "not" / "yet"
-    engine = BuiltinEngine(BuiltinSettings(scratch_dir=scratch))
+    engine = BuiltinEngine(BuiltinSettings(scratch_dir=scratch, policy=TEST_SCANNER_POLICY))
     assert engine.scratch_root == scratch
     assert scratch.is_dir()
 

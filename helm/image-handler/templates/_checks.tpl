@@ -31,6 +31,9 @@ a message that says what to change. configmap.yaml includes this, so every rende
 {{- if and $h.tokens.secret .Values.scanner.enabled (not .Values.scanner.token.secret) (not (hasKey .Values.secrets.scannerEnv "IMAGE_SCANNER_TOKEN")) -}}
 {{- fail "handler.tokens.secret makes every call need a token, and the chart's scanners have none: set scanner.token.secret (and key) to a Secret holding a token with the scanner role." -}}
 {{- end -}}
+{{- if and .Values.jobPolicy.credentialsSecret (not .Values.jobPolicy.credentialGrants) -}}
+{{- fail "jobPolicy.credentialsSecret gives the scanners pull credentials, but jobPolicy.credentialGrants grants none of them: the handler would refuse every credentials_ref, and the scanners would not start with an ungranted credential. Grant each credentials_ref its registries and allowed callers in jobPolicy.credentialGrants." -}}
+{{- end -}}
 {{- $s := .Values.scanner -}}
 {{- if and $s.enabled $s.autoscaling.enabled (gt (int $s.autoscaling.minReplicas) (int $s.autoscaling.maxReplicas)) -}}
 {{- fail (printf "scanner.autoscaling.minReplicas (%d) is above scanner.autoscaling.maxReplicas (%d)." (int $s.autoscaling.minReplicas) (int $s.autoscaling.maxReplicas)) -}}

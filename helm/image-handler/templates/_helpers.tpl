@@ -108,3 +108,19 @@ checkov.io/skip{{ $n }}: "CKV_K8S_15=IfNotPresent by design: a pinned digest is 
 checkov.io/skip{{ $n }}: "CKV_K8S_43=Not pinned yet: set image.digest (a chart default cannot know your build's digest)"
 {{- end }}
 {{- end }}
+
+{{/*
+The job policy's settings as environment variables for the handler (prefix IMAGE_HANDLER_) or
+the scanners (IMAGE_SCANNER_): the same rules on both sides.
+*/}}
+{{- define "image-handler.jobPolicyEnv" -}}
+{{- $p := .ctx.Values.jobPolicy -}}
+{{ .prefix }}ALLOWED_REGISTRIES: {{ join "," $p.allowedRegistries | quote }}
+{{ .prefix }}ALLOWED_ARTIFACT_URLS: {{ join "," $p.allowedArtifactUrls | quote }}
+{{ .prefix }}ALLOWED_NETWORKS: {{ join "," $p.allowedNetworks | quote }}
+{{ .prefix }}ARTIFACT_ROOTS: {{ join "," $p.artifactRoots | quote }}
+{{ .prefix }}NODE_ROOTS: {{ join "," $p.nodeRoots | quote }}
+{{- if $p.credentialGrants }}
+{{ .prefix }}CREDENTIAL_GRANTS: "/etc/image-handler/grants/grants.json"
+{{- end }}
+{{- end -}}

@@ -37,6 +37,7 @@ class StoredJob(_message.Message):
     DELIVERED_FIELD_NUMBER: _builtins.int
     VERDICT_VERSION_FIELD_NUMBER: _builtins.int
     VERDICT_DELIVERED_FIELD_NUMBER: _builtins.int
+    SUBMITTER_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Arrival order: the job's place in the FIFO queue."""
     lsn: _builtins.int
@@ -50,6 +51,10 @@ class StoredJob(_message.Message):
     verdict_delivered: _builtins.int
     @_builtins.property
     def job(self) -> _common_pb2.Job: ...
+    @_builtins.property
+    def submitter(self) -> _common_pb2.Submitter:
+        """Who submitted the job (the assignment carries it to the scanner)."""
+
     def __init__(
         self,
         *,
@@ -60,10 +65,11 @@ class StoredJob(_message.Message):
         delivered: _builtins.int = ...,
         verdict_version: _builtins.int = ...,
         verdict_delivered: _builtins.int = ...,
+        submitter: _common_pb2.Submitter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "submitter", b"submitter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "job", b"job", "lsn", b"lsn", "result_in_file", b"result_in_file", "seq", b"seq", "verdict_delivered", b"verdict_delivered", "verdict_version", b"verdict_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "job", b"job", "lsn", b"lsn", "result_in_file", b"result_in_file", "seq", b"seq", "submitter", b"submitter", "verdict_delivered", b"verdict_delivered", "verdict_version", b"verdict_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

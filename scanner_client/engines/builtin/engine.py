@@ -25,7 +25,10 @@ from typing import Any, Final, TypeVar
 import httpx
 import structlog
 
+from imagehandler.jobpolicy import Grant, Refused
+from imagehandler.jobpolicy.grants import GRANT_KEYS, parse_grant
 from imagehandler.v1 import common_pb2
+from scanner_client.egress import guarded_client
 from scanner_client.engine import (
     Database,
     Engine,
@@ -58,6 +61,8 @@ from scanner_client.engines.builtin.registry import (
     check_proxy_url,
 )
 from scanner_client.engines.builtin.rootfs import Rootfs
+from scanner_client.job_policy import ScannerPolicy, resolved_path
+from scanner_client.job_policy import failure as policy_failure
 from scanner_client.vulndb import matcher
 
 T = TypeVar("T")
@@ -86,8 +91,13 @@ class BuiltinSettings:
     min_free_scratch: int = scratch_space.DEFAULT_MIN_FREE_MIB * scratch_space.MIB
     # The scanner's proxy; a job's image.proxy_url wins.
     proxy_url: str = ""
-    # JSON: {"REF": {"username": ..., "password": ...} | {"token": ...}} for credentials_ref.
+    # JSON: {"REF": {"username": ..., "password": ... | "token": ..., "registries": [...],
+    # "allowed": [...]}} for credentials_ref; registries and allowed (the grant) may come from
+    # the policy's --credential-grants instead.
     credentials_file: Path | None = None
+    # What a job may aim this scanner at (scanner_client.job_policy). The default refuses
+    # internal addresses, filesystem paths and artifact URLs.
+    policy: ScannerPolicy = field(default_factory=ScannerPolicy)
     # Registries reached over plain HTTP (loopback registries always are).
     insecure_registries: frozenset[str] = frozenset()
     platform: str = "linux/amd64"
@@ -152,7 +162,10 @@ class BuiltinEngine(Engine):
             poll_interval=self.settings.db_poll_interval,
         )
         self.keeper.on_change = self.notify_databases_changed
-        self._credentials = self._read_credentials()
+        self._credentials, grants = self._read_credentials()
+        self.policy = self.settings.policy.with_grants(grants)
+        # One guard for every job: it resolves the handler's address once.
+        self.guard = self.policy.guard()
 
     @property
     def db(self) -> LoadedDatabases:
@@ -200,10 +213,14 @@ class BuiltinEngine(Engine):
         policies = frozenset(job.policies) or frozenset(Policy)
         token = CancelToken()
         report = _ThreadProgress(asyncio.get_running_loop(), progress)
+        # The job policy before anything is opened or connected to (HNDL-005 when refused).
+        grant = self.policy.check_job(job)
         try:
             kind = job.kind
             if kind is Kind.IMAGE:
-                result = await self._scan_image(job.object.image, policies, token, report, scratch)
+                result = await self._scan_image(
+                    job.object.image, policies, token, report, scratch, grant
+                )
             elif kind is Kind.NODE:
                 result = await self._scan_node(job.object.node, policies, token, report)
             elif kind is Kind.ARTIFACT:
@@ -242,6 +259,7 @@ class BuiltinEngine(Engine):
         token: CancelToken,
         report: _ThreadProgress,
         scratch: Path,
+        grant: Grant | None = None,
     ) -> common_pb2.ScanResult:
         proxy = image.proxy_url or self.settings.proxy_url
         check_proxy_url(proxy)
@@ -263,6 +281,9 @@ class BuiltinEngine(Engine):
             limits=self.settings.limits,
             timeout=self.settings.registry_timeout,
             verify=str(self.settings.ca_file) if self.settings.ca_file else True,
+            guard=self.guard,
+            grant=grant,
+            trusted_proxy=self.settings.proxy_url,
         ) as client:
             pulled = await client.pull(
                 repository, reference, scratch / "blobs", self.platform, on_bytes
@@ -352,7 +373,12 @@ class BuiltinEngine(Engine):
                 code="HNDL-005",
                 permanent=True,
             )
-        root = Path(node.root_path)
+        try:
+            # The root with its links resolved, checked against --node-roots: that is what is
+            # read, not the path as the job wrote it.
+            root = resolved_path(self.policy.rules.node_roots, node.root_path, "node.root_path")
+        except Refused as refused:
+            raise policy_failure(refused) from None
 
         def analyse() -> common_pb2.ScanResult:
             if not root.is_absolute() or not root.is_dir():
@@ -392,7 +418,12 @@ class BuiltinEngine(Engine):
             packages = sbom.packages_from_cyclonedx(artifact.sbom)
             return self._result(Findings(packages=packages), subject, "artifact", policies, False)
         if artifact.path:
-            path = Path(artifact.path)
+            try:
+                path = resolved_path(
+                    self.policy.rules.artifact_roots, artifact.path, "artifact.path"
+                )
+            except Refused as refused:
+                raise policy_failure(refused) from None
         elif artifact.url.startswith("oci://"):
             return await self._scan_image(_oci_url(artifact.url), policies, token, report, scratch)
         else:
@@ -408,15 +439,27 @@ class BuiltinEngine(Engine):
                 code="HNDL-005",
                 permanent=True,
             )
+        try:
+            checked = self.policy.rules.egress.check_artifact_url(url)
+            # What httpx will connect to must be what was checked.
+            sent = httpx.URL(url)
+            if (sent.scheme, sent.host.rstrip(".")) != (checked.scheme, checked.host.strip("[]")):
+                raise Refused("url", f"artifact.url {url[:200]!r} parses ambiguously")
+        except Refused as refused:
+            raise policy_failure(refused) from None
+        except httpx.InvalidURL as exc:
+            raise ScanFailure(
+                f"artifact URL {url!r}: {exc}", code="HNDL-005", permanent=True
+            ) from None
         proxy = self.settings.proxy_url
         limit = self.settings.limits.max_layer_bytes
         report("pull", 0, url)
         try:
             async with (
-                httpx.AsyncClient(
-                    proxy=proxy or None,
-                    follow_redirects=True,
-                    trust_env=False,
+                guarded_client(
+                    self.guard,
+                    proxy=proxy,
+                    trusted_proxy=proxy,
                     timeout=self.settings.registry_timeout,
                 ) as client,
                 client.stream("GET", url) as response,
@@ -436,6 +479,8 @@ class BuiltinEngine(Engine):
                         await asyncio.to_thread(out.write, chunk)
                 finally:
                     await asyncio.to_thread(out.close)
+        except Refused as refused:  # the URL, a redirect, or where either resolves
+            raise policy_failure(refused) from None
         except httpx.TransportError as exc:
             raise ScanFailure(f"cannot fetch {url}: {exc}") from None
         return dest
@@ -620,10 +665,14 @@ class BuiltinEngine(Engine):
 
     # ---- credentials ------------------------------------------------------------------------
 
-    def _read_credentials(self) -> dict[str, Credentials]:
+    def _read_credentials(self) -> tuple[dict[str, Credentials], dict[str, Grant]]:
+        """The credentials by ref, and their grants: each entry's own ``registries`` and
+        ``allowed``, else the policy's --credential-grants entry. A credential without a grant
+        stops the scanner: it would be usable by every submitter for every registry."""
+        granted = dict(self.settings.policy.rules.grants.by_ref)
         path = self.settings.credentials_file
         if path is None:
-            return {}
+            return {}, granted
         try:
             document = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -639,7 +688,21 @@ class BuiltinEngine(Engine):
                 password=str(value.get("password", "")),
                 token=str(value.get("token", "")),
             )
-        return found
+            own = any(key in value for key in GRANT_KEYS)
+            if own and ref in granted:
+                raise ValueError(
+                    f"credentials file {path}: {ref!r} is granted both here and in "
+                    "--credential-grants; keep one"
+                )
+            if own:
+                granted[str(ref)] = parse_grant(str(ref), value, f"credentials file {path}")
+            elif ref not in granted:
+                raise ValueError(
+                    f"credentials file {path}: {ref!r} names no registries and allowed "
+                    'callers: add "registries": [...] and "allowed": [...] (token names, '
+                    '"role:ROLE" or "*") to it, or grant it in --credential-grants'
+                )
+        return found, granted
 
     def _credentials_for(self, ref: str) -> Credentials | None:
         if not ref:

@@ -5,6 +5,11 @@
 - Auth: anonymous, HTTP Basic, and the token flow (a ``401`` with ``WWW-Authenticate: Bearer
   realm=...,service=...,scope=...`` is answered by fetching a token from the realm, with the
   credentials when there are some). Credentials are never sent to another host on redirects.
+- The job policy: every connection (the registry, redirects to blob storage, the token realm)
+  goes through :mod:`scanner_client.egress`, which checks the address it resolves to and
+  connects to that address; a realm must be on the registry's host or an allowed registry, and
+  credentials go to a realm only on a host their grant names. A refusal is a permanent
+  HNDL-005 naming the rule.
 - Proxy: the job's proxy URL, else the scanner's. One that does not parse is HNDL-011.
 - Integrity: every manifest, config and layer is checked against its digest while it streams
   to disk, and against the limits on its size.
@@ -30,8 +35,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from imagehandler.jobpolicy import Grant, Refused
+from imagehandler.jobpolicy.egress import DOCKER_HUB_HOSTS
+from scanner_client.egress import EgressGuard, guarded_client
 from scanner_client.engine import ScanFailure
 from scanner_client.engines.builtin.common import Limits, too_large
+from scanner_client.job_policy import failure as policy_failure
 
 OCI_INDEX: Final = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST: Final = "application/vnd.oci.image.manifest.v1+json"
@@ -163,6 +172,9 @@ class RegistryClient:
         limits: Limits | None = None,
         timeout: float = 60.0,
         verify: bool | str = True,
+        guard: EgressGuard,
+        grant: Grant | None = None,
+        trusted_proxy: str = "",
     ) -> None:
         check_proxy_url(proxy)
         if proxy.startswith("socks"):
@@ -176,14 +188,18 @@ class RegistryClient:
         host = DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
         scheme = "http" if insecure or is_loopback(self.registry) else "https"
         self.base = f"{scheme}://{host}"
+        self.api_host = host
         self.credentials = credentials or Credentials()
+        # Where the credentials may go besides the registry itself (its token service).
+        self.grant = grant
+        self.guard = guard
         self.limits = limits or Limits()
-        self._client = httpx.AsyncClient(
-            proxy=proxy or None,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
-            follow_redirects=True,
+        self._client = guarded_client(
+            guard,
+            proxy=proxy,
+            trusted_proxy=trusted_proxy,
             verify=verify,
-            trust_env=False,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
         )
         # scope -> Authorization header value
         self._auth: dict[str, str] = {}
@@ -210,6 +226,8 @@ class RegistryClient:
             request = self._client.build_request("GET", url, headers=request_headers)
             try:
                 response = await self._client.send(request, stream=stream)
+            except Refused as refused:
+                raise policy_failure(refused) from None
             except httpx.ProxyError as exc:
                 raise _transient(f"proxy error reaching {self.base}: {exc}") from None
             except httpx.TransportError as exc:
@@ -235,6 +253,17 @@ class RegistryClient:
             raise _permanent(f"registry {self.registry} asks for unsupported auth {challenge!r}")
         if credentials.token and not credentials.username:
             return f"Bearer {credentials.token}"
+        try:
+            realm = self.guard.policy.check_realm(params["realm"], self.registry, self.api_host)
+            if credentials.username and not self._may_send_credentials(realm.netloc):
+                raise Refused(
+                    "credential-grants",
+                    f"registry {self.registry} names the token realm {params['realm']!r}; the "
+                    f"credentials are not for {realm.netloc} and are not sent there",
+                    "an operator can name that host in the credential's registries",
+                )
+        except Refused as refused:
+            raise policy_failure(refused) from None
         query = {"scope": params.get("scope", scope)}
         if params.get("service"):
             query["service"] = params["service"]
@@ -245,6 +274,8 @@ class RegistryClient:
         )
         try:
             response = await self._client.get(params["realm"], params=query, auth=auth)
+        except Refused as refused:
+            raise policy_failure(refused) from None
         except httpx.TransportError as exc:
             raise _transient(f"cannot reach the token service {params['realm']}: {exc}") from None
         if response.status_code in (401, 403):
@@ -264,6 +295,16 @@ class RegistryClient:
         if not isinstance(token, str) or not token:
             raise _transient(f"the token service of {self.registry} sent no token")
         return f"Bearer {token}"
+
+    def _may_send_credentials(self, netloc: str) -> bool:
+        """The registry's own host (or Docker Hub's token service for docker.io), or a host the
+        credential's grant names."""
+        own = {self.registry, self.api_host}
+        if self.registry == DOCKER_HUB:
+            own |= DOCKER_HUB_HOSTS
+        if netloc in own:
+            return True
+        return self.grant is not None and self.grant.is_for(netloc)
 
     def _check_status(self, response: httpx.Response, what: str) -> None:
         status = response.status_code

@@ -38,6 +38,7 @@ def set_stored(message: storage_pb2.StoredJob, job: Job) -> None:
     if job.verdict_version:
         message.verdict_version = job.verdict_version
         message.verdict_delivered = job.verdict_delivered
+    mapping.set_submitter(message.submitter, job.spec.submitter)
 
 
 def set_stored_from(message: storage_pb2.StoredJob, job: Job, built: common_pb2.Job) -> None:
@@ -49,6 +50,7 @@ def set_stored_from(message: storage_pb2.StoredJob, job: Job, built: common_pb2.
     for t in job.history:
         mapping.set_transition(add(), t)
     message.seq = job.seq
+    mapping.set_submitter(message.submitter, job.spec.submitter)
 
 
 def stored(job: Job) -> storage_pb2.StoredJob:
@@ -125,6 +127,7 @@ def job(record: storage_pb2.StoredJob) -> Job:
         lane=_LANE[message.lane],
         idempotency_key=message.idempotency_key,
         labels=dict(message.labels),
+        submitter=mapping.submitter_from_proto(record.submitter),
     )
     return Job(
         id=message.id,
