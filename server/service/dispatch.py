@@ -78,7 +78,7 @@ class Dispatch:
             return
         batches: dict[int, list[Moved]] = {}
         for item in claimed:
-            batches.setdefault(item.index, []).append(item.moved)
+            batches.setdefault(item.demand, []).append(item.moved)
             self._transitions.moved(item.moved)
         for index, moves in batches.items():
             session = sessions[index]
@@ -86,4 +86,4 @@ class Dispatch:
             if session.connected:
                 session.send(AssignJobs(tuple(moved.job for moved in moves)))
         for item in claimed:
-            self.ring.took(sessions[item.index])
+            self.ring.took(sessions[item.demand])

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import structlog
 
 from imagehandler.errors import Catalogue, HandlerError, Reason
-from imagehandler.v1 import common_pb2
 from server.config import Config
 from server.core.model import Job, JobSpec, JobStatus
 from server.service.runs import RunSupervisor
 from server.service.transitions import Transitions
-from server.storage.repository import JobFilter, JobRepository, Moved
+from server.storage.repository import Inserted, JobFilter, JobRepository, Moved
 
 log = structlog.get_logger("imagehandler")
 
@@ -24,12 +22,9 @@ DEFAULT_PAGE_SIZE = 100
 PENDING = frozenset({JobStatus.PENDING})
 
 
-@dataclass(frozen=True, slots=True)
-class Submitted:
-    job: Job
-    duplicate: bool  # the job existed already (same idempotency key or object)
-    # A new job's reply message (built once, with its stored record); None for a duplicate.
-    message: common_pb2.Job | None = None
+# What a submit answers per job: the job, whether it existed already, and (for a new job) its
+# reply built once with its stored record.
+Submitted = Inserted
 
 
 class JobBook:
@@ -60,13 +55,12 @@ class JobBook:
         inserted = await self._repository.insert_many(
             specs, at=datetime.now(UTC), queue_limit=self.config.queue_limit
         )
-        out = []
+        created = self._transitions.created
         for item in inserted:
-            out.append(Submitted(item.job, item.duplicate, item.message))
             if not item.duplicate:
-                self._transitions.created(Moved(item.job, item.job.history[0]))
+                created(item.job, item.job.history[0])
         self._request_dispatch()
-        return out
+        return inserted
 
     async def get(self, job_id: str) -> Job:
         if not job_id:

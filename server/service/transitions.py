@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 
 import structlog
 
-from server.core.model import JobStatus
+from server.core.model import Job, JobStatus, Transition
 from server.observability import logs
 from server.service.events import EventBus
 from server.storage.repository import Moved
@@ -23,8 +23,7 @@ class Transitions:
         # The delivery outbox's owe(job_id), when a receiving server is configured.
         self.owe: Callable[[str], None] | None = None
 
-    def created(self, moved: Moved) -> None:
-        job = moved.job
+    def created(self, job: Job, transition: Transition) -> None:
         if logs.enabled(logging.INFO):  # the fields cost more than the check
             log.info(
                 "job.submitted",
@@ -35,7 +34,7 @@ class Transitions:
                 lane=job.spec.lane.name,
                 status=JobStatus.PENDING.name,
             )
-        self.events.publish(job, moved.transition)
+        self.events.publish(job, transition)
         if self.owe is not None:
             self.owe(job.id)
 

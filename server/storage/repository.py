@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from imagehandler.errors import Catalogue, HandlerError, Reason
 from imagehandler.v1 import common_pb2, job_service_pb2
@@ -48,8 +48,11 @@ class StorageError(HandlerError):
         super().__init__(Catalogue.SYSTEM_ERROR, detail)
 
 
-@dataclass(frozen=True, slots=True)
-class Inserted:
+# Named tuples, not frozen dataclasses: several are made for every job, and a frozen
+# dataclass's __init__ costs several times as much.
+
+
+class Inserted(NamedTuple):
     job: Job
     duplicate: bool  # the job existed already (same idempotency key, or the same object)
     # A new job as it was queued, already built as the reply shows it (the embedded store
@@ -57,16 +60,14 @@ class Inserted:
     message: common_pb2.Job | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Moved:
+class Moved(NamedTuple):
     """A job after a move, and the move (the history entry it added)."""
 
     job: Job
     transition: Transition
 
 
-@dataclass(frozen=True, slots=True)
-class Demand:
+class Demand(NamedTuple):
     """A Free scanner asking for work: which kinds it scans and how many jobs it can take."""
 
     scanner_id: str
@@ -74,11 +75,10 @@ class Demand:
     slots: int
 
 
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """One job handed to a demand (``demands[index]``), in the order the jobs were handed."""
+class Claimed(NamedTuple):
+    """One job handed to ``demands[demand]``, in the order the jobs were handed."""
 
-    index: int
+    demand: int
     moved: Moved
 
 

@@ -145,14 +145,14 @@ async def test_claims_are_fifo_one_per_scanner_per_pass_within_their_slots(
 ) -> None:
     ids = await insert(repo, *(spec(f"j{n}") for n in range(5)))
     claimed = await repo.claim([demand("s1", 2), demand("s2", 2)], at=now())
-    assert [(c.index, c.moved.job.id) for c in claimed] == [
+    assert [(c.demand, c.moved.job.id) for c in claimed] == [
         (0, ids[0]), (1, ids[1]), (0, ids[2]), (1, ids[3]),
     ]  # fmt: skip
     for c in claimed:
         job = c.moved.job
         assert job.status is S.IN_PROGRESS
         assert job.runs == 1
-        assert job.scanner_id == ("s1", "s2")[c.index]
+        assert job.scanner_id == ("s1", "s2")[c.demand]
         assert c.moved.transition.to_status is S.IN_PROGRESS
     assert await repo.claim([demand("s3", 0)], at=now()) == []
     (last,) = await repo.claim([demand("s3", 5)], at=now())
