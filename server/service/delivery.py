@@ -25,7 +25,6 @@ import random
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Protocol
 
 import structlog
@@ -360,16 +359,13 @@ class DeliveryBook:
                 await self._repository.acknowledge(job)
         elif job.awaiting_delivery and job.status is JobStatus.PROCESSING_RESULTS:
             job.awaiting_delivery = False
-            moved = await self._repository.move(
+            await self._transitions.move(
                 job.id,
                 JobStatus.FINISHED,
                 expect=PROCESSING,
-                at=datetime.now(UTC),
                 reason="results delivered",
                 summary=job.result_summary,
             )
-            if moved is not None:
-                self._transitions.moved(moved)
 
     async def failed(self, delivery: Delivery, answer: str, failures: int) -> None:
         """A job whose result waits on a receiver that keeps refusing records HNDL-001 and
@@ -385,17 +381,14 @@ class DeliveryBook:
         if job.status is not JobStatus.PROCESSING_RESULTS:
             return
         error = HandlerError(Catalogue.MDW_ADAPTER_SEND_STATUS, answer)
-        moved = await self._repository.move(
+        await self._transitions.move(
             job.id,
             JobStatus.ERROR,
             expect=PROCESSING,
-            at=datetime.now(UTC),
             reason="delivery to the receiving server failed; the result is kept",
             error=JobFailure(error.code, error.message, error.detail),
             summary=job.result_summary,
         )
-        if moved is not None:
-            self._transitions.moved(moved)
 
     async def redeliver(self, job: Job) -> Job:
         """Deliver a kept result again after HNDL-001."""
@@ -411,15 +404,13 @@ class DeliveryBook:
                 "whose delivery failed (HNDL-001) can be redelivered",
                 reason=Reason.FAILED_PRECONDITION,
             )
-        moved = await self._repository.move(
+        moved = await self._transitions.move(
             job.id,
             JobStatus.PROCESSING_RESULTS,
             expect=frozenset({JobStatus.ERROR}),
-            at=datetime.now(UTC),
             reason="redelivery requested",
         )
         if moved is None:
             return job
-        self._transitions.moved(moved)
         self.deliver_result(moved.job)
         return moved.job

@@ -87,7 +87,7 @@ class Handler:
             fail_on_secrets=config.fail_on_secrets,
         )
         self._background = Background()
-        self.transitions = Transitions(self.events)
+        self.transitions = Transitions(repository, self.events)
         ring: FreeRing[ScannerSession] = FreeRing()
         self.sessions = ScannerSessions(config, ring, self._request_dispatch)
         self.risk = RiskBook(repository, background=self._background)
@@ -193,16 +193,13 @@ class Handler:
         if job.status is JobStatus.PROCESSING_RESULTS:
             # The only way back from PROCESSING_RESULTS: a crash lost the result; run again.
             decision = self.runs.retry.decide(job.runs, failure)
-            moved = await self.repository.move(
+            await self.transitions.move(
                 job.id,
                 JobStatus.PENDING if decision.retry else JobStatus.ERROR,
                 expect=frozenset({JobStatus.PROCESSING_RESULTS}),
-                at=datetime.now(UTC),
                 reason=decision.reason,
                 error=failure_of(HandlerError(failure.kind, failure.detail)),
             )
-            if moved is not None:
-                self.transitions.moved(moved)
             return
         await self.runs.end_interrupted(job, failure)
 

@@ -97,11 +97,9 @@ class JobBook:
         why = reason or "cancelled by a client"
         moved: Moved | None = None
         if job.status is JobStatus.PENDING:
-            moved = await self._repository.move(
-                job.id, JobStatus.CANCELLED, expect=PENDING, at=datetime.now(UTC), reason=why
+            moved = await self._transitions.move(
+                job.id, JobStatus.CANCELLED, expect=PENDING, reason=why
             )
-            if moved is not None:
-                self._transitions.moved(moved)
         elif job.status is JobStatus.IN_PROGRESS:
             moved = await self._runs.cancel(job, why)
         if moved is None:

@@ -276,16 +276,13 @@ class Completion:
         if job.status is not JobStatus.PROCESSING_RESULTS:
             return
         if isinstance(outcome, HandlerError):
-            moved = await self._repository.move(
+            await self._transitions.move(
                 job.id,
                 JobStatus.ERROR,
                 expect=PROCESSING,
-                at=datetime.now(UTC),
                 reason="result rejected",
                 error=JobFailure(outcome.code, outcome.message, outcome.detail),
             )
-            if moved is not None:
-                self._transitions.moved(moved)
             session = self._registry.live(job.scanner_id)
             if session is not None:
                 session.send(RejectMessage(outcome, job.id))
@@ -297,16 +294,13 @@ class Completion:
         if self.deliver is not None:
             self.deliver(job)
             return
-        moved = await self._repository.move(
+        await self._transitions.move(
             job.id,
             JobStatus.FINISHED,
             expect=PROCESSING,
-            at=datetime.now(UTC),
             reason="results stored",
             summary=outcome.summary,
         )
-        if moved is not None:
-            self._transitions.moved(moved)
 
     async def load_result(self, job: Job) -> common_pb2.ScanResult | None:
         if job.result is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 
 import structlog
 
@@ -124,17 +123,15 @@ class RunSupervisor:
             return
         self.release(job_id, session)
         session.jobs_finished += 1
-        moved = await self._repository.move(
+        moved = await self._transitions.move(
             job_id,
             JobStatus.PROCESSING_RESULTS,
             expect=IN_PROGRESS,
             run=job.runs,
-            at=datetime.now(UTC),
             reason="result received",
             result=result,
         )
         if moved is not None:
-            self._transitions.moved(moved)
             self.on_result(moved.job)
         self._request_dispatch()
 
@@ -187,17 +184,14 @@ class RunSupervisor:
         self.release(job.id, session)
         error = HandlerError(failure.kind, failure.detail)
         decision = self.retry.decide(job.runs, failure)
-        moved = await self._repository.move(
+        moved = await self._transitions.move(
             job.id,
             JobStatus.PENDING if decision.retry else JobStatus.ERROR,
             expect=IN_PROGRESS,
             run=job.runs,
-            at=datetime.now(UTC),
             reason=decision.reason,
             error=failure_of(error),
         )
-        if moved is not None:
-            self._transitions.moved(moved)
         self._request_dispatch()
         return moved
 
@@ -220,17 +214,14 @@ class RunSupervisor:
         """A client cancels an IN_PROGRESS job: the scanner is told to stop."""
         session = self.holder(job)
         self.release(job.id, session)
-        moved = await self._repository.move(
+        moved = await self._transitions.move(
             job.id,
             JobStatus.CANCELLED,
             expect=IN_PROGRESS,
-            at=datetime.now(UTC),
             reason=why,
         )
-        if moved is not None:
-            if session is not None:
-                session.send(CancelRun(job.id, why))
-            self._transitions.moved(moved)
+        if moved is not None and session is not None:
+            session.send(CancelRun(job.id, why))
         self._request_dispatch()
         return moved
 

@@ -1,24 +1,29 @@
-"""After every status change: the log line, the event for watchers and listeners, and the
-delivery the receiving server is now owed. The repository makes the change (through the state
-machine); this is the one place the rest of the handler hears of it, in the same loop turn."""
+"""The one place the service changes a job's status: :meth:`Transitions.move` asks the
+repository for the move (a compare-and-set through the state machine) and, when it is made,
+writes the log line, publishes the event for watchers and listeners, and owes the receiving
+server the change, in the same loop turn. Moves the repository makes itself (a claim) are
+published through :meth:`Transitions.moved`."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
-from server.core.model import Job, JobStatus, Transition
+from server.core.model import Job, JobFailure, JobStatus, Transition
 from server.observability import logs
 from server.service.events import EventBus
-from server.storage.repository import Moved
+from server.storage.repository import JobRepository, Moved
 
 log = structlog.get_logger("imagehandler")
 
 
 class Transitions:
-    def __init__(self, events: EventBus) -> None:
+    def __init__(self, repository: JobRepository, events: EventBus) -> None:
+        self._repository = repository
         self.events = events
         # The delivery outbox's owe(job_id), when a receiving server is configured.
         self.owe: Callable[[str], None] | None = None
@@ -56,6 +61,30 @@ class Transitions:
         if self.owe is not None:
             self.owe(job.id)
 
-    def all_moved(self, moves: Iterable[Moved]) -> None:
-        for moved in moves:
+    async def move(
+        self,
+        job_id: str,
+        to_status: JobStatus,
+        *,
+        expect: frozenset[JobStatus],
+        run: int = 0,
+        reason: str,
+        error: JobFailure | None = None,
+        result: Any = None,
+        summary: Any = None,
+    ) -> Moved | None:
+        """Move the job if it is in ``expect`` (and that run); None when another move won."""
+        moved = await self._repository.move(
+            job_id,
+            to_status,
+            expect=expect,
+            run=run,
+            at=datetime.now(UTC),
+            reason=reason,
+            error=error,
+            result=result,
+            summary=summary,
+        )
+        if moved is not None:
             self.moved(moved)
+        return moved
