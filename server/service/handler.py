@@ -393,7 +393,7 @@ class Handler:
 
     def databases_changed(self, session: ScannerSession, databases: tuple[Database, ...]) -> None:
         self.sessions.databases_changed(session, databases)
-        self.databases.seen(databases)
+        self.databases.seen(databases, updated=True)
 
     # ----- rematches -------------------------------------------------------------------------
 

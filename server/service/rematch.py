@@ -76,14 +76,18 @@ class DatabaseWatch:
     def version(self) -> str:
         return self.newest.version if self.newest is not None else ""
 
-    def seen(self, databases: Sequence[Database]) -> None:
+    def seen(self, databases: Sequence[Database], *, updated: bool = False) -> None:
+        """A scanner's databases, at registration or (``updated``) after a live update. Newer
+        is a later release date, or any other version a scanner took into use by a live update
+        (``db update`` from feeds of the operator's choosing: its date says when its newest
+        feed was published, not when it was built)."""
         for database in databases:
             if database.name != VULNERABILITIES:
                 continue
             current = self.newest
-            if current is not None and (database.released_at, database.version) <= (
-                current.released_at,
-                current.version,
+            if current is not None and not (
+                database.released_at > current.released_at
+                or (updated and database.version != current.version)
             ):
                 continue
             self.newest = database
