@@ -199,6 +199,12 @@ class BuiltinEngine(Engine):
     async def scan(self, job: Job, progress: ProgressReporter) -> common_pb2.ScanResult:
         # Between jobs: a database replaced by `image-scanner db update` is taken into use.
         await self.keeper.refresh()
+        if job.kind is Kind.ARTIFACT and job.object.artifact.sbom:
+            # An SBOM is matched as it is (a rematch of a stored one, at every database
+            # update): nothing to download or unpack, so no scratch directory.
+            self.policy.check_job(job)
+            policies = frozenset(job.policies) or frozenset(Policy)
+            return self._sbom_result(job.object.artifact, policies)
         root = self.scratch_root
         try:
             workdir = Path(tempfile.mkdtemp(prefix="image-scanner-", dir=root))
@@ -493,14 +499,7 @@ class BuiltinEngine(Engine):
     ) -> common_pb2.ScanResult:
         subject = artifact.path or artifact.url or f"{artifact.pipeline}/{artifact.job}"
         if artifact.sbom:
-            if artifact.sbom_format not in ("", sbom.FORMAT, "cyclonedx"):
-                raise ScanFailure(
-                    f"SBOM format {artifact.sbom_format!r} is not supported ({sbom.FORMAT})",
-                    code="HNDL-005",
-                    permanent=True,
-                )
-            packages = sbom.packages_from_cyclonedx(artifact.sbom)
-            return self._result(Findings(packages=packages), subject, "artifact", policies, False)
+            return self._sbom_result(artifact, policies)
         if artifact.path:
             try:
                 path = resolved_path(
@@ -515,6 +514,19 @@ class BuiltinEngine(Engine):
         return await self._in_thread(
             token, self._analyse_path, path, subject, policies, token, report, scratch
         )
+
+    def _sbom_result(
+        self, artifact: common_pb2.ArtifactObject, policies: frozenset[Policy]
+    ) -> common_pb2.ScanResult:
+        subject = artifact.path or artifact.url or f"{artifact.pipeline}/{artifact.job}"
+        if artifact.sbom_format not in ("", sbom.FORMAT, "cyclonedx"):
+            raise ScanFailure(
+                f"SBOM format {artifact.sbom_format!r} is not supported ({sbom.FORMAT})",
+                code="HNDL-005",
+                permanent=True,
+            )
+        packages = sbom.packages_from_cyclonedx(artifact.sbom)
+        return self._result(Findings(packages=packages), subject, "artifact", policies, False)
 
     async def _download(self, url: str, dest: Path, report: _ThreadProgress) -> Path:
         if not url.startswith(("http://", "https://")):
