@@ -118,6 +118,7 @@ class Reuse:
         self._load_result = load_result
         # Set by the handler: a job whose (reused) result waits for the result workers.
         self.on_result: Callable[[Job], None] = lambda job: None
+        self.reused = 0  # jobs finished with a stored result, since start
 
     async def prepare(
         self, specs: Sequence[JobSpec]
@@ -166,6 +167,7 @@ class Reuse:
                 result=copy,
             )
             if moved is not None:
+                self.reused += 1
                 self.on_result(moved.job)
 
 
@@ -214,6 +216,7 @@ class Rematch:
         self._load_result = load_result
         self._submit = submit
         self._lock = asyncio.Lock()
+        self.queued = 0  # rematch jobs queued since start
 
     async def queue(self, where: RematchFilter) -> Queued:
         """One rematch job per latest good scan the filter selects (see the module)."""
@@ -286,6 +289,7 @@ class Rematch:
         for start in range(0, len(specs), self.config.max_batch):
             inserted = await self._submit(specs[start : start + self.config.max_batch])
             queued += sum(1 for item in inserted if not item.duplicate)
+        self.queued += queued
         log.info("rematch.queued", queued=queued, skipped=skipped, database=version)
         return Queued(queued, skipped)
 
