@@ -57,7 +57,7 @@ class JobBook:
                 f"{len(specs)} jobs in one batch; at most {self.config.max_batch} are allowed",
             )
         reused: dict[int, common_pb2.ScanResult] = {}
-        if self._reuse is not None:
+        if self._reuse is not None and self._reuse.window > 0:  # no coroutine on the hot path
             specs, reused = await self._reuse.prepare(specs)
         inserted = await self._repository.insert_many(
             specs, at=datetime.now(UTC), queue_limit=self.config.queue_limit

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import ssl
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -169,6 +170,14 @@ class BuiltinEngine(Engine):
             poll_interval=self.settings.db_poll_interval,
         )
         self.keeper.on_change = self.notify_databases_changed
+        # One TLS context for every pull: loading the CA bundle costs tens of milliseconds,
+        # more than a pull whose layers are all in the layer cache.
+        try:
+            self._tls = httpx.create_ssl_context(
+                verify=str(self.settings.ca_file) if self.settings.ca_file else True
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"CA bundle {self.settings.ca_file}: {exc}") from None
         # ValueError naming --layer-cache-dir when it cannot be written.
         self.layer_cache = (
             LayerCache(self.settings.layer_cache_dir, self.settings.layer_cache_size)
@@ -320,7 +329,7 @@ class BuiltinEngine(Engine):
             insecure=registry in self.settings.insecure_registries,
             limits=self.settings.limits,
             timeout=self.settings.registry_timeout,
-            verify=str(self.settings.ca_file) if self.settings.ca_file else True,
+            verify=self._tls,
             guard=self.guard,
             grant=grant,
             trusted_proxy=self.settings.proxy_url,

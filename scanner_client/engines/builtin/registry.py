@@ -27,6 +27,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,7 +174,7 @@ class RegistryClient:
         insecure: bool = False,
         limits: Limits | None = None,
         timeout: float = 60.0,
-        verify: bool | str = True,
+        verify: bool | str | ssl.SSLContext = True,
         guard: EgressGuard,
         grant: Grant | None = None,
         trusted_proxy: str = "",
