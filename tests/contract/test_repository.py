@@ -270,7 +270,7 @@ async def test_the_latest_finished_job_of_an_object_and_its_result(backend: Back
     await finish(repo, second)
     (failed,) = await insert(repo, same)
     await repo.move(failed, S.CANCELLED, expect=frozenset({S.PENDING}), at=now(), reason="x")
-    (elsewhere,) = await insert(repo, other_policies)
+    await insert(repo, other_policies)
     latest = await repo.latest_finished(same.dedup_key())
     assert latest is not None
     assert latest.id == second
