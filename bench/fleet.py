@@ -17,6 +17,8 @@ are the sizes of the blobs it sent.
 - **cold**: an engine with an empty ``--layer-cache-dir`` scans the whole fleet (the bases' layers
   are read once, at the first image of each base).
 - **warm**: a new engine on the same directory (as after a restart) scans the fleet again.
+- **--stock**: the same on stock Debian roots (minbase, npm-python; debootstrap, as
+  :mod:`bench.scan_speed` builds them), one layer each: the entry size of a real layer.
 - **rematch**: each image's stored SBOM matched by ``BuiltinEngine.scan`` of an artifact job
   carrying it (what a scanner does for a rematch job: nothing pulled), per second, against the
   no-cache scan rate.
@@ -33,6 +35,7 @@ import random
 import re
 import shutil
 import statistics
+import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -233,6 +236,66 @@ def measure(work: Path, args: argparse.Namespace) -> FleetResult:
     )
 
 
+@dataclass
+class StockResult:
+    """A stock Debian root (debootstrap, as bench.scan_speed builds it) as one gzip layer."""
+
+    image: str
+    layer_mb: float
+    files: int
+    cold_seconds: float
+    warm_seconds: float
+    cache_kb: float  # the layer's cache entry
+
+
+def measure_stock(
+    work: Path, names: tuple[str, ...] = ("minbase", "npm-python")
+) -> list[StockResult]:
+    """The layer cache on real layers: a stock root's entry size, a cold and a warm scan."""
+    from bench.scan_speed import _gzip_layer
+    from tests.inventory_images import NPM_PYTHON, stock_tar
+    from tests.oci import OCI_LAYER_GZIP, DiskLayer, disk_layer
+
+    includes = {"minbase": (), "npm-python": NPM_PYTHON}
+    registry = LocalRegistry(work / "stock-registry")
+    out = []
+    try:
+        layout = Layout(work / "stock-layout")
+        for name in names:
+            tar = stock_tar(name, includes[name])
+            compressed = _gzip_layer(tar)
+            lay = DiskLayer(
+                compressed,
+                disk_layer(compressed).digest,
+                OCI_LAYER_GZIP,
+                uncompressed_digest=disk_layer(tar).digest,
+            )
+            layout.add(name, Image([lay]))
+            registry.push(layout.path, name, f"fleet/{name}")
+            cache = work / f"stock-cache-{name}"
+            cold, results = asyncio.run(scan_all(engine(registry, cache), registry, [name]))
+            warm_engine = engine(registry, cache)
+            warm, again = asyncio.run(scan_all(warm_engine, registry, [name]))
+            assert again[0].vulnerabilities == results[0].vulnerabilities
+            assert warm_engine.layer_cache is not None
+            with tarfile.open(tar) as archive:
+                files = sum(1 for member in archive if member.isreg())
+            out.append(
+                StockResult(
+                    image=name,
+                    layer_mb=compressed.stat().st_size / 1e6,
+                    files=files,
+                    cold_seconds=cold,
+                    warm_seconds=warm,
+                    cache_kb=warm_engine.layer_cache.usage() / 1e3,
+                )
+            )
+            print(f"  {out[-1]}", flush=True)
+    finally:
+        registry.stop()
+    return out
+
+
 def missing() -> str:
     tools = tools_missing()
     return f"{', '.join(tools)} not installed (make test-tools)" if tools else ""
@@ -246,6 +309,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--packages", type=int, default=300, help="dpkg packages of each base")
     p.add_argument("--sample", type=int, default=10, help="images scanned without the cache")
     p.add_argument("--work", type=Path, default=None)
+    p.add_argument(
+        "--stock",
+        action="store_true",
+        help="also stock Debian roots as one layer each (debootstrap: needs root; cached a day)",
+    )
     return p
 
 
@@ -263,6 +331,9 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     try:
         report(measure(work, args))
+        if args.stock:
+            for stock in measure_stock(work):
+                print(json.dumps(asdict(stock)))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
