@@ -51,7 +51,9 @@ class DeliverRequest(_message.Message):
 
     @_builtins.property
     def verdict_change(self) -> Global___VerdictChange:
-        """Set when a FINISHED job's verdict or accepted findings changed."""
+        """Set when a FINISHED job's verdict or accepted findings changed; and with the result of a
+        TRIGGER_REMATCH job whose findings changed the object's verdict (findings_change).
+        """
 
     @_builtins.property
     def findings_change(self) -> Global___FindingsChange:

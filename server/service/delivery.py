@@ -339,7 +339,17 @@ class DeliveryBook:
             )
             mapping.set_job(request.job, job, position=0)
             if job.spec.trigger is Trigger.REMATCH:
-                await self._findings_change(job, result, request.findings_change)
+                found = request.findings_change
+                await self._findings_change(job, result, found)
+                if found.verdict_changed and job.result_summary is not None:
+                    # The object's verdict changed: said as a verdict change too, for the
+                    # receivers that follow verdicts alone.
+                    request.verdict_change.verdict = found.verdict
+                    request.verdict_change.summary.CopyFrom(job.result_summary)
+                    request.verdict_change.cause = (
+                        f"rematch of job {found.previous_job_id} against vulnerability "
+                        f"database {found.database}"
+                    )
             return Delivery(job.id, Kind.RESULT, request, job.runs)
         if job.verdict_delivered < job.verdict_version and job.status is JobStatus.FINISHED:
             request = result_sink_pb2.DeliverRequest(

@@ -147,10 +147,11 @@ class Reuse:
         return out, results
 
     async def finish(
-        self, inserted: Sequence[Inserted], results: dict[int, common_pb2.ScanResult]
+        self, inserted: list[Inserted], results: dict[int, common_pb2.ScanResult]
     ) -> None:
         """Move each new reused job to PROCESSING_RESULTS with its stored result (no run):
-        the result workers summarise it and deliver it like a scanner's."""
+        the result workers summarise it and deliver it like a scanner's. Its entry in
+        ``inserted`` then shows it as it is now (the submit's reply)."""
         for index, result in results.items():
             item = inserted[index]
             if item.duplicate:
@@ -168,6 +169,7 @@ class Reuse:
             )
             if moved is not None:
                 self.reused += 1
+                inserted[index] = Inserted(moved.job, duplicate=False)
                 self.on_result(moved.job)
 
 

@@ -131,7 +131,12 @@ async def test_reuse_by_digest_and_rematch_on_a_database_update(
 
         # The same digest and policies again: the stored result, unscanned.
         before = pushed.requests()
-        reused = await finished(handler, await submit(handler, pushed.image()))
+        answer = await handler.jobs.SubmitJob(
+            job_service_pb2.SubmitJobRequest(object=pushed.image())
+        )
+        assert answer.job.reused_from == first.id
+        assert answer.job.status != common_pb2.JOB_STATUS_PENDING
+        reused = await finished(handler, answer.job.id)
         assert reused.reused_from == first.id
         assert reused.runs == 0
         assert reused.full_result.sbom == first.full_result.sbom
@@ -174,6 +179,8 @@ async def test_reuse_by_digest_and_rematch_on_a_database_update(
         assert change["verdict_changed"] is True
         assert change["verdict"] == "VERDICT_FAILED"
         assert change.get("previous_verdict", "VERDICT_PASSED") == "VERDICT_PASSED"
+        assert delivered["verdict_change"]["verdict"] == "VERDICT_FAILED"
+        assert fresh.id in delivered["verdict_change"]["cause"]
 
         # Asked again: everything is matched against the newest database already.
         response = await handler.jobs.RematchJobs(job_service_pb2.RematchJobsRequest())
