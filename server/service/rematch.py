@@ -139,6 +139,9 @@ class Reuse:
             latest = await self._repository.latest_finished(spec.dedup_key())
             if latest is None or latest.finished_at is None or latest.finished_at < since:
                 continue
+            summary = latest.result_summary
+            if summary is not None and database_version(summary.databases) != self._watch.version:
+                continue  # matched against another database: its result is not read
             result = await self._load_result(latest)
             if result is None or database_version(result.databases) != self._watch.version:
                 continue
@@ -255,19 +258,19 @@ class Rematch:
         version = self._watch.version
         for origin_id, origin in origins.items():
             previous = newest.get(origin_id, origin)
-            previous_result = await self._load_result(previous)
-            origin_result = (
-                previous_result if previous is origin else await self._load_result(origin)
-            )
-            if origin_result is None or not origin_result.sbom:
-                skipped += 1
-                continue
+            # The summary names the databases: a scan the newest database has seen is left
+            # out without reading its result (a sweep at every restart reads no result file).
+            summary = previous.result_summary
             if (
                 not where.everything
-                and previous_result is not None
                 and version
-                and database_version(previous_result.databases) == version
+                and summary is not None
+                and database_version(summary.databases) == version
             ):
+                skipped += 1
+                continue
+            origin_result = await self._load_result(origin)
+            if origin_result is None or not origin_result.sbom:
                 skipped += 1
                 continue
             sbom = bytes(origin_result.sbom)

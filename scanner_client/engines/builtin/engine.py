@@ -208,13 +208,18 @@ class BuiltinEngine(Engine):
     async def scan(self, job: Job, progress: ProgressReporter) -> common_pb2.ScanResult:
         # Between jobs: a database replaced by `image-scanner db update` is taken into use.
         await self.keeper.refresh()
+        root = self.scratch_root
         if job.kind is Kind.ARTIFACT and job.object.artifact.sbom:
             # An SBOM is matched as it is (a rematch of a stored one, at every database
-            # update): nothing to download or unpack, so no scratch directory.
+            # update): nothing to download or unpack, so no scratch directory is made; a
+            # scratch directory that vanished still stops the scanner (the next image could
+            # not be scanned), as a failed mkdtemp would.
+            if not os.path.isdir(root):  # noqa: ASYNC240 (one stat: a thread hop costs more)
+                found = scratch_space.problem(root, self.settings.min_free_scratch)
+                raise ScannerBroken(f"--scratch-dir {root} {found or 'is not a directory'}")
             self.policy.check_job(job)
             policies = frozenset(job.policies) or frozenset(Policy)
             return self._sbom_result(job.object.artifact, policies)
-        root = self.scratch_root
         try:
             workdir = Path(tempfile.mkdtemp(prefix="image-scanner-", dir=root))
         except OSError as exc:
