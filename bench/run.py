@@ -8,7 +8,7 @@ PASS / FAIL, also written as JSON (``bench/results/latest.json``) so runs can be
 Everything runs on this machine, the handler and its load in separate processes. What each
 part measures and how is in its module: :mod:`bench.e2e`, :mod:`bench.pickup`,
 :mod:`bench.memory`, :mod:`bench.scale`, :mod:`bench.celery_side`, :mod:`bench.grpc_ceiling`,
-:mod:`bench.vulndb`.
+:mod:`bench.vulndb`, :mod:`bench.fleet`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import celery_side, e2e, grpc_ceiling, memory, pickup, scale, scan_speed, vulndb
+from bench import (
+    celery_side,
+    e2e,
+    fleet,
+    grpc_ceiling,
+    memory,
+    pickup,
+    scale,
+    scan_speed,
+    vulndb,
+)
 from bench.common import ROOT, median
 
-PARTS = ("e2e", "pickup", "memory", "scale", "celery", "echo", "vulndb", "scan")
+PARTS = ("e2e", "pickup", "memory", "scale", "celery", "echo", "vulndb", "scan", "fleet")
 LATEST = ROOT / "bench" / "results" / "latest.json"
 
 
@@ -226,6 +236,16 @@ def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any])
         else:
             runs = 3 if s.quick else 5
             out["scan"] = [asdict(r) for r in scan_speed.measure(workdir / "scan", runs)]
+    if "fleet" in parts:
+        section("fleet", "a fleet on shared bases: layer cache cold and warm, rematch of SBOMs")
+        missing = fleet.missing()
+        if missing:
+            print(f"  skipped: {missing}", flush=True)
+        else:
+            sizes = ["--images", "30", "--base-mb", "10"] if s.quick else []
+            fleet_args = fleet.parser().parse_args(sizes)
+            (workdir / "fleet").mkdir()
+            out["fleet"] = asdict(fleet.measure(workdir / "fleet", fleet_args))
 
 
 def rows(out: dict[str, Any]) -> list[Row]:
@@ -344,6 +364,24 @@ def rows(out: dict[str, Any]) -> list[Row]:
                          ">= 1.00", speed.ratio >= 1.0))  # fmt: skip
         table.append(Row(f"  builtin slowest / fastest of {r['runs']} runs", r["builtin_spread"],
                          "x"))  # fmt: skip
+    if "fleet" in out:
+        f = fleet.FleetResult(**out["fleet"])
+        title = f"{f.images} images on {f.bases} bases"
+        table.append(Row(f"fleet {title}, no layer cache (per image x fleet)",
+                         f.no_cache_fleet_seconds, "s"))  # fmt: skip
+        table.append(Row("  layer cache cold", f.cold_seconds, "s"))
+        table.append(Row("  layer cache warm", f.warm_seconds, "s"))
+        table.append(Row("  no cache / warm", f.warm_speedup, "x", ">= 5.00",
+                         f.warm_speedup >= 5.0))  # fmt: skip
+        table.append(Row("  MB pulled: no cache", f.no_cache_mb_pulled, "MB"))
+        table.append(Row("  MB pulled: cold", f.cold_mb_pulled, "MB"))
+        table.append(Row("  MB pulled: warm", f.warm_mb_pulled, "MB"))
+        table.append(Row("  layer cache disk per image", f.cache_mb * 1000 / f.images, "kB"))
+        table.append(Row(f"rematch of stored SBOMs ({f.packages} packages), one scanner",
+                         f.rematch_per_second, "images/s", ">= 200",
+                         f.rematch_per_second >= 200))  # fmt: skip
+        table.append(Row("  full rescan, no cache, one scanner", f.rescan_per_second,
+                         "images/s"))  # fmt: skip
     for p in out.get("pickup", []):
         load = f"{p['load']:.0%}"
         if p["load"] == 0.5:

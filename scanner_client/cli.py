@@ -60,6 +60,8 @@ class Settings:
     db_update_interval: float = 0.0
     scratch_dir: str = ""
     min_free_scratch: float = 256.0
+    layer_cache_dir: str = ""
+    layer_cache_size: float = 2048.0
     credentials_file: str = ""
     insecure_registries: tuple[str, ...] = ()
     platform: str = "linux/amd64"
@@ -304,6 +306,21 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         metavar="MIB",
     )
     option(
+        "--layer-cache-dir",
+        "",
+        "builtin engine: keep what was learned from each image layer here, so that a layer "
+        "seen before is neither downloaded nor unpacked again; several scanners may share it "
+        "(default: no cache)",
+        metavar="DIR",
+    )
+    option(
+        "--layer-cache-size",
+        "2048",
+        "builtin engine: MiB the layer cache may take; the least recently used layers go first",
+        parse=_mebibytes,
+        metavar="MIB",
+    )
+    option(
         "--credentials-file",
         "",
         "builtin engine: JSON file of pull credentials by credentials_ref",
@@ -469,6 +486,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         db_update_interval=args.db_update_interval,
         scratch_dir=args.scratch_dir,
         min_free_scratch=args.min_free_scratch,
+        layer_cache_dir=args.layer_cache_dir,
+        layer_cache_size=args.layer_cache_size,
         credentials_file=args.credentials_file,
         insecure_registries=args.insecure_registries,
         platform=args.platform,
@@ -520,6 +539,8 @@ def build_client(settings: Settings) -> ScannerClient:
             db_update_interval=settings.db_update_interval,
             scratch_dir=settings.scratch_dir,
             min_free_scratch=settings.min_free_scratch,
+            layer_cache_dir=settings.layer_cache_dir,
+            layer_cache_size=settings.layer_cache_size,
             credentials_file=settings.credentials_file,
             insecure_registries=settings.insecure_registries,
             platform=settings.platform,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -186,7 +187,7 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
         *,
         proxy: str = "",
         trusted_proxy: str = "",
-        verify: bool | str = True,
+        verify: bool | str | ssl.SSLContext = True,
     ) -> None:
         super().__init__(verify=verify, proxy=proxy or None, trust_env=False)
         trusted = None
@@ -216,7 +217,7 @@ def guarded_client(
     *,
     proxy: str = "",
     trusted_proxy: str = "",
-    verify: bool | str = True,
+    verify: bool | str | ssl.SSLContext = True,
     timeout: httpx.Timeout | float = 60.0,
 ) -> httpx.AsyncClient:
     """An httpx client whose every connection, redirects included, the guard checks."""

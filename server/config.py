@@ -76,6 +76,12 @@ class Config:
     salvage: bool = False
     retention_days: float = 90.0
     prune_interval: float = 3600.0
+    # Seconds a good scan of an image digest is reused for a submit of the same digest and
+    # policies (when it was matched against the newest vulnerability database); 0: never.
+    reuse_window: float = 0.0
+    # Queue rematch jobs of the stored SBOMs when a scanner reports a newer vulnerability
+    # database.
+    rematch_on_update: bool = True
     # The asyncio event loop: "asyncio" (the standard one) or "uvloop" (needs the uvloop
     # package; about a tenth less CPU per job in bench/e2e.py).
     event_loop: str = "asyncio"
@@ -182,6 +188,8 @@ class Config:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.event_loop not in ("asyncio", "uvloop"):
             problems.append(f"event_loop must be asyncio or uvloop, got {self.event_loop!r}")
+        if self.reuse_window < 0:
+            problems.append(f"reuse_window must be 0 (never) or positive, got {self.reuse_window}")
         if self.queue_limit < 0:
             problems.append(f"queue_limit must be 0 (none) or positive, got {self.queue_limit}")
         problems.extend(check_tls_settings(self.tls_cert, self.tls_key, self.client_ca))
@@ -280,6 +288,10 @@ _HELP: dict[str, str] = {
     "salvage": "start on a damaged data directory, keeping what is readable",
     "retention_days": "days FINISHED, ERROR and CANCELLED jobs are kept",
     "prune_interval": "seconds between retention sweeps",
+    "reuse_window": "seconds a good scan of an image digest answers a submit of the same digest "
+    "and policies at once (same vulnerability database; 0 = never)",
+    "rematch_on_update": "match the stored SBOMs again when a scanner reports a newer "
+    "vulnerability database (true/false)",
     "event_loop": "asyncio, or uvloop (faster; needs the uvloop package)",
     "tls_cert": "PEM certificate chain: TLS on the gRPC and metrics ports ('' = plaintext)",
     "tls_key": "PEM private key of --tls-cert",

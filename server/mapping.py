@@ -200,6 +200,10 @@ def set_job(
         message.labels.update(spec.labels)
     message.lane = spec.lane  # type: ignore[assignment]
     message.kind = job.kind  # type: ignore[assignment]
+    if spec.reused_from:
+        message.reused_from = spec.reused_from
+    if spec.rematch_of:
+        message.rematch_of = spec.rematch_of
     if full_result and job.result is not None:
         message.full_result.CopyFrom(job.result)
 

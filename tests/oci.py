@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -355,7 +356,10 @@ class LocalRegistry:
         workdir: Path,
         htpasswd: tuple[str, str] | None = None,
         token: TokenService | None = None,
+        *,
+        access_log: bool = False,
     ) -> None:
+        """``access_log``: the registry logs every request (see :meth:`blob_fetches`)."""
         self.workdir = workdir
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -381,7 +385,7 @@ class LocalRegistry:
         config = workdir / "config.yml"
         config.write_text(
             "version: 0.1\n"
-            "log:\n  level: error\n  accesslog:\n    disabled: true\n"
+            f"log:\n  level: error\n  accesslog:\n    disabled: {str(not access_log).lower()}\n"
             f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
             f"http:\n  addr: {self.address}\n  secret: test-secret\n" + auth
         )
@@ -433,6 +437,18 @@ class LocalRegistry:
         if done.returncode != 0:
             raise RuntimeError(f"skopeo copy failed: {done.stderr}")
         return digest_file.read_text().strip()
+
+    def blob_fetches(self) -> list[str]:
+        """The digests of the blobs the registry sent (GET .../blobs/DIGEST answered 200), in
+        order, from its access log (``access_log=True``)."""
+        found = []
+        for line in (self.workdir / "registry.log").read_text(errors="replace").splitlines():
+            match = re.search(
+                r'"GET /v2/[^ ]+/blobs/(sha256:[0-9a-f]{64}) HTTP/[0-9.]+" 200 ', line
+            )
+            if match:
+                found.append(match.group(1))
+        return found
 
     def stop(self) -> None:
         self.process.terminate()

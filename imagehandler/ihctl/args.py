@@ -317,6 +317,23 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     revoke = commands.add_parser("revoke-risk", parents=[common], help="revoke a risk acceptance")
     revoke.add_argument("acceptance_id", metavar="ID", help="the acceptance id")
+    rematch = commands.add_parser(
+        "rematch",
+        parents=[common],
+        help="match stored SBOMs against the scanners' vulnerability database again",
+        description="Queue a rematch job (trigger rematch, bulk lane) for the latest good scan "
+        "of each object the filter selects: its stored SBOM is matched again, nothing is "
+        "pulled. Scans already matched against the newest database are left out unless --all. "
+        "Prints how many were queued and skipped.",
+    )
+    _enum_option(
+        rematch, "--kind", names.OBJECT_KIND, "only objects of this kind", repeat=True, dest="kinds"
+    )
+    rematch.add_argument("--registry", default="", metavar="HOST", help="only this registry")
+    rematch.add_argument("--repository", default="", help="only this repository")
+    rematch.add_argument(
+        "--all", action="store_true", help="also scans matched against the newest database"
+    )
     return parser
 
 
@@ -353,6 +370,11 @@ def _add_submit(
         help="a label; repeatable",
     )
     _enum_option(submit_common, "--lane", names.LANE, "the queue lane")
+    submit_common.add_argument(
+        "--fresh",
+        action="store_true",
+        help="scan even when a stored result of the same image digest could be reused",
+    )
     submit_common.add_argument("-q", "--quiet", action="store_true", help="print only the job id")
     parents = [common, submit_common]
 
@@ -444,6 +466,7 @@ def submit_request(args: argparse.Namespace) -> job_service_pb2.SubmitJobRequest
         policies=[names.POLICY.parse(word) for word in args.policies],
         idempotency_key=args.idempotency_key,
         labels=dict(args.labels),
+        fresh=args.fresh,
     )
     if args.trigger:
         request.trigger = names.TRIGGER.parse(args.trigger)

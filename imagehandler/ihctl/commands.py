@@ -157,6 +157,19 @@ def revoke_risk(args: argparse.Namespace, client: Client, output: Output) -> int
     )
 
 
+def rematch(args: argparse.Namespace, client: Client, output: Output) -> int:
+    request = job_service_pb2.RematchJobsRequest(
+        kinds=[names.OBJECT_KIND.parse(word) for word in args.kinds],
+        registry=args.registry,
+        repository=args.repository,
+        all=args.all,
+    )
+    response = client.jobs.RematchJobs(request, timeout=client.timeout)
+    return output.show(
+        response, lambda: f"{response.queued} rematch jobs queued, {response.skipped} skipped"
+    )
+
+
 def list_jobs(args: argparse.Namespace, client: Client, output: Output) -> int:
     request = cli_args.list_request(args)
     response = job_service_pb2.ListJobsResponse()
@@ -248,6 +261,7 @@ COMMANDS: dict[str, Command] = {
     "accept-risk": accept_risk,
     "risks": risks,
     "revoke-risk": revoke_risk,
+    "rematch": rematch,
 }
 
 

@@ -96,6 +96,11 @@ class _TriggerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trigger.Value
     TRIGGER_CICD: _Trigger.ValueType  # 5
     TRIGGER_NODE_AGENT: _Trigger.ValueType  # 6
     TRIGGER_POLICY_CHANGE: _Trigger.ValueType  # 7
+    TRIGGER_REMATCH: _Trigger.ValueType  # 8
+    """A stored SBOM matched again against a newer vulnerability database (RematchJobs, or a
+    scanner reporting a newer database): nothing is pulled; the job's rematch_of names the scan
+    the SBOM came from. Rematch jobs run in the bulk lane.
+    """
 
 class Trigger(_Trigger, metaclass=_TriggerEnumTypeWrapper):
     """Why a job was queued."""
@@ -109,6 +114,11 @@ TRIGGER_REGISTRY_EVENT: Trigger.ValueType  # 4
 TRIGGER_CICD: Trigger.ValueType  # 5
 TRIGGER_NODE_AGENT: Trigger.ValueType  # 6
 TRIGGER_POLICY_CHANGE: Trigger.ValueType  # 7
+TRIGGER_REMATCH: Trigger.ValueType  # 8
+"""A stored SBOM matched again against a newer vulnerability database (RematchJobs, or a
+scanner reporting a newer database): nothing is pulled; the job's rematch_of names the scan
+the SBOM came from. Rematch jobs run in the bulk lane.
+"""
 Global___Trigger: _TypeAlias = Trigger  # noqa: Y015
 
 class _Policy:
@@ -839,6 +849,8 @@ class Job(_message.Message):
     FULL_RESULT_FIELD_NUMBER: _builtins.int
     DELIVERIES_OWED_FIELD_NUMBER: _builtins.int
     DELIVERY_ERROR_FIELD_NUMBER: _builtins.int
+    REUSED_FROM_FIELD_NUMBER: _builtins.int
+    REMATCH_OF_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     status: Global___JobStatus.ValueType
     trigger: Global___Trigger.ValueType
@@ -859,6 +871,12 @@ class Job(_message.Message):
     """What the receiving server answered when this job's last delivery attempt failed; empty
     once a delivery succeeds.
     """
+    reused_from: _builtins.str
+    """Set when this job was not scanned: it finished at once with the stored result of that job
+    (the same image digest, policies and vulnerability database within --reuse-window).
+    """
+    rematch_of: _builtins.str
+    """For TRIGGER_REMATCH: the scan whose stored SBOM this job matches again."""
     @_builtins.property
     def object(self) -> Global___ScanObject: ...
     @_builtins.property
@@ -915,10 +933,12 @@ class Job(_message.Message):
         full_result: Global___ScanResult | None = ...,
         deliveries_owed: _builtins.int = ...,
         delivery_error: _builtins.str = ...,
+        reused_from: _builtins.str = ...,
+        rematch_of: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "full_result", b"full_result", "max_run_time", b"max_run_time", "object", b"object", "result", b"result", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deliveries_owed", b"deliveries_owed", "delivery_error", b"delivery_error", "error", b"error", "finished_at", b"finished_at", "full_result", b"full_result", "history", b"history", "id", b"id", "idempotency_key", b"idempotency_key", "kind", b"kind", "labels", b"labels", "lane", b"lane", "max_run_time", b"max_run_time", "object", b"object", "policies", b"policies", "queue_position", b"queue_position", "result", b"result", "runs", b"runs", "scanner_id", b"scanner_id", "started_at", b"started_at", "status", b"status", "trigger", b"trigger", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deliveries_owed", b"deliveries_owed", "delivery_error", b"delivery_error", "error", b"error", "finished_at", b"finished_at", "full_result", b"full_result", "history", b"history", "id", b"id", "idempotency_key", b"idempotency_key", "kind", b"kind", "labels", b"labels", "lane", b"lane", "max_run_time", b"max_run_time", "object", b"object", "policies", b"policies", "queue_position", b"queue_position", "rematch_of", b"rematch_of", "result", b"result", "reused_from", b"reused_from", "runs", b"runs", "scanner_id", b"scanner_id", "started_at", b"started_at", "status", b"status", "trigger", b"trigger", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -100,10 +100,13 @@ class SubmitJobRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     LANE_FIELD_NUMBER: _builtins.int
+    FRESH_FIELD_NUMBER: _builtins.int
     trigger: _common_pb2.Trigger.ValueType
     idempotency_key: _builtins.str
     """A client-chosen key: a second submit with the same key returns the first job."""
     lane: _common_pb2.Lane.ValueType
+    fresh: _builtins.bool
+    """Scan even when a stored result of the same image digest could be reused (--reuse-window)."""
     @_builtins.property
     def object(self) -> _common_pb2.ScanObject: ...
     @_builtins.property
@@ -126,10 +129,11 @@ class SubmitJobRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         lane: _common_pb2.Lane.ValueType = ...,
+        fresh: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_run_time", b"max_run_time", "object", b"object"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "labels", b"labels", "lane", b"lane", "max_run_time", b"max_run_time", "object", b"object", "policies", b"policies", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "idempotency_key", b"idempotency_key", "labels", b"labels", "lane", b"lane", "max_run_time", b"max_run_time", "object", b"object", "policies", b"policies", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -694,6 +698,67 @@ class RevokeRiskAcceptanceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeRiskAcceptanceResponse: _TypeAlias = RevokeRiskAcceptanceResponse  # noqa: Y015
+
+@_typing.final
+class RematchJobsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KINDS_FIELD_NUMBER: _builtins.int
+    REGISTRY_FIELD_NUMBER: _builtins.int
+    REPOSITORY_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
+    registry: _builtins.str
+    """Only images of this registry, and of this repository; empty means any."""
+    repository: _builtins.str
+    all: _builtins.bool
+    """Also rematch scans already matched against the newest vulnerability database the scanners
+    reported (by default those are left out).
+    """
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.ObjectKind.ValueType]:
+        """Only objects of these kinds; empty means all."""
+
+    def __init__(
+        self,
+        *,
+        kinds: _abc.Iterable[_common_pb2.ObjectKind.ValueType] | None = ...,
+        registry: _builtins.str = ...,
+        repository: _builtins.str = ...,
+        all: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "kinds", b"kinds", "registry", b"registry", "repository", b"repository"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RematchJobsRequest: _TypeAlias = RematchJobsRequest  # noqa: Y015
+
+@_typing.final
+class RematchJobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    queued: _builtins.int
+    """Rematch jobs queued (an object with a rematch already PENDING or IN_PROGRESS counts once)."""
+    skipped: _builtins.int
+    """Latest scans the filter selected that were left out: already matched against the newest
+    database, or without a stored SBOM.
+    """
+    def __init__(
+        self,
+        *,
+        queued: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queued", b"queued", "skipped", b"skipped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RematchJobsResponse: _TypeAlias = RematchJobsResponse  # noqa: Y015
 
 @_typing.final
 class GetQueueStatsRequest(_message.Message):

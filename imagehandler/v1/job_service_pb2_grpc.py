@@ -96,6 +96,11 @@ class JobServiceStub:
                 request_serializer=imagehandler_dot_v1_dot_job__service__pb2.RevokeRiskAcceptanceRequest.SerializeToString,
                 response_deserializer=imagehandler_dot_v1_dot_job__service__pb2.RevokeRiskAcceptanceResponse.FromString,
                 _registered_method=True)
+        self.RematchJobs = channel.unary_unary(
+                '/imagehandler.v1.JobService/RematchJobs',
+                request_serializer=imagehandler_dot_v1_dot_job__service__pb2.RematchJobsRequest.SerializeToString,
+                response_deserializer=imagehandler_dot_v1_dot_job__service__pb2.RematchJobsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -183,6 +188,16 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RematchJobs(self, request, context):
+        """Match the stored SBOMs of the latest good scans (those the filter selects) against the
+        scanners' vulnerability database again, without pulling anything: one TRIGGER_REMATCH job
+        per scanned object, in the bulk lane. The receiving server gets each rematch's result with
+        the change in findings from the scan before.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +260,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.RevokeRiskAcceptance,
                     request_deserializer=imagehandler_dot_v1_dot_job__service__pb2.RevokeRiskAcceptanceRequest.FromString,
                     response_serializer=imagehandler_dot_v1_dot_job__service__pb2.RevokeRiskAcceptanceResponse.SerializeToString,
+            ),
+            'RematchJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.RematchJobs,
+                    request_deserializer=imagehandler_dot_v1_dot_job__service__pb2.RematchJobsRequest.FromString,
+                    response_serializer=imagehandler_dot_v1_dot_job__service__pb2.RematchJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -573,6 +593,33 @@ class JobService:
             '/imagehandler.v1.JobService/RevokeRiskAcceptance',
             imagehandler_dot_v1_dot_job__service__pb2.RevokeRiskAcceptanceRequest.SerializeToString,
             imagehandler_dot_v1_dot_job__service__pb2.RevokeRiskAcceptanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RematchJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagehandler.v1.JobService/RematchJobs',
+            imagehandler_dot_v1_dot_job__service__pb2.RematchJobsRequest.SerializeToString,
+            imagehandler_dot_v1_dot_job__service__pb2.RematchJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

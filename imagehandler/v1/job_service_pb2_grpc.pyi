@@ -57,6 +57,12 @@ class JobServiceStub:
     """Accept a finding's risk for a while: accepted findings no longer fail verdicts."""
     ListRiskAcceptances: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListRiskAcceptancesRequest, _job_service_pb2.ListRiskAcceptancesResponse]
     RevokeRiskAcceptance: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.RevokeRiskAcceptanceRequest, _job_service_pb2.RevokeRiskAcceptanceResponse]
+    RematchJobs: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.RematchJobsRequest, _job_service_pb2.RematchJobsResponse]
+    """Match the stored SBOMs of the latest good scans (those the filter selects) against the
+    scanners' vulnerability database again, without pulling anything: one TRIGGER_REMATCH job
+    per scanned object, in the bulk lane. The receiving server gets each rematch's result with
+    the change in findings from the scan before.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -87,6 +93,12 @@ class JobServiceAsyncStub(JobServiceStub):
     """Accept a finding's risk for a while: accepted findings no longer fail verdicts."""
     ListRiskAcceptances: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListRiskAcceptancesRequest, _job_service_pb2.ListRiskAcceptancesResponse]  # type: ignore[assignment]
     RevokeRiskAcceptance: _aio.UnaryUnaryMultiCallable[_job_service_pb2.RevokeRiskAcceptanceRequest, _job_service_pb2.RevokeRiskAcceptanceResponse]  # type: ignore[assignment]
+    RematchJobs: _aio.UnaryUnaryMultiCallable[_job_service_pb2.RematchJobsRequest, _job_service_pb2.RematchJobsResponse]  # type: ignore[assignment]
+    """Match the stored SBOMs of the latest good scans (those the filter selects) against the
+    scanners' vulnerability database again, without pulling anything: one TRIGGER_REMATCH job
+    per scanned object, in the bulk lane. The receiving server gets each rematch's result with
+    the change in findings from the scan before.
+    """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     """JobService is what internal services (registry and CI/CD integrations, node agents, the web
@@ -186,5 +198,17 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _job_service_pb2.RevokeRiskAcceptanceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_job_service_pb2.RevokeRiskAcceptanceResponse, _abc.Awaitable[_job_service_pb2.RevokeRiskAcceptanceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RematchJobs(
+        self,
+        request: _job_service_pb2.RematchJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.RematchJobsResponse, _abc.Awaitable[_job_service_pb2.RematchJobsResponse]]:
+        """Match the stored SBOMs of the latest good scans (those the filter selects) against the
+        scanners' vulnerability database again, without pulling anything: one TRIGGER_REMATCH job
+        per scanned object, in the bulk lane. The receiving server gets each rematch's result with
+        the change in findings from the scan before.
+        """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

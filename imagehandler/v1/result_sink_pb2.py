@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from imagehandler.v1 import common_pb2 as imagehandler_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!imagehandler/v1/result_sink.proto\x12\x0fimagehandler.v1\x1a\x1cimagehandler/v1/common.proto\"\xe5\x01\n\x0e\x44\x65liverRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12!\n\x03job\x18\x02 \x01(\x0b\x32\x14.imagehandler.v1.Job\x12\x32\n\ntransition\x18\x03 \x01(\x0b\x32\x1e.imagehandler.v1.JobTransition\x12+\n\x06result\x18\x04 \x01(\x0b\x32\x1b.imagehandler.v1.ScanResult\x12\x36\n\x0everdict_change\x18\x05 \x01(\x0b\x32\x1e.imagehandler.v1.VerdictChange\"z\n\rVerdictChange\x12)\n\x07verdict\x18\x01 \x01(\x0e\x32\x18.imagehandler.v1.Verdict\x12/\n\x07summary\x18\x02 \x01(\x0b\x32\x1e.imagehandler.v1.ResultSummary\x12\r\n\x05\x63\x61use\x18\x03 \x01(\t\"\x11\n\x0f\x44\x65liverResponse2a\n\x11ResultSinkService\x12L\n\x07\x44\x65liver\x12\x1f.imagehandler.v1.DeliverRequest\x1a .imagehandler.v1.DeliverResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!imagehandler/v1/result_sink.proto\x12\x0fimagehandler.v1\x1a\x1cimagehandler/v1/common.proto\"\x9f\x02\n\x0e\x44\x65liverRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12!\n\x03job\x18\x02 \x01(\x0b\x32\x14.imagehandler.v1.Job\x12\x32\n\ntransition\x18\x03 \x01(\x0b\x32\x1e.imagehandler.v1.JobTransition\x12+\n\x06result\x18\x04 \x01(\x0b\x32\x1b.imagehandler.v1.ScanResult\x12\x36\n\x0everdict_change\x18\x05 \x01(\x0b\x32\x1e.imagehandler.v1.VerdictChange\x12\x38\n\x0f\x66indings_change\x18\x06 \x01(\x0b\x32\x1f.imagehandler.v1.FindingsChange\"\xbb\x02\n\x0e\x46indingsChange\x12\x17\n\x0fprevious_job_id\x18\x01 \x01(\t\x12+\n\x06object\x18\x02 \x01(\x0b\x32\x1b.imagehandler.v1.ScanObject\x12\x0b\n\x03new\x18\x03 \x01(\x05\x12\r\n\x05\x66ixed\x18\x04 \x01(\x05\x12\x11\n\tunchanged\x18\x05 \x01(\x05\x12\x0f\n\x07new_ids\x18\x06 \x03(\t\x12\x32\n\x10previous_verdict\x18\x07 \x01(\x0e\x32\x18.imagehandler.v1.Verdict\x12)\n\x07verdict\x18\x08 \x01(\x0e\x32\x18.imagehandler.v1.Verdict\x12\x17\n\x0fverdict_changed\x18\t \x01(\x08\x12\x19\n\x11previous_database\x18\n \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x0b \x01(\t\"z\n\rVerdictChange\x12)\n\x07verdict\x18\x01 \x01(\x0e\x32\x18.imagehandler.v1.Verdict\x12/\n\x07summary\x18\x02 \x01(\x0b\x32\x1e.imagehandler.v1.ResultSummary\x12\r\n\x05\x63\x61use\x18\x03 \x01(\t\"\x11\n\x0f\x44\x65liverResponse2a\n\x11ResultSinkService\x12L\n\x07\x44\x65liver\x12\x1f.imagehandler.v1.DeliverRequest\x1a .imagehandler.v1.DeliverResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagehandler.v1.result_sink
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DELIVERREQUEST']._serialized_start=85
-  _globals['_DELIVERREQUEST']._serialized_end=314
-  _globals['_VERDICTCHANGE']._serialized_start=316
-  _globals['_VERDICTCHANGE']._serialized_end=438
-  _globals['_DELIVERRESPONSE']._serialized_start=440
-  _globals['_DELIVERRESPONSE']._serialized_end=457
-  _globals['_RESULTSINKSERVICE']._serialized_start=459
-  _globals['_RESULTSINKSERVICE']._serialized_end=556
+  _globals['_DELIVERREQUEST']._serialized_end=372
+  _globals['_FINDINGSCHANGE']._serialized_start=375
+  _globals['_FINDINGSCHANGE']._serialized_end=690
+  _globals['_VERDICTCHANGE']._serialized_start=692
+  _globals['_VERDICTCHANGE']._serialized_end=814
+  _globals['_DELIVERRESPONSE']._serialized_start=816
+  _globals['_DELIVERRESPONSE']._serialized_end=833
+  _globals['_RESULTSINKSERVICE']._serialized_start=835
+  _globals['_RESULTSINKSERVICE']._serialized_end=932
 # @@protoc_insertion_point(module_scope)

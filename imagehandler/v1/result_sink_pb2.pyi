@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from imagehandler.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -31,6 +33,7 @@ class DeliverRequest(_message.Message):
     TRANSITION_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     VERDICT_CHANGE_FIELD_NUMBER: _builtins.int
+    FINDINGS_CHANGE_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     @_builtins.property
     def job(self) -> _common_pb2.Job:
@@ -48,7 +51,13 @@ class DeliverRequest(_message.Message):
 
     @_builtins.property
     def verdict_change(self) -> Global___VerdictChange:
-        """Set when a FINISHED job's verdict or accepted findings changed."""
+        """Set when a FINISHED job's verdict or accepted findings changed; and with the result of a
+        TRIGGER_REMATCH job whose findings changed the object's verdict (findings_change).
+        """
+
+    @_builtins.property
+    def findings_change(self) -> Global___FindingsChange:
+        """Set with the result of a TRIGGER_REMATCH job: what changed since the scan it rematched."""
 
     def __init__(
         self,
@@ -58,14 +67,78 @@ class DeliverRequest(_message.Message):
         transition: _common_pb2.JobTransition | None = ...,
         result: _common_pb2.ScanResult | None = ...,
         verdict_change: Global___VerdictChange | None = ...,
+        findings_change: Global___FindingsChange | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "result", b"result", "transition", b"transition", "verdict_change", b"verdict_change"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["findings_change", b"findings_change", "job", b"job", "result", b"result", "transition", b"transition", "verdict_change", b"verdict_change"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "job", b"job", "result", b"result", "transition", b"transition", "verdict_change", b"verdict_change"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["findings_change", b"findings_change", "idempotency_key", b"idempotency_key", "job", b"job", "result", b"result", "transition", b"transition", "verdict_change", b"verdict_change"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeliverRequest: _TypeAlias = DeliverRequest  # noqa: Y015
+
+@_typing.final
+class FindingsChange(_message.Message):
+    """A stored SBOM matched against a newer vulnerability database, compared with the findings of
+    the scan before (the job's rematch_of, or that object's latest rematch).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREVIOUS_JOB_ID_FIELD_NUMBER: _builtins.int
+    OBJECT_FIELD_NUMBER: _builtins.int
+    NEW_FIELD_NUMBER: _builtins.int
+    FIXED_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    NEW_IDS_FIELD_NUMBER: _builtins.int
+    PREVIOUS_VERDICT_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    VERDICT_CHANGED_FIELD_NUMBER: _builtins.int
+    PREVIOUS_DATABASE_FIELD_NUMBER: _builtins.int
+    DATABASE_FIELD_NUMBER: _builtins.int
+    previous_job_id: _builtins.str
+    """The job whose findings these are compared with, and the object it scanned."""
+    new: _builtins.int
+    """Vulnerabilities (by id, package and installed version) found now and not before, found
+    before and not now, and found both times.
+    """
+    fixed: _builtins.int
+    unchanged: _builtins.int
+    previous_verdict: _common_pb2.Verdict.ValueType
+    """The verdict before and now; verdict_changed when they differ."""
+    verdict: _common_pb2.Verdict.ValueType
+    verdict_changed: _builtins.bool
+    previous_database: _builtins.str
+    """The vulnerability database versions of the scan before and of this one."""
+    database: _builtins.str
+    @_builtins.property
+    def object(self) -> _common_pb2.ScanObject: ...
+    @_builtins.property
+    def new_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of the new ones (at most 1000, sorted)."""
+
+    def __init__(
+        self,
+        *,
+        previous_job_id: _builtins.str = ...,
+        object: _common_pb2.ScanObject | None = ...,
+        new: _builtins.int = ...,
+        fixed: _builtins.int = ...,
+        unchanged: _builtins.int = ...,
+        new_ids: _abc.Iterable[_builtins.str] | None = ...,
+        previous_verdict: _common_pb2.Verdict.ValueType = ...,
+        verdict: _common_pb2.Verdict.ValueType = ...,
+        verdict_changed: _builtins.bool = ...,
+        previous_database: _builtins.str = ...,
+        database: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "fixed", b"fixed", "new", b"new", "new_ids", b"new_ids", "object", b"object", "previous_database", b"previous_database", "previous_job_id", b"previous_job_id", "previous_verdict", b"previous_verdict", "unchanged", b"unchanged", "verdict", b"verdict", "verdict_changed", b"verdict_changed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindingsChange: _TypeAlias = FindingsChange  # noqa: Y015
 
 @_typing.final
 class VerdictChange(_message.Message):

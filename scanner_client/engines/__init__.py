@@ -26,6 +26,9 @@ class EngineSettings:
     scratch_dir: str = ""
     # MiB the scratch directory must keep free.
     min_free_scratch: float = 256.0
+    # builtin: the layer cache's directory ("" = no cache) and its size in MiB.
+    layer_cache_dir: str = ""
+    layer_cache_size: float = 2048.0
     credentials_file: str = ""
     insecure_registries: tuple[str, ...] = ()
     platform: str = "linux/amd64"
@@ -56,6 +59,8 @@ def _builtin(settings: EngineSettings) -> Engine:
             db_dir=Path(settings.db_dir) if settings.db_dir else None,
             scratch_dir=Path(settings.scratch_dir) if settings.scratch_dir else None,
             min_free_scratch=int(settings.min_free_scratch * (1 << 20)),
+            layer_cache_dir=Path(settings.layer_cache_dir) if settings.layer_cache_dir else None,
+            layer_cache_size=max(1, int(settings.layer_cache_size * (1 << 20))),
             proxy_url=settings.proxy_url,
             credentials_file=Path(settings.credentials_file) if settings.credentials_file else None,
             insecure_registries=frozenset(settings.insecure_registries),

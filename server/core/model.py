@@ -49,6 +49,8 @@ class Trigger(enum.IntEnum):
     CICD = 5
     NODE_AGENT = 6
     POLICY_CHANGE = 7
+    # A stored SBOM matched again against a newer vulnerability database.
+    REMATCH = 8
 
 
 class Policy(enum.IntEnum):
@@ -142,6 +144,12 @@ class JobSpec:
     labels: dict[str, str] = field(default_factory=dict)
     # Who submitted it (not part of its identity): scanners check its credential grants.
     submitter: Submitter = ANONYMOUS
+    # Scan even when a stored result could be reused (not kept: it only matters at submit).
+    fresh: bool = False
+    # The job whose stored result this one finished with, unscanned (reuse by digest).
+    reused_from: str = ""
+    # For Trigger.REMATCH: the scan whose stored SBOM this job matches again.
+    rematch_of: str = ""
 
     @property
     def kind(self) -> ObjectKind:

@@ -14,7 +14,8 @@ from server.core.model import Job, JobFailure, JobStatus, Transition
 S = JobStatus
 
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
-    S.PENDING: frozenset({S.IN_PROGRESS, S.CANCELLED}),
+    # Straight to PROCESSING_RESULTS, with no run: a stored result reused by digest.
+    S.PENDING: frozenset({S.IN_PROGRESS, S.CANCELLED, S.PROCESSING_RESULTS}),
     # Back to PENDING: the run ended without a result and another run is allowed.
     S.IN_PROGRESS: frozenset({S.PROCESSING_RESULTS, S.PENDING, S.ERROR, S.CANCELLED}),
     # Back to PENDING only when a crash lost a result before it was stored: run again.

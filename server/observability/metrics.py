@@ -38,7 +38,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
@@ -242,6 +242,17 @@ class StateCollector:
             PREFIX + "watch_log_bytes",
             "Bytes of job events kept for watchers of every job (--watch-log-bytes at most).",
             value=handler.events.logged_bytes,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "results_reused",
+            "Jobs that finished at once with the stored result of an image digest "
+            "(--reuse-window).",
+            value=handler.reuse.reused,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "rematch_jobs_queued",
+            "Rematch jobs queued for stored SBOMs (a newer vulnerability database, RematchJobs).",
+            value=handler.rematcher.queued,
         )
 
 

@@ -6,7 +6,8 @@
 | `read`    | JobService.GetJob, ListJobs, WatchJobs, GetQueueStats, GetJobResult,
 |           | ListRiskAcceptances; ScannerService.ListScanners |
 | `scanner` | ScannerService.Connect |
-| `admin`   | everything, including CancelJob, RedeliverJob, AcceptRisk, RevokeRiskAcceptance |
+| `admin`   | everything, including CancelJob, RedeliverJob, AcceptRisk, RevokeRiskAcceptance, |
+|           | RematchJobs |
 
 A token may carry several roles. Health (``grpc.health.v1.Health``) and server reflection are
 open to everybody. A method of the handler's services that is not in the table (one added later)

@@ -32,12 +32,16 @@ import structlog
 from imagehandler.errors import Catalogue, HandlerError, Reason
 from imagehandler.v1 import common_pb2, result_sink_pb2
 from server import mapping
-from server.core.model import Job, JobFailure, JobStatus
+from server.core.model import Job, JobFailure, JobStatus, Trigger
+from server.core.verdicts import VerdictPolicy
+from server.service.rematch import set_findings_change
 from server.service.transitions import Transitions
 from server.storage.repository import JobRepository
 
 log = structlog.get_logger("imagehandler.delivery")
 
+# Rematches of rematches followed back to the scan they started from.
+MAX_REMATCH_CHAIN = 1000
 # A delivery that waited inside this process is tried again after this long, uncounted.
 DEFERRED_RETRY_SECONDS = 0.05
 
@@ -268,8 +272,10 @@ class DeliveryBook:
         on_failure: Callable[[], None],
         load_result: Callable[[Job], Awaitable[common_pb2.ScanResult | None]],
         position: Callable[[Job], Awaitable[int]],
+        policy: VerdictPolicy | None = None,
     ) -> None:
         self._repository = repository
+        self._policy = policy or VerdictPolicy()
         self._transitions = transitions
         self._attempts = attempts
         self._load_result = load_result
@@ -332,6 +338,18 @@ class DeliveryBook:
                 idempotency_key=f"{job.id}:result:{job.runs}", result=result
             )
             mapping.set_job(request.job, job, position=0)
+            if job.spec.trigger is Trigger.REMATCH:
+                found = request.findings_change
+                await self._findings_change(job, result, found)
+                if found.verdict_changed and job.result_summary is not None:
+                    # The object's verdict changed: said as a verdict change too, for the
+                    # receivers that follow verdicts alone.
+                    request.verdict_change.verdict = found.verdict
+                    request.verdict_change.summary.CopyFrom(job.result_summary)
+                    request.verdict_change.cause = (
+                        f"rematch of job {found.previous_job_id} against vulnerability "
+                        f"database {found.database}"
+                    )
             return Delivery(job.id, Kind.RESULT, request, job.runs)
         if job.verdict_delivered < job.verdict_version and job.status is JobStatus.FINISHED:
             request = result_sink_pb2.DeliverRequest(
@@ -344,6 +362,25 @@ class DeliveryBook:
             change.cause = job.verdict_cause
             return Delivery(job.id, Kind.VERDICT, request, job.verdict_version)
         return None
+
+    async def _findings_change(
+        self,
+        job: Job,
+        result: common_pb2.ScanResult,
+        change: result_sink_pb2.FindingsChange,
+    ) -> None:
+        """A rematch's change since the scan it names (rematch_of), and the object scanned
+        (the first scan of the chain of rematches)."""
+        previous = await self._repository.get(job.spec.rematch_of)
+        before = await self._load_result(previous) if previous is not None else None
+        set_findings_change(change, previous, before, result, self._policy)
+        origin = previous
+        for _ in range(MAX_REMATCH_CHAIN):
+            if origin is None or origin.spec.trigger is not Trigger.REMATCH:
+                break
+            origin = await self._repository.get(origin.spec.rematch_of)
+        if origin is not None and origin.spec.trigger is not Trigger.REMATCH:
+            mapping.set_object(change.object, origin.spec.target)
 
     async def delivered(self, delivery: Delivery) -> None:
         job = await self._repository.get(delivery.job_id)

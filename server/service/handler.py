@@ -28,6 +28,7 @@ from server.service.dispatch import Dispatch
 from server.service.events import EventBus
 from server.service.housekeeping import Housekeeping
 from server.service.jobs import JobBook, Submitted
+from server.service.rematch import DatabaseWatch, Queued, Rematch, RematchFilter, Reuse
 from server.service.results import Completion
 from server.service.risk import Reevaluated, RiskBook
 from server.service.runs import RunSupervisor, failure_of
@@ -119,9 +120,30 @@ class Handler:
         self.sessions.runs = self.runs
         self.dispatch.assigned = self.runs.assigned
         self.runs.on_result = self.completion.submit
-        self.jobs = JobBook(
-            config, repository, self.transitions, self.runs, request_dispatch=self._request_dispatch
+        # Scan once, match many (rematch.py): the newest database the scanners reported,
+        # results reused by digest, stored SBOMs matched again.
+        self.databases = DatabaseWatch()
+        self.reuse = Reuse(
+            config, repository, self.transitions, self.databases, self.completion.load_result
         )
+        self.reuse.on_result = self.completion.submit
+        self.jobs = JobBook(
+            config,
+            repository,
+            self.transitions,
+            self.runs,
+            request_dispatch=self._request_dispatch,
+            reuse=self.reuse,
+        )
+        self.rematcher = Rematch(
+            config,
+            repository,
+            self.databases,
+            self.completion.load_result,
+            self.jobs.submit_many,
+        )
+        if config.rematch_on_update:
+            self.databases.on_newer = lambda database: self._background.spawn(self._rematch_all())
         self.delivery: DeliveryBook | None = None
         if receiver is not None:
             self.delivery = DeliveryBook(
@@ -135,6 +157,7 @@ class Handler:
                 on_failure=on_delivery_failure,
                 load_result=self.completion.load_result,
                 position=repository.position,
+                policy=self.policy,
             )
             self.completion.deliver = self.delivery.deliver_result
             self.risk.owe = self.delivery.owe
@@ -355,7 +378,9 @@ class Handler:
         close: Callable[[HandlerError], None],
     ) -> ScannerSession:
         self.require_ready()
-        return self.sessions.connect(profile, send, close)
+        session = self.sessions.connect(profile, send, close)
+        self.databases.seen(profile.databases)
+        return session
 
     def touch(self, session: ScannerSession) -> None:
         self.sessions.touch(session)
@@ -368,6 +393,19 @@ class Handler:
 
     def databases_changed(self, session: ScannerSession, databases: tuple[Database, ...]) -> None:
         self.sessions.databases_changed(session, databases)
+        self.databases.seen(databases, updated=True)
+
+    # ----- rematches -------------------------------------------------------------------------
+
+    async def rematch(self, where: RematchFilter) -> Queued:
+        """Queue rematch jobs of the latest good scans ``where`` selects (RematchJobs)."""
+        self.require_ready()
+        return await self.rematcher.queue(where)
+
+    async def _rematch_all(self) -> None:
+        if not self.ready or not self.accepting_submits:
+            return
+        await self.rematcher.queue(RematchFilter())
 
     def disconnect(self, session: ScannerSession, failure: RunFailure) -> None:
         self.sessions.disconnect(session, failure)

@@ -9,8 +9,10 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from imagehandler.errors import Catalogue, HandlerError, Reason
+from imagehandler.v1 import common_pb2
 from server.config import Config
 from server.core.model import Job, JobSpec, JobStatus
+from server.service.rematch import Reuse
 from server.service.runs import RunSupervisor
 from server.service.transitions import Transitions
 from server.storage.repository import Inserted, JobFilter, JobRepository, Moved
@@ -36,8 +38,10 @@ class JobBook:
         runs: RunSupervisor,
         *,
         request_dispatch: Callable[[], None],
+        reuse: Reuse | None = None,
     ) -> None:
         self.config = config
+        self._reuse = reuse
         self._repository = repository
         self._transitions = transitions
         self._runs = runs
@@ -52,6 +56,9 @@ class JobBook:
                 Catalogue.SCAN_PARAMS_EMPTY,
                 f"{len(specs)} jobs in one batch; at most {self.config.max_batch} are allowed",
             )
+        reused: dict[int, common_pb2.ScanResult] = {}
+        if self._reuse is not None and self._reuse.window > 0:  # no coroutine on the hot path
+            specs, reused = await self._reuse.prepare(specs)
         inserted = await self._repository.insert_many(
             specs, at=datetime.now(UTC), queue_limit=self.config.queue_limit
         )
@@ -59,6 +66,8 @@ class JobBook:
         for item in inserted:
             if not item.duplicate:
                 created(item.job, item.job.history[0])
+        if reused and self._reuse is not None:
+            await self._reuse.finish(inserted, reused)
         self._request_dispatch()
         return inserted
 

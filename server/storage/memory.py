@@ -121,6 +121,8 @@ class MemoryRepository:
         self._by_seq: SortedDict[int, Job] = SortedDict()
         self._next_seq = 1
         self._active_by_key: dict[tuple[Any, ...], Job] = {}
+        # The FINISHED job of each key that finished last (latest_finished).
+        self._finished_by_key: dict[tuple[Any, ...], Job] = {}
         self._by_idempotency_key: dict[str, Job] = {}
         self._status_counts: Counter[JobStatus] = Counter()
         self.queue = JobQueue(interactive_share)
@@ -161,6 +163,8 @@ class MemoryRepository:
                 self._by_idempotency_key[job.spec.idempotency_key] = job
             if job.status.active:
                 self._active_by_key[job.key] = job
+            if job.status is JobStatus.FINISHED:
+                self._finished(job)
             if job.status is JobStatus.PENDING:
                 self.queue.push(job)
             elif job.status in (JobStatus.IN_PROGRESS, JobStatus.PROCESSING_RESULTS):
@@ -237,6 +241,25 @@ class MemoryRepository:
             del self._active_by_key[job.key]
         if self._by_idempotency_key.get(job.spec.idempotency_key) is job:
             del self._by_idempotency_key[job.spec.idempotency_key]
+        # Retention forgets a key's older FINISHED jobs with (or before) its newest one, so no
+        # other job of the key is left to take its place.
+        if self._finished_by_key.get(job.key) is job:
+            del self._finished_by_key[job.key]
+
+    def _finished(self, job: Job) -> None:
+        current = self._finished_by_key.get(job.key)
+        if (
+            current is None
+            or current.finished_at is None
+            or (
+                job.finished_at is not None
+                and (job.finished_at, job.seq) >= (current.finished_at, current.seq)
+            )
+        ):
+            self._finished_by_key[job.key] = job
+
+    async def latest_finished(self, key: tuple[Any, ...]) -> Job | None:
+        return self._finished_by_key.get(key)
 
     async def get(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
@@ -367,6 +390,8 @@ class MemoryRepository:
         self._status_counts[to_status] += 1
         if not to_status.active and self._active_by_key.get(job.key) is job:
             del self._active_by_key[job.key]
+        if to_status is JobStatus.FINISHED:
+            self._finished(job)
         return Moved(job, transition)
 
     # ----- results, deliveries, verdicts, acceptances ----------------------------------------

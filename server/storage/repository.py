@@ -179,6 +179,15 @@ class JobRepository(Protocol):
         """Every job in these statuses, in arrival order."""
         ...
 
+    async def latest_finished(self, key: tuple[Any, ...]) -> Job | None:
+        """The FINISHED job of ``key`` (:meth:`JobSpec.dedup_key`: the object and the
+        policies) that finished last (the later arrival on a tie), or None. Its result, and the
+        SBOM in it, is read as any job's (``job.result``, or :meth:`read_result` when
+        ``result_in_file``): this is the latest good scan of that object, kept as long as
+        results are (:meth:`prune`). Reuse by digest and rematches ask for it. A SQL backend
+        answers it from an index on (key, finished_at) over FINISHED jobs."""
+        ...
+
     # ----- runs ------------------------------------------------------------------------------
 
     async def claim(self, demands: Sequence[Demand], *, at: datetime) -> list[Claimed]:

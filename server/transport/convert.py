@@ -237,6 +237,7 @@ def spec_from_request(
         idempotency_key=request.idempotency_key,
         labels=labels,
         submitter=submitter,
+        fresh=request.fresh,
     )
 
 

@@ -20,6 +20,7 @@ from server.job_policy import SubmitPolicy
 from server.service.events import Feed, FellBehind, Subscription
 from server.service.handler import Handler
 from server.service.jobs import Submitted
+from server.service.rematch import RematchFilter
 from server.storage.repository import JobFilter
 from server.transport import convert
 from server.transport.guard import Context, fail, unary
@@ -33,6 +34,9 @@ def _message_or_bytes(response: bytes | job_service_pb2.WatchJobsResponse) -> by
     """WatchJobs writes either a message or an event already serialized once for all its
     watchers."""
     return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+_KINDS = frozenset(kind.value for kind in ObjectKind)
 
 
 class _Capture:
@@ -401,6 +405,30 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         return job_service_pb2.RevokeRiskAcceptanceResponse(
             verdicts_changed=changed.verdicts, summaries_changed=changed.summaries
         )
+
+    @unary
+    async def RematchJobs(
+        self, request: job_service_pb2.RematchJobsRequest, context: Context
+    ) -> job_service_pb2.RematchJobsResponse:
+        kinds = set()
+        for kind in request.kinds:
+            if kind not in _KINDS:
+                raise HandlerError(
+                    Catalogue.SCAN_PARAMS_EMPTY,
+                    f"kinds has {kind}, not an object kind: use OBJECT_KIND_IMAGE, _NODE or "
+                    "_ARTIFACT",
+                )
+            kinds.add(ObjectKind(kind))
+        queued = await self.handler.rematch(
+            RematchFilter(
+                kinds=frozenset(kinds),
+                registry=request.registry,
+                repository=request.repository,
+                everything=request.all,
+            )
+        )
+        await self.handler.commit()
+        return job_service_pb2.RematchJobsResponse(queued=queued.queued, skipped=queued.skipped)
 
     @unary
     async def GetQueueStats(

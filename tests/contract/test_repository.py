@@ -244,6 +244,51 @@ async def test_a_result_and_its_summary_are_kept_with_their_moves(repo: JobRepos
 # ----- reading -----------------------------------------------------------------------------
 
 
+async def finish(repo: JobRepository, job_id: str, scanner: str = "s1") -> None:
+    (claimed,) = await repo.claim([demand(scanner)], at=now())
+    assert claimed.moved.job.id == job_id
+    result = common_pb2.ScanResult(job_id=job_id, sbom=b'{"bomFormat":"CycloneDX"}')
+    await repo.move(job_id, S.PROCESSING_RESULTS, expect=frozenset({S.IN_PROGRESS}), at=now(),
+                    reason="result", result=result)  # fmt: skip
+    await repo.move(job_id, S.FINISHED, expect=frozenset({S.PROCESSING_RESULTS}), at=now(),
+                    reason="stored", summary=common_pb2.ResultSummary())  # fmt: skip
+
+
+async def test_the_latest_finished_job_of_an_object_and_its_result(backend: Backend) -> None:
+    repo = await backend.make()
+    digest = ImageRef("r.example", "team/app", "", "sha256:" + "b" * 64)
+    same = JobSpec(digest, Trigger.MANUAL, (Policy.VULNERABILITIES,), 60.0, Lane.BULK)
+    other_policies = JobSpec(digest, Trigger.MANUAL, tuple(Policy), 60.0, Lane.BULK)
+    assert await repo.latest_finished(same.dedup_key()) is None
+    (first,) = await insert(repo, same)
+    await finish(repo, first)
+    (second,) = await insert(repo, same)
+    # A scan under way does not hide the last good one.
+    latest = await repo.latest_finished(same.dedup_key())
+    assert latest is not None
+    assert latest.id == first
+    await finish(repo, second)
+    (failed,) = await insert(repo, same)
+    await repo.move(failed, S.CANCELLED, expect=frozenset({S.PENDING}), at=now(), reason="x")
+    await insert(repo, other_policies)
+    latest = await repo.latest_finished(same.dedup_key())
+    assert latest is not None
+    assert latest.id == second
+    assert latest.result is not None
+    assert latest.result.sbom == b'{"bomFormat":"CycloneDX"}'
+    if backend.durable:
+        await repo.commit()
+        await repo.close()
+        repo = await backend.make()
+        again = await repo.latest_finished(same.dedup_key())
+        assert again is not None
+        assert again.id == second
+    assert await repo.latest_finished(other_policies.dedup_key()) is None
+    # Kept as long as results are: retention forgets it with its job.
+    await repo.prune(now() + timedelta(days=1))
+    assert await repo.latest_finished(same.dedup_key()) is None
+
+
 async def test_pages_counts_and_selections(repo: JobRepository) -> None:
     ids = await insert(repo, *(spec(f"j{n}") for n in range(5)), spec("n", node=True))
     await repo.claim([demand("s1")], at=now())

@@ -158,3 +158,19 @@ def test_result_risks_and_redeliver(
     assert capsys.readouterr().err.startswith(
         "HNDL-001: mdw adapter send status: no receiving server is configured"
     )
+
+
+def test_rematch_counts_what_it_queued_and_skipped(
+    background_handler: BackgroundHandler, noop_scanner: ScannerClient, capsys: Capture
+) -> None:
+    registry = f"r-{uuid.uuid4().hex[:8]}.example"
+    argv = ["submit", "image", "--registry", registry, "--repository", "app", "--tag", "1", "-q"]
+    assert ihctl(background_handler, *argv, "--fresh") == 0
+    job_id = capsys.readouterr().out.strip()
+    assert ihctl(background_handler, "watch", job_id) == 0
+    capsys.readouterr()
+    # The no-op engine's result carries no SBOM: nothing to match again.
+    assert ihctl(background_handler, "rematch", "--kind", "image", "--registry", registry) == 0
+    assert capsys.readouterr().out.strip() == "0 rematch jobs queued, 1 skipped"
+    assert ihctl(background_handler, "--json", "rematch", "--registry", "none.example") == 0
+    assert json.loads(capsys.readouterr().out) == {"queued": 0, "skipped": 0}

@@ -313,6 +313,7 @@ ALLOWED: dict[str, set[str]] = {
     "RedeliverJob": set(),
     "AcceptRisk": set(),
     "RevokeRiskAcceptance": set(),
+    "RematchJobs": set(),
 }
 
 

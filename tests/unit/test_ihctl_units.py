@@ -60,6 +60,7 @@ def test_enum_words_come_from_the_descriptors() -> None:
         "cicd",
         "node-agent",
         "policy-change",
+        "rematch",
     ]
     assert names.LANE.words == ["bulk", "interactive"]
     assert names.POLICY.words == ["vulnerabilities", "malware", "misconfigurations", "secrets"]

@@ -51,7 +51,7 @@ class TestStateMachine:
         ("start", "to"),
         [
             (JobStatus.PENDING, JobStatus.FINISHED),
-            (JobStatus.PENDING, JobStatus.PROCESSING_RESULTS),
+            (JobStatus.PENDING, JobStatus.ERROR),
             (JobStatus.FINISHED, JobStatus.PENDING),
             (JobStatus.ERROR, JobStatus.IN_PROGRESS),
             (JobStatus.CANCELLED, JobStatus.PENDING),

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import ssl
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -43,6 +45,7 @@ from scanner_client.engines.builtin import (
     catalog,
     files,
     images,
+    layer_cache,
     malware,
     sbom,
     scratch_space,
@@ -52,7 +55,8 @@ from scanner_client.engines.builtin.analyzers import Distro, Package
 from scanner_client.engines.builtin.common import Cancelled, CancelToken, Limits, too_large
 from scanner_client.engines.builtin.databases import DatabaseKeeper, LoadedDatabases
 from scanner_client.engines.builtin.files import FileAnalyser, FileFacts
-from scanner_client.engines.builtin.layers import ImageTree
+from scanner_client.engines.builtin.layer_cache import LayerCache
+from scanner_client.engines.builtin.layers import ImageTree, LayerRecord, StaleRecord
 from scanner_client.engines.builtin.registry import (
     Credentials,
     Platform,
@@ -105,6 +109,10 @@ class BuiltinSettings:
     registry_timeout: float = 60.0
     # CA bundle for registries with a private CA (default: the system's).
     ca_file: Path | None = None
+    # The layer cache (layer_cache.py): what was learned from each layer, so that a layer
+    # seen before is neither downloaded nor unpacked; None: no cache.
+    layer_cache_dir: Path | None = None
+    layer_cache_size: int = layer_cache.DEFAULT_SIZE
 
 
 class _ThreadProgress:
@@ -162,6 +170,20 @@ class BuiltinEngine(Engine):
             poll_interval=self.settings.db_poll_interval,
         )
         self.keeper.on_change = self.notify_databases_changed
+        # One TLS context for every pull: loading the CA bundle costs tens of milliseconds,
+        # more than a pull whose layers are all in the layer cache.
+        try:
+            self._tls = httpx.create_ssl_context(
+                verify=str(self.settings.ca_file) if self.settings.ca_file else True
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"CA bundle {self.settings.ca_file}: {exc}") from None
+        # ValueError naming --layer-cache-dir when it cannot be written.
+        self.layer_cache = (
+            LayerCache(self.settings.layer_cache_dir, self.settings.layer_cache_size)
+            if self.settings.layer_cache_dir is not None
+            else None
+        )
         self._credentials, grants = self._read_credentials()
         self.policy = self.settings.policy.with_grants(grants)
         # One guard for every job: it resolves the handler's address once.
@@ -187,6 +209,17 @@ class BuiltinEngine(Engine):
         # Between jobs: a database replaced by `image-scanner db update` is taken into use.
         await self.keeper.refresh()
         root = self.scratch_root
+        if job.kind is Kind.ARTIFACT and job.object.artifact.sbom:
+            # An SBOM is matched as it is (a rematch of a stored one, at every database
+            # update): nothing to download or unpack, so no scratch directory is made; a
+            # scratch directory that vanished still stops the scanner (the next image could
+            # not be scanned), as a failed mkdtemp would.
+            if not os.path.isdir(root):  # noqa: ASYNC240 (one stat: a thread hop costs more)
+                found = scratch_space.problem(root, self.settings.min_free_scratch)
+                raise ScannerBroken(f"--scratch-dir {root} {found or 'is not a directory'}")
+            self.policy.check_job(job)
+            policies = frozenset(job.policies) or frozenset(Policy)
+            return self._sbom_result(job.object.artifact, policies)
         try:
             workdir = Path(tempfile.mkdtemp(prefix="image-scanner-", dir=root))
         except OSError as exc:
@@ -273,6 +306,27 @@ class BuiltinEngine(Engine):
         def on_bytes(done: int, total: int) -> None:
             report("pull", 40 * done // max(total, 1))
 
+        cache = self.layer_cache
+        keys: list[str] = []
+        records: dict[int, LayerRecord] = {}
+
+        async def cached(digests: list[str]) -> frozenset[int]:
+            """The layers the cache has (their records kept for the analysis)."""
+            assert cache is not None
+            profile = self._cache_profile(policies)
+            keys.extend(cache.key(chain, profile) for chain in layer_cache.chain_ids(digests))
+
+            def lookup() -> dict[int, LayerRecord]:
+                found = {}
+                for index, key in enumerate(keys):
+                    record = cache.get(key)
+                    if record is not None:
+                        found[index] = record
+                return found
+
+            records.update(await asyncio.to_thread(lookup))
+            return frozenset(records)
+
         async with RegistryClient(
             registry,
             credentials=self._credentials_for(image.credentials_ref),
@@ -280,18 +334,45 @@ class BuiltinEngine(Engine):
             insecure=registry in self.settings.insecure_registries,
             limits=self.settings.limits,
             timeout=self.settings.registry_timeout,
-            verify=str(self.settings.ca_file) if self.settings.ca_file else True,
+            verify=self._tls,
             guard=self.guard,
             grant=grant,
             trusted_proxy=self.settings.proxy_url,
         ) as client:
             pulled = await client.pull(
-                repository, reference, scratch / "blobs", self.platform, on_bytes
+                repository,
+                reference,
+                scratch / "blobs",
+                self.platform,
+                on_bytes,
+                skip=cached if cache is not None else None,
             )
         subject = f"{registry}/{repository}" + (f":{image.tag}" if image.tag else "")
         subject += f"@{pulled.manifest_digest}"
         return await self._in_thread(
-            token, self._analyse_image, pulled, subject, policies, token, report, scratch
+            token,
+            self._analyse_image,
+            pulled,
+            subject,
+            policies,
+            token,
+            report,
+            scratch,
+            keys,
+            records,
+        )
+
+    def _cache_profile(self, policies: frozenset[Policy]) -> str:
+        """What the layer cache's keys hold besides the layers: what is read and matched."""
+        analyser = self._analyser(policies)
+        rules = sorted(
+            f"{entry.name}={entry.version}"
+            for entry in self.db.entries.values()
+            if entry.name != "vulnerabilities"
+        )
+        rules.append("secrets=" + hashlib.sha256(secrets.RULES.encode()).hexdigest()[:16])
+        return layer_cache.profile(
+            analyser.namespaces, ",".join(rules), self.settings.limits.max_match_bytes
         )
 
     def _analyse_image(
@@ -302,21 +383,44 @@ class BuiltinEngine(Engine):
         token: CancelToken,
         report: _ThreadProgress,
         scratch: Path,
+        keys: Sequence[str] = (),
+        records: dict[int, LayerRecord] | None = None,
     ) -> common_pb2.ScanResult:
+        """The image's findings, its layers applied in order: a layer the cache had
+        (``records``, by index) is replayed from its record, any other is read from its blob
+        (and recorded under ``keys[index]`` when there is a cache)."""
         tree = ImageTree(self.settings.limits)
         analyser = self._analyser(policies)
         total = sum(layer.size for layer in pulled.layers) or 1
         done = 0
+        records = records or {}
+        cache = self.layer_cache if keys else None
         # (type, name, version) -> the layer that first had it, for OS packages.
         first_seen: dict[tuple[str, str, str], str] = {}
-        for layer in pulled.layers:
+        for index, layer in enumerate(pulled.layers):
             token.check()
             base = done
 
             def on_bytes(position: int, base: int = base) -> None:
                 report("unpack", 40 + 30 * (base + position) // total)
 
-            tree.apply(layer.path, layer.digest, token, analyser, on_bytes)
+            record = records.get(index)
+            if record is not None:
+                try:
+                    tree.replay(record, layer.digest, token, analyser)
+                except StaleRecord as exc:
+                    assert cache is not None
+                    cache.drop(keys[index])
+                    raise ScanFailure(
+                        f"layer cache entry of {layer.digest} did not fit ({exc}): dropped, "
+                        "the next run reads the layer",
+                        code="HNDL-007",
+                    ) from None
+            else:
+                fresh = LayerRecord() if cache is not None else None
+                tree.apply(layer.path, layer.digest, token, analyser, on_bytes, record=fresh)
+                if cache is not None and fresh is not None:
+                    cache.put(keys[index], fresh)
             done += layer.size
             if layer.owned:
                 layer.path.unlink(missing_ok=True)
@@ -409,14 +513,7 @@ class BuiltinEngine(Engine):
     ) -> common_pb2.ScanResult:
         subject = artifact.path or artifact.url or f"{artifact.pipeline}/{artifact.job}"
         if artifact.sbom:
-            if artifact.sbom_format not in ("", sbom.FORMAT, "cyclonedx"):
-                raise ScanFailure(
-                    f"SBOM format {artifact.sbom_format!r} is not supported ({sbom.FORMAT})",
-                    code="HNDL-005",
-                    permanent=True,
-                )
-            packages = sbom.packages_from_cyclonedx(artifact.sbom)
-            return self._result(Findings(packages=packages), subject, "artifact", policies, False)
+            return self._sbom_result(artifact, policies)
         if artifact.path:
             try:
                 path = resolved_path(
@@ -431,6 +528,19 @@ class BuiltinEngine(Engine):
         return await self._in_thread(
             token, self._analyse_path, path, subject, policies, token, report, scratch
         )
+
+    def _sbom_result(
+        self, artifact: common_pb2.ArtifactObject, policies: frozenset[Policy]
+    ) -> common_pb2.ScanResult:
+        subject = artifact.path or artifact.url or f"{artifact.pipeline}/{artifact.job}"
+        if artifact.sbom_format not in ("", sbom.FORMAT, "cyclonedx"):
+            raise ScanFailure(
+                f"SBOM format {artifact.sbom_format!r} is not supported ({sbom.FORMAT})",
+                code="HNDL-005",
+                permanent=True,
+            )
+        packages = sbom.packages_from_cyclonedx(artifact.sbom)
+        return self._result(Findings(packages=packages), subject, "artifact", policies, False)
 
     async def _download(self, url: str, dest: Path, report: _ThreadProgress) -> Path:
         if not url.startswith(("http://", "https://")):

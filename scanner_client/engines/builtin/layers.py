@@ -19,6 +19,12 @@ File contents pass through once, as the layer streams: a :class:`FileHandler` sa
 it wants to read (and which to keep in memory: the package databases), and finds each file's
 facts (packages, malware, secrets) on the spot. A file that a later layer removes or replaces
 takes its facts with it.
+
+A layer applied from its blob can be **recorded** (:class:`LayerRecord`: each entry's name,
+type, size, mode and link, and for the files the handler read their facts and kept bytes), and
+a record **replayed** later through the same code in place of the blob (the layer cache,
+:mod:`scanner_client.engines.builtin.layer_cache`): whiteouts, opaque directories, links,
+containment and limits then apply exactly as they did when the blob was read.
 """
 
 from __future__ import annotations
@@ -176,6 +182,81 @@ class Node:
         self.data = data  # the file's bytes, for the files the handler keeps
 
 
+# A recorded entry's type (a tar member's, for what the tree does with it).
+ENTRY_DIR: Final = "d"
+ENTRY_FILE: Final = "f"
+ENTRY_SYMLINK: Final = "s"
+ENTRY_HARDLINK: Final = "h"
+ENTRY_OTHER: Final = "o"  # devices and FIFOs: not taken
+
+
+class Entry:
+    """One layer entry as recorded: what :class:`_Layer` reads of a tar member, and for a
+    regular file the handler read, its facts (``read``) and kept bytes."""
+
+    __slots__ = ("data", "facts", "linkname", "mode", "name", "read", "size", "type")
+
+    def __init__(
+        self,
+        type: str,
+        name: str,
+        *,
+        size: int = 0,
+        mode: int = 0,
+        linkname: str = "",
+        read: bool = False,
+        facts: Any = None,
+        data: bytes | None = None,
+    ) -> None:
+        self.type = type
+        self.name = name
+        self.size = size
+        self.mode = mode
+        self.linkname = linkname
+        self.read = read
+        self.facts = facts
+        self.data = data
+
+    # The tar member interface _Layer uses.
+    def isreg(self) -> bool:
+        return self.type == ENTRY_FILE
+
+    def isdir(self) -> bool:
+        return self.type == ENTRY_DIR
+
+    def issym(self) -> bool:
+        return self.type == ENTRY_SYMLINK
+
+    def islnk(self) -> bool:
+        return self.type == ENTRY_HARDLINK
+
+    @classmethod
+    def of(cls, member: tarfile.TarInfo) -> Entry:
+        if member.isreg():
+            kind = ENTRY_FILE
+        elif member.isdir():
+            kind = ENTRY_DIR
+        elif member.issym():
+            kind = ENTRY_SYMLINK
+        elif member.islnk():
+            kind = ENTRY_HARDLINK
+        else:
+            kind = ENTRY_OTHER
+        return cls(kind, member.name, size=member.size, mode=member.mode, linkname=member.linkname)
+
+
+@dataclass
+class LayerRecord:
+    """A layer's entries in tar order, enough to apply it again without its blob."""
+
+    entries: list[Entry] = field(default_factory=list)
+
+
+class StaleRecord(Exception):
+    """A replayed record does not fit the tree below it (the handler now wants a file the
+    record did not read): the layer must be read from its blob."""
+
+
 class FileHandler(Protocol):
     """What an :class:`ImageTree` asks about each regular file as it streams past."""
 
@@ -328,10 +409,12 @@ class ImageTree:
         token: CancelToken,
         handler: FileHandler,
         progress: Callable[[int], None] | None = None,
+        record: LayerRecord | None = None,
     ) -> None:
         """Apply the layer blob at ``blob`` (its digest ``layer``) on top of the tree.
 
-        ``progress`` gets the compressed bytes read so far, about once per MiB.
+        ``progress`` gets the compressed bytes read so far, about once per MiB. With
+        ``record``, every entry is also recorded there (for :meth:`replay`).
         """
         self.changed = set()
         with open(blob, "rb") as raw:
@@ -341,11 +424,20 @@ class ImageTree:
             mode = "r:" if stream is raw else "r|"
             try:
                 with tarfile.open(fileobj=stream, mode=mode) as tar:  # type: ignore[call-overload]
-                    _Layer(self, layer, tar, token, raw, handler, progress).run()
+                    _Layer(self, layer, tar, token, raw, handler, progress, record).run()
             except tarfile.TarError as exc:
                 raise ScanFailure(f"layer {layer} is not a valid tar stream: {exc}") from None
             except (zlib.error, ValueError, EOFError) as exc:
                 raise ScanFailure(f"layer {layer} cannot be decompressed: {exc}") from None
+
+    def replay(
+        self, record: LayerRecord, layer: str, token: CancelToken, handler: FileHandler
+    ) -> None:
+        """Apply a recorded layer (its digest ``layer``) on top of the tree, as :meth:`apply`
+        applied it from its blob. :class:`StaleRecord` when the handler wants a file the record
+        did not read (the tree may then be partly changed: start again)."""
+        self.changed = set()
+        _Layer(self, layer, None, token, None, handler, None, None).replay(record)
 
 
 class _Layer:
@@ -355,11 +447,12 @@ class _Layer:
         self,
         tree: ImageTree,
         digest: str,
-        tar: tarfile.TarFile,
+        tar: tarfile.TarFile | None,
         token: CancelToken,
-        raw: IO[bytes],
+        raw: IO[bytes] | None,
         handler: FileHandler,
         progress: Callable[[int], None] | None,
+        record: LayerRecord | None,
     ) -> None:
         self.tree = tree
         self.limits = tree.limits
@@ -369,30 +462,45 @@ class _Layer:
         self.raw = raw
         self.handler = handler
         self.progress = progress
+        self.record = record
         # Paths this layer wrote, and their directories: whiteouts spare them.
         self.written: set[str] = set()
         self._reported = 0
 
     def run(self) -> None:
-        tree = self.tree
+        assert self.tar is not None
+        assert self.raw is not None
         members: list[tarfile.TarInfo] = self.tar.members  # type: ignore[attr-defined]
+        recorded = self.record.entries if self.record is not None else None
         for member in self.tar:
             # tarfile keeps every header it read: dropped, so memory follows the tree alone.
             members.clear()
-            self.token.check()
-            tree.entries += 1
-            if tree.entries > self.limits.max_entries:
-                raise ScanFailure(
-                    f"the image has more than {self.limits.max_entries} entries", permanent=True
-                )
-            self._entry(member)
+            self._count()
+            entry = Entry.of(member)
+            self._entry(entry, member)
+            if recorded is not None:
+                recorded.append(entry)
             if self.progress is not None:
                 position = self.raw.tell()
                 if position - self._reported >= CHUNK:
                     self._reported = position
                     self.progress(position)
 
-    def _entry(self, member: tarfile.TarInfo) -> None:
+    def replay(self, record: LayerRecord) -> None:
+        for entry in record.entries:
+            self._count()
+            self._entry(entry, None)
+
+    def _count(self) -> None:
+        tree = self.tree
+        self.token.check()
+        tree.entries += 1
+        if tree.entries > self.limits.max_entries:
+            raise ScanFailure(
+                f"the image has more than {self.limits.max_entries} entries", permanent=True
+            )
+
+    def _entry(self, member: Entry, tar_member: tarfile.TarInfo | None) -> None:
         tree = self.tree
         name = clean_path(member.name)
         if name is None:
@@ -441,7 +549,7 @@ class _Layer:
                 return
             node = linked
         else:
-            node = self._file(member, rel)
+            node = self._file(member, tar_member, rel)
         if existing is not None:
             tree._remove(rel)
         tree._put(rel, node)
@@ -452,7 +560,7 @@ class _Layer:
             self.written.add(rel)
             rel = rel.rpartition("/")[0]
 
-    def _file(self, member: tarfile.TarInfo, rel: str) -> Node:
+    def _file(self, member: Entry, tar_member: tarfile.TarInfo | None, rel: str) -> Node:
         limits, tree = self.limits, self.tree
         if member.size > limits.max_file_bytes:
             raise too_large(
@@ -465,16 +573,26 @@ class _Layer:
         flags = self.handler.wants(rel, member.size, member.mode)
         if not flags & READ:
             return node
-        source = self.tar.extractfile(member)
+        if tar_member is None:  # replayed: the facts and bytes as recorded
+            if not member.read or (flags & RETAIN and member.data is None):
+                raise StaleRecord(f"{rel} of layer {self.digest} was not read when recorded")
+            node.facts = member.facts
+            node.data = member.data if flags & RETAIN else None
+            return node
+        assert self.tar is not None
+        source = self.tar.extractfile(tar_member)
         data = source.read() if source is not None else b""
         if len(data) != member.size:
             raise ScanFailure(f"layer {self.digest} ends inside {member.name}")
         node.facts = self.handler.analyse(rel, data)
+        member.read = True
+        member.facts = node.facts
         if flags & RETAIN:
             node.data = data
+            member.data = data
         return node
 
-    def _hardlink(self, member: tarfile.TarInfo, rel: str) -> Node | None:
+    def _hardlink(self, member: Entry, rel: str) -> Node | None:
         tree = self.tree
         target = clean_path(member.linkname)
         real = tree.resolve(target, follow_final=False) if target else None

@@ -27,7 +27,8 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections.abc import Callable
+import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Final
@@ -97,6 +98,8 @@ class Blob:
     path: Path
     # The scan made this file and may delete it once used.
     owned: bool = True
+    # Not downloaded: the layer cache has what the scan needs of it (``path`` does not exist).
+    cached: bool = False
 
 
 @dataclass
@@ -171,7 +174,7 @@ class RegistryClient:
         insecure: bool = False,
         limits: Limits | None = None,
         timeout: float = 60.0,
-        verify: bool | str = True,
+        verify: bool | str | ssl.SSLContext = True,
         guard: EgressGuard,
         grant: Grant | None = None,
         trusted_proxy: str = "",
@@ -407,10 +410,13 @@ class RegistryClient:
         dest: Path,
         platform: Platform,
         progress: Callable[[int, int], None] | None = None,
+        skip: Callable[[list[str]], Awaitable[frozenset[int]]] | None = None,
     ) -> PulledImage:
         """Pull ``repository`` at ``reference`` (a tag or digest) into ``dest``.
 
-        ``progress(done, total)`` follows the bytes of the config and layers.
+        ``progress(done, total)`` follows the bytes of the config and layers. ``skip`` gets
+        the layer digests in order and answers the indexes of the layers not to download (the
+        layer cache has them): those come back ``cached``.
         """
         media_type, digest, document = await self.manifest(repository, reference)
         for _ in range(2):  # an index of indexes is resolved one level down, no further
@@ -426,6 +432,12 @@ class RegistryClient:
             raise too_large(
                 f"image {repository}@{digest} ({total} bytes)", self.limits.max_image_bytes
             )
+        skipped = (
+            await skip([str(layer["digest"]) for layer in layer_refs])
+            if skip is not None
+            else frozenset()
+        )
+        total -= sum(int(layer_refs[index]["size"]) for index in skipped)
         done = 0
 
         def on_bytes(count: int) -> None:
@@ -448,9 +460,18 @@ class RegistryClient:
         )
         for index, layer in enumerate(layer_refs):
             path = dest / f"layer-{index}"
-            await self.blob(repository, layer["digest"], int(layer["size"]), path, on_bytes)
+            cached = index in skipped
+            if not cached:
+                await self.blob(repository, layer["digest"], int(layer["size"]), path, on_bytes)
             image.layers.append(
-                Blob(layer["digest"], str(layer.get("mediaType", "")), int(layer["size"]), path)
+                Blob(
+                    layer["digest"],
+                    str(layer.get("mediaType", "")),
+                    int(layer["size"]),
+                    path,
+                    owned=not cached,
+                    cached=cached,
+                )
             )
         return image
 

@@ -9,7 +9,7 @@ each component with a linear search).
 
 from __future__ import annotations
 
-import json
+import functools
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -86,6 +86,8 @@ def build(subject: str, kind: str, packages: Sequence[Package], distro: Distro |
     return orjson.dumps(document)
 
 
+# Parsed purls remembered (a few hundred bytes each).
+PURL_CACHE: Final = 65536
 # purl types whose packages are matched.
 _PURL_TYPES: Final = frozenset({"deb", "apk", "rpm", "pypi", "npm", "golang", "maven"})
 
@@ -95,8 +97,8 @@ def packages_from_cyclonedx(data: bytes) -> list[Package]:
     (deb, apk, rpm, pypi, npm, golang, maven). The distribution release comes from the purl's
     ``distro``; a component with our ``os-owned`` property keeps it."""
     try:
-        document: Any = json.loads(data)
-    except ValueError as exc:
+        document: Any = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
         raise ScanFailure(f"the SBOM is not JSON: {exc}", code="HNDL-005", permanent=True) from None
     if not isinstance(document, dict) or document.get("bomFormat") != "CycloneDX":
         raise ScanFailure(
@@ -114,11 +116,7 @@ def packages_from_cyclonedx(data: bytes) -> list[Package]:
         raw = component.get("purl")
         if not isinstance(raw, str):
             continue
-        try:
-            purl = PackageURL.from_string(raw)
-        except ValueError:
-            continue
-        package = _package(purl)
+        package = _parsed(raw)
         if package is not None:
             properties = component.get("properties") or []
             owned = any(
@@ -129,6 +127,16 @@ def packages_from_cyclonedx(data: bytes) -> list[Package]:
             )
             packages.append(replace(package, os_owned=owned) if owned else package)
     return packages
+
+
+@functools.lru_cache(maxsize=PURL_CACHE)
+def _parsed(raw: str) -> Package | None:
+    """The package a purl names, remembered: parsing a purl costs more than matching it, and
+    the SBOMs of a fleet (rematched at every database update) share most of their purls."""
+    try:
+        return _package(PackageURL.from_string(raw))
+    except ValueError:
+        return None
 
 
 def _package(purl: PackageURL) -> Package | None:

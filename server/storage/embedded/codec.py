@@ -128,6 +128,8 @@ def job(record: storage_pb2.StoredJob) -> Job:
         idempotency_key=message.idempotency_key,
         labels=dict(message.labels),
         submitter=mapping.submitter_from_proto(record.submitter),
+        reused_from=message.reused_from,
+        rematch_of=message.rematch_of,
     )
     return Job(
         id=message.id,
