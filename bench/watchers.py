@@ -1,9 +1,10 @@
 """Slow watchers must not cost memory or other clients' latency.
 
 A handler process; ``watchers`` WatchJobs streams of every job that never read; two clients
-sending SubmitJobs of 100 back to back; one more client submitting single jobs one at a time
-and timing each. Prints the handler's peak RSS and CPU per job, the single submits' p50/p99 and
-how many watchers were ended (each with the last sequence it was sent, so it can resume).
+sending SubmitJobs of 100 back to back; one more client, in a process of its own, submitting
+single jobs one at a time and timing each. Prints the handler's peak RSS and CPU per job, the
+single submits' p50/p99 and how many watchers were ended (each with the last sequence it was
+sent, so it can resume).
 
     .venv/bin/python -m bench.watchers --watchers 200 --seconds 20
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -44,6 +46,25 @@ class Flood:
         return self.handler_cpu / max(1, self.submitted + len(self.latencies))
 
 
+def probe(address: str, seconds: float, results: multiprocessing.Queue[list[float]]) -> None:
+    """One client submitting single jobs one at a time for `seconds`, timing each."""
+
+    async def run() -> list[float]:
+        latencies: list[float] = []
+        async with aio.insecure_channel(address) as channel:
+            stub = job_service_pb2_grpc.JobServiceStub(channel)
+            ends = time.perf_counter() + seconds
+            i = 0
+            while time.perf_counter() < ends:
+                i += 1
+                started = time.perf_counter()
+                await stub.SubmitJob(image_request(i, "probe"))
+                latencies.append(time.perf_counter() - started)
+        return latencies
+
+    results.put(asyncio.run(run()))
+
+
 async def flood(
     address: str, pid: int, *, watchers: int, seconds: float, batch: int = 100
 ) -> Flood:
@@ -74,21 +95,18 @@ async def flood(
                 await stub.SubmitJobs(job_service_pb2.SubmitJobsRequest(jobs=requests))
                 out.submitted += batch
 
-    async def probe() -> None:
-        async with aio.insecure_channel(address) as channel:
-            stub = job_service_pb2_grpc.JobServiceStub(channel)
-            i = 0
-            while not stop.is_set():
-                i += 1
-                started = time.perf_counter()
-                await stub.SubmitJob(image_request(i, "probe"))
-                out.latencies.append(time.perf_counter() - started)
-
     cpu = cpu_seconds(pid)
-    tasks = [asyncio.create_task(coro) for coro in (sample(), bulk(1), bulk(2), probe())]
-    await asyncio.sleep(seconds)  # the flood's length
+    # The timed client is a process of its own, as a normal client is: in this process its
+    # latencies would include the flood's own request building and the watchers' reads.
+    context = multiprocessing.get_context("spawn")
+    results: multiprocessing.Queue[list[float]] = context.Queue()
+    prober = context.Process(target=probe, args=(address, seconds, results))
+    tasks = [asyncio.create_task(coro) for coro in (sample(), bulk(1), bulk(2))]
+    prober.start()
+    out.latencies = await asyncio.to_thread(results.get, True, seconds + 60)
     stop.set()
     await asyncio.gather(*tasks)
+    await asyncio.to_thread(prober.join, 30)
     out.handler_cpu = cpu_seconds(pid) - cpu
     out.peak_rss = max(out.peak_rss, rss_bytes(pid))
     for call in calls:
