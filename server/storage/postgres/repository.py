@@ -1,0 +1,813 @@
+"""The job repository on PostgreSQL: the database is the truth, shared by every replica.
+
+Every verb is its own committed statement or transaction (``commit`` has nothing left to do).
+A claim is one statement: the PENDING jobs of each lane in arrival order, ``FOR UPDATE SKIP
+LOCKED``, interleaved at the interactive share, handed to the Free scanners' slots and marked
+IN_PROGRESS with the run counted, the replica and its lease. A move reads the row, lets the
+state machine decide, and writes it back only if nobody wrote it meanwhile (its ``version``):
+the compare-and-set that keeps a replica that was cut off from overwriting a rescuer. Inserts
+go in one multi-row statement per batch; unique indexes deduplicate across replicas.
+
+Other replicas hear of changes by NOTIFY: ``<channel>_work`` when a job is queued or queued
+again (they dispatch), ``<channel>_moves`` with the job ids and history lengths of every move
+(they publish the transitions to their own watchers). A dedicated connection listens, and
+reconnects by itself; the fallback poll in :meth:`maintain` covers a lost notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import psycopg
+import psycopg_pool
+import structlog
+from psycopg import sql
+
+from imagehandler.errors import Catalogue, HandlerError, Reason
+from imagehandler.storage.v1 import storage_pb2
+from imagehandler.v1 import common_pb2, job_service_pb2
+from server import mapping
+from server.core import state_machine
+from server.core.ids import new_job_id
+from server.core.model import Job, JobFailure, JobSpec, JobStatus, Lane, ObjectKind, Transition
+from server.storage.embedded import codec
+from server.storage.postgres import migrations
+from server.storage.repository import (
+    INLINE_RESULT_BYTES,
+    Claimed,
+    Counts,
+    Demand,
+    Inserted,
+    JobFilter,
+    Moved,
+    Recovered,
+    StorageError,
+    queue_full,
+)
+
+log = structlog.get_logger("imagehandler.storage")
+
+S = JobStatus
+STATUS = {m.value: m for m in JobStatus}
+_HELD = (S.IN_PROGRESS.value, S.PROCESSING_RESULTS.value)
+# A claim statement hands out at most this many jobs: its NOTIFY payload (job ids) must stay
+# under PostgreSQL's 8000 bytes.
+CLAIM_CHUNK = 150
+_PAYLOAD_BYTES = 7000
+
+COLUMNS = (
+    "id, seq, spec, status, runs, scanner_id, error, updated_at, started_at, finished_at, "
+    "history, result, summary, result_in_file, delivered, verdict_version, verdict_delivered, "
+    "version"
+)
+_J_COLUMNS = ", ".join(f"j.{c.strip()}" for c in COLUMNS.split(","))
+
+Row = tuple[Any, ...]
+OnWork = Callable[[], None]
+OnMoved = Callable[[Job, Transition], None]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(at: datetime) -> int:
+    return (at - _EPOCH) // timedelta(microseconds=1)
+
+
+def _failure(value: Any) -> JobFailure | None:
+    return JobFailure(value[0], value[1], value[2]) if value else None
+
+
+def _failure_json(error: JobFailure | None) -> list[str] | None:
+    return [error.code, error.message, error.detail] if error is not None else None
+
+
+def _transition_json(t: Transition) -> list[Any]:
+    return [
+        t.from_status.value if t.from_status is not None else 0,
+        t.to_status.value,
+        _micros(t.at),
+        t.scanner_id,
+        t.run,
+        t.reason,
+        _failure_json(t.error),
+    ]
+
+
+def _transition(value: list[Any]) -> Transition:
+    return Transition(
+        STATUS[value[0]] if value[0] else None,
+        STATUS[value[1]],
+        _EPOCH + timedelta(microseconds=value[2]),
+        value[3],
+        value[4],
+        value[5],
+        _failure(value[6]),
+    )
+
+
+def _job(row: Row) -> tuple[Job, int]:
+    """A job from its row (COLUMNS), and the row's version."""
+    stored = storage_pb2.StoredJob.FromString(row[2])
+    job = codec.job(stored)
+    job.seq = row[1]
+    job.status = STATUS[row[3]]
+    job.runs = row[4]
+    job.scanner_id = row[5]
+    job.error = _failure(row[6])
+    job.updated_at, job.started_at, job.finished_at = row[7], row[8], row[9]
+    job.history = [_transition(t) for t in row[10]]
+    job.result = common_pb2.ScanResult.FromString(row[11]) if row[11] is not None else None
+    job.result_summary = (
+        common_pb2.ResultSummary.FromString(row[12]) if row[12] is not None else None
+    )
+    job.result_in_file = row[13]
+    job.delivered, job.verdict_version, job.verdict_delivered = row[14], row[15], row[16]
+    return job, row[17]
+
+
+def dedup_key(spec: JobSpec) -> str:
+    """The text form of ``spec.dedup_key()`` the unique index compares."""
+    return hashlib.blake2b(repr(spec.dedup_key()).encode(), digest_size=16).hexdigest()
+
+
+def unavailable(exc: BaseException) -> HandlerError:
+    return HandlerError(
+        Catalogue.SYSTEM_ERROR,
+        f"the database is unreachable ({str(exc).strip() or type(exc).__name__}); retry "
+        "shortly: the handler reconnects by itself",
+        reason=Reason.UNAVAILABLE,
+    )
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Database failures as HNDL errors: a lost or refused connection is UNAVAILABLE."""
+    try:
+        yield
+    except HandlerError:
+        raise
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout, OSError) as exc:
+        raise unavailable(exc) from None
+    except psycopg.Error as exc:
+        raise StorageError(f"the database refused a query: {exc}") from None
+
+
+class PostgresRepository:
+    """The shared queue. ``schema`` isolates one handler installation (and each test)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str = "imagehandler",
+        interactive_share: float = 0.8,
+        lease_seconds: float = 15.0,
+        pool_size: int = 10,
+        connect_timeout: float = 5.0,
+        replica: str = "",
+    ) -> None:
+        self.url = url
+        self.schema = schema
+        self.interactive_share = interactive_share
+        self.lease_seconds = lease_seconds
+        self.replica = replica or secrets.token_hex(8)
+        self.connect_timeout = connect_timeout
+        self._channel = f"ih_{hashlib.blake2b(schema.encode(), digest_size=6).hexdigest()}"
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "options": f"-c search_path={schema} -c timezone=UTC",
+            "connect_timeout": max(1, int(connect_timeout)),
+        }
+        self._kwargs = kwargs
+        self.pool: psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[Row]] = (
+            psycopg_pool.AsyncConnectionPool(
+                url,
+                kwargs=kwargs,
+                min_size=1,
+                max_size=pool_size,
+                open=False,
+                timeout=connect_timeout,
+                configure=self._configure,
+                name=f"image-handler-{self.replica}",
+            )
+        )
+        # Large results are read and written from the result workers' threads.
+        self.sync_pool: psycopg_pool.ConnectionPool[psycopg.Connection[Row]] = (
+            psycopg_pool.ConnectionPool(
+                url, kwargs=kwargs, min_size=0, max_size=2, open=False, timeout=connect_timeout
+            )
+        )
+        self._on_work: OnWork = lambda: None
+        self._on_moved: OnMoved = lambda job, transition: None
+        self._listened: Callable[[], bool] = lambda: False
+        self._listener: asyncio.Task[None] | None = None
+        self._next_renewal = 0.0
+        self._next_rescue = 0.0
+        self._next_poll = 0.0
+        self._opened = False
+
+    @staticmethod
+    async def _configure(conn: psycopg.AsyncConnection[Row]) -> None:
+        psycopg.types.json.set_json_loads(orjson.loads, conn)
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[Row]]:
+        with _errors():
+            async with self.pool.connection() as conn:
+                yield conn
+
+    # ----- life cycle ------------------------------------------------------------------------
+
+    async def open(self) -> Recovered:
+        """Connect, bring the schema up to date under the advisory lock, start listening."""
+        started = time.perf_counter()
+        with _errors():
+            await self.migrate()
+            await self.pool.open(wait=True, timeout=self.connect_timeout)
+            self.sync_pool.open(wait=False)
+        self._opened = True
+        self._listener = asyncio.create_task(self._listen(), name="postgres-listen")
+        async with self._conn() as conn:
+            cursor = await conn.execute("SELECT count(*) FROM jobs")
+            row = await cursor.fetchone()
+        # Runs a previous life of this replica held are rescued by lease expiry like any
+        # other replica's: this one cannot tell them apart.
+        return Recovered(jobs=int(row[0]) if row else 0, seconds=time.perf_counter() - started)
+
+    async def migrate(self) -> list[str]:
+        """Apply the migrations this code knows (``image-handler migrate`` calls it alone)."""
+        with _errors():
+            conn = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout))
+            )
+            try:
+                applied = await migrations.migrate(conn, self.schema)
+            finally:
+                await conn.close()
+        if applied:
+            log.info("database.migrated", schema=self.schema, applied=applied)
+        return applied
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+        if self._opened:
+            await self.pool.close()
+            await asyncio.to_thread(self.sync_pool.close)
+            self._opened = False
+
+    async def commit(self) -> None:
+        """Every verb committed before it returned."""
+
+    def flush(self) -> None:
+        """Nothing waits to be written."""
+
+    async def maintain(self) -> None:
+        """Renew the leases of this replica's runs (every third of a lease) and poll for work
+        a lost notification did not announce."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now >= self._next_renewal:
+            self._next_renewal = now + self.lease_seconds / 3
+            async with self._conn() as conn:
+                await conn.execute(
+                    "UPDATE jobs SET lease_until = now() + %s * interval '1 second' "
+                    "WHERE status IN (2, 3) AND replica = %s",
+                    (self.lease_seconds, self.replica),
+                )
+        if now >= self._next_poll:
+            self._next_poll = now + self.lease_seconds / 3
+            self._on_work()
+
+    # ----- other replicas --------------------------------------------------------------------
+
+    def subscribe(self, *, work: OnWork, moved: OnMoved, listened: Callable[[], bool]) -> None:
+        """``work()`` when another replica queued a job or gave one back; ``moved(job, t)``
+        for each of their transitions while ``listened()`` (someone watches)."""
+        self._on_work = work
+        self._on_moved = moved
+        self._listened = listened
+
+    async def expired(self, *, at: datetime) -> list[Job]:
+        """Runs whose replica stopped renewing its lease, now held by this one (at most one
+        replica takes each): the service ends them as a restart's interrupted runs."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_rescue:
+            return []
+        self._next_rescue = loop.time() + self.lease_seconds / 3
+        async with self._conn() as conn:
+            cursor = await conn.execute(
+                "WITH x AS (SELECT id FROM jobs WHERE status IN (2, 3) AND lease_until < now() "
+                "ORDER BY lease_until LIMIT 1000 FOR UPDATE SKIP LOCKED) "
+                "UPDATE jobs AS j SET replica = %s, lease_until = now() + %s * interval "
+                "'1 second', version = j.version + 1 FROM x WHERE j.id = x.id "
+                f"RETURNING {_J_COLUMNS}",
+                (self.replica, self.lease_seconds),
+            )
+            rows = await cursor.fetchall()
+        jobs = [_job(row)[0] for row in rows]
+        if jobs:
+            log.warning("runs.rescued", jobs=len(jobs), replica=self.replica)
+        return jobs
+
+    async def _listen(self) -> None:
+        """LISTEN on a connection of its own; reconnect after any failure (and ask for a
+        dispatch then: notifications sent meanwhile are lost)."""
+        backoff = 0.1
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.url, **self._kwargs)
+                try:
+                    await conn.execute(
+                        sql.SQL("LISTEN {}").format(sql.Identifier(self._channel + "_work"))
+                    )
+                    await conn.execute(
+                        sql.SQL("LISTEN {}").format(sql.Identifier(self._channel + "_moves"))
+                    )
+                    backoff = 0.1
+                    self._on_work()
+                    async for notice in conn.notifies():
+                        if notice.channel.endswith("_work"):
+                            self._on_work()
+                        else:
+                            await self._heard_moves(notice.payload)
+                finally:
+                    await conn.close()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("database.listen_lost", error=str(exc).strip(), retry_in=backoff)
+                await asyncio.sleep(backoff)  # a reconnect backoff, not a wait for state
+                backoff = min(backoff * 2, 5.0)
+
+    async def _heard_moves(self, payload: str) -> None:
+        replica, _, items = payload.partition(" ")
+        if replica == self.replica or not items or not self._listened():
+            return
+        wanted: dict[str, int] = {}
+        for item in items.split(","):
+            job_id, _, length = item.partition(":")
+            wanted[job_id] = max(wanted.get(job_id, 0), int(length))
+        try:
+            async with self._conn() as conn:
+                cursor = await conn.execute(
+                    f"SELECT {COLUMNS} FROM jobs WHERE id = ANY(%s)", (list(wanted),)
+                )
+                rows = await cursor.fetchall()
+        except HandlerError as error:
+            log.warning("database.moves_unread", error=error.message)
+            return
+        for row in rows:
+            job, _ = _job(row)
+            length = wanted[job.id]
+            if 0 < length <= len(job.history):
+                self._on_moved(job, job.history[length - 1])
+
+    def _moves_payload(self, jobs: Sequence[tuple[str, int]]) -> list[str]:
+        """``<replica> id:length,...`` in pieces under the NOTIFY payload limit."""
+        out: list[str] = []
+        items: list[str] = []
+        size = 0
+        for job_id, length in jobs:
+            item = f"{job_id}:{length}"
+            if items and size + len(item) > _PAYLOAD_BYTES:
+                out.append(f"{self.replica} {','.join(items)}")
+                items, size = [], 0
+            items.append(item)
+            size += len(item) + 1
+        if items:
+            out.append(f"{self.replica} {','.join(items)}")
+        return out
+
+    # ----- jobs ------------------------------------------------------------------------------
+
+    async def insert_many(
+        self, specs: Sequence[JobSpec], *, at: datetime, queue_limit: int = 0
+    ) -> list[Inserted]:
+        if not specs:
+            return []
+        keys = [dedup_key(spec) for spec in specs]
+        for _ in range(10):
+            try:
+                async with self._conn() as conn, conn.transaction():
+                    return await self._insert(conn, specs, keys, at, queue_limit)
+            except _CollidedError:
+                continue  # another replica queued one of the same objects: decide again
+        raise StorageError("inserts kept colliding with other replicas' inserts; retry")
+
+    async def _insert(
+        self,
+        conn: psycopg.AsyncConnection[Row],
+        specs: Sequence[JobSpec],
+        keys: list[str],
+        at: datetime,
+        queue_limit: int,
+    ) -> list[Inserted]:
+        idem = [spec.idempotency_key for spec in specs if spec.idempotency_key]
+        cursor = await conn.execute(
+            f"SELECT {COLUMNS}, dedup_key, idempotency_key FROM jobs "
+            "WHERE (idempotency_key <> '' AND idempotency_key = ANY(%s)) "
+            "OR (status IN (1, 2) AND dedup_key = ANY(%s))",
+            (idem, keys),
+        )
+        by_idem: dict[str, Job] = {}
+        by_key: dict[str, Job] = {}
+        for row in await cursor.fetchall():
+            job, _ = _job(row[:-2])
+            if row[-1]:
+                by_idem[row[-1]] = job
+            if job.status.active:
+                by_key[row[-2]] = job
+        plan: list[Job | int] = []  # an existing job, or the index of a new one in fresh
+        fresh: list[int] = []
+        batch_idem: dict[str, int] = {}
+        batch_key: dict[str, int] = {}
+        for index, (spec, key) in enumerate(zip(specs, keys, strict=True)):
+            found: Job | None = by_idem.get(spec.idempotency_key) if spec.idempotency_key else None
+            if found is None and spec.idempotency_key in batch_idem:
+                plan.append(batch_idem[spec.idempotency_key])
+                continue
+            if found is None:
+                found = by_key.get(key)
+            if found is not None:
+                plan.append(found)
+                continue
+            if key in batch_key:  # a batch repeating an object
+                plan.append(batch_key[key])
+                continue
+            slot = len(fresh)
+            fresh.append(index)
+            batch_key[key] = slot
+            if spec.idempotency_key:
+                batch_idem[spec.idempotency_key] = slot
+            plan.append(slot)
+        if queue_limit and fresh:
+            # One replica at a time decides against the limit.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(%s)", (migrations.lock_key(self.schema) + 1,)
+            )
+            cursor = await conn.execute("SELECT count(*) FROM jobs WHERE status = 1")
+            row = await cursor.fetchone()
+            pending = int(row[0]) if row else 0
+            if pending + len(fresh) > queue_limit:
+                raise queue_full(queue_limit, pending, len(fresh))
+        created: list[Job] = []
+        if fresh:
+            cursor = await conn.execute(
+                "SELECT nextval('jobs_arrival') FROM generate_series(1, %s)", (len(fresh),)
+            )
+            seqs = [int(r[0]) for r in await cursor.fetchall()]
+            columns: list[list[Any]] = [[] for _ in range(13)]
+            for index, seq in zip(fresh, seqs, strict=True):
+                spec = specs[index]
+                job = Job(id=new_job_id(), seq=seq, spec=spec, created_at=at)
+                state_machine.record_creation(job, at)
+                stored = storage_pb2.StoredJob()
+                mapping.set_job(stored.job, job, position=0)
+                mapping.set_submitter(stored.submitter, spec.submitter)
+                for column, value in zip(
+                    columns,
+                    (job.id, seq, spec.lane.value, job.kind.value, spec.trigger.value,
+                     keys[index], spec.idempotency_key, stored.SerializeToString(), at, at,
+                     orjson.dumps([_transition_json(t) for t in job.history]).decode(), 1, 0),
+                    strict=True,
+                ):  # fmt: skip
+                    column.append(value)
+                created.append(job)
+            cursor = await conn.execute(
+                "INSERT INTO jobs (id, seq, lane, kind, trigger, dedup_key, idempotency_key, "
+                "spec, created_at, updated_at, history, status, runs) "
+                "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::smallint[], "
+                "%s::smallint[], %s::smallint[], %s::text[], %s::text[], %s::bytea[], "
+                "%s::timestamptz[], %s::timestamptz[], %s::jsonb[], %s::smallint[], "
+                "%s::int[]) ON CONFLICT DO NOTHING RETURNING id",
+                columns,
+            )
+            if len(await cursor.fetchall()) != len(created):
+                raise _CollidedError
+            await conn.execute("SELECT pg_notify(%s, '')", (self._channel + "_work",))
+            for payload in self._moves_payload([(job.id, 1) for job in created]):
+                await conn.execute("SELECT pg_notify(%s, %s)", (self._channel + "_moves", payload))
+        out: list[Inserted] = []
+        seen: set[int] = set()
+        for item in plan:
+            if isinstance(item, int):
+                out.append(Inserted(created[item], duplicate=item in seen))
+                seen.add(item)
+            else:
+                out.append(Inserted(item, duplicate=True))
+        return out
+
+    async def get(self, job_id: str) -> Job | None:
+        async with self._conn() as conn:
+            cursor = await conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = %s", (job_id,))
+            row = await cursor.fetchone()
+        return _job(row)[0] if row is not None else None
+
+    async def page(
+        self, where: JobFilter, after_seq: int, size: int
+    ) -> tuple[list[Job], int | None]:
+        conditions = [sql.SQL("seq > %(after)s")]
+        params: dict[str, Any] = {"after": after_seq, "size": size + 1}
+        if where.statuses:
+            conditions.append(sql.SQL("status = ANY(%(statuses)s)"))
+            params["statuses"] = [s.value for s in where.statuses]
+        if where.kinds:
+            conditions.append(sql.SQL("kind = ANY(%(kinds)s)"))
+            params["kinds"] = [k.value for k in where.kinds]
+        if where.triggers:
+            conditions.append(sql.SQL("trigger = ANY(%(triggers)s)"))
+            params["triggers"] = [t.value for t in where.triggers]
+        query = sql.SQL("SELECT {} FROM jobs WHERE {} ORDER BY seq LIMIT %(size)s").format(
+            sql.SQL(COLUMNS), sql.SQL(" AND ").join(conditions)
+        )
+        async with self._conn() as conn:
+            cursor = await conn.execute(query, params)
+            rows = await cursor.fetchall()
+        page = [_job(row)[0] for row in rows[:size]]
+        return page, (page[-1].seq if len(rows) > size else None)
+
+    async def counts(self) -> Counts:
+        async with self._conn() as conn:
+            cursor = await conn.execute("SELECT status, count(*) FROM jobs GROUP BY status")
+            by_status = {STATUS[s]: int(n) for s, n in await cursor.fetchall()}
+            cursor = await conn.execute(
+                "SELECT lane, count(*), min(created_at) FROM jobs WHERE status = 1 GROUP BY lane"
+            )
+            lanes = {Lane(lane): (int(n), oldest) for lane, n, oldest in await cursor.fetchall()}
+        return Counts(
+            by_status=by_status,
+            pending_by_lane={lane: lanes.get(lane, (0, None))[0] for lane in Lane},
+            oldest_pending={lane: lanes.get(lane, (0, None))[1] for lane in Lane},
+        )
+
+    async def position(self, job: Job) -> int:
+        if job.status is not JobStatus.PENDING:
+            return 0
+        async with self._conn() as conn:
+            cursor = await conn.execute(
+                "SELECT count(*) FROM jobs WHERE status = 1 AND lane = %s AND seq <= %s",
+                (job.spec.lane.value, job.seq),
+            )
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    def position_hint(self, job: Job) -> int:
+        return 0  # only a query can tell, and other replicas change it
+
+    async def select(self, statuses: frozenset[JobStatus]) -> list[Job]:
+        async with self._conn() as conn:
+            cursor = await conn.execute(
+                f"SELECT {COLUMNS} FROM jobs WHERE status = ANY(%s) ORDER BY seq",
+                ([s.value for s in statuses],),
+            )
+            rows = await cursor.fetchall()
+        return [_job(row)[0] for row in rows]
+
+    # ----- runs ------------------------------------------------------------------------------
+
+    async def claim(self, demands: Sequence[Demand], *, at: datetime) -> list[Claimed]:
+        """Demands that scan the same kinds share one statement (usually all of them)."""
+        groups: dict[frozenset[ObjectKind], list[int]] = {}
+        for index, demand in enumerate(demands):
+            if demand.slots > 0:
+                groups.setdefault(demand.kinds, []).append(index)
+        out: list[Claimed] = []
+        for kinds, members in groups.items():
+            # One slot per demand per pass, in the demands' order.
+            slots: list[int] = []
+            room = {index: demands[index].slots for index in members}
+            while room:
+                for index in list(room):
+                    slots.append(index)
+                    room[index] -= 1
+                    if not room[index]:
+                        del room[index]
+            for start in range(0, len(slots), CLAIM_CHUNK):
+                chunk = slots[start : start + CLAIM_CHUNK]
+                got = await self._claim(demands, chunk, kinds, at)
+                out.extend(got)
+                if len(got) < len(chunk):
+                    break  # nothing more of these kinds is queued
+        return out
+
+    async def _claim(
+        self,
+        demands: Sequence[Demand],
+        slots: list[int],
+        kinds: frozenset[ObjectKind],
+        at: datetime,
+    ) -> list[Claimed]:
+        share = self.interactive_share
+        params = {
+            "who": slots,
+            "names": [demands[index].scanner_id for index in slots],
+            "kinds": [k.value for k in kinds],
+            "n": len(slots),
+            # Each lane's k-th job ranks at k / its share: the lanes interleave at the share.
+            "wi": 1.0 / share,
+            "wb": 1.0 / (1.0 - share) if share < 1 else 1e12,
+            "replica": self.replica,
+            "lease": self.lease_seconds,
+            "at": at,
+            "micros": _micros(at),
+            "channel": self._channel + "_moves",
+        }
+        async with self._conn() as conn:
+            cursor = await conn.execute(_CLAIM, params)
+            rows = await cursor.fetchall()
+        out: list[Claimed] = []
+        for row in sorted(rows, key=lambda r: r[0]):
+            job, _ = _job(row[2:-1])
+            out.append(Claimed(row[1], Moved(job, job.history[-1])))
+        return out
+
+    async def move(
+        self,
+        job_id: str,
+        to_status: JobStatus,
+        *,
+        expect: frozenset[JobStatus],
+        run: int = 0,
+        at: datetime,
+        reason: str,
+        scanner_id: str = "",
+        error: JobFailure | None = None,
+        result: Any = None,
+        summary: Any = None,
+    ) -> Moved | None:
+        for _ in range(20):
+            async with self._conn() as conn:
+                cursor = await conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = %s", (job_id,))
+                row = await cursor.fetchone()
+                if row is None:
+                    return None
+                job, version = _job(row)
+                if job.status not in expect or (run and job.runs != run):
+                    return None
+                transition = state_machine.move(
+                    job, to_status, at=at, reason=reason, scanner_id=scanner_id, error=error
+                )
+                held = to_status.value in _HELD
+                inline = (
+                    result.SerializeToString()
+                    if result is not None and result.ByteSize() <= INLINE_RESULT_BYTES
+                    else None
+                )
+                notify = [
+                    self._channel + "_moves",
+                    self._moves_payload([(job.id, len(job.history))])[0],
+                ]
+                cursor = await conn.execute(
+                    "WITH u AS (UPDATE jobs SET status = %s, runs = %s, scanner_id = %s, "
+                    "error = %s, updated_at = %s, started_at = %s, finished_at = %s, "
+                    "history = history || %s::jsonb, "
+                    "result = CASE WHEN %s THEN %s ELSE result END, "
+                    "summary = coalesce(%s, summary), "
+                    "replica = CASE WHEN %s THEN %s END, "
+                    "lease_until = CASE WHEN %s THEN now() + %s * interval '1 second' END, "
+                    "version = version + 1 WHERE id = %s AND version = %s RETURNING 1) "
+                    "SELECT pg_notify(%s, %s), "
+                    "CASE WHEN %s THEN pg_notify(%s, '') END FROM u",
+                    (
+                        to_status.value, job.runs, job.scanner_id,
+                        orjson.dumps(_failure_json(job.error)).decode() if job.error else None,
+                        job.updated_at, job.started_at, job.finished_at,
+                        orjson.dumps([_transition_json(transition)]).decode(),
+                        inline is not None, inline,
+                        summary.SerializeToString() if summary is not None else None,
+                        held, self.replica, held, self.lease_seconds,
+                        job_id, version,
+                        *notify,
+                        to_status is S.PENDING, self._channel + "_work",
+                    ),
+                )  # fmt: skip
+                if await cursor.fetchone() is None:
+                    continue  # written meanwhile: read it again and decide again
+            if result is not None:
+                job.result = result
+            if summary is not None:
+                job.result_summary = summary
+            return Moved(job, transition)
+        raise StorageError(f"job {job_id} kept changing under a move; retry")
+
+    # ----- results, deliveries, verdicts, acceptances ----------------------------------------
+
+    def write_result(self, job_id: str, payload: bytes) -> None:
+        with _errors(), self.sync_pool.connection() as conn:
+            conn.execute(
+                "WITH r AS (INSERT INTO results (job_id, payload) VALUES (%s, %s) "
+                "ON CONFLICT (job_id) DO UPDATE SET payload = EXCLUDED.payload) "
+                "UPDATE jobs SET result_in_file = true, result = NULL WHERE id = %s",
+                (job_id, payload, job_id),
+            )
+
+    def read_result(self, job_id: str) -> bytes | None:
+        with _errors(), self.sync_pool.connection() as conn:
+            row = conn.execute(
+                "SELECT payload FROM results WHERE job_id = %s", (job_id,)
+            ).fetchone()
+        return bytes(row[0]) if row is not None else None
+
+    async def acknowledge(self, job: Job) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE jobs SET delivered = greatest(delivered, %s), "
+                "verdict_delivered = greatest(verdict_delivered, %s) WHERE id = %s",
+                (job.delivered, job.verdict_delivered, job.id),
+            )
+
+    async def verdict_changed(self, job: Job) -> None:
+        summary = job.result_summary.SerializeToString() if job.result_summary is not None else None
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE jobs SET summary = coalesce(%s, summary), "
+                "verdict_version = greatest(verdict_version, %s) WHERE id = %s",
+                (summary, job.verdict_version, job.id),
+            )
+
+    async def add_acceptance(self, record: job_service_pb2.RiskAcceptance) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO acceptances (id, body) VALUES (%s, %s) "
+                "ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+                (record.id, record.SerializeToString()),
+            )
+
+    async def remove_acceptance(self, acceptance_id: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute("DELETE FROM acceptances WHERE id = %s", (acceptance_id,))
+
+    async def acceptances(self) -> list[job_service_pb2.RiskAcceptance]:
+        async with self._conn() as conn:
+            cursor = await conn.execute("SELECT body FROM acceptances ORDER BY n")
+            rows = await cursor.fetchall()
+        return [job_service_pb2.RiskAcceptance.FromString(row[0]) for row in rows]
+
+    async def prune(self, before: datetime) -> list[str]:
+        async with self._conn() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM jobs WHERE status IN (4, 5, 6) AND finished_at < %s RETURNING id",
+                (before,),
+            )
+            rows = await cursor.fetchall()
+        return [row[0] for row in rows]
+
+
+class _CollidedError(Exception):
+    """Another replica inserted one of the batch's objects first (a unique index refused)."""
+
+
+_CLAIM = f"""
+WITH slots AS (
+    SELECT who, name, k FROM unnest(%(who)s::int[], %(names)s::text[])
+        WITH ORDINALITY AS s(who, name, k)
+),
+interactive AS (
+    SELECT id, seq FROM jobs
+    WHERE status = 1 AND lane = 2 AND kind = ANY(%(kinds)s::smallint[])
+    ORDER BY seq LIMIT %(n)s FOR UPDATE SKIP LOCKED
+),
+bulk AS (
+    SELECT id, seq FROM jobs
+    WHERE status = 1 AND lane = 1 AND kind = ANY(%(kinds)s::smallint[])
+    ORDER BY seq LIMIT %(n)s FOR UPDATE SKIP LOCKED
+),
+ranked AS (
+    SELECT id, row_number() OVER (ORDER BY rank, lane DESC, seq) AS k FROM (
+        SELECT id, seq, 2 AS lane, (row_number() OVER (ORDER BY seq) - 1) * %(wi)s AS rank
+        FROM interactive
+        UNION ALL
+        SELECT id, seq, 1 AS lane, (row_number() OVER (ORDER BY seq) - 1) * %(wb)s AS rank
+        FROM bulk
+    ) AS both_lanes
+),
+picked AS (
+    SELECT ranked.id, slots.who, slots.name, slots.k FROM ranked JOIN slots ON slots.k = ranked.k
+),
+claimed AS (
+    UPDATE jobs AS j SET
+        status = 2, runs = j.runs + 1, scanner_id = picked.name, replica = %(replica)s,
+        lease_until = now() + %(lease)s * interval '1 second',
+        started_at = %(at)s, updated_at = %(at)s, version = j.version + 1,
+        history = j.history || jsonb_build_array(jsonb_build_array(
+            1, 2, %(micros)s::bigint, picked.name, j.runs + 1, 'assigned', NULL))
+    FROM picked WHERE j.id = picked.id
+    RETURNING picked.k, picked.who, {_J_COLUMNS}
+)
+SELECT claimed.*, (
+    SELECT pg_notify(%(channel)s, %(replica)s || ' ' ||
+        string_agg(id || ':' || jsonb_array_length(history), ','))
+    FROM claimed
+) FROM claimed
+"""
