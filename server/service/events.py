@@ -100,6 +100,10 @@ class EventBus:
         self._stop_timer: asyncio.TimerHandle | None = None
         self._wake_scheduled = False
 
+    def listened(self) -> bool:
+        """Someone hears events now (a subscription, a feed, or the log kept for resumes)."""
+        return bool(self._all or self._by_job or self._feeds or self._recording)
+
     # ----- subscriptions ------------------------------------------------------------------
 
     def subscribe(self, subscription: Subscription) -> None:

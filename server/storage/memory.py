@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -142,6 +142,18 @@ class MemoryRepository:
 
     async def maintain(self) -> None:
         pass
+
+    def subscribe(
+        self,
+        *,
+        work: Callable[[], None],
+        moved: Callable[[Job, Transition], None],
+        listened: Callable[[str], bool],
+    ) -> None:
+        pass  # only this process changes these tables
+
+    async def expired(self, *, at: datetime) -> list[Job]:
+        return []  # no other replica holds runs here
 
     def load(
         self,

@@ -60,7 +60,9 @@ async def migrate(conn: psycopg.AsyncConnection[tuple[object, ...]], schema: str
     ident = sql.Identifier(schema)
     await conn.execute("SELECT pg_advisory_lock(%s)", (lock_key(schema),))
     try:
-        await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+        cursor = await conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+        if await cursor.fetchone() is None:  # (creating needs CREATE on the database)
+            await conn.execute(sql.SQL("CREATE SCHEMA {}").format(ident))
         await conn.execute(sql.SQL("SET search_path TO {}").format(ident))
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("

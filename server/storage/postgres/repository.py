@@ -30,6 +30,7 @@ import psycopg
 import psycopg_pool
 import structlog
 from psycopg import sql
+from psycopg.types.json import set_json_loads
 
 from imagehandler.errors import Catalogue, HandlerError, Reason
 from imagehandler.storage.v1 import storage_pb2
@@ -207,7 +208,7 @@ class PostgresRepository:
         )
         self._on_work: OnWork = lambda: None
         self._on_moved: OnMoved = lambda job, transition: None
-        self._listened: Callable[[], bool] = lambda: False
+        self._listened: Callable[[str], bool] = lambda job_id: False
         self._listener: asyncio.Task[None] | None = None
         self._next_renewal = 0.0
         self._next_rescue = 0.0
@@ -216,7 +217,7 @@ class PostgresRepository:
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[Row]) -> None:
-        psycopg.types.json.set_json_loads(orjson.loads, conn)
+        set_json_loads(orjson.loads, conn)
 
     @contextlib.asynccontextmanager
     async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[Row]]:
@@ -291,9 +292,9 @@ class PostgresRepository:
 
     # ----- other replicas --------------------------------------------------------------------
 
-    def subscribe(self, *, work: OnWork, moved: OnMoved, listened: Callable[[], bool]) -> None:
+    def subscribe(self, *, work: OnWork, moved: OnMoved, listened: Callable[[str], bool]) -> None:
         """``work()`` when another replica queued a job or gave one back; ``moved(job, t)``
-        for each of their transitions while ``listened()`` (someone watches)."""
+        for each of their moves of a job that ``listened(job_id)``."""
         self._on_work = work
         self._on_moved = moved
         self._listened = listened
@@ -352,12 +353,16 @@ class PostgresRepository:
 
     async def _heard_moves(self, payload: str) -> None:
         replica, _, items = payload.partition(" ")
-        if replica == self.replica or not items or not self._listened():
+        if replica == self.replica or not items:
             return
         wanted: dict[str, int] = {}
+        listened = self._listened
         for item in items.split(","):
             job_id, _, length = item.partition(":")
-            wanted[job_id] = max(wanted.get(job_id, 0), int(length))
+            if listened(job_id):
+                wanted[job_id] = max(wanted.get(job_id, 0), int(length))
+        if not wanted:
+            return
         try:
             async with self._conn() as conn:
                 cursor = await conn.execute(
@@ -369,9 +374,9 @@ class PostgresRepository:
             return
         for row in rows:
             job, _ = _job(row)
-            length = wanted[job.id]
-            if 0 < length <= len(job.history):
-                self._on_moved(job, job.history[length - 1])
+            upto = wanted[job.id]
+            if 0 < upto <= len(job.history):
+                self._on_moved(job, job.history[upto - 1])
 
     def _moves_payload(self, jobs: Sequence[tuple[str, int]]) -> list[str]:
         """``<replica> id:length,...`` in pieces under the NOTIFY payload limit."""
@@ -457,8 +462,8 @@ class PostgresRepository:
                 "SELECT pg_advisory_xact_lock(%s)", (migrations.lock_key(self.schema) + 1,)
             )
             cursor = await conn.execute("SELECT count(*) FROM jobs WHERE status = 1")
-            row = await cursor.fetchone()
-            pending = int(row[0]) if row else 0
+            counted = await cursor.fetchone()
+            pending = int(counted[0]) if counted else 0
             if pending + len(fresh) > queue_limit:
                 raise queue_full(queue_limit, pending, len(fresh))
         created: list[Job] = []
