@@ -149,7 +149,7 @@ class Cluster:
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            )
         )
 
     def stop(self) -> None:
@@ -189,13 +189,16 @@ class Finished:
                     self.finished.add(event.job.id)
                     self.changed.notify_all()
 
-    def wait_for(self, ids: set[str], deadline: float) -> None:
+    def wait_for(self, ids: set[str], deadline: float, replica: Replica) -> None:
         with self.changed:
             done = self.changed.wait_for(lambda: ids <= self.finished, timeout=deadline)
-        assert done, f"{len(ids - self.finished)} of {len(ids)} jobs never FINISHED"
+        missing = sorted(ids - self.finished)
+        assert done, f"{len(missing)} of {len(ids)} jobs never FINISHED: " + "; ".join(
+            str(full(replica, job_id)).replace("\n", " ") for job_id in missing[:2]
+        )
 
     def close(self) -> None:
-        self.stream.cancel()
+        self.stream.cancel()  # type: ignore[no-untyped-call]
         self.channel.close()
 
 
@@ -254,7 +257,7 @@ def test_three_replicas_share_one_queue_in_arrival_order(cluster: Cluster) -> No
     for number, replica in enumerate(replicas):
         for k in range(2):
             cluster.start_scanner(replica, f"r{number}-s{k}", delay=0.002, slots=3)
-    watcher.wait_for(set(ids), deadline=120)  # seen on replica 0, whoever ran them
+    watcher.wait_for(set(ids), 40, replicas[1])  # seen on replica 0, whoever ran them
     watcher.close()
 
     arrival = {job.id: n for n, job in enumerate(listing(replicas[0]))}
@@ -302,7 +305,7 @@ def test_a_killed_replica_runs_return_within_the_lease(cluster: Cluster) -> None
     for process in (doomed.process, *doomed.scanners):
         process.kill()  # SIGKILL: no drain, no lease given back
         process.wait(timeout=30)
-    watcher.wait_for(set(ids), deadline=120)
+    watcher.wait_for(set(ids), 40, replicas[1])
     watcher.close()
     for job in held:
         again = full(replicas[0], job.id)
@@ -337,7 +340,8 @@ def test_cut_off_from_the_database_unavailable_then_recovers(
                 reply = stub.GetJob(job_service_pb2.GetJobRequest(job_id=job_id), timeout=30)
                 break
             except grpc.RpcError as error:
-                assert error.code() == grpc.StatusCode.UNAVAILABLE
+                code = error.code()
+                assert code == grpc.StatusCode.UNAVAILABLE, code
                 assert time.monotonic() < end, "the handler did not recover"
                 time.sleep(0.05)  # polling recovery, with the deadline above
         assert reply.job.id == job_id

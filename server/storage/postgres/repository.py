@@ -301,7 +301,8 @@ class PostgresRepository:
 
     async def expired(self, *, at: datetime) -> list[Job]:
         """Runs whose replica stopped renewing its lease, now held by this one (at most one
-        replica takes each): the service ends them as a restart's interrupted runs."""
+        replica takes each): the service ends them as a restart's interrupted runs. Never its
+        own: while this replica lives, its run supervisor ends its runs itself."""
         loop = asyncio.get_running_loop()
         if loop.time() < self._next_rescue:
             return []
@@ -309,11 +310,11 @@ class PostgresRepository:
         async with self._conn() as conn:
             cursor = await conn.execute(
                 "WITH x AS (SELECT id FROM jobs WHERE status IN (2, 3) AND lease_until < now() "
-                "ORDER BY lease_until LIMIT 1000 FOR UPDATE SKIP LOCKED) "
+                "AND replica <> %s ORDER BY lease_until LIMIT 1000 FOR UPDATE SKIP LOCKED) "
                 "UPDATE jobs AS j SET replica = %s, lease_until = now() + %s * interval "
                 "'1 second', version = j.version + 1 FROM x WHERE j.id = x.id "
                 f"RETURNING {_J_COLUMNS}",
-                (self.replica, self.lease_seconds),
+                (self.replica, self.replica, self.lease_seconds),
             )
             rows = await cursor.fetchall()
         jobs = [_job(row)[0] for row in rows]
