@@ -30,7 +30,7 @@ from typing import Any
 from bench import celery_side, e2e, grpc_ceiling, memory, pickup, scale, scan_speed, vulndb
 from bench.common import ROOT, median
 
-PARTS = ("e2e", "pickup", "memory", "scale", "celery", "echo", "vulndb", "scan")
+PARTS = ("e2e", "pickup", "memory", "scale", "celery", "echo", "vulndb", "scan", "postgres")
 LATEST = ROOT / "bench" / "results" / "latest.json"
 
 
@@ -226,6 +226,11 @@ def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any])
         else:
             runs = 3 if s.quick else 5
             out["scan"] = [asdict(r) for r in scan_speed.measure(workdir / "scan", runs)]
+    if "postgres" in parts:  # bench/postgres_side.py: replicas on PostgreSQL, side by side
+        from bench import postgres_side
+
+        section("postgres", f"PostgreSQL store, 1-3 replicas, {s.jobs:,} jobs, 8 scanners")
+        out["postgres"] = [asdict(r) for r in postgres_side.measure(workdir, s.jobs, 8)]
 
 
 def rows(out: dict[str, Any]) -> list[Row]:
@@ -382,6 +387,15 @@ def rows(out: dict[str, Any]) -> list[Row]:
                          v["match_cold_ms"], "ms", "< 100", v["match_cold_ms"] < 100))  # fmt: skip
         table.append(Row(f"  match {v['packages']:,} packages, later scans (warm)",
                          v["match_warm_ms"], "ms"))  # fmt: skip
+    for r in out.get("postgres", []):
+        peer = [
+            p for p in out["postgres"] if p["store"] == "graphile-worker" and p["mode"] == r["mode"]
+        ]
+        target = r["store"] == "postgres-1" and bool(peer)
+        ratio_ok = target and r["jobs_per_second"] >= 2 * peer[0]["jobs_per_second"]
+        goal = ">= 2 x graphile-worker" if target else ""
+        table.append(Row(f"{r['store']} {r['mode']}", r["jobs_per_second"], "jobs/s", goal,
+                         ratio_ok if target else None))  # fmt: skip
     speeds = out.get("meta", {}).get("speed", {})
     if len(speeds) > 1:
         # Past ~1.15 x, a ratio between two parts (ours / Celery) is off by as much.
