@@ -162,7 +162,10 @@ class Handler:
             self.delivery.start()
         recovered = await self.repository.open()
         self.repository.subscribe(
-            work=self._request_dispatch, moved=self._moved_elsewhere, listened=self._listened
+            work=self._request_dispatch,
+            moved=self._moved_elsewhere,
+            listened=self._listened,
+            held=self._held,
         )
         await self._restore(recovered)
         await self.risk.load()
@@ -213,6 +216,11 @@ class Handler:
                 "renewing its lease",
             )
             await self._end_interrupted(job, failure)
+
+    def _held(self) -> list[str]:
+        """Runs on this replica's scanner streams, and results its workers process."""
+        held = [job_id for s in self.sessions.registry.connected() for job_id in s.held]
+        return held + list(self.completion.processing)
 
     def _listened(self, job_id: str) -> bool:
         return self.events.listened() or any(

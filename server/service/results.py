@@ -190,7 +190,13 @@ class ResultPipeline:
                     outcome = HandlerError(Catalogue.SYSTEM_ERROR, "result processing failed")
                 self.in_pipeline.pop(job.id, None)
                 self._arrived.pop(job.id, None)
-                await self._finish(job, outcome)
+                try:
+                    await self._finish(job, outcome)
+                except HandlerError as error:
+                    # The store refused (a shared database went away): the job is still in
+                    # PROCESSING_RESULTS with its result; process it again shortly.
+                    log.warning("result.finish_failed", job_id=job.id, error=error.message)
+                    asyncio.get_running_loop().call_later(RETRY_FINISH, self.submit, job)
 
     def _process_many(
         self, work: list[tuple[int, Job, common_pb2.ScanResult | None, set[str]]]
@@ -207,6 +213,10 @@ class ResultPipeline:
                 outcome = HandlerError(Catalogue.SYSTEM_ERROR, "result processing failed")
             out.append((index, outcome))
         return out
+
+
+# Seconds before a result whose completion the store refused is processed again.
+RETRY_FINISH = 1.0
 
 
 class Completion:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -149,6 +149,7 @@ class MemoryRepository:
         work: Callable[[], None],
         moved: Callable[[Job, Transition], None],
         listened: Callable[[str], bool],
+        held: Callable[[], Iterable[str]],
     ) -> None:
         pass  # only this process changes these tables
 

@@ -18,7 +18,7 @@ no longer in the expected status (another move won) returns None and changes not
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
@@ -153,10 +153,12 @@ class JobRepository(Protocol):
         work: Callable[[], None],
         moved: Callable[[Job, Transition], None],
         listened: Callable[[str], bool],
+        held: Callable[[], Iterable[str]],
     ) -> None:
         """Be told of other replicas' changes: ``work()`` when they queue a job or give one
         back (dispatch), ``moved(job, transition)`` for each of their moves of a job that
-        ``listened(job_id)`` (someone watches, or this replica runs it)."""
+        ``listened(job_id)`` (someone watches, or this replica runs it). ``held()``: the
+        jobs whose runs this replica holds now (their leases are renewed)."""
         ...
 
     async def expired(self, *, at: datetime) -> list[Job]:

@@ -21,7 +21,8 @@ import contextlib
 import hashlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -209,11 +210,16 @@ class PostgresRepository:
         self._on_work: OnWork = lambda: None
         self._on_moved: OnMoved = lambda job, transition: None
         self._listened: Callable[[str], bool] = lambda job_id: False
+        self._held: Callable[[], Iterable[str]] = tuple
         self._listener: asyncio.Task[None] | None = None
         self._next_renewal = 0.0
         self._next_rescue = 0.0
         self._next_poll = 0.0
         self._opened = False
+        # This loop turn's moves, written together (see move).
+        self._moves: list[_MoveRequest] = []
+        self._moves_scheduled = False
+        self._move_tasks: set[asyncio.Task[None]] = set()
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[Row]) -> None:
@@ -258,6 +264,8 @@ class PostgresRepository:
         return applied
 
     async def close(self) -> None:
+        if self._move_tasks:
+            await asyncio.gather(*self._move_tasks, return_exceptions=True)
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
@@ -274,35 +282,50 @@ class PostgresRepository:
         """Nothing waits to be written."""
 
     async def maintain(self) -> None:
-        """Renew the leases of this replica's runs (every third of a lease) and poll for work
-        a lost notification did not announce."""
+        """Renew the leases of the runs this replica's service holds (every third of a lease:
+        runs on live scanner streams and results being processed), and poll for work a lost
+        notification did not announce."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         if now >= self._next_renewal:
             self._next_renewal = now + self.lease_seconds / 3
-            async with self._conn() as conn:
-                await conn.execute(
-                    "UPDATE jobs SET lease_until = now() + %s * interval '1 second' "
-                    "WHERE status IN (2, 3) AND replica = %s",
-                    (self.lease_seconds, self.replica),
-                )
+            held = list(self._held())
+            if held:
+                # In id order, skipping rows a move holds now (it renews them itself): no
+                # deadlock with this replica's own move batches.
+                async with self._conn() as conn:
+                    await conn.execute(
+                        "UPDATE jobs SET lease_until = now() + %s * interval '1 second' "
+                        "WHERE id IN (SELECT id FROM jobs WHERE id = ANY(%s) AND status IN (2, 3) "
+                        "AND replica = %s ORDER BY id FOR UPDATE SKIP LOCKED)",
+                        (self.lease_seconds, held, self.replica),
+                    )
         if now >= self._next_poll:
             self._next_poll = now + self.lease_seconds / 3
             self._on_work()
 
     # ----- other replicas --------------------------------------------------------------------
 
-    def subscribe(self, *, work: OnWork, moved: OnMoved, listened: Callable[[str], bool]) -> None:
+    def subscribe(
+        self,
+        *,
+        work: OnWork,
+        moved: OnMoved,
+        listened: Callable[[str], bool],
+        held: Callable[[], Iterable[str]],
+    ) -> None:
         """``work()`` when another replica queued a job or gave one back; ``moved(job, t)``
-        for each of their moves of a job that ``listened(job_id)``."""
+        for each of their moves of a job that ``listened(job_id)``; ``held()``: the runs this
+        replica holds (their leases are renewed)."""
         self._on_work = work
         self._on_moved = moved
         self._listened = listened
+        self._held = held
 
     async def expired(self, *, at: datetime) -> list[Job]:
         """Runs whose replica stopped renewing its lease, now held by this one (at most one
-        replica takes each): the service ends them as a restart's interrupted runs. Never its
-        own: while this replica lives, its run supervisor ends its runs itself."""
+        replica takes each): the service ends them as a restart's interrupted runs. This
+        replica's own only when its service no longer holds them (a move that failed)."""
         loop = asyncio.get_running_loop()
         if loop.time() < self._next_rescue:
             return []
@@ -310,11 +333,11 @@ class PostgresRepository:
         async with self._conn() as conn:
             cursor = await conn.execute(
                 "WITH x AS (SELECT id FROM jobs WHERE status IN (2, 3) AND lease_until < now() "
-                "AND replica <> %s ORDER BY lease_until LIMIT 1000 FOR UPDATE SKIP LOCKED) "
+                "ORDER BY lease_until LIMIT 1000 FOR UPDATE SKIP LOCKED) "
                 "UPDATE jobs AS j SET replica = %s, lease_until = now() + %s * interval "
                 "'1 second', version = j.version + 1 FROM x WHERE j.id = x.id "
                 f"RETURNING {_J_COLUMNS}",
-                (self.replica, self.replica, self.lease_seconds),
+                (self.replica, self.lease_seconds),
             )
             rows = await cursor.fetchall()
         jobs = [_job(row)[0] for row in rows]
@@ -652,60 +675,135 @@ class PostgresRepository:
         result: Any = None,
         summary: Any = None,
     ) -> Moved | None:
-        for _ in range(20):
-            async with self._conn() as conn:
-                cursor = await conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = %s", (job_id,))
-                row = await cursor.fetchone()
-                if row is None:
-                    return None
-                job, version = _job(row)
-                if job.status not in expect or (run and job.runs != run):
-                    return None
-                transition = state_machine.move(
-                    job, to_status, at=at, reason=reason, scanner_id=scanner_id, error=error
-                )
-                held = to_status.value in _HELD
-                inline = (
-                    result.SerializeToString()
-                    if result is not None and result.ByteSize() <= INLINE_RESULT_BYTES
-                    else None
-                )
-                notify = [
-                    self._channel + "_moves",
-                    self._moves_payload([(job.id, len(job.history))])[0],
-                ]
-                cursor = await conn.execute(
-                    "WITH u AS (UPDATE jobs SET status = %s, runs = %s, scanner_id = %s, "
-                    "error = %s, updated_at = %s, started_at = %s, finished_at = %s, "
-                    "history = history || %s::jsonb, "
-                    "result = CASE WHEN %s THEN %s ELSE result END, "
-                    "summary = coalesce(%s, summary), "
-                    "replica = CASE WHEN %s THEN %s END, "
-                    "lease_until = CASE WHEN %s THEN now() + %s * interval '1 second' END, "
-                    "version = version + 1 WHERE id = %s AND version = %s RETURNING 1) "
-                    "SELECT pg_notify(%s, %s), "
-                    "CASE WHEN %s THEN pg_notify(%s, '') END FROM u",
-                    (
-                        to_status.value, job.runs, job.scanner_id,
-                        orjson.dumps(_failure_json(job.error)).decode() if job.error else None,
-                        job.updated_at, job.started_at, job.finished_at,
-                        orjson.dumps([_transition_json(transition)]).decode(),
-                        inline is not None, inline,
-                        summary.SerializeToString() if summary is not None else None,
-                        held, self.replica, held, self.lease_seconds,
-                        job_id, version,
-                        *notify,
-                        to_status is S.PENDING, self._channel + "_work",
-                    ),
-                )  # fmt: skip
-                if await cursor.fetchone() is None:
-                    continue  # written meanwhile: read it again and decide again
-            if result is not None:
-                job.result = result
-            if summary is not None:
-                job.result_summary = summary
-            return Moved(job, transition)
-        raise StorageError(f"job {job_id} kept changing under a move; retry")
+        """Every move asked in one loop turn goes in one transaction (one commit, one NOTIFY):
+        the rows are read FOR UPDATE, the state machine decides each move in the order asked,
+        and one statement writes them back."""
+        loop = asyncio.get_running_loop()
+        request = _MoveRequest(
+            job_id, to_status, expect, run, at, reason, scanner_id, error, result, summary,
+            loop.create_future(),
+        )  # fmt: skip
+        self._moves.append(request)
+        if not self._moves_scheduled:
+            self._moves_scheduled = True
+            loop.call_soon(self._start_moves)
+        return await request.done
+
+    def _start_moves(self) -> None:
+        self._moves_scheduled = False
+        batch, self._moves = self._moves, []
+        task = asyncio.create_task(self._run_moves(batch), name="postgres-moves")
+        self._move_tasks.add(task)
+        task.add_done_callback(self._move_tasks.discard)
+
+    async def _run_moves(self, batch: list[_MoveRequest]) -> None:
+        try:
+            for attempt in range(3):
+                try:
+                    outcomes = await self._apply_moves(batch)
+                    break
+                except HandlerError as exc:
+                    rolled_back = isinstance(
+                        exc.__context__, psycopg.errors.TransactionRollbackError  # type: ignore[attr-defined]
+                    )
+                    if not rolled_back or attempt == 2:
+                        raise
+                    # A deadlock or serialization failure rolled everything back: again.
+                    log.info("database.moves_retried", error=str(exc.__context__).strip())
+        except asyncio.CancelledError:
+            for request in batch:
+                request.done.cancel()
+            raise
+        except Exception as exc:
+            for request in batch:
+                if not request.done.done():
+                    request.done.set_exception(exc)
+            return
+        for request, outcome in zip(batch, outcomes, strict=True):
+            if request.done.done():
+                continue
+            if isinstance(outcome, Exception):
+                request.done.set_exception(outcome)
+            else:
+                request.done.set_result(outcome)
+
+    async def _apply_moves(self, batch: list[_MoveRequest]) -> list[Moved | HandlerError | None]:
+        ids = sorted({request.job_id for request in batch})
+        async with self._conn() as conn, conn.transaction():
+            # In id order: two batches lock their common rows in the same order.
+            cursor = await conn.execute(
+                f"SELECT {COLUMNS} FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,)
+            )
+            jobs = {row[0]: _job(row)[0] for row in await cursor.fetchall()}
+            outcomes: list[Moved | HandlerError | None] = []
+            changed: dict[str, _Change] = {}
+            for r in batch:
+                job = jobs.get(r.job_id)
+                if job is None or job.status not in r.expect or (r.run and job.runs != r.run):
+                    outcomes.append(None)
+                    continue
+                try:
+                    transition = state_machine.move(
+                        job, r.to_status, at=r.at, reason=r.reason, scanner_id=r.scanner_id,
+                        error=r.error,
+                    )  # fmt: skip
+                except HandlerError as exc:
+                    outcomes.append(exc)
+                    continue
+                change = changed.get(job.id)
+                if change is None:
+                    change = changed[job.id] = _Change(job)
+                change.added.append(_transition_json(transition))
+                if r.result is not None:
+                    job.result = r.result
+                    if r.result.ByteSize() <= INLINE_RESULT_BYTES:
+                        change.result = r.result.SerializeToString()
+                if r.summary is not None:
+                    job.result_summary = r.summary
+                    change.summary = r.summary.SerializeToString()
+                outcomes.append(Moved(job, transition))
+            if changed:
+                await self._write_changes(conn, list(changed.values()))
+        return outcomes
+
+    async def _write_changes(
+        self, conn: psycopg.AsyncConnection[Row], changes: list[_Change]
+    ) -> None:
+        columns: list[list[Any]] = [[] for _ in range(13)]
+        requeued = False
+        for change in changes:
+            job = change.job
+            requeued = requeued or job.status is S.PENDING
+            for column, value in zip(
+                columns,
+                (job.id, job.status.value, job.runs, job.scanner_id,
+                 orjson.dumps(_failure_json(job.error)).decode() if job.error else None,
+                 job.updated_at, job.started_at, job.finished_at,
+                 orjson.dumps(change.added).decode(), change.result is not None, change.result,
+                 change.summary, job.status.value in _HELD),
+                strict=True,
+            ):  # fmt: skip
+                column.append(value)
+        await conn.execute(
+            "UPDATE jobs AS j SET status = u.status, runs = u.runs, scanner_id = u.scanner_id, "
+            "error = u.error, updated_at = u.updated_at, started_at = u.started_at, "
+            "finished_at = u.finished_at, history = j.history || u.added, "
+            "result = CASE WHEN u.set_result THEN u.result ELSE j.result END, "
+            "summary = coalesce(u.summary, j.summary), "
+            "replica = CASE WHEN u.held THEN %s END, "
+            "lease_until = CASE WHEN u.held THEN now() + %s * interval '1 second' END, "
+            "version = j.version + 1 "
+            "FROM unnest(%s::text[], %s::smallint[], %s::int[], %s::text[], %s::jsonb[], "
+            "%s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::jsonb[], "
+            "%s::bool[], %s::bytea[], %s::bytea[], %s::bool[]) "
+            "AS u(id, status, runs, scanner_id, error, updated_at, started_at, finished_at, "
+            "added, set_result, result, summary, held) WHERE j.id = u.id",
+            (self.replica, self.lease_seconds, *columns),
+        )
+        for payload in self._moves_payload([(c.job.id, len(c.job.history)) for c in changes]):
+            await conn.execute("SELECT pg_notify(%s, %s)", (self._channel + "_moves", payload))
+        if requeued:
+            await conn.execute("SELECT pg_notify(%s, '')", (self._channel + "_work",))
 
     # ----- results, deliveries, verdicts, acceptances ----------------------------------------
 
@@ -768,6 +866,31 @@ class PostgresRepository:
             )
             rows = await cursor.fetchall()
         return [row[0] for row in rows]
+
+
+@dataclass(slots=True)
+class _MoveRequest:
+    job_id: str
+    to_status: JobStatus
+    expect: frozenset[JobStatus]
+    run: int
+    at: datetime
+    reason: str
+    scanner_id: str
+    error: JobFailure | None
+    result: Any
+    summary: Any
+    done: asyncio.Future[Moved | None]
+
+
+@dataclass(slots=True)
+class _Change:
+    """One job's moves in a batch: what its row gets."""
+
+    job: Job
+    added: list[list[Any]] = field(default_factory=list)  # history entries, as stored
+    result: bytes | None = None
+    summary: bytes | None = None
 
 
 class _CollidedError(Exception):
