@@ -704,7 +704,8 @@ class PostgresRepository:
                     break
                 except HandlerError as exc:
                     rolled_back = isinstance(
-                        exc.__context__, psycopg.errors.TransactionRollbackError  # type: ignore[attr-defined]
+                        exc.__context__,
+                        psycopg.errors.TransactionRollbackError,  # type: ignore[attr-defined]
                     )
                     if not rolled_back or attempt == 2:
                         raise
