@@ -358,3 +358,29 @@ def test_cut_off_from_the_database_unavailable_then_recovers(
         assert reply.job.id == job_id
         assert replica.process.poll() is None
         assert submit(replica, ["after"])
+
+
+def test_migrate_as_documented_then_a_newer_schema_is_refused(database: Database) -> None:
+    """docs/operating/postgres.md: `image-handler migrate`, then `serve` on a database a later
+    release migrated further stops with HNDL-003 naming both versions."""
+    command = [sys.executable, "-m", "server.cli", "migrate", "--database-url", database.url,
+               "--database-schema", database.schema]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    assert "0001_jobs.sql" in first.stderr
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    assert "nothing to apply" in again.stderr
+    with database.admin() as conn:
+        conn.execute(
+            sql.SQL("INSERT INTO {}.schema_migrations (version, name) VALUES (9999, 'x')").format(
+                sql.Identifier(database.schema)
+            )
+        )
+    refused = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--listen", "127.0.0.1:0",
+         "--storage", "postgres", "--database-url", database.url,
+         "--database-schema", database.schema],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "HNDL-003" in refused.stderr
+    assert "version 9999, newer than this handler's 1" in refused.stderr
