@@ -73,6 +73,8 @@ class Handler:
     ) -> None:
         self.config = config
         self.repository = repository
+        # The store waits on a network: moves that can go together are awaited together.
+        self.shared_store = repository.shared
         self.started_at = datetime.now(UTC)
         # False until recovery has rebuilt the queue: until then every call is refused.
         self.ready = False

@@ -108,6 +108,8 @@ class NoLog:
 class MemoryRepository:
     """The job repository in memory. With ``log`` every change is also journaled."""
 
+    shared = False  # its calls answer without waiting on I/O
+
     def __init__(
         self,
         *,

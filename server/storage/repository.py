@@ -121,6 +121,10 @@ class Recovered:
 
 
 class JobRepository(Protocol):
+    # True when calls wait on a network (a shared database): the service then runs the moves
+    # of one scanner message, or of one batch of results, together instead of one by one.
+    shared: bool
+
     # ----- life cycle ------------------------------------------------------------------------
 
     async def open(self) -> Recovered:

@@ -165,6 +165,8 @@ def _errors() -> Iterator[None]:
 class PostgresRepository:
     """The shared queue. ``schema`` isolates one handler installation (and each test)."""
 
+    shared = True
+
     def __init__(
         self,
         url: str,
@@ -423,15 +425,23 @@ class PostgresRepository:
     async def insert_many(
         self, specs: Sequence[JobSpec], *, at: datetime, queue_limit: int = 0
     ) -> list[Inserted]:
+        """Without a queue limit: one read of what exists, then one statement per batch of
+        new jobs (insert, arrival numbers, notifications). A unique index that refuses a row
+        means another replica queued that object meanwhile: decide again; rows this call
+        inserted stay its own."""
         if not specs:
             return []
         keys = [dedup_key(spec) for spec in specs]
+        mine: set[str] = set()
         for _ in range(10):
             try:
-                async with self._conn() as conn, conn.transaction():
-                    return await self._insert(conn, specs, keys, at, queue_limit)
+                async with self._conn() as conn:
+                    if not queue_limit:
+                        return await self._insert(conn, specs, keys, at, 0, mine)
+                    async with conn.transaction():
+                        return await self._insert(conn, specs, keys, at, queue_limit, mine)
             except _CollidedError:
-                continue  # another replica queued one of the same objects: decide again
+                continue
         raise StorageError("inserts kept colliding with other replicas' inserts; retry")
 
     async def _insert(
@@ -441,6 +451,7 @@ class PostgresRepository:
         keys: list[str],
         at: datetime,
         queue_limit: int,
+        mine: set[str],
     ) -> list[Inserted]:
         idem = [spec.idempotency_key for spec in specs if spec.idempotency_key]
         cursor = await conn.execute(
@@ -491,51 +502,70 @@ class PostgresRepository:
             if pending + len(fresh) > queue_limit:
                 raise queue_full(queue_limit, pending, len(fresh))
         created: list[Job] = []
-        if fresh:
-            cursor = await conn.execute(
-                "SELECT nextval('jobs_arrival') FROM generate_series(1, %s)", (len(fresh),)
+        for start in range(0, len(fresh), CLAIM_CHUNK):
+            created += await self._insert_rows(
+                conn, specs, keys, fresh[start : start + CLAIM_CHUNK], at
             )
-            seqs = [int(r[0]) for r in await cursor.fetchall()]
-            columns: list[list[Any]] = [[] for _ in range(13)]
-            for index, seq in zip(fresh, seqs, strict=True):
-                spec = specs[index]
-                job = Job(id=new_job_id(), seq=seq, spec=spec, created_at=at)
-                state_machine.record_creation(job, at)
-                stored = storage_pb2.StoredJob()
-                mapping.set_job(stored.job, job, position=0)
-                mapping.set_submitter(stored.submitter, spec.submitter)
-                for column, value in zip(
-                    columns,
-                    (job.id, seq, spec.lane.value, job.kind.value, spec.trigger.value,
-                     keys[index], spec.idempotency_key, stored.SerializeToString(), at, at,
-                     orjson.dumps([_transition_json(t) for t in job.history]).decode(), 1, 0),
-                    strict=True,
-                ):  # fmt: skip
-                    column.append(value)
-                created.append(job)
-            cursor = await conn.execute(
-                "INSERT INTO jobs (id, seq, lane, kind, trigger, dedup_key, idempotency_key, "
-                "spec, created_at, updated_at, history, status, runs) "
-                "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::smallint[], "
-                "%s::smallint[], %s::smallint[], %s::text[], %s::text[], %s::bytea[], "
-                "%s::timestamptz[], %s::timestamptz[], %s::jsonb[], %s::smallint[], "
-                "%s::int[]) ON CONFLICT DO NOTHING RETURNING id",
-                columns,
-            )
-            if len(await cursor.fetchall()) != len(created):
-                raise _CollidedError
-            await conn.execute("SELECT pg_notify(%s, '')", (self._channel + "_work",))
-            for payload in self._moves_payload([(job.id, 1) for job in created]):
-                await conn.execute("SELECT pg_notify(%s, %s)", (self._channel + "_moves", payload))
+        mine.update(job.id for job in created)
+        if len(created) != len(fresh):
+            raise _CollidedError
         out: list[Inserted] = []
-        seen: set[int] = set()
+        seen: set[str] = set()
         for item in plan:
-            if isinstance(item, int):
-                out.append(Inserted(created[item], duplicate=item in seen))
-                seen.add(item)
-            else:
-                out.append(Inserted(item, duplicate=True))
+            job = created[item] if isinstance(item, int) else item
+            out.append(Inserted(job, duplicate=job.id not in mine or job.id in seen))
+            seen.add(job.id)
         return out
+
+    async def _insert_rows(
+        self,
+        conn: psycopg.AsyncConnection[Row],
+        specs: Sequence[JobSpec],
+        keys: list[str],
+        fresh: list[int],
+        at: datetime,
+    ) -> list[Job]:
+        """One statement: the rows, their arrival numbers, and the notifications."""
+        jobs: list[Job] = []
+        columns: list[list[Any]] = [[] for _ in range(10)]
+        for index in fresh:
+            spec = specs[index]
+            job = Job(id=new_job_id(), seq=0, spec=spec, created_at=at)
+            state_machine.record_creation(job, at)
+            stored = storage_pb2.StoredJob()
+            mapping.set_job(stored.job, job, position=0)
+            mapping.set_submitter(stored.submitter, spec.submitter)
+            for column, value in zip(
+                columns,
+                (job.id, spec.lane.value, job.kind.value, spec.trigger.value, keys[index],
+                 spec.idempotency_key, stored.SerializeToString(), at,
+                 orjson.dumps([_transition_json(t) for t in job.history]).decode(), 1),
+                strict=True,
+            ):  # fmt: skip
+                column.append(value)
+            jobs.append(job)
+        cursor = await conn.execute(
+            "WITH ins AS (INSERT INTO jobs (id, seq, lane, kind, trigger, dedup_key, "
+            "idempotency_key, spec, created_at, updated_at, history, status) "
+            "SELECT u.id, nextval('jobs_arrival'), u.lane, u.kind, u.trigger, u.dedup_key, "
+            "u.idempotency_key, u.spec, u.created_at, u.created_at, u.history, u.status "
+            "FROM unnest(%s::text[], %s::smallint[], %s::smallint[], %s::smallint[], "
+            "%s::text[], %s::text[], %s::bytea[], %s::timestamptz[], %s::jsonb[], "
+            "%s::smallint[]) AS u(id, lane, kind, trigger, dedup_key, idempotency_key, spec, "
+            "created_at, history, status) ON CONFLICT DO NOTHING RETURNING id, seq) "
+            "SELECT ins.id, ins.seq, "
+            "(SELECT pg_notify(%s, '') FROM (SELECT 1 FROM ins LIMIT 1) AS any_row), "
+            "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':1', ',')) FROM ins) FROM ins",
+            (*columns, self._channel + "_work", self._channel + "_moves", self.replica),
+        )
+        seqs = {row[0]: int(row[1]) for row in await cursor.fetchall()}
+        inserted = []
+        for job in jobs:
+            seq = seqs.get(job.id)
+            if seq is not None:
+                job.seq = seq
+                inserted.append(job)
+        return inserted
 
     async def get(self, job_id: str) -> Job | None:
         async with self._conn() as conn:
@@ -675,9 +705,8 @@ class PostgresRepository:
         result: Any = None,
         summary: Any = None,
     ) -> Moved | None:
-        """Every move asked in one loop turn goes in one transaction (one commit, one NOTIFY):
-        the rows are read FOR UPDATE, the state machine decides each move in the order asked,
-        and one statement writes them back."""
+        """Every move asked in one loop turn is written by one statement (one commit, one
+        NOTIFY); see :meth:`_apply_moves`."""
         loop = asyncio.get_running_loop()
         request = _MoveRequest(
             job_id, to_status, expect, run, at, reason, scanner_id, error, result, summary,
@@ -729,55 +758,71 @@ class PostgresRepository:
                 request.done.set_result(outcome)
 
     async def _apply_moves(self, batch: list[_MoveRequest]) -> list[Moved | HandlerError | None]:
-        ids = sorted({request.job_id for request in batch})
-        async with self._conn() as conn, conn.transaction():
-            # In id order: two batches lock their common rows in the same order.
-            cursor = await conn.execute(
-                f"SELECT {COLUMNS} FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,)
-            )
-            jobs = {row[0]: _job(row)[0] for row in await cursor.fetchall()}
-            outcomes: list[Moved | HandlerError | None] = []
-            changed: dict[str, _Change] = {}
-            for r in batch:
-                job = jobs.get(r.job_id)
-                if job is None or job.status not in r.expect or (r.run and job.runs != r.run):
-                    outcomes.append(None)
-                    continue
-                try:
-                    transition = state_machine.move(
-                        job, r.to_status, at=r.at, reason=r.reason, scanner_id=r.scanner_id,
-                        error=r.error,
-                    )  # fmt: skip
-                except HandlerError as exc:
-                    outcomes.append(exc)
-                    continue
-                change = changed.get(job.id)
-                if change is None:
-                    change = changed[job.id] = _Change(job)
-                change.added.append(_transition_json(transition))
-                if r.result is not None:
-                    job.result = r.result
-                    if r.result.ByteSize() <= INLINE_RESULT_BYTES:
-                        change.result = r.result.SerializeToString()
-                if r.summary is not None:
-                    job.result_summary = r.summary
-                    change.summary = r.summary.SerializeToString()
-                outcomes.append(Moved(job, transition))
-            if changed:
-                await self._write_changes(conn, list(changed.values()))
-        return outcomes
+        """Read the rows, let the state machine decide each move in the order asked, write
+        back every changed row whose version is still the one read (one statement, committed
+        with its notifications). Moves of a job another replica wrote meanwhile are decided
+        again on a fresh read."""
+        outcomes: list[Moved | HandlerError | None] = [None] * len(batch)
+        todo = list(range(len(batch)))
+        for _ in range(20):
+            ids = sorted({batch[i].job_id for i in todo})
+            async with self._conn() as conn:
+                cursor = await conn.execute(
+                    f"SELECT {COLUMNS} FROM jobs WHERE id = ANY(%s)", (ids,)
+                )
+                jobs = {row[0]: _job(row) for row in await cursor.fetchall()}
+                changed: dict[str, _Change] = {}
+                for i in todo:
+                    r = batch[i]
+                    found = jobs.get(r.job_id)
+                    if found is None:
+                        outcomes[i] = None
+                        continue
+                    job, version = found
+                    if job.status not in r.expect or (r.run and job.runs != r.run):
+                        outcomes[i] = None
+                        continue
+                    try:
+                        transition = state_machine.move(
+                            job, r.to_status, at=r.at, reason=r.reason,
+                            scanner_id=r.scanner_id, error=r.error,
+                        )  # fmt: skip
+                    except HandlerError as exc:
+                        outcomes[i] = exc
+                        continue
+                    change = changed.get(job.id)
+                    if change is None:
+                        change = changed[job.id] = _Change(job, version)
+                    change.added.append(_transition_json(transition))
+                    if r.result is not None:
+                        job.result = r.result
+                        if r.result.ByteSize() <= INLINE_RESULT_BYTES:
+                            change.result = r.result.SerializeToString()
+                    if r.summary is not None:
+                        job.result_summary = r.summary
+                        change.summary = r.summary.SerializeToString()
+                    outcomes[i] = Moved(job, transition)
+                changes = list(changed.values())
+                written: set[str] = set()
+                for start in range(0, len(changes), CLAIM_CHUNK):
+                    written |= await self._write_changes(conn, changes[start : start + CLAIM_CHUNK])
+            todo = [
+                i for i in todo if batch[i].job_id in changed and batch[i].job_id not in written
+            ]
+            if not todo:
+                return outcomes
+        raise StorageError("jobs kept changing under their moves; retry")
 
     async def _write_changes(
         self, conn: psycopg.AsyncConnection[Row], changes: list[_Change]
-    ) -> None:
-        columns: list[list[Any]] = [[] for _ in range(13)]
-        requeued = False
+    ) -> set[str]:
+        """The rows still at the version read; the ids written."""
+        columns: list[list[Any]] = [[] for _ in range(14)]
         for change in changes:
             job = change.job
-            requeued = requeued or job.status is S.PENDING
             for column, value in zip(
                 columns,
-                (job.id, job.status.value, job.runs, job.scanner_id,
+                (job.id, change.version, job.status.value, job.runs, job.scanner_id,
                  orjson.dumps(_failure_json(job.error)).decode() if job.error else None,
                  job.updated_at, job.started_at, job.finished_at,
                  orjson.dumps(change.added).decode(), change.result is not None, change.result,
@@ -785,26 +830,31 @@ class PostgresRepository:
                 strict=True,
             ):  # fmt: skip
                 column.append(value)
-        await conn.execute(
-            "UPDATE jobs AS j SET status = u.status, runs = u.runs, scanner_id = u.scanner_id, "
-            "error = u.error, updated_at = u.updated_at, started_at = u.started_at, "
-            "finished_at = u.finished_at, history = j.history || u.added, "
+        cursor = await conn.execute(
+            "WITH w AS (UPDATE jobs AS j SET status = u.status, runs = u.runs, "
+            "scanner_id = u.scanner_id, error = u.error, updated_at = u.updated_at, "
+            "started_at = u.started_at, finished_at = u.finished_at, "
+            "history = j.history || u.added, "
             "result = CASE WHEN u.set_result THEN u.result ELSE j.result END, "
             "summary = coalesce(u.summary, j.summary), "
             "replica = CASE WHEN u.held THEN %s END, "
             "lease_until = CASE WHEN u.held THEN now() + %s * interval '1 second' END, "
             "version = j.version + 1 "
-            "FROM unnest(%s::text[], %s::smallint[], %s::int[], %s::text[], %s::jsonb[], "
-            "%s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::jsonb[], "
-            "%s::bool[], %s::bytea[], %s::bytea[], %s::bool[]) "
-            "AS u(id, status, runs, scanner_id, error, updated_at, started_at, finished_at, "
-            "added, set_result, result, summary, held) WHERE j.id = u.id",
-            (self.replica, self.lease_seconds, *columns),
-        )
-        for payload in self._moves_payload([(c.job.id, len(c.job.history)) for c in changes]):
-            await conn.execute("SELECT pg_notify(%s, %s)", (self._channel + "_moves", payload))
-        if requeued:
-            await conn.execute("SELECT pg_notify(%s, '')", (self._channel + "_work",))
+            "FROM unnest(%s::text[], %s::int[], %s::smallint[], %s::int[], %s::text[], "
+            "%s::jsonb[], %s::timestamptz[], %s::timestamptz[], %s::timestamptz[], "
+            "%s::jsonb[], %s::bool[], %s::bytea[], %s::bytea[], %s::bool[]) "
+            "AS u(id, version, status, runs, scanner_id, error, updated_at, started_at, "
+            "finished_at, added, set_result, result, summary, held) "
+            "WHERE j.id = u.id AND j.version = u.version "
+            "RETURNING j.id, j.status, jsonb_array_length(j.history) AS n) "
+            "SELECT w.id, "
+            "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':' || n, ',')) FROM w), "
+            "(SELECT pg_notify(%s, '') FROM (SELECT 1 FROM w WHERE status = 1 LIMIT 1) AS q) "
+            "FROM w",
+            (self.replica, self.lease_seconds, *columns, self._channel + "_moves",
+             self.replica, self._channel + "_work"),
+        )  # fmt: skip
+        return {row[0] for row in await cursor.fetchall()}
 
     # ----- results, deliveries, verdicts, acceptances ----------------------------------------
 
@@ -889,6 +939,7 @@ class _Change:
     """One job's moves in a batch: what its row gets."""
 
     job: Job
+    version: int  # the row's version when read: the write's compare-and-set
     added: list[list[Any]] = field(default_factory=list)  # history entries, as stored
     result: bytes | None = None
     summary: bytes | None = None
