@@ -222,6 +222,8 @@ class PostgresRepository:
         self._moves: list[_MoveRequest] = []
         self._moves_scheduled = False
         self._move_tasks: set[asyncio.Task[None]] = set()
+        self._inserts: list[_InsertRequest] = []
+        self._inserts_scheduled = False
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[Row]) -> None:
@@ -365,7 +367,8 @@ class PostgresRepository:
                     self._on_work()
                     async for notice in conn.notifies():
                         if notice.channel.endswith("_work"):
-                            self._on_work()
+                            if notice.payload != self.replica:  # its own asked already
+                                self._on_work()
                         else:
                             await self._heard_moves(notice.payload)
                 finally:
@@ -431,15 +434,57 @@ class PostgresRepository:
         inserted stay its own."""
         if not specs:
             return []
+        if queue_limit:
+            return await self._insert_many(specs, [at] * len(specs), queue_limit)
+        # Without a limit, the inserts asked in one loop turn (single submits from many
+        # clients) go together, as moves do.
+        loop = asyncio.get_running_loop()
+        request = _InsertRequest(list(specs), at, loop.create_future())
+        self._inserts.append(request)
+        if not self._inserts_scheduled:
+            self._inserts_scheduled = True
+            loop.call_soon(self._start_inserts)
+        return await request.done
+
+    def _start_inserts(self) -> None:
+        self._inserts_scheduled = False
+        batch, self._inserts = self._inserts, []
+        task = asyncio.create_task(self._run_inserts(batch), name="postgres-inserts")
+        self._move_tasks.add(task)
+        task.add_done_callback(self._move_tasks.discard)
+
+    async def _run_inserts(self, batch: list[_InsertRequest]) -> None:
+        specs = [spec for request in batch for spec in request.specs]
+        ats = [request.at for request in batch for _ in request.specs]
+        try:
+            inserted = await self._insert_many(specs, ats, 0)
+        except asyncio.CancelledError:
+            for request in batch:
+                request.done.cancel()
+            raise
+        except Exception as exc:
+            for request in batch:
+                if not request.done.done():
+                    request.done.set_exception(exc)
+            return
+        start = 0
+        for request in batch:
+            if not request.done.done():
+                request.done.set_result(inserted[start : start + len(request.specs)])
+            start += len(request.specs)
+
+    async def _insert_many(
+        self, specs: Sequence[JobSpec], ats: list[datetime], queue_limit: int
+    ) -> list[Inserted]:
         keys = [dedup_key(spec) for spec in specs]
         mine: set[str] = set()
         for _ in range(10):
             try:
                 async with self._conn() as conn:
                     if not queue_limit:
-                        return await self._insert(conn, specs, keys, at, 0, mine)
+                        return await self._insert(conn, specs, keys, ats, 0, mine)
                     async with conn.transaction():
-                        return await self._insert(conn, specs, keys, at, queue_limit, mine)
+                        return await self._insert(conn, specs, keys, ats, queue_limit, mine)
             except _CollidedError:
                 continue
         raise StorageError("inserts kept colliding with other replicas' inserts; retry")
@@ -449,7 +494,7 @@ class PostgresRepository:
         conn: psycopg.AsyncConnection[Row],
         specs: Sequence[JobSpec],
         keys: list[str],
-        at: datetime,
+        ats: list[datetime],
         queue_limit: int,
         mine: set[str],
     ) -> list[Inserted]:
@@ -504,7 +549,7 @@ class PostgresRepository:
         created: list[Job] = []
         for start in range(0, len(fresh), CLAIM_CHUNK):
             created += await self._insert_rows(
-                conn, specs, keys, fresh[start : start + CLAIM_CHUNK], at
+                conn, specs, keys, fresh[start : start + CLAIM_CHUNK], ats
             )
         mine.update(job.id for job in created)
         if len(created) != len(fresh):
@@ -523,13 +568,13 @@ class PostgresRepository:
         specs: Sequence[JobSpec],
         keys: list[str],
         fresh: list[int],
-        at: datetime,
+        ats: list[datetime],
     ) -> list[Job]:
         """One statement: the rows, their arrival numbers, and the notifications."""
         jobs: list[Job] = []
         columns: list[list[Any]] = [[] for _ in range(10)]
         for index in fresh:
-            spec = specs[index]
+            spec, at = specs[index], ats[index]
             job = Job(id=new_job_id(), seq=0, spec=spec, created_at=at)
             state_machine.record_creation(job, at)
             stored = storage_pb2.StoredJob()
@@ -554,9 +599,15 @@ class PostgresRepository:
             "%s::smallint[]) AS u(id, lane, kind, trigger, dedup_key, idempotency_key, spec, "
             "created_at, history, status) ON CONFLICT DO NOTHING RETURNING id, seq) "
             "SELECT ins.id, ins.seq, "
-            "(SELECT pg_notify(%s, '') FROM (SELECT 1 FROM ins LIMIT 1) AS any_row), "
+            "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM ins LIMIT 1) AS any_row), "
             "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':1', ',')) FROM ins) FROM ins",
-            (*columns, self._channel + "_work", self._channel + "_moves", self.replica),
+            (
+                *columns,
+                self._channel + "_work",
+                self.replica,
+                self._channel + "_moves",
+                self.replica,
+            ),
         )
         seqs = {row[0]: int(row[1]) for row in await cursor.fetchall()}
         inserted = []
@@ -849,10 +900,10 @@ class PostgresRepository:
             "RETURNING j.id, j.status, jsonb_array_length(j.history) AS n) "
             "SELECT w.id, "
             "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':' || n, ',')) FROM w), "
-            "(SELECT pg_notify(%s, '') FROM (SELECT 1 FROM w WHERE status = 1 LIMIT 1) AS q) "
+            "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM w WHERE status = 1 LIMIT 1) AS q) "
             "FROM w",
             (self.replica, self.lease_seconds, *columns, self._channel + "_moves",
-             self.replica, self._channel + "_work"),
+             self.replica, self._channel + "_work", self.replica),
         )  # fmt: skip
         return {row[0] for row in await cursor.fetchall()}
 
@@ -932,6 +983,13 @@ class _MoveRequest:
     result: Any
     summary: Any
     done: asyncio.Future[Moved | None]
+
+
+@dataclass(slots=True)
+class _InsertRequest:
+    specs: list[JobSpec]
+    at: datetime
+    done: asyncio.Future[list[Inserted]]
 
 
 @dataclass(slots=True)
