@@ -21,7 +21,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from bench import e2e, peers
+from bench import e2e, peers, pickup
 from bench.common import Handler, Scanners, free_port, wait_scanners
 
 MODES = ("batched", "single")
@@ -62,9 +62,26 @@ def run_postgres(workdir: Path, replicas: int, mode: str, jobs: int, workers: in
             fleet.stop()
         for handler in handlers:
             handler.stop()
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        drop(schema)
     return SideResult(f"postgres-{replicas}", mode, jobs, workers, jobs / seconds, errors)
+
+
+def drop(schema: str) -> None:
+    with psycopg.connect(peers.database_url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def measure_pickup(workdir: Path, max_rate: float) -> pickup.PickupResult:
+    """Pickup latency on one PostgreSQL replica at half its measured single-submit rate."""
+    schema = f"bench_{secrets.token_hex(4)}"
+    try:
+        (result,) = pickup.measure(
+            workdir, max_rate, loads=(0.5,), seconds=4.0, min_jobs=500, storage="postgres",
+            extra=("--database-url", peers.database_url(), "--database-schema", schema),
+        )  # fmt: skip
+    finally:
+        drop(schema)
+    return result
 
 
 def measure(workdir: Path, jobs: int, workers: int, replicas: tuple[int, ...] = (1, 2, 3),
@@ -97,12 +114,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--replicas", default="1,2,3")
     parser.add_argument("--mode", choices=(*MODES, "both"), default="both")
+    parser.add_argument("--pickup", action="store_true", help="also pickup p99 at 50 %% load")
     args = parser.parse_args()
     modes = MODES if args.mode == "both" else (args.mode,)
     counts = tuple(int(n) for n in args.replicas.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         results = measure(Path(tmp), args.jobs, args.workers, counts, modes)
-    print(json.dumps([asdict(r) for r in results], indent=1))
+        out: dict[str, object] = {"throughput": [asdict(r) for r in results]}
+        single = [
+            r.jobs_per_second for r in results if r.store == "postgres-1" and r.mode == "single"
+        ]
+        if args.pickup and single:
+            out["pickup"] = asdict(measure_pickup(Path(tmp), single[0]))
+    print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -231,6 +231,10 @@ def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any])
 
         section("postgres", f"PostgreSQL store, 1-3 replicas, {s.jobs:,} jobs, 8 scanners")
         out["postgres"] = [asdict(r) for r in postgres_side.measure(workdir, s.jobs, 8)]
+        one = [r for r in out["postgres"] if r["store"] == "postgres-1" and r["mode"] == "single"]
+        if one:
+            rate = one[0]["jobs_per_second"]
+            out["postgres_pickup"] = asdict(postgres_side.measure_pickup(workdir, rate))
 
 
 def rows(out: dict[str, Any]) -> list[Row]:
@@ -396,6 +400,9 @@ def rows(out: dict[str, Any]) -> list[Row]:
         goal = ">= 2 x graphile-worker" if target else ""
         table.append(Row(f"{r['store']} {r['mode']}", r["jobs_per_second"], "jobs/s", goal,
                          ratio_ok if target else None))  # fmt: skip
+    if "postgres_pickup" in out:
+        p99 = out["postgres_pickup"]["p99_ms"]
+        table.append(Row("postgres-1 pickup p99 at 50 % load", p99, "ms", "<= 10", p99 <= 10))
     speeds = out.get("meta", {}).get("speed", {})
     if len(speeds) > 1:
         # Past ~1.15 x, a ratio between two parts (ours / Celery) is off by as much.
