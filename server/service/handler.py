@@ -225,7 +225,7 @@ class Handler:
         return held + list(self.completion.processing)
 
     def _listened(self, job_id: str) -> bool:
-        return self.events.listened() or any(
+        return self.events.watched(job_id) or any(
             job_id in session.held for session in self.sessions.registry.connected()
         )
 
