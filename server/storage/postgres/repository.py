@@ -478,11 +478,15 @@ class PostgresRepository:
     ) -> list[Inserted]:
         keys = [dedup_key(spec) for spec in specs]
         mine: set[str] = set()
-        for _ in range(10):
+        for attempt in range(10):
             try:
                 async with self._conn() as conn:
                     if not queue_limit:
-                        return await self._insert(conn, specs, keys, ats, 0, mine)
+                        # First as if every job were new (one statement, the usual case); a
+                        # unique index that refuses one sends us round again, reading first.
+                        return await self._insert(
+                            conn, specs, keys, ats, 0, mine, optimistic=attempt == 0
+                        )
                     async with conn.transaction():
                         return await self._insert(conn, specs, keys, ats, queue_limit, mine)
             except _CollidedError:
@@ -497,17 +501,22 @@ class PostgresRepository:
         ats: list[datetime],
         queue_limit: int,
         mine: set[str],
+        *,
+        optimistic: bool = False,
     ) -> list[Inserted]:
-        idem = [spec.idempotency_key for spec in specs if spec.idempotency_key]
-        cursor = await conn.execute(
-            f"SELECT {COLUMNS}, dedup_key, idempotency_key FROM jobs "
-            "WHERE (idempotency_key <> '' AND idempotency_key = ANY(%s)) "
-            "OR (status IN (1, 2) AND dedup_key = ANY(%s))",
-            (idem, keys),
-        )
         by_idem: dict[str, Job] = {}
         by_key: dict[str, Job] = {}
-        for row in await cursor.fetchall():
+        rows: list[Row] = []
+        if not optimistic:
+            idem = [spec.idempotency_key for spec in specs if spec.idempotency_key]
+            cursor = await conn.execute(
+                f"SELECT {COLUMNS}, dedup_key, idempotency_key FROM jobs "
+                "WHERE (idempotency_key <> '' AND idempotency_key = ANY(%s)) "
+                "OR (status IN (1, 2) AND dedup_key = ANY(%s))",
+                (idem, keys),
+            )
+            rows = await cursor.fetchall()
+        for row in rows:
             job, _ = _job(row[:-2])
             if row[-1]:
                 by_idem[row[-1]] = job
