@@ -64,6 +64,9 @@ _HELD = (S.IN_PROGRESS.value, S.PROCESSING_RESULTS.value)
 # under PostgreSQL's 8000 bytes.
 CLAIM_CHUNK = 150
 _PAYLOAD_BYTES = 7000
+# The fallback poll for work a lost notification did not announce: one claim query a second
+# per replica bounds such a stall.
+POLL_SECONDS = 1.0
 
 COLUMNS = (
     "id, seq, spec, status, runs, scanner_id, error, updated_at, started_at, finished_at, "
@@ -305,7 +308,7 @@ class PostgresRepository:
                         (self.lease_seconds, held, self.replica),
                     )
         if now >= self._next_poll:
-            self._next_poll = now + self.lease_seconds / 3
+            self._next_poll = now + min(POLL_SECONDS, self.lease_seconds / 3)
             self._on_work()
 
     # ----- other replicas --------------------------------------------------------------------
