@@ -110,8 +110,11 @@ def measure(
     seconds: float = 4.0,
     min_jobs: int = 1000,
     verbose: bool = True,
+    storage: str = "journal",
+    extra: tuple[str, ...] = (),
 ) -> list[PickupResult]:
-    handler = Handler(workdir, port=free_port(), name="pickup")
+    """``storage`` and ``extra`` start the handler on another store (bench.postgres_side)."""
+    handler = Handler(workdir, port=free_port(), name="pickup", storage=storage, extra=extra)
     fleet = Scanners(handler.address, scanners, slots, workdir, stamps=True)
     submitted: list[tuple[float, float, dict[str, tuple[int, int]]]] = []
     handler.start()

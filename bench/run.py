@@ -40,7 +40,9 @@ from bench import (
 )
 from bench.common import ROOT, median
 
-PARTS = ("e2e", "pickup", "memory", "scale", "celery", "echo", "vulndb", "scan", "fleet")
+PARTS = (
+    "e2e", "pickup", "memory", "scale", "celery", "echo", "vulndb", "scan", "fleet", "postgres",
+)  # fmt: skip
 LATEST = ROOT / "bench" / "results" / "latest.json"
 
 
@@ -246,6 +248,15 @@ def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any])
             fleet_args = fleet.parser().parse_args(sizes)
             (workdir / "fleet").mkdir()
             out["fleet"] = asdict(fleet.measure(workdir / "fleet", fleet_args))
+    if "postgres" in parts:  # bench/postgres_side.py: replicas on PostgreSQL, side by side
+        from bench import postgres_side
+
+        section("postgres", f"PostgreSQL store, 1-3 replicas, {s.jobs:,} jobs, 8 scanners")
+        out["postgres"] = [asdict(r) for r in postgres_side.measure(workdir, s.jobs, 8)]
+        one = [r for r in out["postgres"] if r["store"] == "postgres-1" and r["mode"] == "single"]
+        if one:
+            rate = one[0]["jobs_per_second"]
+            out["postgres_pickup"] = asdict(postgres_side.measure_pickup(workdir, rate))
 
 
 def rows(out: dict[str, Any]) -> list[Row]:
@@ -420,6 +431,18 @@ def rows(out: dict[str, Any]) -> list[Row]:
                          v["match_cold_ms"], "ms", "< 100", v["match_cold_ms"] < 100))  # fmt: skip
         table.append(Row(f"  match {v['packages']:,} packages, later scans (warm)",
                          v["match_warm_ms"], "ms"))  # fmt: skip
+    for r in out.get("postgres", []):
+        peer = [
+            p for p in out["postgres"] if p["store"] == "graphile-worker" and p["mode"] == r["mode"]
+        ]
+        target = r["store"] == "postgres-1" and bool(peer)
+        ratio_ok = target and r["jobs_per_second"] >= 2 * peer[0]["jobs_per_second"]
+        goal = ">= 2 x graphile-worker" if target else ""
+        table.append(Row(f"{r['store']} {r['mode']}", r["jobs_per_second"], "jobs/s", goal,
+                         ratio_ok if target else None))  # fmt: skip
+    if "postgres_pickup" in out:
+        p99 = out["postgres_pickup"]["p99_ms"]
+        table.append(Row("postgres-1 pickup p99 at 50 % load", p99, "ms", "<= 10", p99 <= 10))
     speeds = out.get("meta", {}).get("speed", {})
     if len(speeds) > 1:
         # Past ~1.15 x, a ratio between two parts (ours / Celery) is off by as much.

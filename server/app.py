@@ -210,6 +210,8 @@ def open_repository(config: Config) -> JobRepository:
     error before the port is bound)."""
     if config.storage == "memory":
         return MemoryRepository(interactive_share=config.interactive_share)
+    if config.storage == "postgres":
+        return open_postgres(config)
     return EmbeddedRepository(
         config.data_dir,
         policy=FsyncPolicy(config.fsync),
@@ -218,6 +220,25 @@ def open_repository(config: Config) -> JobRepository:
         snapshot_interval=config.snapshot_interval,
         salvage=config.salvage,
         observe_fsync=JOURNAL_FSYNC_SECONDS.observe,
+    )
+
+
+def open_postgres(config: Config) -> JobRepository:
+    """The shared PostgreSQL store (needs the [postgres] extra)."""
+    try:
+        from server.storage.postgres import PostgresRepository
+    except ImportError:
+        raise HandlerError(
+            Catalogue.SCANNER_CONFIG_INVALID,
+            "--storage postgres needs psycopg and psycopg_pool: pip install "
+            "'image-handler[postgres]'",
+            reason=Reason.FAILED_PRECONDITION,
+        ) from None
+    return PostgresRepository(
+        config.database_url,
+        schema=config.database_schema,
+        interactive_share=config.interactive_share,
+        lease_seconds=config.lease_seconds,
     )
 
 

@@ -13,7 +13,7 @@ import structlog
 
 from imagehandler.errors import Catalogue, HandlerError
 from server import config as config_module
-from server.app import HandlerServer
+from server.app import HandlerServer, open_postgres
 from server.observability import logs
 from server.security.tokens import add_token_arguments, token_main
 
@@ -52,6 +52,14 @@ def loop_factory(config: config_module.Config) -> Callable[[], asyncio.AbstractE
     return factory
 
 
+async def migrate(config: config_module.Config) -> None:
+    """Bring the PostgreSQL schema up to date (what ``serve`` does at start), then stop."""
+    repository = open_postgres(config)
+    applied = await repository.migrate()  # type: ignore[attr-defined]  # a PostgresRepository
+    done = ", ".join(applied) if applied else "nothing to apply"
+    print(f"image-handler migrate: schema {config.database_schema}: {done}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="image-handler", description="The image handler: a queue of scan jobs for scanners."
@@ -59,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="run the handler")
     config_module.add_arguments(serve_parser)
+    migrate_parser = commands.add_parser(
+        "migrate", help="apply the PostgreSQL schema migrations (--database-url) and stop"
+    )
+    config_module.add_arguments(migrate_parser)
     add_token_arguments(
         commands.add_parser("token", help="make a bearer token and its --token-file line")
     )
@@ -69,6 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         zone = logs.resolve_timezone(config.timezone)
         logs.configure(config.log_format, config.log_level, zone)
+        if args.command == "migrate":
+            if not config.database_url:
+                raise HandlerError(
+                    Catalogue.SCANNER_CONFIG_INVALID,
+                    "migrate needs --database-url (or IMAGE_HANDLER_DATABASE_URL)",
+                )
+            asyncio.run(migrate(config))
+            return 0
         config.check()
         with asyncio.Runner(loop_factory=loop_factory(config)) as runner:
             runner.run(serve(config))

@@ -67,8 +67,14 @@ class Config:
     log_level: str = "info"
     grace_period: float = 30.0
     reflection: bool = True
-    # Durability: "journal" (the data directory) or "memory" (nothing survives a restart).
+    # Durability: "journal" (the data directory), "memory" (nothing survives a restart) or
+    # "postgres" (a shared database: several replicas serve one queue).
     storage: str = "journal"
+    # --storage postgres: the database (a libpq URL), the schema holding the tables, and how
+    # long a replica's runs outlive its last lease renewal.
+    database_url: str = ""
+    database_schema: str = "imagehandler"
+    lease_seconds: float = 15.0
     fsync: str = "batch"  # always, batch or never; see server/storage/journal.py
     snapshot_interval: float = 300.0
     snapshot_journal_mb: float = 64.0
@@ -174,8 +180,20 @@ class Config:
             )
         if self.result_workers < 1:
             problems.append(f"result_workers must be at least 1, got {self.result_workers}")
-        if self.storage not in ("journal", "memory"):
-            problems.append(f"storage must be journal or memory, got {self.storage!r}")
+        if self.storage not in ("journal", "memory", "postgres"):
+            problems.append(f"storage must be journal, memory or postgres, got {self.storage!r}")
+        if self.storage == "postgres" and not self.database_url:
+            problems.append(
+                "storage postgres needs database_url (--database-url or "
+                "IMAGE_HANDLER_DATABASE_URL), e.g. postgresql://USER@HOST:5432/DB"
+            )
+        if not self.database_schema.isidentifier():
+            problems.append(
+                f"database_schema must be a plain SQL name (letters, digits, _), "
+                f"got {self.database_schema!r}"
+            )
+        if self.lease_seconds <= 0:
+            problems.append(f"lease_seconds must be positive, got {self.lease_seconds}")
         if self.fsync not in ("always", "batch", "never"):
             problems.append(f"fsync must be always, batch or never, got {self.fsync!r}")
         for name in (
@@ -281,7 +299,11 @@ _HELP: dict[str, str] = {
     "log_level": "debug, info, warning or error",
     "grace_period": "seconds SIGTERM waits for running jobs",
     "reflection": "serve gRPC server reflection (true/false)",
-    "storage": "journal (crash-safe, in --data-dir) or memory (nothing survives a restart)",
+    "storage": "journal (crash-safe, in --data-dir), memory (nothing survives a restart) or "
+    "postgres (several replicas share one queue in --database-url)",
+    "database_url": "PostgreSQL URL for --storage postgres (postgresql://USER@HOST:PORT/DB)",
+    "database_schema": "schema holding the handler's tables in --database-url",
+    "lease_seconds": "seconds a replica's runs outlive its last lease renewal (postgres)",
     "fsync": "journal fsync: always, batch (group commit) or never",
     "snapshot_interval": "seconds between snapshots",
     "snapshot_journal_mb": "journal size (MiB) that triggers a snapshot",

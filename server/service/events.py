@@ -100,6 +100,11 @@ class EventBus:
         self._stop_timer: asyncio.TimerHandle | None = None
         self._wake_scheduled = False
 
+    def watched(self, job_id: str) -> bool:
+        """A watcher hears this job's events now: one of every job (a feed, or the log kept
+        for resumes) or one of this job. The handler's own subscriptions do not count."""
+        return bool(self._feeds or self._recording or job_id in self._by_job)
+
     # ----- subscriptions ------------------------------------------------------------------
 
     def subscribe(self, subscription: Subscription) -> None:

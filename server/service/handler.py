@@ -18,7 +18,7 @@ import structlog
 from imagehandler.errors import Catalogue, HandlerError, Reason
 from imagehandler.v1 import common_pb2, job_service_pb2
 from server.config import Config
-from server.core.model import Job, JobSpec, JobStatus, Lane
+from server.core.model import Job, JobSpec, JobStatus, Lane, Transition
 from server.core.retry import RunFailure
 from server.core.verdicts import Scope, Severity, VerdictPolicy
 from server.scheduling.dispatcher import FreeRing
@@ -33,6 +33,7 @@ from server.service.results import Completion
 from server.service.risk import Reevaluated, RiskBook
 from server.service.runs import RunSupervisor, failure_of
 from server.service.sessions import (
+    CancelRun,
     Database,
     ScannerMessage,
     ScannerProfile,
@@ -73,6 +74,8 @@ class Handler:
     ) -> None:
         self.config = config
         self.repository = repository
+        # The store waits on a network: moves that can go together are awaited together.
+        self.shared_store = repository.shared
         self.started_at = datetime.now(UTC)
         # False until recovery has rebuilt the queue: until then every call is refused.
         self.ready = False
@@ -162,6 +165,7 @@ class Handler:
             self.completion.deliver = self.delivery.deliver_result
             self.risk.owe = self.delivery.owe
         self.housekeeping = Housekeeping(config, repository, self.jobs, self.events)
+        self.housekeeping.rescue = self._rescue
         # The scanners' per-job verbs go straight to their owner: on the hot path, a facade
         # method that only awaits another costs a coroutine per call.
         self.result = self.runs.result
@@ -182,6 +186,12 @@ class Handler:
         if self.delivery is not None:
             self.delivery.start()
         recovered = await self.repository.open()
+        self.repository.subscribe(
+            work=self._request_dispatch,
+            moved=self._moved_elsewhere,
+            listened=self._listened,
+            held=self._held,
+        )
         await self._restore(recovered)
         await self.risk.load()
         self.housekeeping.start()
@@ -211,6 +221,45 @@ class Handler:
             for job in await self.repository.select(owing):
                 if job.delivered < len(job.history) or job.verdict_delivered < job.verdict_version:
                     self.delivery.owe(job)
+
+    async def _rescue(self, jobs: list[Job]) -> None:
+        """Runs another replica held until its lease ran out (it died or lost the database):
+        they end as a restart's interrupted runs do, the run counting."""
+        for job in jobs:
+            log.warning(
+                "job.rescued", job_id=job.id, status=job.status.name, run=job.runs,
+                scanner_id=job.scanner_id,
+            )  # fmt: skip
+            if job.status is JobStatus.PROCESSING_RESULTS and (
+                job.result is not None or job.result_in_file
+            ):
+                self.completion.submit(job)  # its result was kept: process it here
+                continue
+            failure = RunFailure(
+                Catalogue.SYSTEM_ERROR,
+                f"the replica holding run {job.runs} (scanner {job.scanner_id}) stopped "
+                "renewing its lease",
+            )
+            await self._end_interrupted(job, failure)
+
+    def _held(self) -> list[str]:
+        """Runs on this replica's scanner streams, and results its workers process."""
+        held = [job_id for s in self.sessions.registry.connected() for job_id in s.held]
+        return held + list(self.completion.processing)
+
+    def _listened(self, job_id: str) -> bool:
+        return self.events.watched(job_id) or any(
+            job_id in session.held for session in self.sessions.registry.connected()
+        )
+
+    def _moved_elsewhere(self, job: Job, transition: Transition) -> None:
+        """Another replica moved a job: watchers here see it; a run held here that another
+        replica ended (a cancel, a rescue) stops on its scanner."""
+        self.events.publish(job, transition)
+        session = self.runs.holder(job)
+        if session is not None and transition.to_status is not JobStatus.IN_PROGRESS:
+            self.runs.release(job.id, session)
+            session.send(CancelRun(job.id, transition.reason))
 
     async def _end_interrupted(self, job: Job, failure: RunFailure) -> None:
         if job.status is JobStatus.PROCESSING_RESULTS:

@@ -1,9 +1,10 @@
-"""Housekeeping: the store's upkeep (snapshots), retention, and the drain at shutdown."""
+"""Housekeeping: the store's upkeep (snapshots, leases), the rescue of runs a dead replica
+left, retention, and the drain at shutdown."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import structlog
@@ -30,6 +31,8 @@ class Housekeeping:
         self._jobs = jobs
         self._events = events
         self._task: asyncio.Task[None] | None = None
+        # Ends the runs a dead replica left (set by the handler).
+        self.rescue: Callable[[list[Job]], Awaitable[None]] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="housekeeping")
@@ -46,6 +49,9 @@ class Housekeeping:
         while True:
             try:
                 await self._repository.maintain()
+                expired = await self._repository.expired(at=datetime.now(UTC))
+                if expired and self.rescue is not None:
+                    await self.rescue(expired)
                 if loop.time() >= next_prune:
                     await self._jobs.prune(datetime.now(UTC))
                     next_prune = loop.time() + self.config.prune_interval

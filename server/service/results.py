@@ -121,8 +121,12 @@ class ResultPipeline:
         files: ResultStore,
         prepare: Prepare,
         finish: Finish,
+        *,
+        together: bool = False,
     ) -> None:
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        # A store that waits on a network: a batch's completions are awaited together.
+        self._together = together
         self._workers = workers
         self.policy = policy
         self.files = files
@@ -185,12 +189,28 @@ class ResultPipeline:
             )
             for index, processed in done:
                 outcomes[index] = processed
+            together = []
             for job, outcome in zip(jobs, outcomes, strict=True):
                 if outcome is None:  # cannot happen: _process_many answers every one
                     outcome = HandlerError(Catalogue.SYSTEM_ERROR, "result processing failed")
                 self.in_pipeline.pop(job.id, None)
                 self._arrived.pop(job.id, None)
-                await self._finish(job, outcome)
+                if self._together:
+                    together.append(self._finish_or_retry(job, outcome))
+                else:
+                    await self._finish_or_retry(job, outcome)
+            if together:
+                # A shared database: the batch's completions in one batch of moves.
+                await asyncio.gather(*together)
+
+    async def _finish_or_retry(self, job: Job, outcome: Processed | HandlerError) -> None:
+        try:
+            await self._finish(job, outcome)
+        except HandlerError as error:
+            # The store refused (a shared database went away): the job is still in
+            # PROCESSING_RESULTS with its result; process it again shortly.
+            log.warning("result.finish_failed", job_id=job.id, error=error.message)
+            asyncio.get_running_loop().call_later(RETRY_FINISH, self.submit, job)
 
     def _process_many(
         self, work: list[tuple[int, Job, common_pb2.ScanResult | None, set[str]]]
@@ -207,6 +227,10 @@ class ResultPipeline:
                 outcome = HandlerError(Catalogue.SYSTEM_ERROR, "result processing failed")
             out.append((index, outcome))
         return out
+
+
+# Seconds before a result whose completion the store refused is processed again.
+RETRY_FINISH = 1.0
 
 
 class Completion:
@@ -230,7 +254,12 @@ class Completion:
         self._acceptances = acceptances
         self._request_dispatch = request_dispatch
         self.pipeline = ResultPipeline(
-            config.result_workers, policy, repository, self._prepare, self._finish
+            config.result_workers,
+            policy,
+            repository,
+            self._prepare,
+            self._finish,
+            together=repository.shared,
         )
         # The job's processed result waits for the receiving server (the delivery book's
         # owe), when one is configured.

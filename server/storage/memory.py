@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -108,6 +108,8 @@ class NoLog:
 class MemoryRepository:
     """The job repository in memory. With ``log`` every change is also journaled."""
 
+    shared = False  # its calls answer without waiting on I/O
+
     def __init__(
         self,
         *,
@@ -144,6 +146,19 @@ class MemoryRepository:
 
     async def maintain(self) -> None:
         pass
+
+    def subscribe(
+        self,
+        *,
+        work: Callable[[], None],
+        moved: Callable[[Job, Transition], None],
+        listened: Callable[[str], bool],
+        held: Callable[[], Iterable[str]],
+    ) -> None:
+        pass  # only this process changes these tables
+
+    async def expired(self, *, at: datetime) -> list[Job]:
+        return []  # no other replica holds runs here
 
     def load(
         self,

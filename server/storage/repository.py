@@ -18,7 +18,7 @@ no longer in the expected status (another move won) returns None and changes not
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
@@ -121,6 +121,10 @@ class Recovered:
 
 
 class JobRepository(Protocol):
+    # True when calls wait on a network (a shared database): the service then runs the moves
+    # of one scanner message, or of one batch of results, together instead of one by one.
+    shared: bool
+
     # ----- life cycle ------------------------------------------------------------------------
 
     async def open(self) -> Recovered:
@@ -143,6 +147,27 @@ class JobRepository(Protocol):
 
     async def maintain(self) -> None:
         """Periodic upkeep the backend needs (snapshots, leases); called about twice a second."""
+        ...
+
+    # ----- other replicas (a store only this process changes calls nothing) ------------------
+
+    def subscribe(
+        self,
+        *,
+        work: Callable[[], None],
+        moved: Callable[[Job, Transition], None],
+        listened: Callable[[str], bool],
+        held: Callable[[], Iterable[str]],
+    ) -> None:
+        """Be told of other replicas' changes: ``work()`` when they queue a job or give one
+        back (dispatch), ``moved(job, transition)`` for each of their moves of a job that
+        ``listened(job_id)`` (someone watches, or this replica runs it). ``held()``: the
+        jobs whose runs this replica holds now (their leases are renewed)."""
+        ...
+
+    async def expired(self, *, at: datetime) -> list[Job]:
+        """Runs (IN_PROGRESS, PROCESSING_RESULTS) whose replica stopped renewing its lease,
+        now held by this one: the service ends them like a restart's interrupted runs."""
         ...
 
     # ----- jobs ------------------------------------------------------------------------------

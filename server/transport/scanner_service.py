@@ -163,6 +163,7 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
             handler.progress(session, p.job_id, p.stage[:64], p.percent)
         elif which == "result":
             limit = handler.config.max_result_bytes
+            together = []
             for result in request.result.results:
                 too_large = security_limits.oversized_result(result, limit)
                 if too_large is not None:  # --max-result-bytes: the job is ERROR (HNDL-007)
@@ -171,7 +172,13 @@ class ScannerService(scanner_service_pb2_grpc.ScannerServiceServicer):
                     )
                     session.send(RejectMessage(too_large, result.job_id))
                     continue
-                await handler.result(session, result.job_id, result.run, result)
+                if handler.shared_store:
+                    # A shared database: this message's results in one batch of moves.
+                    together.append(handler.result(session, result.job_id, result.run, result))
+                else:
+                    await handler.result(session, result.job_id, result.run, result)
+            if together:
+                await asyncio.gather(*together)
         elif which == "failure":
             f = request.failure
             kind = Catalogue.by_code(f.code) if f.code else Catalogue.SYSTEM_ERROR

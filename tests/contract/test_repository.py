@@ -29,7 +29,9 @@ from server.core.model import (
 from server.storage.embedded import EmbeddedRepository
 from server.storage.embedded.journal import FsyncPolicy
 from server.storage.memory import MemoryRepository
+from server.storage.postgres import PostgresRepository
 from server.storage.repository import Demand, JobFilter, JobRepository
+from tests.postgres import DATABASE_URL, drop_schema, new_schema_name
 
 S = JobStatus
 ALL = frozenset(ObjectKind)
@@ -42,14 +44,17 @@ class Backend:
     make: Callable[[], Awaitable[JobRepository]]
 
 
-@pytest.fixture(params=["memory", "embedded"])
+@pytest.fixture(params=["memory", "embedded", "postgres"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     opened: list[JobRepository] = []
+    schema = new_schema_name()  # each test its own (PostgreSQL), dropped after
 
     async def make() -> JobRepository:
         repository: JobRepository
         if request.param == "memory":
             repository = MemoryRepository(interactive_share=0.5)
+        elif request.param == "postgres":
+            repository = PostgresRepository(DATABASE_URL, schema=schema, interactive_share=0.5)
         else:
             repository = EmbeddedRepository(
                 tmp_path / "data", policy=FsyncPolicy.NEVER, interactive_share=0.5
@@ -58,9 +63,11 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         opened.append(repository)
         return repository
 
-    yield Backend(request.param, request.param == "embedded", make)
+    yield Backend(request.param, request.param in ("embedded", "postgres"), make)
     for repository in opened:
         await repository.close()
+    if request.param == "postgres":
+        drop_schema(schema)
 
 
 @pytest.fixture

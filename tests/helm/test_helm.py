@@ -298,6 +298,42 @@ def test_more_handler_replicas_are_refused_with_the_reason() -> None:
     assert "shared (PostgreSQL) backend" in message
 
 
+POSTGRES = {
+    "handler": {
+        "replicaCount": 3,
+        "storage": {"backend": "postgres", "database": {"urlSecret": "handler-db"}},
+    }
+}
+
+
+def test_postgres_makes_the_handler_a_deployment_of_replicas() -> None:
+    docs = manifests(render(POSTGRES))
+    assert not [d for d in docs if d["kind"] == "StatefulSet"]
+    deployment = find(docs, "Deployment", FULLNAME)
+    spec = deployment["spec"]
+    assert spec["replicas"] == 3
+    assert "volumeClaimTemplates" not in spec
+    pod = spec["template"]["spec"]
+    assert all("persistentVolumeClaim" not in volume for volume in pod["volumes"])
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    (url,) = [e for e in container(deployment)["env"] if e["name"] == "IMAGE_HANDLER_DATABASE_URL"]
+    assert url["valueFrom"]["secretKeyRef"] == {"name": "handler-db", "key": "url"}
+    env = environment(docs, deployment)
+    assert env["IMAGE_HANDLER_STORAGE"] == "postgres"
+    assert env["IMAGE_HANDLER_DATABASE_SCHEMA"] == "imagehandler"
+    budget = find(docs, "PodDisruptionBudget", FULLNAME)
+    assert budget["spec"]["minAvailable"] == 1
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_postgres_needs_the_url_secret() -> None:
+    with pytest.raises(helm.HelmRenderError) as caught:
+        render({"handler": {"storage": {"backend": "postgres"}}})
+    assert "handler.storage.database.urlSecret" in str(caught.value)
+
+
 def test_notes_say_one_replica_and_how_to_reach_it() -> None:
     notes = render()["image-handler/templates/NOTES.txt"]
     assert f"kubectl -n {NAMESPACE} port-forward svc/{FULLNAME} 50051:50051" in notes

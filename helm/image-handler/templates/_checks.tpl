@@ -4,8 +4,11 @@ a message that says what to change. configmap.yaml includes this, so every rende
 */}}
 {{- define "image-handler.checks" -}}
 {{- $h := .Values.handler -}}
-{{- if gt (int $h.replicaCount) 1 -}}
+{{- if and (gt (int $h.replicaCount) 1) (ne $h.storage.backend "postgres") -}}
 {{- fail (printf "handler.replicaCount is %d, but the embedded queue (a journal on the handler's own volume) runs ONE replica: more replicas would each keep a separate queue. Scale scanning with scanner.replicaCount and scanner.slots, result processing with handler.resultWorkers; more handler replicas need the shared (PostgreSQL) backend." (int $h.replicaCount)) -}}
+{{- end -}}
+{{- if and (eq $h.storage.backend "postgres") (not $h.storage.database.urlSecret) -}}
+{{- fail "handler.storage.backend postgres needs handler.storage.database.urlSecret: the name of a Secret whose key (handler.storage.database.urlSecretKey, default url) holds the database URL, e.g. postgresql://USER:PASSWORD@HOST:5432/DB." -}}
 {{- end -}}
 {{- if le (float64 $h.timeouts.heartbeatTimeout) (float64 $h.timeouts.heartbeatInterval) -}}
 {{- fail (printf "handler.timeouts.heartbeatTimeout (%v s) must exceed handler.timeouts.heartbeatInterval (%v s): a scanner would be declared gone between two heartbeats." $h.timeouts.heartbeatTimeout $h.timeouts.heartbeatInterval) -}}

@@ -1,0 +1,133 @@
+"""The handler on PostgreSQL with 1, 2 and 3 replicas, against the embedded store and against
+graphile-worker on the same database, with the same jobs and workers (scanners).
+
+Each PostgreSQL run gets a fresh schema; the scanners are spread over the replicas; the
+submits go to the first replica and its ``GetQueueStats`` (the same figures from every replica)
+sees the end. The embedded figure is :mod:`bench.e2e`'s run with the same counts.
+
+    .venv/bin/python -m bench.postgres_side --jobs 5000 --workers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from bench import e2e, peers, pickup
+from bench.common import Handler, Scanners, free_port, wait_scanners
+
+MODES = ("batched", "single")
+
+
+@dataclass
+class SideResult:
+    store: str  # postgres-1, postgres-2, postgres-3, embedded, graphile-worker
+    mode: str
+    jobs: int
+    workers: int
+    jobs_per_second: float
+    errors: int = 0
+
+
+def run_postgres(workdir: Path, replicas: int, mode: str, jobs: int, workers: int) -> SideResult:
+    schema = f"bench_{secrets.token_hex(4)}"
+    url = peers.database_url()
+    handlers = [
+        Handler(workdir, name=f"pg{replicas}-{n}", port=free_port(), storage="postgres",
+                extra=("--database-url", url, "--database-schema", schema))
+        for n in range(replicas)
+    ]  # fmt: skip
+    fleets: list[Scanners] = []
+    try:
+        for handler in handlers:
+            handler.start()
+        slots = e2e.default_slots(workers)
+        for n, handler in enumerate(handlers):
+            count = workers // replicas + (1 if n < workers % replicas else 0)
+            fleet = Scanners(handler.address, count, slots, workdir)
+            fleet.start()
+            fleets.append(fleet)
+            asyncio.run(wait_scanners(handler.address, count))
+        seconds, _, errors = asyncio.run(e2e.run_once(handlers[0].address, jobs, mode, "pg-"))
+    finally:
+        for fleet in fleets:
+            fleet.stop()
+        for handler in handlers:
+            handler.stop()
+        drop(schema)
+    return SideResult(f"postgres-{replicas}", mode, jobs, workers, jobs / seconds, errors)
+
+
+def drop(schema: str) -> None:
+    with psycopg.connect(peers.database_url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def measure_pickup(workdir: Path, max_rate: float) -> pickup.PickupResult:
+    """Pickup latency on one PostgreSQL replica at half its measured single-submit rate."""
+    schema = f"bench_{secrets.token_hex(4)}"
+    try:
+        (result,) = pickup.measure(
+            workdir, max_rate, loads=(0.5,), seconds=4.0, min_jobs=500, storage="postgres",
+            extra=("--database-url", peers.database_url(), "--database-schema", schema),
+        )  # fmt: skip
+    finally:
+        drop(schema)
+    return result
+
+
+def measure(workdir: Path, jobs: int, workers: int, replicas: tuple[int, ...] = (1, 2, 3),
+            modes: tuple[str, ...] = MODES, verbose: bool = True) -> list[SideResult]:  # fmt: skip
+    """Every store in every mode once, alternating, so the machine's drift touches all."""
+    out: list[SideResult] = []
+    for mode in modes:
+        for count in replicas:
+            out.append(run_postgres(workdir, count, mode, jobs, workers))
+            if verbose:
+                print(f"  postgres x{count} {mode:7}: {out[-1].jobs_per_second:8,.0f} jobs/s")
+        (embedded,) = e2e.measure(workdir, workers, [e2e.Variant(mode)], jobs, 1, verbose=False)
+        out.append(SideResult("embedded", mode, jobs, workers, embedded.jobs_per_second))
+        if verbose:
+            print(f"  embedded    {mode:7}: {embedded.jobs_per_second:8,.0f} jobs/s")
+        why = peers.missing("graphile-worker")
+        if why:
+            print(f"  graphile-worker skipped: {why}")
+            continue
+        peer = peers.run_once("graphile-worker", mode, jobs, workers)
+        out.append(SideResult("graphile-worker", mode, jobs, workers, peer.jobs_per_second))
+        if verbose:
+            print(f"  graphile    {mode:7}: {peer.jobs_per_second:8,.0f} jobs/s")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--replicas", default="1,2,3")
+    parser.add_argument("--mode", choices=(*MODES, "both"), default="both")
+    parser.add_argument("--pickup", action="store_true", help="also pickup p99 at 50 %% load")
+    args = parser.parse_args()
+    modes = MODES if args.mode == "both" else (args.mode,)
+    counts = tuple(int(n) for n in args.replicas.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        results = measure(Path(tmp), args.jobs, args.workers, counts, modes)
+        out: dict[str, object] = {"throughput": [asdict(r) for r in results]}
+        single = [
+            r.jobs_per_second for r in results if r.store == "postgres-1" and r.mode == "single"
+        ]
+        if args.pickup and single:
+            out["pickup"] = asdict(measure_pickup(Path(tmp), single[0]))
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

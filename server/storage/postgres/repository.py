@@ -1,0 +1,1081 @@
+"""The job repository on PostgreSQL: the database is the truth, shared by every replica.
+
+Every verb is its own committed statement or transaction (``commit`` has nothing left to do).
+A claim is one statement: the PENDING jobs of each lane in arrival order, ``FOR UPDATE SKIP
+LOCKED``, interleaved at the interactive share, handed to the Free scanners' slots and marked
+IN_PROGRESS with the run counted, the replica and its lease. A move reads the row, lets the
+state machine decide, and writes it back only if nobody wrote it meanwhile (its ``version``):
+the compare-and-set that keeps a replica that was cut off from overwriting a rescuer. Inserts
+go in one multi-row statement per batch; unique indexes deduplicate across replicas.
+
+Other replicas hear of changes by NOTIFY: ``<channel>_work`` when a job is queued or queued
+again (they dispatch), ``<channel>_moves`` with the job ids and history lengths of every move
+(they publish the transitions to their own watchers). A dedicated connection listens, and
+reconnects by itself; the fallback poll in :meth:`maintain` covers a lost notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import psycopg
+import psycopg_pool
+import structlog
+from psycopg import sql
+from psycopg.types.json import set_json_loads
+
+from imagehandler.errors import Catalogue, HandlerError, Reason
+from imagehandler.storage.v1 import storage_pb2
+from imagehandler.v1 import common_pb2, job_service_pb2
+from server import mapping
+from server.core import state_machine
+from server.core.ids import new_job_id
+from server.core.model import Job, JobFailure, JobSpec, JobStatus, Lane, ObjectKind, Transition
+from server.storage.embedded import codec
+from server.storage.postgres import migrations
+from server.storage.repository import (
+    INLINE_RESULT_BYTES,
+    Claimed,
+    Counts,
+    Demand,
+    Inserted,
+    JobFilter,
+    Moved,
+    Recovered,
+    StorageError,
+    queue_full,
+)
+
+log = structlog.get_logger("imagehandler.storage")
+
+S = JobStatus
+STATUS = {m.value: m for m in JobStatus}
+_HELD = (S.IN_PROGRESS.value, S.PROCESSING_RESULTS.value)
+# A claim statement hands out at most this many jobs: its NOTIFY payload (job ids) must stay
+# under PostgreSQL's 8000 bytes.
+CLAIM_CHUNK = 150
+_PAYLOAD_BYTES = 7000
+# The fallback poll for work a lost notification did not announce: one claim query a second
+# per replica bounds such a stall.
+POLL_SECONDS = 1.0
+
+COLUMNS = (
+    "id, seq, spec, status, runs, scanner_id, error, updated_at, started_at, finished_at, "
+    "history, result, summary, result_in_file, delivered, verdict_version, verdict_delivered, "
+    "version"
+)
+_J_COLUMNS = ", ".join(f"j.{c.strip()}" for c in COLUMNS.split(","))
+
+Row = tuple[Any, ...]
+OnWork = Callable[[], None]
+OnMoved = Callable[[Job, Transition], None]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(at: datetime) -> int:
+    return (at - _EPOCH) // timedelta(microseconds=1)
+
+
+def _failure(value: Any) -> JobFailure | None:
+    return JobFailure(value[0], value[1], value[2]) if value else None
+
+
+def _failure_json(error: JobFailure | None) -> list[str] | None:
+    return [error.code, error.message, error.detail] if error is not None else None
+
+
+def _transition_json(t: Transition) -> list[Any]:
+    return [
+        t.from_status.value if t.from_status is not None else 0,
+        t.to_status.value,
+        _micros(t.at),
+        t.scanner_id,
+        t.run,
+        t.reason,
+        _failure_json(t.error),
+    ]
+
+
+def _transition(value: list[Any]) -> Transition:
+    return Transition(
+        STATUS[value[0]] if value[0] else None,
+        STATUS[value[1]],
+        _EPOCH + timedelta(microseconds=value[2]),
+        value[3],
+        value[4],
+        value[5],
+        _failure(value[6]),
+    )
+
+
+def _job(row: Row) -> tuple[Job, int]:
+    """A job from its row (COLUMNS), and the row's version."""
+    stored = storage_pb2.StoredJob.FromString(row[2])
+    job = codec.job(stored)
+    job.seq = row[1]
+    job.status = STATUS[row[3]]
+    job.runs = row[4]
+    job.scanner_id = row[5]
+    job.error = _failure(row[6])
+    job.updated_at, job.started_at, job.finished_at = row[7], row[8], row[9]
+    job.history = [_transition(t) for t in row[10]]
+    job.result = common_pb2.ScanResult.FromString(row[11]) if row[11] is not None else None
+    job.result_summary = (
+        common_pb2.ResultSummary.FromString(row[12]) if row[12] is not None else None
+    )
+    job.result_in_file = row[13]
+    job.delivered, job.verdict_version, job.verdict_delivered = row[14], row[15], row[16]
+    return job, row[17]
+
+
+def dedup_key(spec: JobSpec) -> str:
+    """The text form of ``spec.dedup_key()`` the unique index compares."""
+    return key_text(spec.dedup_key())
+
+
+def key_text(key: tuple[Any, ...]) -> str:
+    """An object-and-policies key (``JobSpec.dedup_key()``, ``Job.key``) as the column holds it."""
+    return hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest()
+
+
+def unavailable(exc: BaseException) -> HandlerError:
+    return HandlerError(
+        Catalogue.SYSTEM_ERROR,
+        f"the database is unreachable ({str(exc).strip() or type(exc).__name__}); retry "
+        "shortly: the handler reconnects by itself",
+        reason=Reason.UNAVAILABLE,
+    )
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Database failures as HNDL errors: a lost or refused connection is UNAVAILABLE."""
+    try:
+        yield
+    except HandlerError:
+        raise
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout, OSError) as exc:
+        raise unavailable(exc) from None
+    except psycopg.Error as exc:
+        raise StorageError(f"the database refused a query: {exc}") from None
+
+
+class PostgresRepository:
+    """The shared queue. ``schema`` isolates one handler installation (and each test)."""
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str = "imagehandler",
+        interactive_share: float = 0.8,
+        lease_seconds: float = 15.0,
+        pool_size: int = 10,
+        connect_timeout: float = 5.0,
+        replica: str = "",
+    ) -> None:
+        self.url = url
+        self.schema = schema
+        self.interactive_share = interactive_share
+        self.lease_seconds = lease_seconds
+        self.replica = replica or secrets.token_hex(8)
+        self.connect_timeout = connect_timeout
+        self._channel = f"ih_{hashlib.blake2b(schema.encode(), digest_size=6).hexdigest()}"
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "options": f"-c search_path={schema} -c timezone=UTC",
+            "connect_timeout": max(1, int(connect_timeout)),
+        }
+        self._kwargs = kwargs
+        self.pool: psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[Row]] = (
+            psycopg_pool.AsyncConnectionPool(
+                url,
+                kwargs=kwargs,
+                min_size=1,
+                max_size=pool_size,
+                open=False,
+                timeout=connect_timeout,
+                configure=self._configure,
+                name=f"image-handler-{self.replica}",
+            )
+        )
+        # Large results are read and written from the result workers' threads.
+        self.sync_pool: psycopg_pool.ConnectionPool[psycopg.Connection[Row]] = (
+            psycopg_pool.ConnectionPool(
+                url, kwargs=kwargs, min_size=0, max_size=2, open=False, timeout=connect_timeout
+            )
+        )
+        self._on_work: OnWork = lambda: None
+        self._on_moved: OnMoved = lambda job, transition: None
+        self._listened: Callable[[str], bool] = lambda job_id: False
+        self._held: Callable[[], Iterable[str]] = tuple
+        self._listener: asyncio.Task[None] | None = None
+        self._next_renewal = 0.0
+        self._next_rescue = 0.0
+        self._next_poll = 0.0
+        self._opened = False
+        # This loop turn's moves, written together (see move).
+        self._moves: list[_MoveRequest] = []
+        self._moves_scheduled = False
+        self._move_tasks: set[asyncio.Task[None]] = set()
+        self._inserts: list[_InsertRequest] = []
+        self._inserts_scheduled = False
+
+    @staticmethod
+    async def _configure(conn: psycopg.AsyncConnection[Row]) -> None:
+        set_json_loads(orjson.loads, conn)
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[Row]]:
+        with _errors():
+            async with self.pool.connection() as conn:
+                yield conn
+
+    # ----- life cycle ------------------------------------------------------------------------
+
+    async def open(self) -> Recovered:
+        """Connect, bring the schema up to date under the advisory lock, start listening."""
+        started = time.perf_counter()
+        with _errors():
+            await self.migrate()
+            await self.pool.open(wait=True, timeout=self.connect_timeout)
+            self.sync_pool.open(wait=False)
+        self._opened = True
+        self._listener = asyncio.create_task(self._listen(), name="postgres-listen")
+        async with self._conn() as conn:
+            cursor = await conn.execute("SELECT count(*) FROM jobs")
+            row = await cursor.fetchone()
+        # Runs a previous life of this replica held are rescued by lease expiry like any
+        # other replica's: this one cannot tell them apart.
+        return Recovered(jobs=int(row[0]) if row else 0, seconds=time.perf_counter() - started)
+
+    async def migrate(self) -> list[str]:
+        """Apply the migrations this code knows (``image-handler migrate`` calls it alone)."""
+        with _errors():
+            conn = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout))
+            )
+            try:
+                applied = await migrations.migrate(conn, self.schema)
+            finally:
+                await conn.close()
+        if applied:
+            log.info("database.migrated", schema=self.schema, applied=applied)
+        return applied
+
+    async def close(self) -> None:
+        if self._move_tasks:
+            await asyncio.gather(*self._move_tasks, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+        if self._opened:
+            await self.pool.close()
+            await asyncio.to_thread(self.sync_pool.close)
+            self._opened = False
+
+    async def commit(self) -> None:
+        """Every verb committed before it returned."""
+
+    def flush(self) -> None:
+        """Nothing waits to be written."""
+
+    async def maintain(self) -> None:
+        """Renew the leases of the runs this replica's service holds (every third of a lease:
+        runs on live scanner streams and results being processed), and poll for work a lost
+        notification did not announce."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now >= self._next_renewal:
+            self._next_renewal = now + self.lease_seconds / 3
+            held = list(self._held())
+            if held:
+                # In id order, skipping rows a move holds now (it renews them itself): no
+                # deadlock with this replica's own move batches.
+                async with self._conn() as conn:
+                    await conn.execute(
+                        "UPDATE jobs SET lease_until = now() + %s * interval '1 second' "
+                        "WHERE id IN (SELECT id FROM jobs WHERE id = ANY(%s) AND status IN (2, 3) "
+                        "AND replica = %s ORDER BY id FOR UPDATE SKIP LOCKED)",
+                        (self.lease_seconds, held, self.replica),
+                    )
+        if now >= self._next_poll:
+            self._next_poll = now + min(POLL_SECONDS, self.lease_seconds / 3)
+            self._on_work()
+
+    # ----- other replicas --------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        *,
+        work: OnWork,
+        moved: OnMoved,
+        listened: Callable[[str], bool],
+        held: Callable[[], Iterable[str]],
+    ) -> None:
+        """``work()`` when another replica queued a job or gave one back; ``moved(job, t)``
+        for each of their moves of a job that ``listened(job_id)``; ``held()``: the runs this
+        replica holds (their leases are renewed)."""
+        self._on_work = work
+        self._on_moved = moved
+        self._listened = listened
+        self._held = held
+
+    async def expired(self, *, at: datetime) -> list[Job]:
+        """Runs whose replica stopped renewing its lease, now held by this one (at most one
+        replica takes each): the service ends them as a restart's interrupted runs. This
+        replica's own only when its service no longer holds them (a move that failed)."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_rescue:
+            return []
+        self._next_rescue = loop.time() + self.lease_seconds / 3
+        async with self._conn() as conn:
+            cursor = await conn.execute(
+                "WITH x AS (SELECT id FROM jobs WHERE status IN (2, 3) AND lease_until < now() "
+                "ORDER BY lease_until LIMIT 1000 FOR UPDATE SKIP LOCKED) "
+                "UPDATE jobs AS j SET replica = %s, lease_until = now() + %s * interval "
+                "'1 second', version = j.version + 1 FROM x WHERE j.id = x.id "
+                f"RETURNING {_J_COLUMNS}",
+                (self.replica, self.lease_seconds),
+            )
+            rows = await cursor.fetchall()
+        jobs = [_job(row)[0] for row in rows]
+        if jobs:
+            log.warning("runs.rescued", jobs=len(jobs), replica=self.replica)
+        return jobs
+
+    async def _listen(self) -> None:
+        """LISTEN on a connection of its own; reconnect after any failure (and ask for a
+        dispatch then: notifications sent meanwhile are lost)."""
+        backoff = 0.1
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.url, **self._kwargs)
+                try:
+                    await conn.execute(
+                        sql.SQL("LISTEN {}").format(sql.Identifier(self._channel + "_work"))
+                    )
+                    await conn.execute(
+                        sql.SQL("LISTEN {}").format(sql.Identifier(self._channel + "_moves"))
+                    )
+                    backoff = 0.1
+                    self._on_work()
+                    async for notice in conn.notifies():
+                        if notice.channel.endswith("_work"):
+                            if notice.payload != self.replica:  # its own asked already
+                                self._on_work()
+                        else:
+                            await self._heard_moves(notice.payload)
+                finally:
+                    await conn.close()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("database.listen_lost", error=str(exc).strip(), retry_in=backoff)
+                await asyncio.sleep(backoff)  # a reconnect backoff, not a wait for state
+                backoff = min(backoff * 2, 5.0)
+
+    async def _heard_moves(self, payload: str) -> None:
+        replica, _, items = payload.partition(" ")
+        if replica == self.replica or not items:
+            return
+        wanted: dict[str, int] = {}
+        listened = self._listened
+        for item in items.split(","):
+            job_id, _, length = item.partition(":")
+            if listened(job_id):
+                wanted[job_id] = max(wanted.get(job_id, 0), int(length))
+        if not wanted:
+            return
+        try:
+            async with self._conn() as conn:
+                cursor = await conn.execute(
+                    f"SELECT {COLUMNS} FROM jobs WHERE id = ANY(%s)", (list(wanted),)
+                )
+                rows = await cursor.fetchall()
+        except HandlerError as error:
+            log.warning("database.moves_unread", error=error.message)
+            return
+        for row in rows:
+            job, _ = _job(row)
+            upto = wanted[job.id]
+            if 0 < upto <= len(job.history):
+                self._on_moved(job, job.history[upto - 1])
+
+    def _moves_payload(self, jobs: Sequence[tuple[str, int]]) -> list[str]:
+        """``<replica> id:length,...`` in pieces under the NOTIFY payload limit."""
+        out: list[str] = []
+        items: list[str] = []
+        size = 0
+        for job_id, length in jobs:
+            item = f"{job_id}:{length}"
+            if items and size + len(item) > _PAYLOAD_BYTES:
+                out.append(f"{self.replica} {','.join(items)}")
+                items, size = [], 0
+            items.append(item)
+            size += len(item) + 1
+        if items:
+            out.append(f"{self.replica} {','.join(items)}")
+        return out
+
+    # ----- jobs ------------------------------------------------------------------------------
+
+    async def insert_many(
+        self, specs: Sequence[JobSpec], *, at: datetime, queue_limit: int = 0
+    ) -> list[Inserted]:
+        """Without a queue limit: one read of what exists, then one statement per batch of
+        new jobs (insert, arrival numbers, notifications). A unique index that refuses a row
+        means another replica queued that object meanwhile: decide again; rows this call
+        inserted stay its own."""
+        if not specs:
+            return []
+        if queue_limit:
+            return await self._insert_many(specs, [at] * len(specs), queue_limit)
+        # Without a limit, the inserts asked in one loop turn (single submits from many
+        # clients) go together, as moves do.
+        loop = asyncio.get_running_loop()
+        request = _InsertRequest(list(specs), at, loop.create_future())
+        self._inserts.append(request)
+        if not self._inserts_scheduled:
+            self._inserts_scheduled = True
+            loop.call_soon(self._start_inserts)
+        return await request.done
+
+    def _start_inserts(self) -> None:
+        self._inserts_scheduled = False
+        batch, self._inserts = self._inserts, []
+        task = asyncio.create_task(self._run_inserts(batch), name="postgres-inserts")
+        self._move_tasks.add(task)
+        task.add_done_callback(self._move_tasks.discard)
+
+    async def _run_inserts(self, batch: list[_InsertRequest]) -> None:
+        specs = [spec for request in batch for spec in request.specs]
+        ats = [request.at for request in batch for _ in request.specs]
+        try:
+            inserted = await self._insert_many(specs, ats, 0)
+        except asyncio.CancelledError:
+            for request in batch:
+                request.done.cancel()
+            raise
+        except Exception as exc:
+            for request in batch:
+                if not request.done.done():
+                    request.done.set_exception(exc)
+            return
+        start = 0
+        for request in batch:
+            if not request.done.done():
+                request.done.set_result(inserted[start : start + len(request.specs)])
+            start += len(request.specs)
+
+    async def _insert_many(
+        self, specs: Sequence[JobSpec], ats: list[datetime], queue_limit: int
+    ) -> list[Inserted]:
+        keys = [dedup_key(spec) for spec in specs]
+        mine: set[str] = set()
+        for attempt in range(10):
+            try:
+                async with self._conn() as conn:
+                    if not queue_limit:
+                        # First as if every job were new (one statement, the usual case); a
+                        # unique index that refuses one sends us round again, reading first.
+                        return await self._insert(
+                            conn, specs, keys, ats, 0, mine, optimistic=attempt == 0
+                        )
+                    async with conn.transaction():
+                        return await self._insert(conn, specs, keys, ats, queue_limit, mine)
+            except _CollidedError:
+                continue
+        raise StorageError("inserts kept colliding with other replicas' inserts; retry")
+
+    async def _insert(
+        self,
+        conn: psycopg.AsyncConnection[Row],
+        specs: Sequence[JobSpec],
+        keys: list[str],
+        ats: list[datetime],
+        queue_limit: int,
+        mine: set[str],
+        *,
+        optimistic: bool = False,
+    ) -> list[Inserted]:
+        by_idem: dict[str, Job] = {}
+        by_key: dict[str, Job] = {}
+        rows: list[Row] = []
+        if not optimistic:
+            idem = [spec.idempotency_key for spec in specs if spec.idempotency_key]
+            cursor = await conn.execute(
+                f"SELECT {COLUMNS}, dedup_key, idempotency_key FROM jobs "
+                "WHERE (idempotency_key <> '' AND idempotency_key = ANY(%s)) "
+                "OR (status IN (1, 2) AND dedup_key = ANY(%s))",
+                (idem, keys),
+            )
+            rows = await cursor.fetchall()
+        for row in rows:
+            job, _ = _job(row[:-2])
+            if row[-1]:
+                by_idem[row[-1]] = job
+            if job.status.active:
+                by_key[row[-2]] = job
+        plan: list[Job | int] = []  # an existing job, or the index of a new one in fresh
+        fresh: list[int] = []
+        batch_idem: dict[str, int] = {}
+        batch_key: dict[str, int] = {}
+        for index, (spec, key) in enumerate(zip(specs, keys, strict=True)):
+            found: Job | None = by_idem.get(spec.idempotency_key) if spec.idempotency_key else None
+            if found is None and spec.idempotency_key in batch_idem:
+                plan.append(batch_idem[spec.idempotency_key])
+                continue
+            if found is None:
+                found = by_key.get(key)
+            if found is not None:
+                plan.append(found)
+                continue
+            if key in batch_key:  # a batch repeating an object
+                plan.append(batch_key[key])
+                continue
+            slot = len(fresh)
+            fresh.append(index)
+            batch_key[key] = slot
+            if spec.idempotency_key:
+                batch_idem[spec.idempotency_key] = slot
+            plan.append(slot)
+        if queue_limit and fresh:
+            # One replica at a time decides against the limit.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(%s)", (migrations.lock_key(self.schema) + 1,)
+            )
+            cursor = await conn.execute("SELECT count(*) FROM jobs WHERE status = 1")
+            counted = await cursor.fetchone()
+            pending = int(counted[0]) if counted else 0
+            if pending + len(fresh) > queue_limit:
+                raise queue_full(queue_limit, pending, len(fresh))
+        created: list[Job] = []
+        for start in range(0, len(fresh), CLAIM_CHUNK):
+            created += await self._insert_rows(
+                conn, specs, keys, fresh[start : start + CLAIM_CHUNK], ats
+            )
+        mine.update(job.id for job in created)
+        if len(created) != len(fresh):
+            raise _CollidedError
+        out: list[Inserted] = []
+        seen: set[str] = set()
+        for item in plan:
+            job = created[item] if isinstance(item, int) else item
+            out.append(Inserted(job, duplicate=job.id not in mine or job.id in seen))
+            seen.add(job.id)
+        return out
+
+    async def _insert_rows(
+        self,
+        conn: psycopg.AsyncConnection[Row],
+        specs: Sequence[JobSpec],
+        keys: list[str],
+        fresh: list[int],
+        ats: list[datetime],
+    ) -> list[Job]:
+        """One statement: the rows, their arrival numbers, and the notifications."""
+        jobs: list[Job] = []
+        columns: list[list[Any]] = [[] for _ in range(10)]
+        for index in fresh:
+            spec, at = specs[index], ats[index]
+            job = Job(id=new_job_id(), seq=0, spec=spec, created_at=at)
+            state_machine.record_creation(job, at)
+            stored = storage_pb2.StoredJob()
+            mapping.set_job(stored.job, job, position=0)
+            mapping.set_submitter(stored.submitter, spec.submitter)
+            for column, value in zip(
+                columns,
+                (job.id, spec.lane.value, job.kind.value, spec.trigger.value, keys[index],
+                 spec.idempotency_key, stored.SerializeToString(), at,
+                 orjson.dumps([_transition_json(t) for t in job.history]).decode(), 1),
+                strict=True,
+            ):  # fmt: skip
+                column.append(value)
+            jobs.append(job)
+        cursor = await conn.execute(
+            "WITH ins AS (INSERT INTO jobs (id, seq, lane, kind, trigger, dedup_key, "
+            "idempotency_key, spec, created_at, updated_at, history, status) "
+            "SELECT u.id, nextval('jobs_arrival'), u.lane, u.kind, u.trigger, u.dedup_key, "
+            "u.idempotency_key, u.spec, u.created_at, u.created_at, u.history, u.status "
+            "FROM unnest(%s::text[], %s::smallint[], %s::smallint[], %s::smallint[], "
+            "%s::text[], %s::text[], %s::bytea[], %s::timestamptz[], %s::jsonb[], "
+            "%s::smallint[]) AS u(id, lane, kind, trigger, dedup_key, idempotency_key, spec, "
+            "created_at, history, status) ON CONFLICT DO NOTHING RETURNING id, seq) "
+            "SELECT ins.id, ins.seq, "
+            "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM ins LIMIT 1) AS any_row), "
+            "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':1', ',')) FROM ins) FROM ins",
+            (
+                *columns,
+                self._channel + "_work",
+                self.replica,
+                self._channel + "_moves",
+                self.replica,
+            ),
+        )
+        seqs = {row[0]: int(row[1]) for row in await cursor.fetchall()}
+        inserted = []
+        for job in jobs:
+            seq = seqs.get(job.id)
+            if seq is not None:
+                job.seq = seq
+                inserted.append(job)
+        return inserted
+
+    async def get(self, job_id: str) -> Job | None:
+        async with self._conn() as conn:
+            cursor = await conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = %s", (job_id,))
+            row = await cursor.fetchone()
+        return _job(row)[0] if row is not None else None
+
+    async def page(
+        self, where: JobFilter, after_seq: int, size: int
+    ) -> tuple[list[Job], int | None]:
+        conditions = [sql.SQL("seq > %(after)s")]
+        params: dict[str, Any] = {"after": after_seq, "size": size + 1}
+        if where.statuses:
+            conditions.append(sql.SQL("status = ANY(%(statuses)s)"))
+            params["statuses"] = [s.value for s in where.statuses]
+        if where.kinds:
+            conditions.append(sql.SQL("kind = ANY(%(kinds)s)"))
+            params["kinds"] = [k.value for k in where.kinds]
+        if where.triggers:
+            conditions.append(sql.SQL("trigger = ANY(%(triggers)s)"))
+            params["triggers"] = [t.value for t in where.triggers]
+        query = sql.SQL("SELECT {} FROM jobs WHERE {} ORDER BY seq LIMIT %(size)s").format(
+            sql.SQL(COLUMNS), sql.SQL(" AND ").join(conditions)
+        )
+        async with self._conn() as conn:
+            cursor = await conn.execute(query, params)
+            rows = await cursor.fetchall()
+        page = [_job(row)[0] for row in rows[:size]]
+        return page, (page[-1].seq if len(rows) > size else None)
+
+    async def counts(self) -> Counts:
+        async with self._conn() as conn:
+            cursor = await conn.execute("SELECT status, count(*) FROM jobs GROUP BY status")
+            by_status = {STATUS[s]: int(n) for s, n in await cursor.fetchall()}
+            cursor = await conn.execute(
+                "SELECT lane, count(*), min(created_at) FROM jobs WHERE status = 1 GROUP BY lane"
+            )
+            lanes = {Lane(lane): (int(n), oldest) for lane, n, oldest in await cursor.fetchall()}
+        return Counts(
+            by_status=by_status,
+            pending_by_lane={lane: lanes.get(lane, (0, None))[0] for lane in Lane},
+            oldest_pending={lane: lanes.get(lane, (0, None))[1] for lane in Lane},
+        )
+
+    async def position(self, job: Job) -> int:
+        if job.status is not JobStatus.PENDING:
+            return 0
+        async with self._conn() as conn:
+            cursor = await conn.execute(
+                "SELECT count(*) FROM jobs WHERE status = 1 AND lane = %s AND seq <= %s",
+                (job.spec.lane.value, job.seq),
+            )
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    def position_hint(self, job: Job) -> int:
+        return 0  # only a query can tell, and other replicas change it
+
+    async def select(self, statuses: frozenset[JobStatus]) -> list[Job]:
+        async with self._conn() as conn:
+            cursor = await conn.execute(
+                f"SELECT {COLUMNS} FROM jobs WHERE status = ANY(%s) ORDER BY seq",
+                ([s.value for s in statuses],),
+            )
+            rows = await cursor.fetchall()
+        return [_job(row)[0] for row in rows]
+
+    async def latest_finished(self, key: tuple[Any, ...]) -> Job | None:
+        # The job that finished last, as the memory store keeps it: a later finish wins, and of
+        # two at the same instant the later arrival.
+        async with self._conn() as conn:
+            cursor = await conn.execute(
+                f"SELECT {COLUMNS} FROM jobs WHERE status = 4 AND dedup_key = %s "
+                "ORDER BY finished_at DESC, seq DESC LIMIT 1",
+                (key_text(key),),
+            )
+            row = await cursor.fetchone()
+        return _job(row)[0] if row is not None else None
+
+    # ----- runs ------------------------------------------------------------------------------
+
+    async def claim(self, demands: Sequence[Demand], *, at: datetime) -> list[Claimed]:
+        """Demands that scan the same kinds share one statement (usually all of them)."""
+        groups: dict[frozenset[ObjectKind], list[int]] = {}
+        for index, demand in enumerate(demands):
+            if demand.slots > 0:
+                groups.setdefault(demand.kinds, []).append(index)
+        out: list[Claimed] = []
+        for kinds, members in groups.items():
+            # One slot per demand per pass, in the demands' order.
+            slots: list[int] = []
+            room = {index: demands[index].slots for index in members}
+            while room:
+                for index in list(room):
+                    slots.append(index)
+                    room[index] -= 1
+                    if not room[index]:
+                        del room[index]
+            for start in range(0, len(slots), CLAIM_CHUNK):
+                chunk = slots[start : start + CLAIM_CHUNK]
+                got = await self._claim(demands, chunk, kinds, at)
+                out.extend(got)
+                if len(got) < len(chunk):
+                    break  # nothing more of these kinds is queued
+        return out
+
+    async def _claim(
+        self,
+        demands: Sequence[Demand],
+        slots: list[int],
+        kinds: frozenset[ObjectKind],
+        at: datetime,
+    ) -> list[Claimed]:
+        share = self.interactive_share
+        params = {
+            "who": slots,
+            "names": [demands[index].scanner_id for index in slots],
+            "kinds": [k.value for k in kinds],
+            "n": len(slots),
+            # Each lane's k-th job ranks at k / its share: the lanes interleave at the share.
+            "wi": 1.0 / share,
+            "wb": 1.0 / (1.0 - share) if share < 1 else 1e12,
+            "replica": self.replica,
+            "lease": self.lease_seconds,
+            "at": at,
+            "micros": _micros(at),
+            "channel": self._channel + "_moves",
+        }
+        async with self._conn() as conn:
+            cursor = await conn.execute(_CLAIM, params)
+            rows = await cursor.fetchall()
+        out: list[Claimed] = []
+        for row in sorted(rows, key=lambda r: r[0]):
+            job, _ = _job(row[2:-1])
+            out.append(Claimed(row[1], Moved(job, job.history[-1])))
+        return out
+
+    async def move(
+        self,
+        job_id: str,
+        to_status: JobStatus,
+        *,
+        expect: frozenset[JobStatus],
+        run: int = 0,
+        at: datetime,
+        reason: str,
+        scanner_id: str = "",
+        error: JobFailure | None = None,
+        result: Any = None,
+        summary: Any = None,
+    ) -> Moved | None:
+        """Every move asked in one loop turn is written by one statement (one commit, one
+        NOTIFY); see :meth:`_apply_moves`."""
+        loop = asyncio.get_running_loop()
+        request = _MoveRequest(
+            job_id, to_status, expect, run, at, reason, scanner_id, error, result, summary,
+            loop.create_future(),
+        )  # fmt: skip
+        self._moves.append(request)
+        if not self._moves_scheduled:
+            self._moves_scheduled = True
+            loop.call_soon(self._start_moves)
+        return await request.done
+
+    def _start_moves(self) -> None:
+        self._moves_scheduled = False
+        batch, self._moves = self._moves, []
+        task = asyncio.create_task(self._run_moves(batch), name="postgres-moves")
+        self._move_tasks.add(task)
+        task.add_done_callback(self._move_tasks.discard)
+
+    async def _run_moves(self, batch: list[_MoveRequest]) -> None:
+        try:
+            for attempt in range(3):
+                try:
+                    outcomes = await self._apply_moves(batch)
+                    break
+                except HandlerError as exc:
+                    rolled_back = isinstance(
+                        exc.__context__,
+                        psycopg.errors.TransactionRollbackError,  # type: ignore[attr-defined]
+                    )
+                    if not rolled_back or attempt == 2:
+                        raise
+                    # A deadlock or serialization failure rolled everything back: again.
+                    log.info("database.moves_retried", error=str(exc.__context__).strip())
+        except asyncio.CancelledError:
+            for request in batch:
+                request.done.cancel()
+            raise
+        except Exception as exc:
+            for request in batch:
+                if not request.done.done():
+                    request.done.set_exception(exc)
+            return
+        for request, outcome in zip(batch, outcomes, strict=True):
+            if request.done.done():
+                continue
+            if isinstance(outcome, Exception):
+                request.done.set_exception(outcome)
+            else:
+                request.done.set_result(outcome)
+
+    async def _apply_moves(self, batch: list[_MoveRequest]) -> list[Moved | HandlerError | None]:
+        """Read the rows, let the state machine decide each move in the order asked, write
+        back every changed row whose version is still the one read (one statement, committed
+        with its notifications). Moves of a job another replica wrote meanwhile are decided
+        again on a fresh read."""
+        outcomes: list[Moved | HandlerError | None] = [None] * len(batch)
+        todo = list(range(len(batch)))
+        for _ in range(20):
+            ids = sorted({batch[i].job_id for i in todo})
+            async with self._conn() as conn:
+                cursor = await conn.execute(
+                    f"SELECT {COLUMNS} FROM jobs WHERE id = ANY(%s)", (ids,)
+                )
+                jobs = {row[0]: _job(row) for row in await cursor.fetchall()}
+                changed: dict[str, _Change] = {}
+                for i in todo:
+                    r = batch[i]
+                    found = jobs.get(r.job_id)
+                    if found is None:
+                        outcomes[i] = None
+                        continue
+                    job, version = found
+                    if job.status not in r.expect or (r.run and job.runs != r.run):
+                        outcomes[i] = None
+                        continue
+                    try:
+                        transition = state_machine.move(
+                            job, r.to_status, at=r.at, reason=r.reason,
+                            scanner_id=r.scanner_id, error=r.error,
+                        )  # fmt: skip
+                    except HandlerError as exc:
+                        outcomes[i] = exc
+                        continue
+                    change = changed.get(job.id)
+                    if change is None:
+                        change = changed[job.id] = _Change(job, version)
+                    change.added.append(_transition_json(transition))
+                    if r.result is not None:
+                        job.result = r.result
+                        if r.result.ByteSize() <= INLINE_RESULT_BYTES:
+                            change.result = r.result.SerializeToString()
+                    if r.summary is not None:
+                        job.result_summary = r.summary
+                        change.summary = r.summary.SerializeToString()
+                    outcomes[i] = Moved(job, transition)
+                changes = list(changed.values())
+                written: set[str] = set()
+                for start in range(0, len(changes), CLAIM_CHUNK):
+                    written |= await self._write_changes(conn, changes[start : start + CLAIM_CHUNK])
+            todo = [
+                i for i in todo if batch[i].job_id in changed and batch[i].job_id not in written
+            ]
+            if not todo:
+                return outcomes
+        raise StorageError("jobs kept changing under their moves; retry")
+
+    async def _write_changes(
+        self, conn: psycopg.AsyncConnection[Row], changes: list[_Change]
+    ) -> set[str]:
+        """The rows still at the version read; the ids written."""
+        columns: list[list[Any]] = [[] for _ in range(14)]
+        for change in changes:
+            job = change.job
+            for column, value in zip(
+                columns,
+                (job.id, change.version, job.status.value, job.runs, job.scanner_id,
+                 orjson.dumps(_failure_json(job.error)).decode() if job.error else None,
+                 job.updated_at, job.started_at, job.finished_at,
+                 orjson.dumps(change.added).decode(), change.result is not None, change.result,
+                 change.summary, job.status.value in _HELD),
+                strict=True,
+            ):  # fmt: skip
+                column.append(value)
+        cursor = await conn.execute(
+            "WITH w AS (UPDATE jobs AS j SET status = u.status, runs = u.runs, "
+            "scanner_id = u.scanner_id, error = u.error, updated_at = u.updated_at, "
+            "started_at = u.started_at, finished_at = u.finished_at, "
+            "history = j.history || u.added, "
+            "result = CASE WHEN u.set_result THEN u.result ELSE j.result END, "
+            "summary = coalesce(u.summary, j.summary), "
+            "replica = CASE WHEN u.held THEN %s END, "
+            "lease_until = CASE WHEN u.held THEN now() + %s * interval '1 second' END, "
+            "version = j.version + 1 "
+            "FROM unnest(%s::text[], %s::int[], %s::smallint[], %s::int[], %s::text[], "
+            "%s::jsonb[], %s::timestamptz[], %s::timestamptz[], %s::timestamptz[], "
+            "%s::jsonb[], %s::bool[], %s::bytea[], %s::bytea[], %s::bool[]) "
+            "AS u(id, version, status, runs, scanner_id, error, updated_at, started_at, "
+            "finished_at, added, set_result, result, summary, held) "
+            "WHERE j.id = u.id AND j.version = u.version "
+            "RETURNING j.id, j.status, jsonb_array_length(j.history) AS n) "
+            "SELECT w.id, "
+            "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':' || n, ',')) FROM w), "
+            "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM w WHERE status = 1 LIMIT 1) AS q) "
+            "FROM w",
+            (self.replica, self.lease_seconds, *columns, self._channel + "_moves",
+             self.replica, self._channel + "_work", self.replica),
+        )  # fmt: skip
+        return {row[0] for row in await cursor.fetchall()}
+
+    # ----- results, deliveries, verdicts, acceptances ----------------------------------------
+
+    def write_result(self, job_id: str, payload: bytes) -> None:
+        with _errors(), self.sync_pool.connection() as conn:
+            conn.execute(
+                "WITH r AS (INSERT INTO results (job_id, payload) VALUES (%s, %s) "
+                "ON CONFLICT (job_id) DO UPDATE SET payload = EXCLUDED.payload) "
+                "UPDATE jobs SET result_in_file = true, result = NULL WHERE id = %s",
+                (job_id, payload, job_id),
+            )
+
+    def read_result(self, job_id: str) -> bytes | None:
+        with _errors(), self.sync_pool.connection() as conn:
+            row = conn.execute(
+                "SELECT payload FROM results WHERE job_id = %s", (job_id,)
+            ).fetchone()
+        return bytes(row[0]) if row is not None else None
+
+    async def acknowledge(self, job: Job) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE jobs SET delivered = greatest(delivered, %s), "
+                "verdict_delivered = greatest(verdict_delivered, %s) WHERE id = %s",
+                (job.delivered, job.verdict_delivered, job.id),
+            )
+
+    async def verdict_changed(self, job: Job) -> None:
+        summary = job.result_summary.SerializeToString() if job.result_summary is not None else None
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE jobs SET summary = coalesce(%s, summary), "
+                "verdict_version = greatest(verdict_version, %s) WHERE id = %s",
+                (summary, job.verdict_version, job.id),
+            )
+
+    async def add_acceptance(self, record: job_service_pb2.RiskAcceptance) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO acceptances (id, body) VALUES (%s, %s) "
+                "ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+                (record.id, record.SerializeToString()),
+            )
+
+    async def remove_acceptance(self, acceptance_id: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute("DELETE FROM acceptances WHERE id = %s", (acceptance_id,))
+
+    async def acceptances(self) -> list[job_service_pb2.RiskAcceptance]:
+        async with self._conn() as conn:
+            cursor = await conn.execute("SELECT body FROM acceptances ORDER BY n")
+            rows = await cursor.fetchall()
+        return [job_service_pb2.RiskAcceptance.FromString(row[0]) for row in rows]
+
+    async def prune(self, before: datetime) -> list[str]:
+        async with self._conn() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM jobs WHERE status IN (4, 5, 6) AND finished_at < %s RETURNING id",
+                (before,),
+            )
+            rows = await cursor.fetchall()
+        return [row[0] for row in rows]
+
+
+@dataclass(slots=True)
+class _MoveRequest:
+    job_id: str
+    to_status: JobStatus
+    expect: frozenset[JobStatus]
+    run: int
+    at: datetime
+    reason: str
+    scanner_id: str
+    error: JobFailure | None
+    result: Any
+    summary: Any
+    done: asyncio.Future[Moved | None]
+
+
+@dataclass(slots=True)
+class _InsertRequest:
+    specs: list[JobSpec]
+    at: datetime
+    done: asyncio.Future[list[Inserted]]
+
+
+@dataclass(slots=True)
+class _Change:
+    """One job's moves in a batch: what its row gets."""
+
+    job: Job
+    version: int  # the row's version when read: the write's compare-and-set
+    added: list[list[Any]] = field(default_factory=list)  # history entries, as stored
+    result: bytes | None = None
+    summary: bytes | None = None
+
+
+class _CollidedError(Exception):
+    """Another replica inserted one of the batch's objects first (a unique index refused)."""
+
+
+_CLAIM = f"""
+WITH slots AS (
+    SELECT who, name, k FROM unnest(%(who)s::int[], %(names)s::text[])
+        WITH ORDINALITY AS s(who, name, k)
+),
+interactive AS (
+    SELECT id, seq FROM jobs
+    WHERE status = 1 AND lane = 2 AND kind = ANY(%(kinds)s::smallint[])
+    ORDER BY seq LIMIT %(n)s FOR UPDATE SKIP LOCKED
+),
+bulk AS (
+    SELECT id, seq FROM jobs
+    WHERE status = 1 AND lane = 1 AND kind = ANY(%(kinds)s::smallint[])
+    ORDER BY seq LIMIT %(n)s FOR UPDATE SKIP LOCKED
+),
+ranked AS (
+    SELECT id, row_number() OVER (ORDER BY rank, lane DESC, seq) AS k FROM (
+        SELECT id, seq, 2 AS lane, (row_number() OVER (ORDER BY seq) - 1) * %(wi)s AS rank
+        FROM interactive
+        UNION ALL
+        SELECT id, seq, 1 AS lane, (row_number() OVER (ORDER BY seq) - 1) * %(wb)s AS rank
+        FROM bulk
+    ) AS both_lanes
+),
+picked AS (
+    SELECT ranked.id, slots.who, slots.name, slots.k FROM ranked JOIN slots ON slots.k = ranked.k
+),
+claimed AS (
+    UPDATE jobs AS j SET
+        status = 2, runs = j.runs + 1, scanner_id = picked.name, replica = %(replica)s,
+        lease_until = now() + %(lease)s * interval '1 second',
+        started_at = %(at)s, updated_at = %(at)s, version = j.version + 1,
+        history = j.history || jsonb_build_array(jsonb_build_array(
+            1, 2, %(micros)s::bigint, picked.name, j.runs + 1, 'assigned', NULL))
+    FROM picked WHERE j.id = picked.id
+    RETURNING picked.k, picked.who, {_J_COLUMNS}
+)
+SELECT claimed.*, (
+    SELECT pg_notify(%(channel)s, %(replica)s || ' ' ||
+        string_agg(id || ':' || jsonb_array_length(history), ','))
+    FROM claimed
+) FROM claimed
+"""
