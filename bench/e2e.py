@@ -11,6 +11,7 @@ scanners stay and reconnect.
 
     .venv/bin/python -m bench.e2e --scanners 8 --jobs 20000 --mode batched
     .venv/bin/python -m bench.e2e --scanners 8 --jobs 20000 --mode batched --metrics
+    .venv/bin/python -m bench.e2e --scanners 8 --jobs 20000 --mode both --fsync never
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class E2EResult:
     log_level: str
     event_loop: str = "asyncio"
     metrics: bool = False
+    fsync: str = "batch"  # the handler's --fsync
 
 
 class Variant(NamedTuple):
@@ -69,6 +71,8 @@ class Variant(NamedTuple):
     log_level: str = "warning"
     event_loop: str = "asyncio"
     metrics: bool = False  # with --metrics-listen (the chart's default)
+    # The handler's --fsync: ``never`` is the fair peer of a Redis without persistence.
+    fsync: str = "batch"
 
     def handler_args(self) -> tuple[str, ...]:
         args: tuple[str, ...] = ()
@@ -172,6 +176,7 @@ def measure(
                 run += 1
                 handler.log_level = level
                 handler.extra = variant.handler_args()
+                handler.fsync = variant.fsync
                 handler.start()
                 try:
                     asyncio.run(wait_scanners(handler.address, scanners))
@@ -201,12 +206,14 @@ def measure(
                     log_level=level,
                     event_loop=loop,
                     metrics=variant.metrics,
+                    fsync=variant.fsync,
                 )
                 results.append(result)
                 if verbose:
                     print(
                         f"  e2e {mode:7} {scanners:2} scanners x {slots} slots, log {level:7}"
-                        f" {loop:7}{' metrics' if variant.metrics else ''}:"
+                        f" {loop:7} fsync {variant.fsync:5}"
+                        f"{' metrics' if variant.metrics else ''}:"
                         f" {result.jobs_per_second:8,.0f} jobs/s ({jobs:,} jobs in"
                         f" {seconds:.2f} s; submits took {submit_seconds:.2f} s; handler"
                         f" {result.handler_cpu_us_per_job:.0f} us CPU/job, scanners"
@@ -235,13 +242,17 @@ def main() -> None:
     parser.add_argument(
         "--metrics", action="store_true", help="the handler with --metrics-listen, as deployed"
     )
+    parser.add_argument("--fsync", default="batch", choices=("always", "batch", "never"))
     args = parser.parse_args()
     modes = ["batched", "single"] if args.mode == "both" else [args.mode]
     with tempfile.TemporaryDirectory(prefix="ih-e2e-") as tmp:
         results = measure(
             Path(tmp),
             args.scanners,
-            [Variant(mode, args.log_level, args.event_loop, args.metrics) for mode in modes],
+            [
+                Variant(mode, args.log_level, args.event_loop, args.metrics, args.fsync)
+                for mode in modes
+            ],
             args.jobs,
             args.repeats,
             args.slots,
