@@ -154,6 +154,16 @@ class Decoder:
             found = self._micros[micros] = _EPOCH + timedelta(microseconds=micros)
         return found
 
+    def strings(self) -> dict[str, str]:
+        """The shared strings, for look-ups in bulk (``map(strings.setdefault, ...)``); call
+        :meth:`trim` after."""
+        return self._strings
+
+    def trim(self) -> None:
+        """Keep the caches bounded after look-ups in bulk."""
+        if len(self._strings) >= self.LIMIT:
+            self._strings.clear()
+
     def share(self, value: str) -> str:
         """One str object for values that repeat across jobs (registries, scanner ids)."""
         found = self._strings.get(value)

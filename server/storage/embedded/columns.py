@@ -9,7 +9,9 @@ That shape is every job a queue of a million holds after a burst of submits.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
+from typing import TypeVar
 
 from imagehandler.jobpolicy import Submitter
 from imagehandler.storage.v1 import storage_pb2
@@ -17,6 +19,7 @@ from server import mapping
 from server.core.model import ImageRef, Job, JobSpec, JobStatus, Lane, Policy, Transition, Trigger
 from server.storage.embedded.codec import Decoder, unix_micros
 
+T = TypeVar("T")
 _TRIGGER = {m.value: m for m in Trigger}
 _LANE = {m.value: m for m in Lane}
 _POLICY = {m.value: m for m in Policy}
@@ -211,70 +214,70 @@ class ColumnsReader:
         return found
 
     def jobs(self, columns: storage_pb2.JobColumns, first_lsn: int = 0) -> list[Job]:
-        """The jobs, each with its lsn: the column's, else ``first_lsn`` + its index."""
+        """The jobs, each with its lsn: the column's, else ``first_lsn`` + its index.
+
+        Each column of few distinct values (times, registries, policies...) is mapped to its
+        shared objects in one pass in C (``map`` over a dict's look-up), so the loop below only
+        builds what is each job's own."""
         count = len(columns.ids)
         lsns = list(columns.lsns) or range(first_lsn, first_lsn + count)
         delivered = list(columns.delivered) or [0] * count
         submitters = [mapping.submitter_from_proto(s) for s in columns.submitters]
-        time = self.decoder.time_micros
-        share = self.decoder.share
-        policy_tuple = self._policy_tuple
-        run_time = self._run_time
-        triggers, lanes, pending = _TRIGGER, _LANE, JobStatus.PENDING
-        out: list[Job] = []
-        append = out.append
-        for row in zip(
-            columns.ids,
-            columns.seqs,
-            lsns,
-            columns.created_unix_micros,
-            columns.registries,
-            columns.repositories,
-            columns.tags,
-            columns.digests,
-            columns.credentials_refs,
-            columns.proxy_urls,
-            columns.triggers,
-            columns.lanes,
-            columns.max_run_time_nanos,
-            columns.policy_bits,
-            columns.idempotency_keys,
-            columns.reasons,
-            columns.submitter_of,
-            delivered,
-            strict=True,
-        ):
-            (job_id, seq, lsn, micros, registry, repository, tag, digest, credentials, proxy,
-             trigger, lane, nanos, bits, key, reason, submitter, acknowledged) = row  # fmt: skip
-            at = time(micros)
-            spec = JobSpec(
-                ImageRef(
-                    share(registry),
-                    share(repository),
-                    tag,
-                    digest,
-                    share(credentials),
-                    share(proxy),
+        strings = self.decoder.strings()
+
+        def shared(column: Iterable[str]) -> Iterator[str]:
+            return map(strings.setdefault, column, column)
+
+        def mapped(column: Iterable[int], make: Callable[[int], T]) -> Iterator[T]:
+            values = {value: make(value) for value in set(column)}
+            return map(values.__getitem__, column)
+
+        pending = JobStatus.PENDING
+        out = [
+            Job(
+                id=job_id,
+                seq=seq,
+                spec=JobSpec(
+                    ImageRef(registry, repository, tag, digest, credentials, proxy),
+                    trigger,
+                    policies,
+                    run_time,
+                    lane,
+                    key,
+                    {},
+                    submitter,
                 ),
-                triggers[trigger],
-                policy_tuple(bits),
-                run_time(nanos),
-                lanes[lane],
-                key,
-                {},
-                submitters[submitter],
+                created_at=at,
+                status=pending,
+                updated_at=at,
+                history=[Transition(None, pending, at, "", 0, reason)],
+                lsn=lsn,
+                delivered=acknowledged,
             )
-            append(
-                Job(
-                    id=job_id,
-                    seq=seq,
-                    spec=spec,
-                    created_at=at,
-                    status=pending,
-                    updated_at=at,
-                    history=[Transition(None, pending, at, "", 0, share(reason))],
-                    lsn=lsn,
-                    delivered=acknowledged,
-                )
+            for (
+                job_id, seq, lsn, at, registry, repository, tag, digest, credentials, proxy,
+                trigger, lane, run_time, policies, key, reason, submitter, acknowledged,
+            ) in zip(
+                columns.ids,
+                columns.seqs,
+                lsns,
+                mapped(columns.created_unix_micros, self.decoder.time_micros),
+                shared(columns.registries),
+                shared(columns.repositories),
+                columns.tags,
+                columns.digests,
+                shared(columns.credentials_refs),
+                shared(columns.proxy_urls),
+                mapped(columns.triggers, _TRIGGER.__getitem__),
+                mapped(columns.lanes, _LANE.__getitem__),
+                mapped(columns.max_run_time_nanos, self._run_time),
+                mapped(columns.policy_bits, self._policy_tuple),
+                columns.idempotency_keys,
+                shared(columns.reasons),
+                map(submitters.__getitem__, columns.submitter_of),
+                delivered,
+                strict=True,
             )
+        ]  # fmt: skip
+        self.decoder.trim()
         return out
