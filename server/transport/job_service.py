@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import duration_pb2
@@ -27,6 +29,19 @@ from server.transport.guard import Context, fail, unary
 # A watcher of every job takes this many events from the shared log at a time.
 WATCH_BATCH = 256
 _CLOSE = object()
+# Jobs a SubmitJobStream client may have sent and not yet seen acknowledged (what one stream
+# can make the handler hold); one more ends the stream with HNDL-007 (RESOURCE_EXHAUSTED).
+STREAM_IN_FLIGHT = 1024
+# Seconds a SubmitJobStream that ends in an error has to take the acknowledgements owed first.
+STREAM_DRAIN = 5.0
+
+
+class _Ack(NamedTuple):
+    """A SubmitJobStream message's outcome, waiting for the commit before it is sent."""
+
+    place: int  # on the stream, from 0
+    submitted: Submitted | None
+    error: HandlerError | None
 
 
 def _message_or_bytes(response: bytes | job_service_pb2.WatchJobsResponse) -> bytes:
@@ -162,6 +177,97 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             self._reply_job(result.job, one)
             if one.duplicate:
                 result.duplicate = True
+        return response
+
+    # Written with context.write() (not as a generator), hence the override ignore.
+    async def SubmitJobStream(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[job_service_pb2.SubmitJobStreamRequest],
+        context: Context,
+    ) -> None:
+        """One job per message; acknowledgements in order, each after the commit that makes
+        its job durable. A reader queues jobs as they arrive; this coroutine takes whatever has
+        been queued since its last pass, awaits one commit for all of it (the journal's group
+        fsync) and writes their acknowledgements."""
+        acks: asyncio.Queue[_Ack | object] = asyncio.Queue()
+        unacknowledged = 0
+
+        async def read() -> None:
+            nonlocal unacknowledged
+            index = 0
+            try:
+                async for request in request_iterator:
+                    if unacknowledged >= STREAM_IN_FLIGHT:
+                        raise HandlerError(
+                            Catalogue.SYSTEM_ERROR,
+                            f"more than {STREAM_IN_FLIGHT} jobs on this SubmitJobStream wait "
+                            "for their acknowledgement; read the acknowledgements and keep "
+                            f"at most {STREAM_IN_FLIGHT} jobs unacknowledged",
+                            reason=Reason.EXHAUSTED,
+                        )
+                    unacknowledged += 1
+                    try:
+                        spec = convert.spec_from_request(
+                            request.job, self.handler.config, self.policy
+                        )
+                        (submitted,) = await self.handler.submit_many([spec])
+                        acks.put_nowait(_Ack(index, submitted, None))
+                    except HandlerError as error:
+                        acks.put_nowait(_Ack(index, None, error))
+                    index += 1
+            finally:
+                acks.put_nowait(_CLOSE)  # the writer ends once what came before is sent
+
+        async def write() -> None:
+            nonlocal unacknowledged
+            while True:
+                batch = [await acks.get()]
+                while not acks.empty():
+                    batch.append(acks.get_nowait())
+                if any(isinstance(item, _Ack) and item.submitted for item in batch):
+                    await self.handler.commit()  # durable before anyone hears of it
+                for item in batch:
+                    if not isinstance(item, _Ack):
+                        return
+                    await context.write(self._ack(item))
+                    unacknowledged -= 1
+
+        reader = asyncio.create_task(read())
+        writer = asyncio.create_task(write())
+        error: Exception | None = None
+        try:
+            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_EXCEPTION)
+            if reader.done() and reader.exception() is not None:
+                # The acknowledgements owed before the error go first, if the client reads
+                # them; one that does not read is not waited for long.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(writer), STREAM_DRAIN)
+                reader.result()  # raises the reader's error
+            await writer  # raises the writer's error; returns once everything is sent
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = exc
+        finally:
+            # Neither may be reading or writing when the call ends.
+            for task in (reader, writer):
+                task.cancel()
+            await asyncio.gather(reader, writer, return_exceptions=True)
+        if error is not None:
+            await fail(context, error, "SubmitJobStream")
+
+    def _ack(self, ack: _Ack) -> job_service_pb2.SubmitJobStreamResponse:
+        response = job_service_pb2.SubmitJobStreamResponse(index=ack.place)
+        if ack.submitted is not None:
+            submitted = response.submitted
+            if ack.submitted.duplicate:
+                submitted.duplicate = True
+            self._reply_job(submitted.job, ack.submitted)
+        elif ack.error is not None:
+            error = response.error
+            error.code = ack.error.code
+            error.message = ack.error.message
+            error.detail = ack.error.detail
         return response
 
     @unary
