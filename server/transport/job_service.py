@@ -16,7 +16,7 @@ from google.protobuf import duration_pb2
 from imagehandler.errors import Catalogue, HandlerError, Reason
 from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
 from server import mapping
-from server.core.model import Job, JobStatus, Lane, ObjectKind, Transition, Trigger
+from server.core.model import Job, JobSpec, JobStatus, Lane, ObjectKind, Transition, Trigger
 from server.core.verdicts import Scope
 from server.job_policy import SubmitPolicy
 from server.service.events import Feed, FellBehind, Subscription
@@ -186,14 +186,20 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         context: Context,
     ) -> None:
         """One job per message; acknowledgements in order, each after the commit that makes
-        its job durable. A reader queues jobs as they arrive; this coroutine takes whatever has
-        been queued since its last pass, awaits one commit for all of it (the journal's group
-        fsync) and writes their acknowledgements."""
+        its job durable. A reader checks each job as it arrives; a submitter queues what has
+        arrived since its last pass in one batch; a writer takes the outcomes, awaits one
+        commit for all of them (the journal's group fsync) and writes their
+        acknowledgements."""
         acks: asyncio.Queue[_Ack | object] = asyncio.Queue()
         unacknowledged = 0
+        # Read but not yet submitted: the jobs that arrive while one batch is being submitted
+        # go in the next, so a busy stream is queued in batches as SubmitJobs would be.
+        incoming: list[tuple[int, JobSpec | HandlerError]] = []
+        arrived = asyncio.Event()
+        closed = False
 
         async def read() -> None:
-            nonlocal unacknowledged
+            nonlocal unacknowledged, closed
             index = 0
             try:
                 async for request in request_iterator:
@@ -207,16 +213,44 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
                         )
                     unacknowledged += 1
                     try:
-                        spec = convert.spec_from_request(
+                        spec: JobSpec | HandlerError = convert.spec_from_request(
                             request.job, self.handler.config, self.policy
                         )
-                        (submitted,) = await self.handler.submit_many([spec])
-                        acks.put_nowait(_Ack(index, submitted, None))
                     except HandlerError as error:
-                        acks.put_nowait(_Ack(index, None, error))
+                        spec = error
+                    incoming.append((index, spec))
+                    arrived.set()
                     index += 1
             finally:
-                acks.put_nowait(_CLOSE)  # the writer ends once what came before is sent
+                closed = True
+                arrived.set()
+
+        async def submit() -> None:
+            nonlocal incoming
+            limit = self.handler.config.max_batch
+            while True:
+                await arrived.wait()
+                arrived.clear()
+                while incoming:
+                    batch, incoming = incoming[:limit], incoming[limit:]
+                    specs = [spec for _, spec in batch if not isinstance(spec, HandlerError)]
+                    try:
+                        done = iter(await self.handler.submit_many(specs) if specs else ())
+                        outcomes = [
+                            _Ack(i, None, spec) if isinstance(spec, HandlerError)
+                            else _Ack(i, next(done), None)
+                            for i, spec in batch
+                        ]  # fmt: skip
+                    except HandlerError as error:  # the whole batch (the queue is full)
+                        outcomes = [
+                            _Ack(i, None, spec if isinstance(spec, HandlerError) else error)
+                            for i, spec in batch
+                        ]
+                    for outcome in outcomes:
+                        acks.put_nowait(outcome)
+                if closed:
+                    acks.put_nowait(_CLOSE)  # the writer ends once what came before is sent
+                    return
 
         async def write() -> None:
             nonlocal unacknowledged
@@ -233,10 +267,14 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
                     unacknowledged -= 1
 
         reader = asyncio.create_task(read())
+        submitter = asyncio.create_task(submit())
         writer = asyncio.create_task(write())
+        tasks = (reader, submitter, writer)
         error: Exception | None = None
         try:
-            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_EXCEPTION)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            if submitter.done():
+                submitter.result()  # raises what is not one job's refusal
             if reader.done() and reader.exception() is not None:
                 # The acknowledgements owed before the error go first, if the client reads
                 # them; one that does not read is not waited for long.
@@ -249,10 +287,10 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         except Exception as exc:
             error = exc
         finally:
-            # Neither may be reading or writing when the call ends.
-            for task in (reader, writer):
+            # None may be reading or writing when the call ends.
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(reader, writer, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
         if error is not None:
             await fail(context, error, "SubmitJobStream")
 

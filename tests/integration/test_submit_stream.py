@@ -13,6 +13,7 @@ import pytest
 
 from imagehandler.rpc import read_rpc_error
 from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
+from server.transport.guard import STREAM_END
 from server.transport.job_service import STREAM_IN_FLIGHT
 from tests.conftest import MakeHandler
 from tests.helpers import image
@@ -20,8 +21,8 @@ from tests.helpers import image
 DEADLINE = 30.0
 
 
-def request(tag: str, **kw: object) -> job_service_pb2.SubmitJobStreamRequest:
-    return job_service_pb2.SubmitJobStreamRequest(job=image(tag=tag, **kw))
+def request(tag: str) -> job_service_pb2.SubmitJobStreamRequest:
+    return job_service_pb2.SubmitJobStreamRequest(job=image(tag=tag))
 
 
 async def test_each_job_is_acknowledged_in_order_and_is_queued(make_handler: MakeHandler) -> None:
@@ -55,13 +56,13 @@ async def test_each_job_is_acknowledged_in_order_and_is_queued(make_handler: Mak
 
 async def test_an_acknowledged_job_survives_a_restart(make_handler: MakeHandler) -> None:
     handler = await make_handler()
-    stream = handler.jobs.SubmitJobStream(timeout=DEADLINE)
+    stream = handler.jobs.SubmitJobStream(None, timeout=DEADLINE)
     await stream.write(request("durable"))
     ack = await stream.read()
     assert isinstance(ack, job_service_pb2.SubmitJobStreamResponse)
     job_id = ack.submitted.job.id
     await stream.done_writing()
-    assert await stream.read() is grpc.aio.EOF
+    assert await stream.read() is STREAM_END
     data_dir = handler.config.data_dir
     await handler.server.stop(0)
     again = await make_handler(data_dir=data_dir)
@@ -81,7 +82,7 @@ async def write_all(stream: Any, requests: list[job_service_pb2.SubmitJobStreamR
 
 async def read_all(stream: Any, acks: list[job_service_pb2.SubmitJobStreamResponse]) -> None:
     """Every acknowledgement up to the end of the call (an error raises)."""
-    while (ack := await stream.read()) is not grpc.aio.EOF:
+    while (ack := await stream.read()) is not STREAM_END:
         acks.append(ack)
 
 
@@ -95,7 +96,9 @@ async def test_too_many_jobs_waiting_for_acknowledgement_end_the_stream(
     # window, so every write here completes.
     options = [("grpc.http2.bdp_probe", 0)]
     async with grpc.aio.insecure_channel(handler.address, options=options) as channel:
-        stream = job_service_pb2_grpc.JobServiceStub(channel).SubmitJobStream(timeout=DEADLINE)
+        stream = job_service_pb2_grpc.JobServiceStub(channel).SubmitJobStream(
+            None, timeout=DEADLINE
+        )
         sent = [request(f"f{n}") for n in range(STREAM_IN_FLIGHT + 900)]
         assert await write_all(stream, sent) == len(sent)
         acks: list[job_service_pb2.SubmitJobStreamResponse] = []
@@ -116,7 +119,7 @@ async def test_the_submit_rate_limit_ends_a_stream_that_passes_it(
     make_handler: MakeHandler,
 ) -> None:
     handler = await make_handler(submit_rate=1.0, submit_burst=5)
-    stream = handler.jobs.SubmitJobStream(timeout=DEADLINE)
+    stream = handler.jobs.SubmitJobStream(None, timeout=DEADLINE)
     await write_all(stream, [request(f"r{n}") for n in range(10)])
     acks: list[job_service_pb2.SubmitJobStreamResponse] = []
     with pytest.raises(grpc.RpcError) as raised:
