@@ -191,6 +191,7 @@ def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any])
                 # Beside the peers: --fsync never is the fair peer of Redis without persistence.
                 plan.append(e2e.Variant("batched", fsync="never"))
                 plan.append(e2e.Variant("single", fsync="never"))
+                plan.append(e2e.Variant("stream"))  # SubmitJobStream: one job per message
                 plan.append(e2e.Variant("batched", "info"))  # what per-transition logging costs
                 plan.append(e2e.Variant("batched", metrics=True))  # and metrics, as deployed
                 if uvloop:  # the handler's --event-loop uvloop
@@ -298,6 +299,8 @@ def peer_rows(out: dict[str, Any], ours: Callable[[str, str], float]) -> list[Ro
     table.append(Row("  ours batched, fsync never / BullMQ addBulk",
                      ours("batched", "never") / bull_bulk, "x"))  # fmt: skip
     table.append(Row("ours single, fsync batch / BullMQ add", single / bull_add, "x"))
+    table.append(Row("  ours SubmitJobStream, fsync batch / BullMQ add",
+                     ours("stream", "batch") / bull_add, "x"))  # fmt: skip
     table.append(Row("  ours single, fsync never / BullMQ add",
                      ours("single", "never") / bull_add, "x"))  # fmt: skip
     ratio = single / pg_add
@@ -396,6 +399,8 @@ def rows(out: dict[str, Any]) -> list[Row]:
                          e2e_rate("batched", 8, fsync="never"), "jobs/s"))  # fmt: skip
         table.append(Row("e2e SubmitJob, 8 scanners, fsync never",
                          e2e_rate("single", 8, fsync="never"), "jobs/s"))  # fmt: skip
+        table.append(Row("e2e SubmitJobStream (one stream, 512 in flight), 8 scanners",
+                         e2e_rate("stream", 8), "jobs/s"))  # fmt: skip
         for count in sorted({r["scanners"] for r in out["e2e"]}):
             if count == 8:
                 continue
@@ -410,7 +415,7 @@ def rows(out: dict[str, Any]) -> list[Row]:
         table.append(Row("e2e SubmitJobs, 8 scanners, metrics on", with_metrics, "jobs/s"))
         table.append(Row("  cost of metrics (off / on)", batched8 / with_metrics, "x"))
         cpus = out.get("meta", {}).get("cpus") or os.cpu_count() or 1
-        for mode in ("batched", "single"):
+        for mode in ("batched", "single", "stream"):
             handler, scanners, submitter = (
                 e2e_cpu(mode, 8, who) for who in ("handler", "scanners", "submitter")
             )
