@@ -1,7 +1,7 @@
 """``make bench``: every figure of the benchmark issue in one table, each with its target and
 PASS / FAIL, also written as JSON (``bench/results/latest.json``) so runs can be compared.
 
-    .venv/bin/python -m bench.run            # the full run (about 10-16 minutes here)
+    .venv/bin/python -m bench.run            # the full run (about 20 minutes, more when shared)
     .venv/bin/python -m bench.run --quick    # smaller counts, about 4 minutes
     .venv/bin/python -m bench.run --only e2e,pickup
 
