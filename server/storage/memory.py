@@ -327,6 +327,9 @@ class MemoryRepository:
     def position_hint(self, job: Job) -> int:
         return self.queue.position(job) if job.status is JobStatus.PENDING else 0
 
+    def pending_hint(self) -> int | None:
+        return len(self.queue)
+
     async def select(self, statuses: frozenset[JobStatus]) -> list[Job]:
         return [job for job in self._by_seq.values() if job.status in statuses]
 
