@@ -77,6 +77,7 @@ PRODUCTION: dict[str, Any] = {
         "proxyUrl": "http://proxy.internal:3128",
         "logLevel": "debug",
         "tmpSizeLimit": "10Gi",
+        "layerCache": {"enabled": True, "sizeMiB": 4096},
         "podDisruptionBudget": {"maxUnavailable": "25%"},
         "affinity": {
             "podAntiAffinity": {
@@ -506,6 +507,22 @@ def test_scanner_settings_reach_the_scanners(production: list[Manifest]) -> None
     assert settings.log_level == "debug"
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "10Gi"}
+    # The layer cache: a volume of its own, mounted where the flag points, room above its size.
+    assert (settings.layer_cache_dir, settings.layer_cache_size) == (
+        "/var/cache/image-scanner/layers",
+        4096.0,
+    )
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["layer-cache"] == settings.layer_cache_dir
+    assert volumes["layer-cache"]["emptyDir"] == {"sizeLimit": "5120Mi"}
+
+
+def test_the_layer_cache_is_off_by_default(defaults: list[Manifest]) -> None:
+    deployment = find(defaults, "Deployment", f"{FULLNAME}-scanner")
+    settings = scanner_cli.parse_args([], env=environment(defaults, deployment))
+    assert settings.layer_cache_dir == ""
+    volumes = {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert "layer-cache" not in volumes
 
 
 def test_the_job_policy_reaches_the_handler_and_the_scanners_alike(
