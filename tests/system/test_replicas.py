@@ -6,6 +6,7 @@ time."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 import sys
@@ -33,6 +34,7 @@ BIN = Path(sys.executable).parent
 LEASE = 5.0
 # Generous for a shared two-core machine: a scanner starved of CPU for a second is not gone.
 HEARTBEAT = ("--heartbeat-interval", "0.5", "--heartbeat-timeout", "5")
+LOG_LEVEL = os.environ.get("IMAGE_HANDLER_TEST_LOG_LEVEL", "warning")
 
 
 @dataclass
@@ -109,19 +111,24 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], deadline: float
 
 
 class Cluster:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, logs: Path) -> None:
         self.database = database
         self.replicas: list[Replica] = []
+        # Each process's log, kept for a failure's reading (pytest keeps its tmp_path).
+        self.logs = logs
 
     def start_replica(self) -> Replica:
         address = f"127.0.0.1:{free_port()}"
+        log = (self.logs / f"replica-{len(self.replicas)}.log").open("wb")
         process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--listen", address,
              "--storage", "postgres", "--database-url", self.database.url,
              "--database-schema", self.database.schema, "--lease-seconds", str(LEASE),
-             *HEARTBEAT, "--log-level", "error"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+             *HEARTBEAT, "--log-level", LOG_LEVEL],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
         )  # fmt: skip
+        log.close()  # the process has its own descriptor
         replica = Replica(address, process)
         self.replicas.append(replica)
         wait_serving(address, process)
@@ -163,8 +170,8 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(database: Database) -> Iterator[Cluster]:
-    cluster = Cluster(database)
+def cluster(database: Database, tmp_path: Path) -> Iterator[Cluster]:
+    cluster = Cluster(database, tmp_path)
     yield cluster
     cluster.stop()
 

@@ -333,6 +333,10 @@ class PostgresRepository:
         self._on_moved = moved
         self._listened = listened
         self._held = held
+        if self._listener is not None:
+            # The listener may have started (and announced itself to the no-op callback)
+            # before these callbacks: whatever it heard meanwhile, look for work now.
+            work()
 
     async def expired(self, *, at: datetime) -> list[Job]:
         """Runs whose replica stopped renewing its lease, now held by this one (at most one
@@ -342,14 +346,20 @@ class PostgresRepository:
         if loop.time() < self._next_rescue:
             return []
         self._next_rescue = loop.time() + self.lease_seconds / 3
+        # Never a run this replica's service still holds, even when its renewal came late (a
+        # stalled loop): rescuing it here would queue it again while its scanner runs it, and
+        # nobody would tell that scanner (a replica does not hear its own moves). Another
+        # replica may take it over; this one then hears the move and cancels the run.
+        held = list(self._held())
         async with self._conn() as conn:
             cursor = await conn.execute(
                 "WITH x AS (SELECT id FROM jobs WHERE status IN (2, 3) AND lease_until < now() "
+                "AND NOT (replica IS NOT DISTINCT FROM %s AND id = ANY(%s)) "
                 "ORDER BY lease_until LIMIT 1000 FOR UPDATE SKIP LOCKED) "
                 "UPDATE jobs AS j SET replica = %s, lease_until = now() + %s * interval "
                 "'1 second', version = j.version + 1 FROM x WHERE j.id = x.id "
                 f"RETURNING {_J_COLUMNS}",
-                (self.replica, self.lease_seconds),
+                (self.replica, held, self.replica, self.lease_seconds),
             )
             rows = await cursor.fetchall()
         jobs = [_job(row)[0] for row in rows]
@@ -761,13 +771,14 @@ class PostgresRepository:
             "at": at,
             "micros": _micros(at),
             "channel": self._channel + "_moves",
+            "work": self._channel + "_work",
         }
         async with self._conn() as conn:
             cursor = await conn.execute(_CLAIM, params)
             rows = await cursor.fetchall()
         out: list[Claimed] = []
         for row in sorted(rows, key=lambda r: r[0]):
-            job, _ = _job(row[2:-1])
+            job, _ = _job(row[2:-2])
             out.append(Claimed(row[1], Moved(job, job.history[-1])))
         return out
 
@@ -1077,5 +1088,12 @@ SELECT claimed.*, (
     SELECT pg_notify(%(channel)s, %(replica)s || ' ' ||
         string_agg(id || ':' || jsonb_array_length(history), ','))
     FROM claimed
+), (
+    -- Rows this statement locked but did not take (each lane locks up to n, n are taken)
+    -- were skipped by every claim running at the same moment, which may then have found
+    -- nothing: no insert or move will announce them again, so wake the other replicas.
+    SELECT pg_notify(%(work)s, %(replica)s)
+    WHERE (SELECT count(*) FROM interactive) + (SELECT count(*) FROM bulk)
+        > (SELECT count(*) FROM picked)
 ) FROM claimed
 """
