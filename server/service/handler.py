@@ -216,7 +216,9 @@ class Handler:
                     f"the handler restarted during run {job.runs} on scanner {job.scanner_id}",
                 )
             await self._end_interrupted(job, failure)
-        if self.delivery is not None:
+        if self.delivery is not None and not self.shared_store:
+            # A shared store: what live replicas owe stays theirs; what dead ones owed is
+            # adopted by the delivery book (orphaned_deliveries).
             owing = frozenset(JobStatus)
             for job in await self.repository.select(owing):
                 if job.delivered < len(job.history) or job.verdict_delivered < job.verdict_version:

@@ -25,8 +25,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 
 from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
+from server.storage.postgres import migrations
 from tests.helpers import image
 from tests.postgres import DATABASE_URL, drop_schema, new_schema_name
+from tests.receiver import ReceiverServer
 from tests.system.test_crash import free_port
 
 S = common_pb2
@@ -117,14 +119,14 @@ class Cluster:
         # Each process's log, kept for a failure's reading (pytest keeps its tmp_path).
         self.logs = logs
 
-    def start_replica(self) -> Replica:
+    def start_replica(self, *extra: str) -> Replica:
         address = f"127.0.0.1:{free_port()}"
         log = (self.logs / f"replica-{len(self.replicas)}.log").open("wb")
         process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--listen", address,
              "--storage", "postgres", "--database-url", self.database.url,
              "--database-schema", self.database.schema, "--lease-seconds", str(LEASE),
-             *HEARTBEAT, "--log-level", LOG_LEVEL],
+             *HEARTBEAT, "--log-level", LOG_LEVEL, *extra],
             stdout=subprocess.DEVNULL,
             stderr=log,
         )  # fmt: skip
@@ -337,6 +339,45 @@ def test_a_killed_replica_runs_return_within_the_lease(cluster: Cluster) -> None
     assert all(j.status == S.JOB_STATUS_FINISHED for j in everything)
 
 
+def test_what_a_killed_replica_owed_the_receiver_is_delivered_by_another(
+    cluster: Cluster, receiver: ReceiverServer, secret_file: Path
+) -> None:
+    """A replica dies (kill -9) while the receiving server refuses what it owes: once the
+    receiver takes deliveries again, a surviving replica sends every change the dead one owed."""
+    delivery = ("--receiver-url", receiver.url, "--receiver-secret-file", str(secret_file),
+                "--delivery-backoff", "0.05", "--delivery-max-backoff", "0.2")  # fmt: skip
+    doomed, survivor = cluster.start_replica(*delivery), cluster.start_replica(*delivery)
+    receiver.always_fail = True
+    # No scanner: each job owes its creation (PENDING), made on the doomed replica alone.
+    ids = submit(doomed, [f"owed-{n}" for n in range(5)])
+    end = time.monotonic() + 30
+    while receiver.attempts < len(ids):  # the doomed replica tried (and was refused)
+        assert time.monotonic() < end, "the doomed replica never tried to deliver"
+        time.sleep(0.02)  # polling another process's effect, with the deadline above
+    doomed.process.kill()  # SIGKILL: its outbox dies with what it owed
+    doomed.process.wait(timeout=30)
+    receiver.always_fail = False
+    want = {f"{job_id}:0" for job_id in ids}
+    end = time.monotonic() + 40
+    while True:
+        with receiver.lock:
+            got = {key for key, _, signed in receiver.received if signed}
+        if want <= got:
+            break
+        assert time.monotonic() < end, f"never delivered: {sorted(want - got)}"
+        time.sleep(0.05)  # polling the receiver's record, with the deadline above
+    assert survivor.process.poll() is None
+    # The survivor acknowledged them in the database: nothing is owed any more.
+    query = sql.SQL(
+        "SELECT count(*) FROM {}.jobs WHERE id = ANY(%s) AND delivered < jsonb_array_length(history)"
+    ).format(sql.Identifier(cluster.database.schema))
+    end = time.monotonic() + 10
+    with cluster.database.admin() as conn:
+        while (row := conn.execute(query, (ids,)).fetchone()) and row[0]:
+            assert time.monotonic() < end, f"{row[0]} deliveries still owed in the database"
+            time.sleep(0.02)  # polling the acknowledgements, with the deadline above
+
+
 def test_cut_off_from_the_database_unavailable_then_recovers(
     cluster: Cluster, database: Database
 ) -> None:
@@ -390,4 +431,4 @@ def test_migrate_as_documented_then_a_newer_schema_is_refused(database: Database
     )  # fmt: skip
     assert refused.returncode == 2
     assert "HNDL-003" in refused.stderr
-    assert "version 9999, newer than this handler's 1" in refused.stderr
+    assert f"version 9999, newer than this handler's {migrations.latest()}" in refused.stderr
