@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +24,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 
-from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
+from imagehandler.v1 import (
+    common_pb2,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    scanner_service_pb2_grpc,
+)
 from server.storage.postgres import migrations
-from tests.helpers import image
+from tests.helpers import HIGH, RawScanner, image
 from tests.postgres import DATABASE_URL, drop_schema, new_schema_name
 from tests.receiver import ReceiverServer
 from tests.system.test_crash import free_port
@@ -376,6 +381,56 @@ def test_what_a_killed_replica_owed_the_receiver_is_delivered_by_another(
         while (row := conn.execute(query, (ids,)).fetchone()) and row[0]:
             assert time.monotonic() < end, f"{row[0]} deliveries still owed in the database"
             time.sleep(0.02)  # polling the acknowledgements, with the deadline above
+
+
+def acceptance_ids(replica: Replica) -> set[str]:
+    channel, stub = replica.stub()
+    with channel:
+        reply = stub.ListRiskAcceptances(job_service_pb2.ListRiskAcceptancesRequest(), timeout=10)
+    return {a.id for a in reply.acceptances}
+
+
+def until(condition: Callable[[], bool], what: str, deadline: float = 20) -> None:
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, what
+        time.sleep(0.02)  # polling another process's state, with the deadline above
+
+
+async def test_an_acceptance_made_on_one_replica_decides_verdicts_on_another(
+    cluster: Cluster,
+) -> None:
+    first, second = cluster.start_replica(), cluster.start_replica()
+    channel, stub = first.stub()
+    with channel:
+        accepted = stub.AcceptRisk(
+            job_service_pb2.AcceptRiskRequest(
+                finding_id=HIGH.id, scope=job_service_pb2.RISK_SCOPE_EVERYWHERE,
+                reason="not reachable here",
+            ),
+            timeout=10,
+        ).acceptance  # fmt: skip
+    until(lambda: accepted.id in acceptance_ids(second), "the other replica never heard of it")
+    # A result the second replica processes (its scanner, its submit) is decided with it.
+    async with (
+        grpc.aio.insecure_channel(second.address) as aio,
+        RawScanner(scanner_service_pb2_grpc.ScannerServiceStub(aio), "s1") as scanner,
+    ):
+        await scanner.start()
+        (job_id,) = submit(second, ["accepted-elsewhere"])
+        (job,) = await scanner.assigned()
+        await scanner.finish(job, vulnerabilities=[HIGH])
+        until(lambda: full(second, job_id).status == S.JOB_STATUS_FINISHED, "never finished")
+    result = full(second, job_id).result
+    assert result.verdict == S.VERDICT_PASSED
+    assert list(result.accepted) == [HIGH.id]
+    # Revoked on the first replica: gone from the second without a restart.
+    channel, stub = first.stub()
+    with channel:
+        stub.RevokeRiskAcceptance(
+            job_service_pb2.RevokeRiskAcceptanceRequest(id=accepted.id), timeout=10
+        )
+    until(lambda: accepted.id not in acceptance_ids(second), "the revoke never reached it")
 
 
 def test_cut_off_from_the_database_unavailable_then_recovers(
