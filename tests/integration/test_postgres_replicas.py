@@ -50,7 +50,7 @@ def expire_every_lease(schema: str) -> None:
 async def listening(repository: PostgresRepository, deadline: float = 10) -> None:
     """Until the repository's listening connection has run its LISTEN (a condition polled
     with a deadline)."""
-    channel = f"%{repository._channel}_moves%"
+    channel = f"%{repository._channel}_risk%"  # the last of its LISTENs
     end = time.monotonic() + deadline
     async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
         while time.monotonic() < end:
