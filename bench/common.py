@@ -84,6 +84,8 @@ class Handler:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     name: str = "handler"
+    # A data directory to keep between starts (a restart bench); by default a fresh one each time.
+    data_dir: Path | None = None
     _log: object = None
 
     @property
@@ -98,7 +100,7 @@ class Handler:
     def start(self) -> None:
         if not self.port:
             self.port = free_port()
-        data = self.workdir / f"{self.name}-data-{self.port}-{time.monotonic_ns()}"
+        data = self.data_dir or self.workdir / f"{self.name}-data-{self.port}-{time.monotonic_ns()}"
         log_path = self.workdir / f"{self.name}-{self.port}.log"
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(

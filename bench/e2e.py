@@ -4,13 +4,15 @@ The handler runs in its own process (journal on, ``batch`` fsync, log level ``wa
 metrics endpoint unless asked otherwise: ``--metrics`` runs it with ``--metrics-listen``, as the
 Helm chart does, so its per-transition counters and histograms are paid for). The scanners are
 ``image-scanner`` processes with the noop engine; this process submits, either ``SubmitJobs``
-batches of 100 (4 calls in flight) or single ``SubmitJob`` calls (32 in flight). The end is
+batches of 100 (4 calls in flight), single ``SubmitJob`` calls (32 in flight), or one
+``SubmitJobStream`` with a job per message (512 unacknowledged at most). The end is
 seen by polling ``GetQueueStats`` every 20 ms (so the figure can only be pessimistic, by at
 most one poll). The handler is restarted with a fresh data directory for every run; the
 scanners stay and reconnect.
 
     .venv/bin/python -m bench.e2e --scanners 8 --jobs 20000 --mode batched
     .venv/bin/python -m bench.e2e --scanners 8 --jobs 20000 --mode batched --metrics
+    .venv/bin/python -m bench.e2e --scanners 8 --jobs 20000 --mode both --fsync never
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import grpc
 
@@ -40,6 +42,8 @@ from imagehandler.v1 import job_service_pb2, job_service_pb2_grpc
 BATCH = 100
 BATCH_IN_FLIGHT = 4
 SINGLE_IN_FLIGHT = 32
+# Jobs a SubmitJobStream keeps unacknowledged (below the handler's bound of 1,024).
+STREAM_IN_FLIGHT = 512
 POLL = 0.02
 
 
@@ -60,15 +64,18 @@ class E2EResult:
     log_level: str
     event_loop: str = "asyncio"
     metrics: bool = False
+    fsync: str = "batch"  # the handler's --fsync
 
 
 class Variant(NamedTuple):
     """How one set of runs submits and how its handler is started."""
 
-    mode: str  # batched or single
+    mode: str  # batched, single or stream (SubmitJobStream)
     log_level: str = "warning"
     event_loop: str = "asyncio"
     metrics: bool = False  # with --metrics-listen (the chart's default)
+    # The handler's --fsync: ``never`` is the fair peer of a Redis without persistence.
+    fsync: str = "batch"
 
     def handler_args(self) -> tuple[str, ...]:
         args: tuple[str, ...] = ()
@@ -114,6 +121,13 @@ async def submit_all(address: str, jobs: int, mode: str, tag: str) -> float:
                     await stub.SubmitJobs(queue.pop(), timeout=60)
 
             await asyncio.gather(*(batch_worker() for _ in range(BATCH_IN_FLIGHT)))
+        elif mode == "stream":
+            messages = [
+                job_service_pb2.SubmitJobStreamRequest(job=image_request(n, tag))
+                for n in range(jobs)
+            ]
+            started = time.perf_counter()
+            await stream_all(stub, messages)
         else:
             requests = [image_request(n, tag) for n in range(jobs)]
             started = time.perf_counter()
@@ -125,6 +139,34 @@ async def submit_all(address: str, jobs: int, mode: str, tag: str) -> float:
 
             await asyncio.gather(*(single_worker() for _ in range(SINGLE_IN_FLIGHT)))
         return time.perf_counter() - started
+
+
+async def stream_all(
+    stub: job_service_pb2_grpc.JobServiceStub,
+    requests: list[job_service_pb2.SubmitJobStreamRequest],
+) -> None:
+    """Every request on one SubmitJobStream, at most STREAM_IN_FLIGHT unacknowledged."""
+    window = asyncio.Semaphore(STREAM_IN_FLIGHT)
+    call = cast(
+        "grpc.aio.StreamStreamCall[Any, job_service_pb2.SubmitJobStreamResponse]",
+        stub.SubmitJobStream(None, timeout=120),  # type: ignore[arg-type]  # call.write()
+    )
+
+    async def write() -> None:
+        for request in requests:
+            await window.acquire()
+            await call.write(request)
+        await call.done_writing()
+
+    writer = asyncio.create_task(write())
+    for _ in requests:
+        ack = await call.read()
+        if not isinstance(ack, job_service_pb2.SubmitJobStreamResponse):
+            raise RuntimeError("the SubmitJobStream ended before every job was acknowledged")
+        if ack.HasField("error"):
+            raise RuntimeError(f"job {ack.index} refused: {ack.error.message}")
+        window.release()
+    await writer
 
 
 async def run_once(address: str, jobs: int, mode: str, tag: str) -> tuple[float, float, int]:
@@ -172,6 +214,7 @@ def measure(
                 run += 1
                 handler.log_level = level
                 handler.extra = variant.handler_args()
+                handler.fsync = variant.fsync
                 handler.start()
                 try:
                     asyncio.run(wait_scanners(handler.address, scanners))
@@ -201,12 +244,14 @@ def measure(
                     log_level=level,
                     event_loop=loop,
                     metrics=variant.metrics,
+                    fsync=variant.fsync,
                 )
                 results.append(result)
                 if verbose:
                     print(
                         f"  e2e {mode:7} {scanners:2} scanners x {slots} slots, log {level:7}"
-                        f" {loop:7}{' metrics' if variant.metrics else ''}:"
+                        f" {loop:7} fsync {variant.fsync:5}"
+                        f"{' metrics' if variant.metrics else ''}:"
                         f" {result.jobs_per_second:8,.0f} jobs/s ({jobs:,} jobs in"
                         f" {seconds:.2f} s; submits took {submit_seconds:.2f} s; handler"
                         f" {result.handler_cpu_us_per_job:.0f} us CPU/job, scanners"
@@ -228,20 +273,24 @@ def main() -> None:
     parser.add_argument("--scanners", type=int, default=8)
     parser.add_argument("--slots", type=int, default=0, help="per scanner (default: see code)")
     parser.add_argument("--jobs", type=int, default=20_000)
-    parser.add_argument("--mode", choices=("batched", "single", "both"), default="both")
+    parser.add_argument("--mode", choices=("batched", "single", "stream", "both"), default="both")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--event-loop", default="asyncio", choices=("asyncio", "uvloop"))
     parser.add_argument(
         "--metrics", action="store_true", help="the handler with --metrics-listen, as deployed"
     )
+    parser.add_argument("--fsync", default="batch", choices=("always", "batch", "never"))
     args = parser.parse_args()
     modes = ["batched", "single"] if args.mode == "both" else [args.mode]
     with tempfile.TemporaryDirectory(prefix="ih-e2e-") as tmp:
         results = measure(
             Path(tmp),
             args.scanners,
-            [Variant(mode, args.log_level, args.event_loop, args.metrics) for mode in modes],
+            [
+                Variant(mode, args.log_level, args.event_loop, args.metrics, args.fsync)
+                for mode in modes
+            ],
             args.jobs,
             args.repeats,
             args.slots,

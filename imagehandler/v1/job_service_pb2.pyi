@@ -211,6 +211,58 @@ class SubmitJobsResponse(_message.Message):
 Global___SubmitJobsResponse: _TypeAlias = SubmitJobsResponse  # noqa: Y015
 
 @_typing.final
+class SubmitJobStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___SubmitJobRequest: ...
+    def __init__(
+        self,
+        *,
+        job: Global___SubmitJobRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitJobStreamRequest: _TypeAlias = SubmitJobStreamRequest  # noqa: Y015
+
+@_typing.final
+class SubmitJobStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    SUBMITTED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The request's place on this stream, counted from 0 (acknowledgements come in that order)."""
+    @_builtins.property
+    def submitted(self) -> Global___SubmitJobResponse:
+        """Set when the job was queued, or matched a job already queued (duplicate)."""
+
+    @_builtins.property
+    def error(self) -> _common_pb2.JobError:
+        """Set when this job was refused (HNDL code and text, as a SubmitJob error would say)."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        submitted: Global___SubmitJobResponse | None = ...,
+        error: _common_pb2.JobError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "submitted", b"submitted"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "index", b"index", "submitted", b"submitted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitJobStreamResponse: _TypeAlias = SubmitJobStreamResponse  # noqa: Y015
+
+@_typing.final
 class GetJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -46,6 +46,11 @@ class JobServiceStub:
                 request_serializer=imagehandler_dot_v1_dot_job__service__pb2.SubmitJobsRequest.SerializeToString,
                 response_deserializer=imagehandler_dot_v1_dot_job__service__pb2.SubmitJobsResponse.FromString,
                 _registered_method=True)
+        self.SubmitJobStream = channel.stream_stream(
+                '/imagehandler.v1.JobService/SubmitJobStream',
+                request_serializer=imagehandler_dot_v1_dot_job__service__pb2.SubmitJobStreamRequest.SerializeToString,
+                response_deserializer=imagehandler_dot_v1_dot_job__service__pb2.SubmitJobStreamResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/imagehandler.v1.JobService/GetJob',
                 request_serializer=imagehandler_dot_v1_dot_job__service__pb2.GetJobRequest.SerializeToString,
@@ -119,6 +124,17 @@ class JobServiceServicer:
     def SubmitJobs(self, request, context):
         """Queue many jobs in one call. All are validated first: one bad job rejects the whole batch
         (HNDL-005 naming its index) and queues nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitJobStream(self, request_iterator, context):
+        """Queue jobs one per message on one stream, for producers that submit one job at a time at a
+        high rate. Each message is acknowledged on the stream, in order, once it is as durable as a
+        SubmitJob answer (after the journal's commit); a refused job is acknowledged with its error
+        and the stream goes on. At most 1,024 jobs may wait for their acknowledgement: one more
+        ends the stream with HNDL-007 (RESOURCE_EXHAUSTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -210,6 +226,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.SubmitJobs,
                     request_deserializer=imagehandler_dot_v1_dot_job__service__pb2.SubmitJobsRequest.FromString,
                     response_serializer=imagehandler_dot_v1_dot_job__service__pb2.SubmitJobsResponse.SerializeToString,
+            ),
+            'SubmitJobStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitJobStream,
+                    request_deserializer=imagehandler_dot_v1_dot_job__service__pb2.SubmitJobStreamRequest.FromString,
+                    response_serializer=imagehandler_dot_v1_dot_job__service__pb2.SubmitJobStreamResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -323,6 +344,33 @@ class JobService:
             '/imagehandler.v1.JobService/SubmitJobs',
             imagehandler_dot_v1_dot_job__service__pb2.SubmitJobsRequest.SerializeToString,
             imagehandler_dot_v1_dot_job__service__pb2.SubmitJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJobStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/imagehandler.v1.JobService/SubmitJobStream',
+            imagehandler_dot_v1_dot_job__service__pb2.SubmitJobStreamRequest.SerializeToString,
+            imagehandler_dot_v1_dot_job__service__pb2.SubmitJobStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

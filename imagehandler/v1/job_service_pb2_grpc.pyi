@@ -43,6 +43,13 @@ class JobServiceStub:
     """Queue many jobs in one call. All are validated first: one bad job rejects the whole batch
     (HNDL-005 naming its index) and queues nothing.
     """
+    SubmitJobStream: _grpc.StreamStreamMultiCallable[_job_service_pb2.SubmitJobStreamRequest, _job_service_pb2.SubmitJobStreamResponse]
+    """Queue jobs one per message on one stream, for producers that submit one job at a time at a
+    high rate. Each message is acknowledged on the stream, in order, once it is as durable as a
+    SubmitJob answer (after the journal's commit); a refused job is acknowledged with its error
+    and the stream goes on. At most 1,024 jobs may wait for their acknowledgement: one more
+    ends the stream with HNDL-007 (RESOURCE_EXHAUSTED).
+    """
     GetJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]
     ListJobs: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListJobsRequest, _job_service_pb2.ListJobsResponse]
     CancelJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.CancelJobRequest, _job_service_pb2.CancelJobResponse]
@@ -78,6 +85,13 @@ class JobServiceAsyncStub(JobServiceStub):
     SubmitJobs: _aio.UnaryUnaryMultiCallable[_job_service_pb2.SubmitJobsRequest, _job_service_pb2.SubmitJobsResponse]  # type: ignore[assignment]
     """Queue many jobs in one call. All are validated first: one bad job rejects the whole batch
     (HNDL-005 naming its index) and queues nothing.
+    """
+    SubmitJobStream: _aio.StreamStreamMultiCallable[_job_service_pb2.SubmitJobStreamRequest, _job_service_pb2.SubmitJobStreamResponse]  # type: ignore[assignment]
+    """Queue jobs one per message on one stream, for producers that submit one job at a time at a
+    high rate. Each message is acknowledged on the stream, in order, once it is as durable as a
+    SubmitJob answer (after the journal's commit); a refused job is acknowledged with its error
+    and the stream goes on. At most 1,024 jobs may wait for their acknowledgement: one more
+    ends the stream with HNDL-007 (RESOURCE_EXHAUSTED).
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]  # type: ignore[assignment]
     ListJobs: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListJobsRequest, _job_service_pb2.ListJobsResponse]  # type: ignore[assignment]
@@ -123,6 +137,19 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_job_service_pb2.SubmitJobsResponse, _abc.Awaitable[_job_service_pb2.SubmitJobsResponse]]:
         """Queue many jobs in one call. All are validated first: one bad job rejects the whole batch
         (HNDL-005 naming its index) and queues nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitJobStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_job_service_pb2.SubmitJobStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_job_service_pb2.SubmitJobStreamResponse], _abc.AsyncIterator[_job_service_pb2.SubmitJobStreamResponse]]:
+        """Queue jobs one per message on one stream, for producers that submit one job at a time at a
+        high rate. Each message is acknowledged on the stream, in order, once it is as durable as a
+        SubmitJob answer (after the journal's commit); a refused job is acknowledged with its error
+        and the stream goes on. At most 1,024 jobs may wait for their acknowledgement: one more
+        ends the stream with HNDL-007 (RESOURCE_EXHAUSTED).
         """
 
     @_abc_1.abstractmethod

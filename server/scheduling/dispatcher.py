@@ -8,6 +8,7 @@ the job repository's ``claim``; this is only the order in which scanners ask.
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import islice
 from typing import Generic, Protocol, TypeVar
 
 
@@ -36,9 +37,13 @@ class FreeRing(Generic[M]):
     def __len__(self) -> int:
         return len(self._free)
 
-    def members(self) -> list[M]:
-        """The Free members, the one to ask first first."""
-        return list(self._free.values())
+    def members(self, start: int = 0, count: int | None = None) -> list[M]:
+        """The Free members, the one to ask first first; ``start``/``count`` take a slice of
+        them without building the whole list."""
+        if start == 0 and count is None:
+            return list(self._free.values())
+        stop = None if count is None else start + count
+        return list(islice(self._free.values(), start, stop))
 
     def took(self, member: M) -> None:
         """The member was handed a job: to the back of the ring (if still Free)."""

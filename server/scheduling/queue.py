@@ -59,6 +59,17 @@ class JobQueue:
         self._lane_sizes[lane] += 1
         self._size += 1
 
+    def push_many(self, jobs: Iterable[Job]) -> None:
+        """:meth:`push` for many jobs at once (recovery): each list is sorted once, not
+        searched once per job."""
+        by_list: dict[tuple[Lane, ObjectKind], list[Job]] = {}
+        for job in jobs:
+            by_list.setdefault((job.spec.lane, job.kind), []).append(job)
+        for (lane, kind), some in by_list.items():
+            self._lists[lane, kind].update(some)
+            self._lane_sizes[lane] += len(some)
+            self._size += len(some)
+
     def remove(self, job: Job) -> bool:
         lane = job.spec.lane
         jobs = self._lists[lane, job.kind]

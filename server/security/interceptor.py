@@ -203,7 +203,7 @@ class SecurityInterceptor(_ServerInterceptor):
         decode = self._stream_decoder(handler.request_deserializer, name)
         if handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
-                self._streaming(handler.stream_stream, principal, counted=True),
+                self._streaming(handler.stream_stream, principal, counted=True, method=method),
                 request_deserializer=decode,
                 response_serializer=handler.response_serializer,
             )
@@ -304,8 +304,11 @@ class SecurityInterceptor(_ServerInterceptor):
         jobs = len(request.jobs) if method == roles.SUBMIT_BATCH else 1
         client = self.client_of(principal, context)
         wait = self.rate.take(client, jobs)
-        if not wait:
-            return
+        if wait:
+            await abort(context, self._rate_refusal(client, jobs, wait))
+
+    def _rate_refusal(self, client: str, jobs: int, wait: float) -> HandlerError:
+        assert self.rate is not None
         rate, burst = self.rate.rate, self.rate.burst
         if math.isinf(wait):
             detail = (
@@ -317,7 +320,25 @@ class SecurityInterceptor(_ServerInterceptor):
                 f"submit rate limit of {rate:g} jobs/s (burst {burst}) for {client} reached; "
                 f"retry in {wait:.2f}s"
             )
-        await abort(context, _error(detail, Reason.EXHAUSTED))
+        return _error(detail, Reason.EXHAUSTED)
+
+    def _rate_limited(
+        self, requests: AsyncIterator[Any], principal: Principal | None, context: Context
+    ) -> AsyncIterator[Any]:
+        """The submit stream's messages, each taken from the client's submit rate: one over
+        the limit ends the stream with the error, as a SubmitJob over it is refused."""
+        rate = self.rate
+        assert rate is not None
+        client = self.client_of(principal, context)
+
+        async def limited() -> AsyncIterator[Any]:
+            async for request in requests:
+                wait = rate.take(client, 1)
+                if wait:
+                    raise self._rate_refusal(client, 1, wait)
+                yield request
+
+        return limited()
 
     async def _open_stream(self, principal: Principal | None, context: Context) -> str | None:
         """Count a stream against its client (None: not counted); refuse one too many."""
@@ -351,16 +372,23 @@ class SecurityInterceptor(_ServerInterceptor):
         return behaviour
 
     def _streaming(
-        self, inner: Any, principal: Principal | None, *, counted: bool
+        self, inner: Any, principal: Principal | None, *, counted: bool, method: str = ""
     ) -> Callable[[Any, Context], Awaitable[Any]]:
+        submitter = caller.submitter_of(principal)
+        limited = self.rate is not None and method == roles.SUBMIT_STREAM
+
         async def behaviour(request_iterator: Any, context: Context) -> Any:
             client = await self._open_stream(principal, context) if counted else None
+            if limited:
+                request_iterator = self._rate_limited(request_iterator, principal, context)
+            bound = caller.bind(submitter)  # who submits, for the job's credential grants
             try:
                 return await _run_streaming(inner, request_iterator, context)
             except HandlerError as error:
                 # A message the decoder refused, raised where the servicer read it.
                 await abort(context, error)
             finally:
+                caller.unbind(bound)
                 if client is not None and self.streams is not None:
                     self.streams.release(client)
 

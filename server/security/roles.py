@@ -2,7 +2,7 @@
 
 | role      | may call |
 |-----------|----------|
-| `submit`  | JobService.SubmitJob, SubmitJobs |
+| `submit`  | JobService.SubmitJob, SubmitJobs, SubmitJobStream |
 | `read`    | JobService.GetJob, ListJobs, WatchJobs, GetQueueStats, GetJobResult,
 |           | ListRiskAcceptances; ScannerService.ListScanners |
 | `scanner` | ScannerService.Connect |
@@ -30,7 +30,11 @@ OPEN_SERVICES = frozenset(
 ADMIN = "admin"
 
 _ROLE_METHODS: dict[str, tuple[str, ...]] = {
-    "submit": (f"{JOB_SERVICE}/SubmitJob", f"{JOB_SERVICE}/SubmitJobs"),
+    "submit": (
+        f"{JOB_SERVICE}/SubmitJob",
+        f"{JOB_SERVICE}/SubmitJobs",
+        f"{JOB_SERVICE}/SubmitJobStream",
+    ),
     "read": (
         f"{JOB_SERVICE}/GetJob",
         f"{JOB_SERVICE}/ListJobs",
@@ -54,6 +58,8 @@ ADMIN_ONLY = frozenset({ADMIN})
 # Submit methods: what the per-client submit rate limit counts.
 SUBMIT_BATCH = f"/{JOB_SERVICE}/SubmitJobs"
 SUBMIT_METHODS = frozenset({f"/{JOB_SERVICE}/SubmitJob", SUBMIT_BATCH})
+# The submit stream: each of its messages counts as one job against the rate limit.
+SUBMIT_STREAM = f"/{JOB_SERVICE}/SubmitJobStream"
 
 
 def service_of(method: str) -> str:
@@ -82,6 +88,7 @@ __all__ = [
     "OPEN_SERVICES",
     "SUBMIT_BATCH",
     "SUBMIT_METHODS",
+    "SUBMIT_STREAM",
     "is_open",
     "roles_for",
     "service_of",

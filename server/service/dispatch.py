@@ -17,7 +17,7 @@ import structlog
 from server.scheduling.dispatcher import FreeRing
 from server.service.sessions import AssignJobs, ScannerSession
 from server.service.transitions import Transitions
-from server.storage.repository import Demand, JobRepository, Moved
+from server.storage.repository import Claimed, Demand, JobRepository, Moved
 
 log = structlog.get_logger("imagehandler")
 
@@ -69,13 +69,41 @@ class Dispatch:
     async def once(self) -> None:
         if self._backlog() >= self._backlog_limit:
             return
-        sessions = self.ring.members()
-        if not sessions:
+        wanted = self._repository.pending_hint()
+        if wanted == 0:
             return
-        demands = [Demand(s.scanner_id, s.kinds, s.free_slots) for s in sessions]
-        claimed = await self._repository.claim(demands, at=datetime.now(UTC))
-        if not claimed:
-            return
+        # Ask the Free scanners in ring order, a chunk at a time: as many as there are jobs
+        # (a store that cannot tell without I/O gets every Free scanner at once). Another chunk
+        # is asked only while jobs are left, e.g. for kinds the first chunk does not take, so a
+        # pass costs what it hands out, not the number of idle scanners; chunks at least double,
+        # so jobs no Free scanner takes cost a few claims, not one per scanner.
+        took: list[ScannerSession] = []
+        start = 0
+        size = wanted
+        while True:
+            sessions = self.ring.members(start, size)
+            if not sessions:
+                break
+            start += len(sessions)
+            took += self._hand_out(
+                sessions,
+                await self._repository.claim(
+                    [Demand(s.scanner_id, s.kinds, s.free_slots) for s in sessions],
+                    at=datetime.now(UTC),
+                ),
+            )
+            wanted = self._repository.pending_hint()
+            if not wanted:
+                break
+            size = max(wanted, 2 * len(sessions))
+        # Reordered only after the pass, so the chunks above are consecutive slices of one ring.
+        for session in took:
+            self.ring.took(session)
+
+    def _hand_out(
+        self, sessions: list[ScannerSession], claimed: list[Claimed]
+    ) -> list[ScannerSession]:
+        """Send each session what it claimed; the sessions that took a job, once per job."""
         batches: dict[int, list[Moved]] = {}
         for item in claimed:
             batches.setdefault(item.demand, []).append(item.moved)
@@ -85,5 +113,4 @@ class Dispatch:
             self.assigned(session, moves)  # ends the runs at once if the session left meanwhile
             if session.connected:
                 session.send(AssignJobs(tuple(moved.job for moved in moves)))
-        for item in claimed:
-            self.ring.took(sessions[item.demand])
+        return [sessions[item.demand] for item in claimed]

@@ -105,6 +105,10 @@ class NoLog:
         pass
 
 
+def _by_seq(job: Job) -> int:
+    return job.seq
+
+
 class MemoryRepository:
     """The job repository in memory. With ``log`` every change is also journaled."""
 
@@ -176,20 +180,24 @@ class MemoryRepository:
         recovery); what was under way is listed for the service to end."""
         self._next_seq = max(self._next_seq, next_seq)
         out = Recovered(jobs=len(jobs))
-        for job in sorted(jobs.values(), key=lambda j: j.seq):
-            self.jobs[job.id] = job
-            self._by_seq[job.seq] = job
-            self._status_counts[job.status] += 1
-            if job.spec.idempotency_key:
-                self._by_idempotency_key[job.spec.idempotency_key] = job
-            if job.status.active:
-                self._active_by_key[job.key] = job
-            if job.status is JobStatus.FINISHED:
+        # In bulk: a million recovered jobs go into each table with one call, not one each.
+        ordered = sorted(jobs.values(), key=_by_seq)
+        self.jobs.update((job.id, job) for job in ordered)
+        self._by_seq.update((job.seq, job) for job in ordered)
+        self._status_counts.update(job.status for job in ordered)
+        self._by_idempotency_key.update(
+            (job.spec.idempotency_key, job) for job in ordered if job.spec.idempotency_key
+        )
+        active = {status for status in JobStatus if status.active}
+        self._active_by_key.update((job.key, job) for job in ordered if job.status in active)
+        pending = JobStatus.PENDING
+        self.queue.push_many(job for job in ordered if job.status is pending)
+        under_way = (JobStatus.IN_PROGRESS, JobStatus.PROCESSING_RESULTS)
+        out.interrupted += [job for job in ordered if job.status in under_way]
+        finished = JobStatus.FINISHED
+        for job in ordered:
+            if job.status is finished:
                 self._finished(job)
-            if job.status is JobStatus.PENDING:
-                self.queue.push(job)
-            elif job.status in (JobStatus.IN_PROGRESS, JobStatus.PROCESSING_RESULTS):
-                out.interrupted.append(job)
         self._acceptances = dict(acceptances)
         return out
 
@@ -324,6 +332,9 @@ class MemoryRepository:
 
     def position_hint(self, job: Job) -> int:
         return self.queue.position(job) if job.status is JobStatus.PENDING else 0
+
+    def pending_hint(self) -> int | None:
+        return len(self.queue)
 
     async def select(self, statuses: frozenset[JobStatus]) -> list[Job]:
         return [job for job in self._by_seq.values() if job.status in statuses]

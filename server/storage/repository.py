@@ -209,6 +209,12 @@ class JobRepository(Protocol):
         transition); 0 when only a query could tell."""
         ...
 
+    def pending_hint(self) -> int | None:
+        """How many jobs are PENDING, when the store knows it without I/O; None when only a
+        query could tell (a shared store). Dispatch asks only as many Free scanners as there
+        are jobs, so a pass costs what it hands out, not the number of idle scanners."""
+        ...
+
     async def select(self, statuses: frozenset[JobStatus]) -> list[Job]:
         """Every job in these statuses, in arrival order."""
         ...

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import duration_pb2
@@ -14,7 +16,7 @@ from google.protobuf import duration_pb2
 from imagehandler.errors import Catalogue, HandlerError, Reason
 from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
 from server import mapping
-from server.core.model import Job, JobStatus, Lane, ObjectKind, Transition, Trigger
+from server.core.model import Job, JobSpec, JobStatus, Lane, ObjectKind, Transition, Trigger
 from server.core.verdicts import Scope
 from server.job_policy import SubmitPolicy
 from server.service.events import Feed, FellBehind, Subscription
@@ -28,6 +30,19 @@ from server.transport.guard import Context, fail, unary
 # A watcher of every job takes this many events from the shared log at a time.
 WATCH_BATCH = 256
 _CLOSE = object()
+# Jobs a SubmitJobStream client may have sent and not yet seen acknowledged (what one stream
+# can make the handler hold); one more ends the stream with HNDL-007 (RESOURCE_EXHAUSTED).
+STREAM_IN_FLIGHT = 1024
+# Seconds a SubmitJobStream that ends in an error has to take the acknowledgements owed first.
+STREAM_DRAIN = 5.0
+
+
+class _Ack(NamedTuple):
+    """A SubmitJobStream message's outcome, waiting for the commit before it is sent."""
+
+    place: int  # on the stream, from 0
+    submitted: Submitted | None
+    error: HandlerError | None
 
 
 def _message_or_bytes(response: bytes | job_service_pb2.WatchJobsResponse) -> bytes:
@@ -166,6 +181,135 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             self._reply_job(result.job, one)
             if one.duplicate:
                 result.duplicate = True
+        return response
+
+    # Written with context.write() (not as a generator), hence the override ignore.
+    async def SubmitJobStream(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[job_service_pb2.SubmitJobStreamRequest],
+        context: Context,
+    ) -> None:
+        """One job per message; acknowledgements in order, each after the commit that makes
+        its job durable. A reader checks each job as it arrives; a submitter queues what has
+        arrived since its last pass in one batch; a writer takes the outcomes, awaits one
+        commit for all of them (the journal's group fsync) and writes their
+        acknowledgements."""
+        acks: asyncio.Queue[_Ack | object] = asyncio.Queue()
+        unacknowledged = 0
+        # Read but not yet submitted: the jobs that arrive while one batch is being submitted
+        # go in the next, so a busy stream is queued in batches as SubmitJobs would be.
+        incoming: list[tuple[int, JobSpec | HandlerError]] = []
+        arrived = asyncio.Event()
+        closed = False
+
+        async def read() -> None:
+            nonlocal unacknowledged, closed
+            index = 0
+            try:
+                async for request in request_iterator:
+                    if unacknowledged >= STREAM_IN_FLIGHT:
+                        raise HandlerError(
+                            Catalogue.SYSTEM_ERROR,
+                            f"more than {STREAM_IN_FLIGHT} jobs on this SubmitJobStream wait "
+                            "for their acknowledgement; read the acknowledgements and keep "
+                            f"at most {STREAM_IN_FLIGHT} jobs unacknowledged",
+                            reason=Reason.EXHAUSTED,
+                        )
+                    unacknowledged += 1
+                    try:
+                        spec: JobSpec | HandlerError = convert.spec_from_request(
+                            request.job, self.handler.config, self.policy
+                        )
+                    except HandlerError as error:
+                        spec = error
+                    incoming.append((index, spec))
+                    arrived.set()
+                    index += 1
+            finally:
+                closed = True
+                arrived.set()
+
+        async def submit() -> None:
+            nonlocal incoming
+            limit = self.handler.config.max_batch
+            while True:
+                await arrived.wait()
+                arrived.clear()
+                while incoming:
+                    batch, incoming = incoming[:limit], incoming[limit:]
+                    specs = [spec for _, spec in batch if not isinstance(spec, HandlerError)]
+                    try:
+                        done = iter(await self.handler.submit_many(specs) if specs else ())
+                        outcomes = [
+                            _Ack(i, None, spec) if isinstance(spec, HandlerError)
+                            else _Ack(i, next(done), None)
+                            for i, spec in batch
+                        ]  # fmt: skip
+                    except HandlerError as error:  # the whole batch (the queue is full)
+                        outcomes = [
+                            _Ack(i, None, spec if isinstance(spec, HandlerError) else error)
+                            for i, spec in batch
+                        ]
+                    for outcome in outcomes:
+                        acks.put_nowait(outcome)
+                if closed:
+                    acks.put_nowait(_CLOSE)  # the writer ends once what came before is sent
+                    return
+
+        async def write() -> None:
+            nonlocal unacknowledged
+            while True:
+                batch = [await acks.get()]
+                while not acks.empty():
+                    batch.append(acks.get_nowait())
+                if any(isinstance(item, _Ack) and item.submitted for item in batch):
+                    await self.handler.commit()  # durable before anyone hears of it
+                for item in batch:
+                    if not isinstance(item, _Ack):
+                        return
+                    await context.write(self._ack(item))
+                    unacknowledged -= 1
+
+        reader = asyncio.create_task(read())
+        submitter = asyncio.create_task(submit())
+        writer = asyncio.create_task(write())
+        tasks = (reader, submitter, writer)
+        error: Exception | None = None
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            if submitter.done():
+                submitter.result()  # raises what is not one job's refusal
+            if reader.done() and reader.exception() is not None:
+                # The acknowledgements owed before the error go first, if the client reads
+                # them; one that does not read is not waited for long.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(writer), STREAM_DRAIN)
+                reader.result()  # raises the reader's error
+            await writer  # raises the writer's error; returns once everything is sent
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = exc
+        finally:
+            # None may be reading or writing when the call ends.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if error is not None:
+            await fail(context, error, "SubmitJobStream")
+
+    def _ack(self, ack: _Ack) -> job_service_pb2.SubmitJobStreamResponse:
+        response = job_service_pb2.SubmitJobStreamResponse(index=ack.place)
+        if ack.submitted is not None:
+            submitted = response.submitted
+            if ack.submitted.duplicate:
+                submitted.duplicate = True
+            self._reply_job(submitted.job, ack.submitted)
+        elif ack.error is not None:
+            error = response.error
+            error.code = ack.error.code
+            error.message = ack.error.message
+            error.detail = ack.error.detail
         return response
 
     @unary

@@ -179,18 +179,19 @@ async def test_a_damaged_snapshot_stops_the_start_unless_salvaged(
     make_handler: MakeHandler,
 ) -> None:
     handler = await make_handler()
-    for n in range(20):
+    # Queued jobs are stored a hundred to a frame (columns): 100, 100 and 50 here.
+    for n in range(250):
         await handler.jobs.SubmitJob(image(tag=f"v{n}"))
     data_dir = handler.config.data_dir
     await handler.server.stop(0)  # stopping writes a snapshot
     snapshot = max(data_dir.glob("snapshot-*.snap"))
-    flip_byte(snapshot, snapshot.stat().st_size // 2)
+    flip_byte(snapshot, snapshot.stat().st_size // 2)  # in the second frame
     with pytest.raises(StorageError) as raised:
         await make_handler(data_dir=data_dir)
     assert f"snapshot {snapshot} at byte" in raised.value.message
     salvaged = await make_handler(data_dir=data_dir, salvage=True)
     stats = await salvaged.jobs.GetQueueStats(job_service_pb2.GetQueueStatsRequest())
-    assert stats.pending == 19  # one job's record was lost, and only that one
+    assert stats.pending == 150  # the damaged frame's jobs were lost, and only those
 
 
 def test_an_unusable_data_directory_is_a_clear_error_at_start(tmp_path: Path) -> None:

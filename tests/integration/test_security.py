@@ -301,6 +301,7 @@ async def test_a_scanner_reports_only_on_jobs_assigned_to_it_in_this_session(
 ALLOWED: dict[str, set[str]] = {
     "SubmitJob": {"submit"},
     "SubmitJobs": {"submit"},
+    "SubmitJobStream": {"submit"},
     "GetJob": {"read"},
     "ListJobs": {"read"},
     "WatchJobs": {"read"},
@@ -358,6 +359,14 @@ async def attempt(
             )
             await call.read()  # the job itself comes first
             call.cancel()
+        elif name == "SubmitJobStream":
+            submits = jobs.SubmitJobStream(None, metadata=metadata)
+            with contextlib.suppress(Exception):  # the call already ended: read() says why
+                await submits.write(job_service_pb2.SubmitJobStreamRequest(job=image(tag=f"s{n}")))
+            ack = await submits.read()
+            submits.cancel()
+            assert isinstance(ack, job_service_pb2.SubmitJobStreamResponse), ack
+            assert ack.HasField("submitted"), ack
         elif name == "Connect":
             stream = scanners.Connect(None, metadata=metadata)
             scanner = RawScanner(scanners, f"matrix-{n}")

@@ -85,10 +85,12 @@ async def test_a_turns_moves_are_one_record_and_replay_exactly(tmp_path: Path) -
 
     frames = read_frames(journal_path(tmp_path, 1), journal_path(tmp_path, 1).read_bytes())
     records = [storage_pb2.JournalRecord.FromString(p) for p in frames.payloads]
-    assert [r.WhichOneof("change") for r in records] == ["created", "created", "moves"]
-    assert list(records[2].moves.job_ids) == ["a"] * 5 + ["b"]
-    assert job.lsn == records[2].lsn + 4
-    assert other.lsn == records[2].lsn + 5
+    # The two new jobs are one record in columns (JobColumns), the turn's moves another.
+    assert [r.WhichOneof("change") for r in records] == ["created_many", "moves"]
+    assert list(records[0].created_many.ids) == ["a", "b"]
+    assert list(records[1].moves.job_ids) == ["a"] * 5 + ["b"]
+    assert job.lsn == records[1].lsn + 4
+    assert other.lsn == records[1].lsn + 5
 
     recovered = JournalStore(tmp_path, FsyncPolicy.NEVER).recover()
     for original in (job, other):
@@ -106,7 +108,7 @@ async def test_a_turns_moves_are_one_record_and_replay_exactly(tmp_path: Path) -
     snapshot_dir = tmp_path / "snapshotted"
     snapshot_dir.mkdir()
     journal_path(tmp_path, 1).rename(journal_path(snapshot_dir, 1))
-    header = storage_pb2.SnapshotHeader(generation=1, lsn=records[1].lsn, next_seq=3)
+    header = storage_pb2.SnapshotHeader(generation=1, lsn=records[0].lsn + 1, next_seq=3)
     await write_snapshot(snapshot_dir, header, [after_first_move, new_job("b", 2)])
     again = JournalStore(snapshot_dir, FsyncPolicy.NEVER).recover()
     assert again.jobs["a"].status is S.FINISHED
@@ -132,5 +134,5 @@ async def test_moves_are_written_before_any_later_record_and_at_flush(tmp_path: 
         storage_pb2.JournalRecord.FromString(p).WhichOneof("change")
         for p in read_frames(journal_path(tmp_path, 1), data).payloads
     ]
-    assert changes == ["created", "moves", "created"]
+    assert changes == ["created_many", "moves", "created_many"]
     await store.close()

@@ -5,7 +5,7 @@ elsewhere; here is the logic of runs, retries, dispatch, results and cancels."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -29,6 +29,7 @@ from server.service.sessions import (
     ScannerSession,
 )
 from server.storage.memory import MemoryRepository
+from server.storage.repository import Claimed, Demand
 
 S = JobStatus
 CONFIG = Config(heartbeat_timeout=60.0, result_wait=60.0, max_runs=3)
@@ -75,11 +76,14 @@ def spec(tag: str, lane: Lane = Lane.BULK) -> JobSpec:
     )
 
 
-def connect(handler: Handler, name: str, slots: int = 1) -> tuple[ScannerSession, FakeScanner]:
+def connect(
+    handler: Handler,
+    name: str,
+    slots: int = 1,
+    kinds: frozenset[ObjectKind] = frozenset(ObjectKind),
+) -> tuple[ScannerSession, FakeScanner]:
     far = FakeScanner()
-    profile = ScannerProfile(
-        name, "1", "test", frozenset(ObjectKind), slots, (Database("db", "1", "2026-11-20"),)
-    )
+    profile = ScannerProfile(name, "1", "test", kinds, slots, (Database("db", "1", "2026-11-20"),))
     session = handler.connect_scanner(profile, far.send, far.close)
     handler.scanner_ready(session, slots)
     return session, far
@@ -131,6 +135,55 @@ async def test_free_scanners_share_the_work_in_turn(handler: Handler) -> None:
     ids = [s.job.id for s in submitted]
     # One job per scanner per pass, in ring order; the fourth goes round again.
     assert got == [[ids[0], ids[3]], [ids[1]], [ids[2]]]
+
+
+class CountingRepository(MemoryRepository):
+    """Counts the demands each claim is asked with (how many Free scanners a pass asks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[int] = []
+
+    async def claim(self, demands: Sequence[Demand], *, at: datetime) -> list[Claimed]:
+        self.asked.append(len(demands))
+        return await super().claim(demands, at=at)
+
+
+async def test_a_pass_asks_as_many_free_scanners_as_there_are_jobs() -> None:
+    """Dispatch cost follows the jobs handed out: with 200 idle scanners, one new job is
+    offered to one scanner, not to all 200."""
+    repository = CountingRepository()
+    handler = Handler(CONFIG, repository)
+    await handler.open()
+    try:
+        scanners = [connect(handler, f"s{n}") for n in range(200)]
+        repository.asked.clear()
+        (submitted,) = await handler.submit_many([spec("one")])
+        (job,) = await scanners[0][1].assigned()
+        assert job.id == submitted.job.id
+        assert repository.asked == [1]
+    finally:
+        await handler.stop()
+
+
+async def test_a_job_only_later_scanners_take_is_still_assigned() -> None:
+    """The first scanners in the ring take only nodes; the image job goes to the first one
+    further round that takes images, in a few claims rather than one per scanner."""
+    repository = CountingRepository()
+    handler = Handler(CONFIG, repository)
+    await handler.open()
+    try:
+        for n in range(100):
+            connect(handler, f"node{n}", kinds=frozenset({ObjectKind.NODE}))
+        _, images = connect(handler, "images", kinds=frozenset({ObjectKind.IMAGE}))
+        repository.asked.clear()
+        (submitted,) = await handler.submit_many([spec("img")])
+        (job,) = await images.assigned()
+        assert job.id == submitted.job.id
+        assert sum(repository.asked) <= 2 * 101
+        assert len(repository.asked) <= 8
+    finally:
+        await handler.stop()
 
 
 async def test_three_failed_runs_then_error_with_the_last_code(handler: Handler) -> None:

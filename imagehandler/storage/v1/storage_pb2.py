@@ -26,7 +26,7 @@ from imagehandler.v1 import common_pb2 as imagehandler_dot_v1_dot_common__pb2
 from imagehandler.v1 import job_service_pb2 as imagehandler_dot_v1_dot_job__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%imagehandler/storage/v1/storage.proto\x12\x17imagehandler.storage.v1\x1a\x1cimagehandler/v1/common.proto\x1a!imagehandler/v1/job_service.proto\"\xd6\x01\n\tStoredJob\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.imagehandler.v1.Job\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0b\n\x03lsn\x18\x03 \x01(\x03\x12\x16\n\x0eresult_in_file\x18\x04 \x01(\x08\x12\x11\n\tdelivered\x18\x05 \x01(\x05\x12\x17\n\x0fverdict_version\x18\x06 \x01(\x05\x12\x19\n\x11verdict_delivered\x18\x07 \x01(\x05\x12-\n\tsubmitter\x18\x08 \x01(\x0b\x32\x1a.imagehandler.v1.Submitter\"=\n\nJobCreated\x12/\n\x03job\x18\x01 \x01(\x0b\x32\".imagehandler.storage.v1.StoredJob\"\xeb\x02\n\tJobsMoved\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12/\n\x0bto_statuses\x18\x02 \x03(\x0e\x32\x1a.imagehandler.v1.JobStatus\x12\x16\n\x0e\x61t_unix_micros\x18\x03 \x03(\x03\x12\x13\n\x0bscanner_ids\x18\x04 \x03(\t\x12\x0f\n\x07reasons\x18\x05 \x03(\t\x12\x10\n\x08\x65rror_of\x18\x06 \x03(\x05\x12)\n\x06\x65rrors\x18\x07 \x03(\x0b\x32\x19.imagehandler.v1.JobError\x12\x11\n\tresult_of\x18\x08 \x03(\x05\x12,\n\x07results\x18\t \x03(\x0b\x32\x1b.imagehandler.v1.ScanResult\x12\x12\n\nsummary_of\x18\n \x03(\x05\x12\x31\n\tsummaries\x18\x0b \x03(\x0b\x32\x1e.imagehandler.v1.ResultSummary\x12\x19\n\x11result_in_file_of\x18\x0c \x03(\x05\"\xc4\x01\n\x08JobMoved\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x32\n\ntransition\x18\x02 \x01(\x0b\x32\x1e.imagehandler.v1.JobTransition\x12+\n\x06result\x18\x03 \x01(\x0b\x32\x1b.imagehandler.v1.ScanResult\x12/\n\x07summary\x18\x04 \x01(\x0b\x32\x1e.imagehandler.v1.ResultSummary\x12\x16\n\x0eresult_in_file\x18\x05 \x01(\x08\"L\n\x0cJobDelivered\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tdelivered\x18\x02 \x01(\x05\x12\x19\n\x11verdict_delivered\x18\x03 \x01(\x05\"j\n\x0eVerdictChanged\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12/\n\x07summary\x18\x02 \x01(\x0b\x32\x1e.imagehandler.v1.ResultSummary\x12\x17\n\x0fverdict_version\x18\x03 \x01(\x05\"\x1d\n\nJobsPruned\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\"\xd0\x03\n\rJournalRecord\x12\x0b\n\x03lsn\x18\x01 \x01(\x03\x12\x36\n\x07\x63reated\x18\x02 \x01(\x0b\x32#.imagehandler.storage.v1.JobCreatedH\x00\x12\x32\n\x05moved\x18\x03 \x01(\x0b\x32!.imagehandler.storage.v1.JobMovedH\x00\x12\x35\n\x06pruned\x18\x04 \x01(\x0b\x32#.imagehandler.storage.v1.JobsPrunedH\x00\x12:\n\tdelivered\x18\x05 \x01(\x0b\x32%.imagehandler.storage.v1.JobDeliveredH\x00\x12\x38\n\rrisk_accepted\x18\x06 \x01(\x0b\x32\x1f.imagehandler.v1.RiskAcceptanceH\x00\x12\x16\n\x0crisk_removed\x18\x07 \x01(\tH\x00\x12\x42\n\x0fverdict_changed\x18\x08 \x01(\x0b\x32\'.imagehandler.storage.v1.VerdictChangedH\x00\x12\x33\n\x05moves\x18\t \x01(\x0b\x32\".imagehandler.storage.v1.JobsMovedH\x00\x42\x08\n\x06\x63hange\"y\n\x0eSnapshotHeader\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x0b\n\x03lsn\x18\x02 \x01(\x03\x12\x10\n\x08next_seq\x18\x03 \x01(\x03\x12\x34\n\x0b\x61\x63\x63\x65ptances\x18\x04 \x03(\x0b\x32\x1f.imagehandler.v1.RiskAcceptance\"#\n\x0eSnapshotFooter\x12\x11\n\tjob_count\x18\x01 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%imagehandler/storage/v1/storage.proto\x12\x17imagehandler.storage.v1\x1a\x1cimagehandler/v1/common.proto\x1a!imagehandler/v1/job_service.proto\"\xd6\x01\n\tStoredJob\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.imagehandler.v1.Job\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0b\n\x03lsn\x18\x03 \x01(\x03\x12\x16\n\x0eresult_in_file\x18\x04 \x01(\x08\x12\x11\n\tdelivered\x18\x05 \x01(\x05\x12\x17\n\x0fverdict_version\x18\x06 \x01(\x05\x12\x19\n\x11verdict_delivered\x18\x07 \x01(\x05\x12-\n\tsubmitter\x18\x08 \x01(\x0b\x32\x1a.imagehandler.v1.Submitter\"\x9f\x03\n\nJobColumns\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x0c\n\x04seqs\x18\x02 \x03(\x03\x12\x0c\n\x04lsns\x18\x03 \x03(\x03\x12\x1b\n\x13\x63reated_unix_micros\x18\x04 \x03(\x03\x12\x12\n\nregistries\x18\x05 \x03(\t\x12\x14\n\x0crepositories\x18\x06 \x03(\t\x12\x0c\n\x04tags\x18\x07 \x03(\t\x12\x0f\n\x07\x64igests\x18\x08 \x03(\t\x12\x18\n\x10\x63redentials_refs\x18\t \x03(\t\x12\x12\n\nproxy_urls\x18\n \x03(\t\x12\x10\n\x08triggers\x18\x0b \x03(\x05\x12\r\n\x05lanes\x18\x0c \x03(\x05\x12\x1a\n\x12max_run_time_nanos\x18\r \x03(\x03\x12\x13\n\x0bpolicy_bits\x18\x0e \x03(\r\x12\x18\n\x10idempotency_keys\x18\x0f \x03(\t\x12\x0f\n\x07reasons\x18\x10 \x03(\t\x12\x14\n\x0csubmitter_of\x18\x11 \x03(\x05\x12.\n\nsubmitters\x18\x12 \x03(\x0b\x32\x1a.imagehandler.v1.Submitter\x12\x11\n\tdelivered\x18\x13 \x03(\x05\"=\n\nJobCreated\x12/\n\x03job\x18\x01 \x01(\x0b\x32\".imagehandler.storage.v1.StoredJob\"\xeb\x02\n\tJobsMoved\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12/\n\x0bto_statuses\x18\x02 \x03(\x0e\x32\x1a.imagehandler.v1.JobStatus\x12\x16\n\x0e\x61t_unix_micros\x18\x03 \x03(\x03\x12\x13\n\x0bscanner_ids\x18\x04 \x03(\t\x12\x0f\n\x07reasons\x18\x05 \x03(\t\x12\x10\n\x08\x65rror_of\x18\x06 \x03(\x05\x12)\n\x06\x65rrors\x18\x07 \x03(\x0b\x32\x19.imagehandler.v1.JobError\x12\x11\n\tresult_of\x18\x08 \x03(\x05\x12,\n\x07results\x18\t \x03(\x0b\x32\x1b.imagehandler.v1.ScanResult\x12\x12\n\nsummary_of\x18\n \x03(\x05\x12\x31\n\tsummaries\x18\x0b \x03(\x0b\x32\x1e.imagehandler.v1.ResultSummary\x12\x19\n\x11result_in_file_of\x18\x0c \x03(\x05\"\xc4\x01\n\x08JobMoved\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x32\n\ntransition\x18\x02 \x01(\x0b\x32\x1e.imagehandler.v1.JobTransition\x12+\n\x06result\x18\x03 \x01(\x0b\x32\x1b.imagehandler.v1.ScanResult\x12/\n\x07summary\x18\x04 \x01(\x0b\x32\x1e.imagehandler.v1.ResultSummary\x12\x16\n\x0eresult_in_file\x18\x05 \x01(\x08\"L\n\x0cJobDelivered\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tdelivered\x18\x02 \x01(\x05\x12\x19\n\x11verdict_delivered\x18\x03 \x01(\x05\"j\n\x0eVerdictChanged\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12/\n\x07summary\x18\x02 \x01(\x0b\x32\x1e.imagehandler.v1.ResultSummary\x12\x17\n\x0fverdict_version\x18\x03 \x01(\x05\"\x1d\n\nJobsPruned\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\"\x8d\x04\n\rJournalRecord\x12\x0b\n\x03lsn\x18\x01 \x01(\x03\x12\x36\n\x07\x63reated\x18\x02 \x01(\x0b\x32#.imagehandler.storage.v1.JobCreatedH\x00\x12\x32\n\x05moved\x18\x03 \x01(\x0b\x32!.imagehandler.storage.v1.JobMovedH\x00\x12\x35\n\x06pruned\x18\x04 \x01(\x0b\x32#.imagehandler.storage.v1.JobsPrunedH\x00\x12:\n\tdelivered\x18\x05 \x01(\x0b\x32%.imagehandler.storage.v1.JobDeliveredH\x00\x12\x38\n\rrisk_accepted\x18\x06 \x01(\x0b\x32\x1f.imagehandler.v1.RiskAcceptanceH\x00\x12\x16\n\x0crisk_removed\x18\x07 \x01(\tH\x00\x12\x42\n\x0fverdict_changed\x18\x08 \x01(\x0b\x32\'.imagehandler.storage.v1.VerdictChangedH\x00\x12\x33\n\x05moves\x18\t \x01(\x0b\x32\".imagehandler.storage.v1.JobsMovedH\x00\x12;\n\x0c\x63reated_many\x18\n \x01(\x0b\x32#.imagehandler.storage.v1.JobColumnsH\x00\x42\x08\n\x06\x63hange\"y\n\x0eSnapshotHeader\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x0b\n\x03lsn\x18\x02 \x01(\x03\x12\x10\n\x08next_seq\x18\x03 \x01(\x03\x12\x34\n\x0b\x61\x63\x63\x65ptances\x18\x04 \x03(\x0b\x32\x1f.imagehandler.v1.RiskAcceptance\"\x85\x01\n\x0eSnapshotRecord\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32\".imagehandler.storage.v1.StoredJobH\x00\x12\x36\n\x07\x63olumns\x18\x02 \x01(\x0b\x32#.imagehandler.storage.v1.JobColumnsH\x00\x42\x08\n\x06record\"#\n\x0eSnapshotFooter\x12\x11\n\tjob_count\x18\x01 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,22 +35,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STOREDJOB']._serialized_start=132
   _globals['_STOREDJOB']._serialized_end=346
-  _globals['_JOBCREATED']._serialized_start=348
-  _globals['_JOBCREATED']._serialized_end=409
-  _globals['_JOBSMOVED']._serialized_start=412
-  _globals['_JOBSMOVED']._serialized_end=775
-  _globals['_JOBMOVED']._serialized_start=778
-  _globals['_JOBMOVED']._serialized_end=974
-  _globals['_JOBDELIVERED']._serialized_start=976
-  _globals['_JOBDELIVERED']._serialized_end=1052
-  _globals['_VERDICTCHANGED']._serialized_start=1054
-  _globals['_VERDICTCHANGED']._serialized_end=1160
-  _globals['_JOBSPRUNED']._serialized_start=1162
-  _globals['_JOBSPRUNED']._serialized_end=1191
-  _globals['_JOURNALRECORD']._serialized_start=1194
-  _globals['_JOURNALRECORD']._serialized_end=1658
-  _globals['_SNAPSHOTHEADER']._serialized_start=1660
-  _globals['_SNAPSHOTHEADER']._serialized_end=1781
-  _globals['_SNAPSHOTFOOTER']._serialized_start=1783
-  _globals['_SNAPSHOTFOOTER']._serialized_end=1818
+  _globals['_JOBCOLUMNS']._serialized_start=349
+  _globals['_JOBCOLUMNS']._serialized_end=764
+  _globals['_JOBCREATED']._serialized_start=766
+  _globals['_JOBCREATED']._serialized_end=827
+  _globals['_JOBSMOVED']._serialized_start=830
+  _globals['_JOBSMOVED']._serialized_end=1193
+  _globals['_JOBMOVED']._serialized_start=1196
+  _globals['_JOBMOVED']._serialized_end=1392
+  _globals['_JOBDELIVERED']._serialized_start=1394
+  _globals['_JOBDELIVERED']._serialized_end=1470
+  _globals['_VERDICTCHANGED']._serialized_start=1472
+  _globals['_VERDICTCHANGED']._serialized_end=1578
+  _globals['_JOBSPRUNED']._serialized_start=1580
+  _globals['_JOBSPRUNED']._serialized_end=1609
+  _globals['_JOURNALRECORD']._serialized_start=1612
+  _globals['_JOURNALRECORD']._serialized_end=2137
+  _globals['_SNAPSHOTHEADER']._serialized_start=2139
+  _globals['_SNAPSHOTHEADER']._serialized_end=2260
+  _globals['_SNAPSHOTRECORD']._serialized_start=2263
+  _globals['_SNAPSHOTRECORD']._serialized_end=2396
+  _globals['_SNAPSHOTFOOTER']._serialized_start=2398
+  _globals['_SNAPSHOTFOOTER']._serialized_end=2433
 # @@protoc_insertion_point(module_scope)

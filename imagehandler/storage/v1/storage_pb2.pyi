@@ -76,6 +76,119 @@ class StoredJob(_message.Message):
 Global___StoredJob: _TypeAlias = StoredJob  # noqa: Y015
 
 @_typing.final
+class JobColumns(_message.Message):
+    """Jobs in columns: each field of every job one after the other, so a batch of new jobs (a
+    journal record) or a snapshot's chunk parses in one call and is read without a message per
+    job. Only jobs of one shape go here, the shape of a queued job: an image to scan, PENDING
+    with its creation as its whole history, never run, without labels, error or result. Any
+    other job is a StoredJob. Every column has one entry per job.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    SEQS_FIELD_NUMBER: _builtins.int
+    LSNS_FIELD_NUMBER: _builtins.int
+    CREATED_UNIX_MICROS_FIELD_NUMBER: _builtins.int
+    REGISTRIES_FIELD_NUMBER: _builtins.int
+    REPOSITORIES_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    DIGESTS_FIELD_NUMBER: _builtins.int
+    CREDENTIALS_REFS_FIELD_NUMBER: _builtins.int
+    PROXY_URLS_FIELD_NUMBER: _builtins.int
+    TRIGGERS_FIELD_NUMBER: _builtins.int
+    LANES_FIELD_NUMBER: _builtins.int
+    MAX_RUN_TIME_NANOS_FIELD_NUMBER: _builtins.int
+    POLICY_BITS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEYS_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    SUBMITTER_OF_FIELD_NUMBER: _builtins.int
+    SUBMITTERS_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def seqs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def lsns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Snapshots only: each job's lsn. In a journal record job i has the record's lsn + i."""
+
+    @_builtins.property
+    def created_unix_micros(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """created_at, also the creation's time in the history and updated_at."""
+
+    @_builtins.property
+    def registries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def repositories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def credentials_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def proxy_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def triggers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Numbers of imagehandler.v1.Trigger and imagehandler.v1.Lane."""
+
+    @_builtins.property
+    def lanes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def max_run_time_nanos(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def policy_bits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Each job's policies, bit n set for imagehandler.v1.Policy number n (in ascending order)."""
+
+    @_builtins.property
+    def idempotency_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The creation's reason."""
+
+    @_builtins.property
+    def submitter_of(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Each job's submitter: an index into submitters."""
+
+    @_builtins.property
+    def submitters(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Submitter]: ...
+    @_builtins.property
+    def delivered(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Snapshots only: history entries the receiving server has acknowledged (0 or 1)."""
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        seqs: _abc.Iterable[_builtins.int] | None = ...,
+        lsns: _abc.Iterable[_builtins.int] | None = ...,
+        created_unix_micros: _abc.Iterable[_builtins.int] | None = ...,
+        registries: _abc.Iterable[_builtins.str] | None = ...,
+        repositories: _abc.Iterable[_builtins.str] | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        digests: _abc.Iterable[_builtins.str] | None = ...,
+        credentials_refs: _abc.Iterable[_builtins.str] | None = ...,
+        proxy_urls: _abc.Iterable[_builtins.str] | None = ...,
+        triggers: _abc.Iterable[_builtins.int] | None = ...,
+        lanes: _abc.Iterable[_builtins.int] | None = ...,
+        max_run_time_nanos: _abc.Iterable[_builtins.int] | None = ...,
+        policy_bits: _abc.Iterable[_builtins.int] | None = ...,
+        idempotency_keys: _abc.Iterable[_builtins.str] | None = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        submitter_of: _abc.Iterable[_builtins.int] | None = ...,
+        submitters: _abc.Iterable[_common_pb2.Submitter] | None = ...,
+        delivered: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_micros", b"created_unix_micros", "credentials_refs", b"credentials_refs", "delivered", b"delivered", "digests", b"digests", "idempotency_keys", b"idempotency_keys", "ids", b"ids", "lanes", b"lanes", "lsns", b"lsns", "max_run_time_nanos", b"max_run_time_nanos", "policy_bits", b"policy_bits", "proxy_urls", b"proxy_urls", "reasons", b"reasons", "registries", b"registries", "repositories", b"repositories", "seqs", b"seqs", "submitter_of", b"submitter_of", "submitters", b"submitters", "tags", b"tags", "triggers", b"triggers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobColumns: _TypeAlias = JobColumns  # noqa: Y015
+
+@_typing.final
 class JobCreated(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -298,6 +411,7 @@ class JournalRecord(_message.Message):
     RISK_REMOVED_FIELD_NUMBER: _builtins.int
     VERDICT_CHANGED_FIELD_NUMBER: _builtins.int
     MOVES_FIELD_NUMBER: _builtins.int
+    CREATED_MANY_FIELD_NUMBER: _builtins.int
     lsn: _builtins.int
     risk_removed: _builtins.str
     """The id of a revoked or expired acceptance."""
@@ -315,6 +429,10 @@ class JournalRecord(_message.Message):
     def verdict_changed(self) -> Global___VerdictChanged: ...
     @_builtins.property
     def moves(self) -> Global___JobsMoved: ...
+    @_builtins.property
+    def created_many(self) -> Global___JobColumns:
+        """New jobs of one batch (a loop turn's), in columns."""
+
     def __init__(
         self,
         *,
@@ -327,12 +445,13 @@ class JournalRecord(_message.Message):
         risk_removed: _builtins.str = ...,
         verdict_changed: Global___VerdictChanged | None = ...,
         moves: Global___JobsMoved | None = ...,
+        created_many: Global___JobColumns | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created", b"created", "delivered", b"delivered", "moved", b"moved", "moves", b"moves", "pruned", b"pruned", "risk_accepted", b"risk_accepted", "risk_removed", b"risk_removed", "verdict_changed", b"verdict_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created", b"created", "created_many", b"created_many", "delivered", b"delivered", "moved", b"moved", "moves", b"moves", "pruned", b"pruned", "risk_accepted", b"risk_accepted", "risk_removed", b"risk_removed", "verdict_changed", b"verdict_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created", b"created", "delivered", b"delivered", "lsn", b"lsn", "moved", b"moved", "moves", b"moves", "pruned", b"pruned", "risk_accepted", b"risk_accepted", "risk_removed", b"risk_removed", "verdict_changed", b"verdict_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created", b"created", "created_many", b"created_many", "delivered", b"delivered", "lsn", b"lsn", "moved", b"moved", "moves", b"moves", "pruned", b"pruned", "risk_accepted", b"risk_accepted", "risk_removed", b"risk_removed", "verdict_changed", b"verdict_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["created", "moved", "pruned", "delivered", "risk_accepted", "risk_removed", "verdict_changed", "moves"]  # noqa: Y015
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["created", "moved", "pruned", "delivered", "risk_accepted", "risk_removed", "verdict_changed", "moves", "created_many"]  # noqa: Y015
     _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
 
@@ -370,6 +489,36 @@ class SnapshotHeader(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SnapshotHeader: _TypeAlias = SnapshotHeader  # noqa: Y015
+
+@_typing.final
+class SnapshotRecord(_message.Message):
+    """A frame of a version 2 snapshot (magic IHSNAP2) between its header and footer: one job, or
+    up to a chunk of queued jobs in columns. (Version 1, IHSNAP1, has a StoredJob per frame.)
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___StoredJob: ...
+    @_builtins.property
+    def columns(self) -> Global___JobColumns: ...
+    def __init__(
+        self,
+        *,
+        job: Global___StoredJob | None = ...,
+        columns: Global___JobColumns | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "job", b"job", "record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "job", b"job", "record", b"record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_record: _TypeAlias = _typing.Literal["job", "columns"]  # noqa: Y015
+    _WhichOneofArgType_record: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_record) -> _WhichOneofReturnType_record | None: ...
+
+Global___SnapshotRecord: _TypeAlias = SnapshotRecord  # noqa: Y015
 
 @_typing.final
 class SnapshotFooter(_message.Message):

@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 HEADER = struct.Struct("<II")
 MAX_FRAME = 64 * 1024 * 1024
@@ -106,3 +107,50 @@ def salvage_frames(path: Path, data: bytes) -> tuple[list[bytes], list[Damage]]:
         damages.append(frames.damage)
         offset = next(_resync(data, frames.good_end + 1), len(data))
     return payloads, damages
+
+
+class FrameStream:
+    """The frames of a file from ``start``, read one after another through a buffer: memory for
+    one frame at a time, not the file's size. Iterating stops at the end or at the first bad
+    frame; then ``damage`` says where and why (a torn tail or corruption, told apart as
+    :func:`read_frames` does, from the rest of the file), and ``good_end`` is the offset just
+    after the last good frame."""
+
+    BUFFER = 1 << 20
+
+    def __init__(self, path: Path, handle: BinaryIO, start: int = 0) -> None:
+        self.path = path
+        self._handle = handle
+        self.good_end = start
+        self.damage: Damage | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        read = self._handle.read
+        crc32 = zlib.crc32
+        unpack = HEADER.unpack
+        offset = self.good_end
+        while True:
+            head = read(HEADER.size)
+            if not head:
+                return
+            if len(head) == HEADER.size:
+                length, crc = unpack(head)
+                if 0 < length <= MAX_FRAME:
+                    body = read(length)
+                    if len(body) == length and crc32(body) == crc and body[:1] == FORMAT:
+                        offset += HEADER.size + length
+                        self.good_end = offset
+                        yield body[1:]
+                        continue
+            # Something is wrong here: judge it as read_frames does, on the rest of the file.
+            self._handle.seek(offset)
+            rest = self._handle.read()
+            _size, problem = _check(rest, 0)
+            problem = problem or "unreadable frame"
+            self.damage = Damage(self.path, offset, problem, _is_tail(rest, 0))
+            return
+
+
+def open_frames(path: Path) -> BinaryIO:
+    """A file opened for :class:`FrameStream` (a large buffer: few system calls)."""
+    return open(path, "rb", buffering=FrameStream.BUFFER)

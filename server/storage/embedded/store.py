@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from imagehandler.v1 import common_pb2, job_service_pb2
 from server.core import state_machine
 from server.core.model import Job, JobFailure, Transition
 from server.storage.embedded import codec
-from server.storage.embedded.framing import Damage, read_frames, salvage_frames
+from server.storage.embedded.columns import ColumnsBuilder, ColumnsReader, fits
+from server.storage.embedded.framing import FrameStream, open_frames, salvage_frames
 from server.storage.embedded.journal import FsyncPolicy, Journal, fsync_directory, journal_path
 from server.storage.embedded.snapshot import (
     SnapshotCorrupt,
@@ -116,6 +118,15 @@ class _PendingMoves:
         return record
 
 
+@dataclass(slots=True)
+class _PendingCreates:
+    """A loop turn's new jobs that fit the columns: one JobColumns record, written as
+    :class:`_PendingMoves` is."""
+
+    first_lsn: int
+    columns: ColumnsBuilder = field(default_factory=ColumnsBuilder)
+
+
 class JournalStore:
     """Journal plus periodic snapshots in one data directory, which it locks."""
 
@@ -137,9 +148,15 @@ class JournalStore:
         self.journal: Journal | None = None
         self._snapshotting = False
         self.last_snapshot: tuple[Path, int, float] | None = None  # path, bytes, seconds
-        # This turn's moves, not yet a journal record (see JobsMoved). Written before any other
-        # record, at every flush, mark and sync, and at the end of the loop turn.
+        # This turn's moves, not yet a journal record (see JobsMoved), or its new jobs that fit
+        # the columns (a JobColumns record; at most one of the two is gathered at a time).
+        # Written before any other record, at every flush, mark and sync, and at the end of
+        # the loop turn.
         self._moves: _PendingMoves | None = None
+        self._creates: _PendingCreates | None = None
+        # Recovery's: values jobs share are made once (see codec.Decoder).
+        self._decoder = codec.Decoder()
+        self._columns = ColumnsReader(self._decoder)
 
     # ----- start: lock, recover, open ----------------------------------------------------
 
@@ -163,16 +180,26 @@ class JournalStore:
             ) from None
 
     def recover(self) -> JournalState:
-        """Load the newest snapshot and replay the journals after it (runs before serving)."""
+        """Load the newest snapshot and replay the journals after it (runs before serving).
+
+        The cyclic garbage collector is off meanwhile: recovery makes millions of objects
+        that all live on, and each collection would walk all of them again for nothing. The
+        caller freezes them once the tables are built (:func:`gc.freeze`)."""
         started = time.perf_counter()
         state = JournalState()
-        snapshots = snapshot_generations(self.directory)
-        if snapshots:
-            self._load_snapshot(snapshots[-1], state)
-        journals = [g for g in self._journal_generations() if g >= state.snapshot_generation]
-        state.journal_generations = journals
-        for index, generation in enumerate(journals):
-            self._replay(generation, state, last=index == len(journals) - 1)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            snapshots = snapshot_generations(self.directory)
+            if snapshots:
+                self._load_snapshot(snapshots[-1], state)
+            journals = [g for g in self._journal_generations() if g >= state.snapshot_generation]
+            state.journal_generations = journals
+            for index, generation in enumerate(journals):
+                self._replay(generation, state, last=index == len(journals) - 1)
+        finally:
+            if collecting:
+                gc.enable()
         state.seconds = time.perf_counter() - started
         return state
 
@@ -203,7 +230,7 @@ class JournalStore:
     def _load_snapshot(self, generation: int, state: JournalState) -> None:
         path = snapshot_path(self.directory, generation)
         try:
-            loaded = read_snapshot(path, salvage=self.salvage)
+            loaded = read_snapshot(path, salvage=self.salvage, decoder=self._decoder)
         except SnapshotCorrupt as exc:
             raise StorageError(
                 f"snapshot {exc.damage.describe()}; the handler will not start on a damaged "
@@ -215,53 +242,68 @@ class JournalStore:
         state.next_seq = max(state.next_seq, loaded.header.next_seq)
         state.acceptances = {a.id: a for a in loaded.header.acceptances}
         self._replayed_lsn = max(self._replayed_lsn, loaded.header.lsn)
-        for stored in loaded.jobs:
-            job = codec.job(stored)
-            state.jobs[job.id] = job
-            state.next_seq = max(state.next_seq, job.seq + 1)
+        jobs = state.jobs
+        for job in loaded.jobs:
+            jobs[job.id] = job
+        if loaded.jobs:
+            state.next_seq = max(state.next_seq, max(job.seq for job in loaded.jobs) + 1)
 
     def _replay(self, generation: int, state: JournalState, *, last: bool) -> None:
         path = journal_path(self.directory, generation)
-        data = path.read_bytes()
-        damages: list[Damage] = []
         if self.salvage:
-            payloads, damages = salvage_frames(path, data)
+            payloads, damages = salvage_frames(path, path.read_bytes())
             state.lost += [d.describe() for d in damages if not d.torn_tail]
-        else:
-            frames = read_frames(path, data)
-            payloads = frames.payloads
-            if frames.damage is not None:
-                if not (frames.damage.torn_tail and last):
-                    raise StorageError(
-                        f"journal {frames.damage.describe()}; the handler will not start on a "
-                        "damaged journal. Restore the data directory from a backup, or start "
-                        "with --salvage to keep what is readable and list what was lost"
-                    )
-                # A write cut by a crash: nothing after it was acknowledged. Cut it off.
-                state.torn_bytes_cut += len(data) - frames.good_end
-                with open(path, "r+b") as handle:
-                    handle.truncate(frames.good_end)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                log.warning(
-                    "journal.torn_tail_cut",
-                    path=str(path),
-                    offset=frames.good_end,
-                    bytes=len(data) - frames.good_end,
-                )
-        for payload in payloads:
-            record = storage_pb2.JournalRecord.FromString(payload)
-            self._apply(record, state, path)
-            state.records_replayed += 1
-            moves = len(record.moves.job_ids) if record.HasField("moves") else 1
-            self._replayed_lsn = max(self._replayed_lsn, record.lsn + moves - 1)
+            self._apply_all(payloads, state, path)
+            return
+        # Read as a stream: a frame at a time, each record applied as it is read. A damaged
+        # record is judged once everything before it is applied (a corrupt one stops the
+        # start, so what was applied does not matter then).
+        with open_frames(path) as handle:
+            stream = FrameStream(path, handle)
+            self._apply_all(stream, state, path)
+            damage = stream.damage
+        if damage is None:
+            return
+        if not (damage.torn_tail and last):
+            raise StorageError(
+                f"journal {damage.describe()}; the handler will not start on a "
+                "damaged journal. Restore the data directory from a backup, or start "
+                "with --salvage to keep what is readable and list what was lost"
+            )
+        # A write cut by a crash: nothing after it was acknowledged. Cut it off.
+        size = path.stat().st_size
+        state.torn_bytes_cut += size - stream.good_end
+        with open(path, "r+b") as handle:
+            handle.truncate(stream.good_end)
+            handle.flush()
+            os.fsync(handle.fileno())
+        log.warning(
+            "journal.torn_tail_cut",
+            path=str(path),
+            offset=stream.good_end,
+            bytes=size - stream.good_end,
+        )
 
-    def _apply(self, record: storage_pb2.JournalRecord, state: JournalState, path: Path) -> None:
+    def _apply_all(self, payloads: Iterable[bytes], state: JournalState, path: Path) -> None:
+        parse = storage_pb2.JournalRecord.FromString
+        for payload in payloads:
+            record = parse(payload)
+            count = self._apply(record, state, path)
+            state.records_replayed += 1
+            self._replayed_lsn = max(self._replayed_lsn, record.lsn + count - 1)
+
+    def _apply(self, record: storage_pb2.JournalRecord, state: JournalState, path: Path) -> int:
+        """Apply one record; how many lsns it holds."""
         change = record.WhichOneof("change")
+        if change == "created_many":
+            return self._apply_created_many(record.lsn, record.created_many, state)
+        if change == "moves":
+            self._apply_moves(record.lsn, record.moves, state, path)
+            return len(record.moves.job_ids)
         if change == "created":
             stored = record.created.job
             if stored.job.id not in state.jobs:
-                new_job = codec.job(stored)
+                new_job = self._decoder.job(stored)
                 new_job.lsn = record.lsn
                 state.jobs[new_job.id] = new_job
             state.next_seq = max(state.next_seq, stored.seq + 1)
@@ -269,7 +311,7 @@ class JournalStore:
             moved = record.moved
             job = state.jobs.get(moved.job_id)
             if job is None or job.lsn >= record.lsn:
-                return  # pruned later, or already in the snapshot
+                return 1  # pruned later, or already in the snapshot
             t = codec.transition(moved.transition)
             _replay_move(
                 job,
@@ -280,8 +322,6 @@ class JournalStore:
                 summary=moved.summary if moved.HasField("summary") else None,
                 in_file=moved.result_in_file,
             )
-        elif change == "moves":
-            self._apply_moves(record.lsn, record.moves, state, path)
         elif change == "pruned":
             for job_id in record.pruned.job_ids:
                 state.jobs.pop(job_id, None)
@@ -306,6 +346,19 @@ class JournalStore:
             ):
                 found.result_summary = changed.summary
                 found.verdict_version = changed.verdict_version
+        return 1
+
+    def _apply_created_many(
+        self, first_lsn: int, columns: storage_pb2.JobColumns, state: JournalState
+    ) -> int:
+        jobs = state.jobs
+        created = self._columns.jobs(columns, first_lsn)
+        for job in created:
+            if job.id not in jobs:  # else: in the snapshot already
+                jobs[job.id] = job
+        if created:
+            state.next_seq = max(state.next_seq, max(columns.seqs) + 1)
+        return len(created)
 
     @staticmethod
     def _apply_moves(
@@ -352,7 +405,7 @@ class JournalStore:
     # ----- appending -----------------------------------------------------------------------
 
     def _append(self, record: storage_pb2.JournalRecord) -> int:
-        self._write_moves()  # the turn's moves came first
+        self._write_moves()  # the turn's moves (or new jobs) came first
         journal = self._open_journal()
         lsn = journal.next_lsn()
         record.lsn = lsn
@@ -365,6 +418,15 @@ class JournalStore:
         return self.journal
 
     def created(self, job: Job, message: common_pb2.Job | None = None) -> None:
+        if fits(job):
+            creates = self._creates
+            if creates is None:
+                self._write_moves()  # the turn's moves came first
+                creates = self._creates = _PendingCreates(self._open_journal().next_lsn())
+                asyncio.get_running_loop().call_soon(self._write_moves)  # at the end of the turn
+            job.lsn = creates.first_lsn + len(creates.columns)
+            creates.columns.add(job)
+            return
         record = storage_pb2.JournalRecord()
         stored = record.created.job  # filled in place: no nested copies
         if message is None:
@@ -383,6 +445,7 @@ class JournalStore:
     ) -> None:
         moves = self._moves
         if moves is None:
+            self._write_moves()  # the turn's new jobs came first
             moves = self._moves = _PendingMoves(self._open_journal().next_lsn())
             asyncio.get_running_loop().call_soon(self._write_moves)  # at the end of the turn
         index = len(moves.job_ids)
@@ -402,7 +465,15 @@ class JournalStore:
         job.lsn = moves.first_lsn + index
 
     def _write_moves(self) -> None:
-        """Append this turn's moves as one record (with the LSNs they were given)."""
+        """Append this turn's moves, or its new jobs, as one record (with the LSNs they were
+        given)."""
+        creates = self._creates
+        if creates is not None:
+            self._creates = None
+            record = storage_pb2.JournalRecord(lsn=creates.first_lsn)
+            creates.columns.fill(record.created_many)
+            last_lsn = creates.first_lsn + len(creates.columns) - 1
+            self._open_journal().append(last_lsn, record.SerializeToString())
         moves = self._moves
         if moves is None:
             return
@@ -440,7 +511,9 @@ class JournalStore:
         return self._open_journal().mark()
 
     def discard_since(self, mark: int) -> None:
-        self._moves = None  # moves after the mark (none today: submits only create)
+        # Gathered after the mark (mark() wrote what came before): a failed submit's new jobs.
+        self._moves = None
+        self._creates = None
         self._open_journal().discard_since(mark)
 
     async def sync(self) -> None:

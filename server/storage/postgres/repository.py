@@ -763,6 +763,9 @@ class PostgresRepository:
     def position_hint(self, job: Job) -> int:
         return 0  # only a query can tell, and other replicas change it
 
+    def pending_hint(self) -> int | None:
+        return None  # other replicas insert and claim too
+
     async def select(self, statuses: frozenset[JobStatus]) -> list[Job]:
         async with self._conn() as conn:
             cursor = await conn.execute(

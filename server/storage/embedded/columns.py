@@ -1,0 +1,283 @@
+"""Queued jobs in columns (``JobColumns``): how a batch of new jobs is journaled and how a
+snapshot stores the queue, so that recovery parses a thousand jobs with one call and reads
+plain lists instead of a message per job.
+
+Only jobs of one shape fit (:func:`fits`): an image to scan, PENDING with its creation as its
+whole history, never run, without labels, error or result; any other job stays a StoredJob.
+That shape is every job a queue of a million holds after a burst of submits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from typing import TypeVar
+
+from imagehandler.jobpolicy import Submitter
+from imagehandler.storage.v1 import storage_pb2
+from server import mapping
+from server.core.model import ImageRef, Job, JobSpec, JobStatus, Lane, Policy, Transition, Trigger
+from server.storage.embedded.codec import Decoder, unix_micros
+
+T = TypeVar("T")
+_TRIGGER = {m.value: m for m in Trigger}
+_LANE = {m.value: m for m in Lane}
+_POLICY = {m.value: m for m in Policy}
+
+
+def _bits(policies: tuple[Policy, ...]) -> int:
+    """The policies as bits, or -1 when they are not in ascending order without repeats (the
+    columns give them back in that order)."""
+    bits = 0
+    last = -1
+    for policy in policies:
+        if policy <= last:
+            return -1
+        bits |= 1 << policy
+        last = policy
+    return bits
+
+
+_BITS_OF: dict[tuple[Policy, ...], int] = {}
+
+
+def policy_bits(policies: tuple[Policy, ...]) -> int:
+    found = _BITS_OF.get(policies)
+    if found is None:
+        found = _bits(policies)
+        if len(_BITS_OF) < 1024:
+            _BITS_OF[policies] = found
+    return found
+
+
+def fits(job: Job) -> bool:
+    """Whether ``job`` has the one shape the columns hold (nothing of it would be lost)."""
+    spec = job.spec
+    if (
+        job.status is not JobStatus.PENDING
+        or job.runs
+        or type(spec.target) is not ImageRef
+        or spec.labels
+        or len(job.history) != 1
+        or job.error is not None
+        or job.result is not None
+        or job.result_summary is not None
+        or job.result_in_file
+        or job.verdict_version
+        or job.started_at is not None
+        or job.finished_at is not None
+    ):
+        return False
+    first = job.history[0]
+    return (
+        job.updated_at == job.created_at
+        and first.at == job.created_at
+        and first.from_status is None
+        and first.to_status is JobStatus.PENDING
+        and not first.scanner_id
+        and not first.run
+        and first.error is None
+        and job.delivered <= 1
+        and policy_bits(spec.policies) >= 0
+    )
+
+
+class ColumnsBuilder:
+    """Jobs that :func:`fits` gathered in Python lists (appending to a protobuf repeated field
+    one value at a time costs several times more), turned into one message at the end."""
+
+    __slots__ = (
+        "_last_at",
+        "_submitters",
+        "created",
+        "credentials",
+        "delivered",
+        "digests",
+        "ids",
+        "keys",
+        "lanes",
+        "lsns",
+        "policies",
+        "proxies",
+        "reasons",
+        "registries",
+        "repositories",
+        "run_times",
+        "seqs",
+        "submitter_of",
+        "tags",
+        "triggers",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.seqs: list[int] = []
+        self.lsns: list[int] = []
+        self.created: list[int] = []
+        self.registries: list[str] = []
+        self.repositories: list[str] = []
+        self.tags: list[str] = []
+        self.digests: list[str] = []
+        self.credentials: list[str] = []
+        self.proxies: list[str] = []
+        self.triggers: list[int] = []
+        self.lanes: list[int] = []
+        self.run_times: list[int] = []
+        self.policies: list[int] = []
+        self.keys: list[str] = []
+        self.reasons: list[str] = []
+        self.submitter_of: list[int] = []
+        self.delivered: list[int] = []
+        self._submitters: dict[Submitter, int] = {}
+        self._last_at: tuple[datetime | None, int] = (None, 0)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, job: Job, lsn: int = 0) -> None:
+        """Add a job that :func:`fits` (``lsn``: a snapshot's; a journal record numbers them)."""
+        spec = job.spec
+        target: ImageRef = spec.target  # type: ignore[assignment]  # fits() checked it
+        at = job.created_at
+        last, micros = self._last_at
+        if at is not last:  # a batch's jobs share one datetime
+            micros = unix_micros(at)
+            self._last_at = (at, micros)
+        submitter = self._submitters.setdefault(spec.submitter, len(self._submitters))
+        self.ids.append(job.id)
+        self.seqs.append(job.seq)
+        if lsn:
+            self.lsns.append(lsn)
+        self.created.append(micros)
+        self.registries.append(target.registry)
+        self.repositories.append(target.repository)
+        self.tags.append(target.tag)
+        self.digests.append(target.digest)
+        self.credentials.append(target.credentials_ref)
+        self.proxies.append(target.proxy_url)
+        self.triggers.append(spec.trigger)
+        self.lanes.append(spec.lane)
+        self.run_times.append(round(spec.max_run_time * 1e9))
+        self.policies.append(policy_bits(spec.policies))
+        self.keys.append(spec.idempotency_key)
+        self.reasons.append(job.history[0].reason)
+        self.submitter_of.append(submitter)
+        self.delivered.append(job.delivered)
+
+    def fill(self, message: storage_pb2.JobColumns, *, delivered: bool = False) -> None:
+        """Fill an empty JobColumns (``delivered``: the snapshot's column too)."""
+        message.ids.extend(self.ids)
+        message.seqs.extend(self.seqs)
+        message.lsns.extend(self.lsns)
+        message.created_unix_micros.extend(self.created)
+        message.registries.extend(self.registries)
+        message.repositories.extend(self.repositories)
+        message.tags.extend(self.tags)
+        message.digests.extend(self.digests)
+        message.credentials_refs.extend(self.credentials)
+        message.proxy_urls.extend(self.proxies)
+        message.triggers.extend(self.triggers)
+        message.lanes.extend(self.lanes)
+        message.max_run_time_nanos.extend(self.run_times)
+        message.policy_bits.extend(self.policies)
+        message.idempotency_keys.extend(self.keys)
+        message.reasons.extend(self.reasons)
+        message.submitter_of.extend(self.submitter_of)
+        for submitter in self._submitters:
+            mapping.set_submitter(message.submitters.add(), submitter)
+        if delivered:
+            message.delivered.extend(self.delivered)
+
+
+class ColumnsReader:
+    """Jobs back from JobColumns; shares what jobs share through one :class:`Decoder`."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self._policies: dict[int, tuple[Policy, ...]] = {}
+        self._run_times: dict[int, float] = {}
+
+    def _policy_tuple(self, bits: int) -> tuple[Policy, ...]:
+        found = self._policies.get(bits)
+        if found is None:
+            found = tuple(p for n, p in sorted(_POLICY.items()) if bits & (1 << n))
+            if len(self._policies) < 1024:
+                self._policies[bits] = found
+        return found
+
+    def _run_time(self, nanos: int) -> float:
+        found = self._run_times.get(nanos)
+        if found is None:
+            found = nanos / 1e9
+            if len(self._run_times) < 1024:
+                self._run_times[nanos] = found
+        return found
+
+    def jobs(self, columns: storage_pb2.JobColumns, first_lsn: int = 0) -> list[Job]:
+        """The jobs, each with its lsn: the column's, else ``first_lsn`` + its index.
+
+        Each column of few distinct values (times, registries, policies...) is mapped to its
+        shared objects in one pass in C (``map`` over a dict's look-up), so the loop below only
+        builds what is each job's own."""
+        count = len(columns.ids)
+        lsns = list(columns.lsns) or range(first_lsn, first_lsn + count)
+        delivered = list(columns.delivered) or [0] * count
+        submitters = [mapping.submitter_from_proto(s) for s in columns.submitters]
+        strings = self.decoder.strings()
+
+        def shared(column: Iterable[str]) -> Iterator[str]:
+            return map(strings.setdefault, column, column)
+
+        def mapped(column: Iterable[int], make: Callable[[int], T]) -> Iterator[T]:
+            values = {value: make(value) for value in set(column)}
+            return map(values.__getitem__, column)
+
+        pending = JobStatus.PENDING
+        out = [
+            Job(
+                id=job_id,
+                seq=seq,
+                spec=JobSpec(
+                    ImageRef(registry, repository, tag, digest, credentials, proxy),
+                    trigger,
+                    policies,
+                    run_time,
+                    lane,
+                    key,
+                    {},
+                    submitter,
+                ),
+                created_at=at,
+                status=pending,
+                updated_at=at,
+                history=[Transition(None, pending, at, "", 0, reason)],
+                lsn=lsn,
+                delivered=acknowledged,
+            )
+            for (
+                job_id, seq, lsn, at, registry, repository, tag, digest, credentials, proxy,
+                trigger, lane, run_time, policies, key, reason, submitter, acknowledged,
+            ) in zip(
+                columns.ids,
+                columns.seqs,
+                lsns,
+                mapped(columns.created_unix_micros, self.decoder.time_micros),
+                shared(columns.registries),
+                shared(columns.repositories),
+                columns.tags,
+                columns.digests,
+                shared(columns.credentials_refs),
+                shared(columns.proxy_urls),
+                mapped(columns.triggers, _TRIGGER.__getitem__),
+                mapped(columns.lanes, _LANE.__getitem__),
+                mapped(columns.max_run_time_nanos, self._run_time),
+                mapped(columns.policy_bits, self._policy_tuple),
+                columns.idempotency_keys,
+                shared(columns.reasons),
+                map(submitters.__getitem__, columns.submitter_of),
+                delivered,
+                strict=True,
+            )
+        ]  # fmt: skip
+        self.decoder.trim()
+        return out
