@@ -44,6 +44,8 @@ log = structlog.get_logger("imagehandler.delivery")
 MAX_REMATCH_CHAIN = 1000
 # A delivery that waited inside this process is tried again after this long, uncounted.
 DEFERRED_RETRY_SECONDS = 0.05
+# How often a replica on a shared store asks for deliveries a dead replica owed.
+ADOPT_TICK = 0.5
 
 
 class DeliveryFailed(Exception):
@@ -289,14 +291,33 @@ class DeliveryBook:
             on_failure=on_failure,
         )
         transitions.owe = self.outbox.owe
+        self._adopting: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.outbox.start()
+        if self._repository.shared:
+            self._adopting = asyncio.create_task(self._adopt(), name="delivery-adopt")
 
     async def stop(self) -> None:
         # What is owed is read from the jobs again after a restart (results: the job is still
         # PROCESSING_RESULTS; the rest: the store knows what was acknowledged).
+        if self._adopting is not None:
+            self._adopting.cancel()
+            await asyncio.gather(self._adopting, return_exceptions=True)
+            self._adopting = None
         await self.outbox.close()
+
+    async def _adopt(self) -> None:
+        """On a shared store, the deliveries a dead replica owed (it died mid-send, or with a
+        receiver refusing) become this replica's: at start, and whenever the store finds
+        more."""
+        while True:
+            try:
+                for job_id in await self._repository.orphaned_deliveries():
+                    self.outbox.owe(job_id)
+            except Exception:  # the store is away: the next check takes them
+                log.warning("delivery.adopt_failed", exc_info=True)
+            await asyncio.sleep(ADOPT_TICK)  # a pacing tick; the store paces its queries
 
     def owe(self, job: Job) -> None:
         self.outbox.owe(job.id)

@@ -216,7 +216,9 @@ class Handler:
                     f"the handler restarted during run {job.runs} on scanner {job.scanner_id}",
                 )
             await self._end_interrupted(job, failure)
-        if self.delivery is not None:
+        if self.delivery is not None and not self.shared_store:
+            # A shared store: what live replicas owe stays theirs; what dead ones owed is
+            # adopted by the delivery book (orphaned_deliveries).
             owing = frozenset(JobStatus)
             for job in await self.repository.select(owing):
                 if job.delivered < len(job.history) or job.verdict_delivered < job.verdict_version:
@@ -257,9 +259,15 @@ class Handler:
         replica ended (a cancel, a rescue) stops on its scanner."""
         self.events.publish(job, transition)
         session = self.runs.holder(job)
-        if session is not None and transition.to_status is not JobStatus.IN_PROGRESS:
-            self.runs.release(job.id, session)
-            session.send(CancelRun(job.id, transition.reason))
+        if session is None or transition.to_status is JobStatus.IN_PROGRESS:
+            return
+        held = session.held.get(job.id)
+        if held is not None and transition.run < held.runs:
+            # News of an earlier run, heard after this replica claimed the job again (the
+            # notification is read after the claim): the run held now goes on.
+            return
+        self.runs.release(job.id, session)
+        session.send(CancelRun(job.id, transition.reason))
 
     async def _end_interrupted(self, job: Job, failure: RunFailure) -> None:
         if job.status is JobStatus.PROCESSING_RESULTS:

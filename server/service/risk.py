@@ -44,12 +44,38 @@ class RiskBook:
         self.acceptances = Acceptances()
         self._records: dict[str, job_service_pb2.RiskAcceptance] = {}
         self._expiry_timers: dict[str, asyncio.TimerHandle] = {}
+        # One change of the acceptances in memory at a time: a reload must not see an
+        # acceptance this replica is adding (in memory, not yet stored) and drop it.
+        self._changing = asyncio.Lock()
+        # Another replica changed them (a shared store): read them again.
+        repository.on_acceptances(self._changed_elsewhere)
 
     async def load(self) -> None:
         """The acceptances the store kept (at start); expired ones go at once."""
-        for record in await self._repository.acceptances():
-            await self._add(record)
+        await self.reload()
         await self.expire()
+
+    def _changed_elsewhere(self) -> None:
+        self._background.spawn(self.reload())
+
+    async def reload(self) -> None:
+        """The acceptances in memory become those the store keeps. Verdicts are not decided
+        again here: the replica that made the change did that, and stored them; this one's
+        later verdicts (results it processes) see the change."""
+        async with self._changing:
+            stored = {record.id: record for record in await self._repository.acceptances()}
+            for acceptance_id in set(self._records) - set(stored):
+                self._forget(acceptance_id)
+            for acceptance_id, record in stored.items():
+                if acceptance_id not in self._records:
+                    await self._add(record)
+
+    def _forget(self, acceptance_id: str) -> None:
+        self.acceptances.remove(acceptance_id)
+        self._records.pop(acceptance_id, None)
+        timer = self._expiry_timers.pop(acceptance_id, None)
+        if timer is not None:
+            timer.cancel()
 
     def stop(self) -> None:
         for timer in self._expiry_timers.values():
@@ -83,22 +109,21 @@ class RiskBook:
             created_at=mapping.timestamp(at),
             expires_at=mapping.timestamp(at + timedelta(days=days)),
         )
-        await self._add(record)
-        await self._repository.add_acceptance(record)
+        async with self._changing:
+            await self._add(record)
+            await self._repository.add_acceptance(record)
         log.info("risk.accepted", acceptance_id=record.id, finding=finding_id, scope=scope.name,
                  target=text, days=days)  # fmt: skip
         return record, await self._reevaluate(f"risk acceptance {record.id} added")
 
     async def revoke(self, acceptance_id: str) -> Reevaluated:
-        if self.acceptances.remove(acceptance_id) is None:
-            raise HandlerError(
-                Catalogue.SCAN_PARAMS_EMPTY, f"no risk acceptance with id {acceptance_id!r}"
-            )
-        self._records.pop(acceptance_id, None)
-        timer = self._expiry_timers.pop(acceptance_id, None)
-        if timer is not None:
-            timer.cancel()
-        await self._repository.remove_acceptance(acceptance_id)
+        async with self._changing:
+            if acceptance_id not in self.acceptances.by_id:
+                raise HandlerError(
+                    Catalogue.SCAN_PARAMS_EMPTY, f"no risk acceptance with id {acceptance_id!r}"
+                )
+            self._forget(acceptance_id)
+            await self._repository.remove_acceptance(acceptance_id)
         return await self._reevaluate(f"risk acceptance {acceptance_id} revoked")
 
     async def _add(self, record: job_service_pb2.RiskAcceptance) -> None:
@@ -132,13 +157,12 @@ class RiskBook:
 
     async def expire(self) -> Reevaluated:
         """Drop acceptances past their expiry; re-evaluate verdicts when any went."""
-        expired = self.acceptances.expired(datetime.now(UTC))
-        for acceptance in expired:
-            self.acceptances.remove(acceptance.id)
-            self._records.pop(acceptance.id, None)
-            self._expiry_timers.pop(acceptance.id, None)
-            await self._repository.remove_acceptance(acceptance.id)
-            log.info("risk.expired", acceptance_id=acceptance.id, finding=acceptance.finding_id)
+        async with self._changing:
+            expired = self.acceptances.expired(datetime.now(UTC))
+            for acceptance in expired:
+                self._forget(acceptance.id)
+                await self._repository.remove_acceptance(acceptance.id)
+                log.info("risk.expired", acceptance_id=acceptance.id, finding=acceptance.finding_id)
         if not expired:
             return Reevaluated(0, 0)
         ids = ", ".join(a.id for a in expired)

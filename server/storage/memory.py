@@ -164,6 +164,12 @@ class MemoryRepository:
     async def expired(self, *, at: datetime) -> list[Job]:
         return []  # no other replica holds runs here
 
+    def on_acceptances(self, changed: Callable[[], None]) -> None:
+        pass  # only this process changes them
+
+    async def orphaned_deliveries(self) -> list[str]:
+        return []  # a restart owes again what this process owed (the handler's recovery)
+
     def load(
         self,
         jobs: dict[str, Job],

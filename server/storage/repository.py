@@ -170,6 +170,15 @@ class JobRepository(Protocol):
         now held by this one: the service ends them like a restart's interrupted runs."""
         ...
 
+    def on_acceptances(self, changed: Callable[[], None]) -> None:
+        """Call ``changed()`` when another replica added or removed a risk acceptance."""
+        ...
+
+    async def orphaned_deliveries(self) -> list[str]:
+        """Ids of jobs whose deliveries a dead replica owed, now owed by this one (the
+        delivery outbox sends them). Cheap to call often: the store paces its own checks."""
+        ...
+
     # ----- jobs ------------------------------------------------------------------------------
 
     async def insert_many(

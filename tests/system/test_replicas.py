@@ -6,12 +6,13 @@ time."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 
-from imagehandler.v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
-from tests.helpers import image
+from imagehandler.v1 import (
+    common_pb2,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    scanner_service_pb2_grpc,
+)
+from tests.helpers import HIGH, RawScanner, image
 from tests.paths import ROOT
 from tests.postgres import DATABASE_URL, drop_schema, new_schema_name
+from tests.receiver import ReceiverServer
 from tests.system.test_crash import free_port
 
 S = common_pb2
@@ -34,6 +41,7 @@ BIN = Path(sys.executable).parent
 LEASE = 5.0
 # Generous for a shared two-core machine: a scanner starved of CPU for a second is not gone.
 HEARTBEAT = ("--heartbeat-interval", "0.5", "--heartbeat-timeout", "5")
+LOG_LEVEL = os.environ.get("IMAGE_HANDLER_TEST_LOG_LEVEL", "warning")
 
 
 @dataclass
@@ -110,19 +118,24 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], deadline: float
 
 
 class Cluster:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, logs: Path) -> None:
         self.database = database
         self.replicas: list[Replica] = []
+        # Each process's log, kept for a failure's reading (pytest keeps its tmp_path).
+        self.logs = logs
 
-    def start_replica(self) -> Replica:
+    def start_replica(self, *extra: str) -> Replica:
         address = f"127.0.0.1:{free_port()}"
+        log = (self.logs / f"replica-{len(self.replicas)}.log").open("wb")
         process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--listen", address,
              "--storage", "postgres", "--database-url", self.database.url,
              "--database-schema", self.database.schema, "--lease-seconds", str(LEASE),
-             *HEARTBEAT, "--log-level", "error"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+             *HEARTBEAT, "--log-level", LOG_LEVEL, *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
         )  # fmt: skip
+        log.close()  # the process has its own descriptor
         replica = Replica(address, process)
         self.replicas.append(replica)
         wait_serving(address, process)
@@ -164,8 +177,8 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(database: Database) -> Iterator[Cluster]:
-    cluster = Cluster(database)
+def cluster(database: Database, tmp_path: Path) -> Iterator[Cluster]:
+    cluster = Cluster(database, tmp_path)
     yield cluster
     cluster.stop()
 
@@ -329,6 +342,95 @@ def test_a_killed_replica_runs_return_within_the_lease(cluster: Cluster) -> None
     everything = listing(replicas[0])
     assert {j.id for j in everything} >= set(ids), "an acknowledged job is gone"
     assert all(j.status == S.JOB_STATUS_FINISHED for j in everything)
+
+
+def test_what_a_killed_replica_owed_the_receiver_is_delivered_by_another(
+    cluster: Cluster, receiver: ReceiverServer, secret_file: Path
+) -> None:
+    """A replica dies (kill -9) while the receiving server refuses what it owes: once the
+    receiver takes deliveries again, a surviving replica sends every change the dead one owed."""
+    delivery = ("--receiver-url", receiver.url, "--receiver-secret-file", str(secret_file),
+                "--delivery-backoff", "0.05", "--delivery-max-backoff", "0.2")  # fmt: skip
+    doomed, survivor = cluster.start_replica(*delivery), cluster.start_replica(*delivery)
+    receiver.always_fail = True
+    # No scanner: each job owes its creation (PENDING), made on the doomed replica alone.
+    ids = submit(doomed, [f"owed-{n}" for n in range(5)])
+    end = time.monotonic() + 30
+    while receiver.attempts < len(ids):  # the doomed replica tried (and was refused)
+        assert time.monotonic() < end, "the doomed replica never tried to deliver"
+        time.sleep(0.02)  # polling another process's effect, with the deadline above
+    doomed.process.kill()  # SIGKILL: its outbox dies with what it owed
+    doomed.process.wait(timeout=30)
+    receiver.always_fail = False
+    want = {f"{job_id}:0" for job_id in ids}
+    end = time.monotonic() + 40
+    while True:
+        with receiver.lock:
+            got = {key for key, _, signed in receiver.received if signed}
+        if want <= got:
+            break
+        assert time.monotonic() < end, f"never delivered: {sorted(want - got)}"
+        time.sleep(0.05)  # polling the receiver's record, with the deadline above
+    assert survivor.process.poll() is None
+    # The survivor acknowledged them in the database: nothing is owed any more.
+    query = sql.SQL(
+        "SELECT count(*) FROM {}.jobs WHERE id = ANY(%s) AND delivered < jsonb_array_length(history)"
+    ).format(sql.Identifier(cluster.database.schema))
+    end = time.monotonic() + 10
+    with cluster.database.admin() as conn:
+        while (row := conn.execute(query, (ids,)).fetchone()) and row[0]:
+            assert time.monotonic() < end, f"{row[0]} deliveries still owed in the database"
+            time.sleep(0.02)  # polling the acknowledgements, with the deadline above
+
+
+def acceptance_ids(replica: Replica) -> set[str]:
+    channel, stub = replica.stub()
+    with channel:
+        reply = stub.ListRiskAcceptances(job_service_pb2.ListRiskAcceptancesRequest(), timeout=10)
+    return {a.id for a in reply.acceptances}
+
+
+def until(condition: Callable[[], bool], what: str, deadline: float = 20) -> None:
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, what
+        time.sleep(0.02)  # polling another process's state, with the deadline above
+
+
+async def test_an_acceptance_made_on_one_replica_decides_verdicts_on_another(
+    cluster: Cluster,
+) -> None:
+    first, second = cluster.start_replica(), cluster.start_replica()
+    channel, stub = first.stub()
+    with channel:
+        accepted = stub.AcceptRisk(
+            job_service_pb2.AcceptRiskRequest(
+                finding_id=HIGH.id, scope=job_service_pb2.RISK_SCOPE_EVERYWHERE,
+                reason="not reachable here",
+            ),
+            timeout=10,
+        ).acceptance  # fmt: skip
+    until(lambda: accepted.id in acceptance_ids(second), "the other replica never heard of it")
+    # A result the second replica processes (its scanner, its submit) is decided with it.
+    async with (
+        grpc.aio.insecure_channel(second.address) as aio,
+        RawScanner(scanner_service_pb2_grpc.ScannerServiceStub(aio), "s1") as scanner,
+    ):
+        await scanner.start()
+        (job_id,) = submit(second, ["accepted-elsewhere"])
+        (job,) = await scanner.assigned()
+        await scanner.finish(job, vulnerabilities=[HIGH])
+        until(lambda: full(second, job_id).status == S.JOB_STATUS_FINISHED, "never finished")
+    result = full(second, job_id).result
+    assert result.verdict == S.VERDICT_PASSED
+    assert list(result.accepted) == [HIGH.id]
+    # Revoked on the first replica: gone from the second without a restart.
+    channel, stub = first.stub()
+    with channel:
+        stub.RevokeRiskAcceptance(
+            job_service_pb2.RevokeRiskAcceptanceRequest(id=accepted.id), timeout=10
+        )
+    until(lambda: accepted.id not in acceptance_ids(second), "the revoke never reached it")
 
 
 def test_cut_off_from_the_database_unavailable_then_recovers(

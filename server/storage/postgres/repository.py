@@ -221,10 +221,12 @@ class PostgresRepository:
         self._on_moved: OnMoved = lambda job, transition: None
         self._listened: Callable[[str], bool] = lambda job_id: False
         self._held: Callable[[], Iterable[str]] = tuple
+        self._on_acceptances: Callable[[], None] = lambda: None
         self._listener: asyncio.Task[None] | None = None
         self._next_renewal = 0.0
         self._next_rescue = 0.0
         self._next_poll = 0.0
+        self._next_adoption = 0.0
         self._opened = False
         # This loop turn's moves, written together (see move).
         self._moves: list[_MoveRequest] = []
@@ -253,6 +255,7 @@ class PostgresRepository:
             await self.pool.open(wait=True, timeout=self.connect_timeout)
             self.sync_pool.open(wait=False)
         self._opened = True
+        await self._alive()
         self._listener = asyncio.create_task(self._listen(), name="postgres-listen")
         async with self._conn() as conn:
             cursor = await conn.execute("SELECT count(*) FROM jobs")
@@ -283,6 +286,10 @@ class PostgresRepository:
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
         if self._opened:
+            # What this replica's outbox still owed is adopted by the others at once.
+            with contextlib.suppress(HandlerError):
+                async with self._conn() as conn:
+                    await conn.execute("DELETE FROM replicas WHERE id = %s", (self.replica,))
             await self.pool.close()
             await asyncio.to_thread(self.sync_pool.close)
             self._opened = False
@@ -301,6 +308,7 @@ class PostgresRepository:
         now = loop.time()
         if now >= self._next_renewal:
             self._next_renewal = now + self.lease_seconds / 3
+            await self._alive()
             held = list(self._held())
             if held:
                 # In id order, skipping rows a move holds now (it renews them itself): no
@@ -315,6 +323,44 @@ class PostgresRepository:
         if now >= self._next_poll:
             self._next_poll = now + min(POLL_SECONDS, self.lease_seconds / 3)
             self._on_work()
+
+    async def _alive(self) -> None:
+        """This replica is alive for another lease: the deliveries it owes stay its own."""
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO replicas (id, alive_until) VALUES "
+                "(%s, now() + %s * interval '1 second') "
+                "ON CONFLICT (id) DO UPDATE SET alive_until = EXCLUDED.alive_until",
+                (self.replica, self.lease_seconds),
+            )
+
+    async def orphaned_deliveries(self) -> list[str]:
+        """Jobs whose deliveries lag their changes and whose deliverer is dead (past its
+        lease, or gone), now owed by this replica (at most one replica adopts each; checked
+        every third of a lease). Old rows of dead replicas go at the same time."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_adoption:
+            return []
+        self._next_adoption = loop.time() + self.lease_seconds / 3
+        async with self._conn() as conn:
+            cursor = await conn.execute(
+                "WITH x AS (SELECT id FROM jobs AS j "
+                "WHERE (delivered < jsonb_array_length(history) "
+                "OR verdict_delivered < verdict_version) "
+                "AND deliverer IS DISTINCT FROM %(me)s AND NOT EXISTS (SELECT 1 FROM replicas "
+                "AS r WHERE r.id = j.deliverer AND r.alive_until >= now()) "
+                "ORDER BY seq LIMIT 1000 FOR UPDATE SKIP LOCKED) "
+                "UPDATE jobs AS j SET deliverer = %(me)s FROM x WHERE j.id = x.id RETURNING j.id",
+                {"me": self.replica},
+            )
+            rows = await cursor.fetchall()
+            await conn.execute(
+                "DELETE FROM replicas WHERE alive_until < now() - %s * interval '1 second'",
+                (self.lease_seconds * 10,),
+            )
+        if rows:
+            log.warning("deliveries.adopted", jobs=len(rows), replica=self.replica)
+        return [row[0] for row in rows]
 
     # ----- other replicas --------------------------------------------------------------------
 
@@ -333,6 +379,17 @@ class PostgresRepository:
         self._on_moved = moved
         self._listened = listened
         self._held = held
+        if self._listener is not None:
+            # The listener may have started (and announced itself to the no-op callback)
+            # before these callbacks: whatever it heard meanwhile, look for work now.
+            work()
+
+    def on_acceptances(self, changed: Callable[[], None]) -> None:
+        """``changed()`` when another replica added or removed a risk acceptance (NOTIFY in the
+        same statement), and after the listener (re)connected: what it missed meanwhile."""
+        self._on_acceptances = changed
+        if self._listener is not None:
+            changed()
 
     async def expired(self, *, at: datetime) -> list[Job]:
         """Runs whose replica stopped renewing its lease, now held by this one (at most one
@@ -342,14 +399,20 @@ class PostgresRepository:
         if loop.time() < self._next_rescue:
             return []
         self._next_rescue = loop.time() + self.lease_seconds / 3
+        # Never a run this replica's service still holds, even when its renewal came late (a
+        # stalled loop): rescuing it here would queue it again while its scanner runs it, and
+        # nobody would tell that scanner (a replica does not hear its own moves). Another
+        # replica may take it over; this one then hears the move and cancels the run.
+        held = list(self._held())
         async with self._conn() as conn:
             cursor = await conn.execute(
                 "WITH x AS (SELECT id FROM jobs WHERE status IN (2, 3) AND lease_until < now() "
+                "AND NOT (replica IS NOT DISTINCT FROM %s AND id = ANY(%s)) "
                 "ORDER BY lease_until LIMIT 1000 FOR UPDATE SKIP LOCKED) "
                 "UPDATE jobs AS j SET replica = %s, lease_until = now() + %s * interval "
                 "'1 second', version = j.version + 1 FROM x WHERE j.id = x.id "
                 f"RETURNING {_J_COLUMNS}",
-                (self.replica, self.lease_seconds),
+                (self.replica, held, self.replica, self.lease_seconds),
             )
             rows = await cursor.fetchall()
         jobs = [_job(row)[0] for row in rows]
@@ -371,12 +434,19 @@ class PostgresRepository:
                     await conn.execute(
                         sql.SQL("LISTEN {}").format(sql.Identifier(self._channel + "_moves"))
                     )
+                    await conn.execute(
+                        sql.SQL("LISTEN {}").format(sql.Identifier(self._channel + "_risk"))
+                    )
                     backoff = 0.1
                     self._on_work()
+                    self._on_acceptances()
                     async for notice in conn.notifies():
                         if notice.channel.endswith("_work"):
                             if notice.payload != self.replica:  # its own asked already
                                 self._on_work()
+                        elif notice.channel.endswith("_risk"):
+                            if notice.payload != self.replica:  # its own are in its memory
+                                self._on_acceptances()
                         else:
                             await self._heard_moves(notice.payload)
                 finally:
@@ -608,9 +678,9 @@ class PostgresRepository:
             jobs.append(job)
         cursor = await conn.execute(
             "WITH ins AS (INSERT INTO jobs (id, seq, lane, kind, trigger, dedup_key, "
-            "idempotency_key, spec, created_at, updated_at, history, status) "
+            "idempotency_key, spec, created_at, updated_at, history, status, deliverer) "
             "SELECT u.id, nextval('jobs_arrival'), u.lane, u.kind, u.trigger, u.dedup_key, "
-            "u.idempotency_key, u.spec, u.created_at, u.created_at, u.history, u.status "
+            "u.idempotency_key, u.spec, u.created_at, u.created_at, u.history, u.status, %s "
             "FROM unnest(%s::text[], %s::smallint[], %s::smallint[], %s::smallint[], "
             "%s::text[], %s::text[], %s::bytea[], %s::timestamptz[], %s::jsonb[], "
             "%s::smallint[]) AS u(id, lane, kind, trigger, dedup_key, idempotency_key, spec, "
@@ -619,6 +689,7 @@ class PostgresRepository:
             "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM ins LIMIT 1) AS any_row), "
             "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':1', ',')) FROM ins) FROM ins",
             (
+                self.replica,
                 *columns,
                 self._channel + "_work",
                 self.replica,
@@ -764,13 +835,14 @@ class PostgresRepository:
             "at": at,
             "micros": _micros(at),
             "channel": self._channel + "_moves",
+            "work": self._channel + "_work",
         }
         async with self._conn() as conn:
             cursor = await conn.execute(_CLAIM, params)
             rows = await cursor.fetchall()
         out: list[Claimed] = []
         for row in sorted(rows, key=lambda r: r[0]):
-            job, _ = _job(row[2:-1])
+            job, _ = _job(row[2:-2])
             out.append(Claimed(row[1], Moved(job, job.history[-1])))
         return out
 
@@ -920,7 +992,7 @@ class PostgresRepository:
             "history = j.history || u.added, "
             "result = CASE WHEN u.set_result THEN u.result ELSE j.result END, "
             "summary = coalesce(u.summary, j.summary), "
-            "replica = CASE WHEN u.held THEN %s END, "
+            "replica = CASE WHEN u.held THEN %s END, deliverer = %s, "
             "lease_until = CASE WHEN u.held THEN now() + %s * interval '1 second' END, "
             "version = j.version + 1 "
             "FROM unnest(%s::text[], %s::int[], %s::smallint[], %s::int[], %s::text[], "
@@ -934,7 +1006,7 @@ class PostgresRepository:
             "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':' || n, ',')) FROM w), "
             "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM w WHERE status = 1 LIMIT 1) AS q) "
             "FROM w",
-            (self.replica, self.lease_seconds, *columns, self._channel + "_moves",
+            (self.replica, self.replica, self.lease_seconds, *columns, self._channel + "_moves",
              self.replica, self._channel + "_work", self.replica),
         )  # fmt: skip
         return {row[0] for row in await cursor.fetchall()}
@@ -969,22 +1041,26 @@ class PostgresRepository:
         summary = job.result_summary.SerializeToString() if job.result_summary is not None else None
         async with self._conn() as conn:
             await conn.execute(
-                "UPDATE jobs SET summary = coalesce(%s, summary), "
+                "UPDATE jobs SET summary = coalesce(%s, summary), deliverer = %s, "
                 "verdict_version = greatest(verdict_version, %s) WHERE id = %s",
-                (summary, job.verdict_version, job.id),
+                (summary, self.replica, job.verdict_version, job.id),
             )
 
     async def add_acceptance(self, record: job_service_pb2.RiskAcceptance) -> None:
         async with self._conn() as conn:
             await conn.execute(
-                "INSERT INTO acceptances (id, body) VALUES (%s, %s) "
-                "ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
-                (record.id, record.SerializeToString()),
+                "WITH a AS (INSERT INTO acceptances (id, body) VALUES (%s, %s) "
+                "ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body) SELECT pg_notify(%s, %s)",
+                (record.id, record.SerializeToString(), self._channel + "_risk", self.replica),
             )
 
     async def remove_acceptance(self, acceptance_id: str) -> None:
         async with self._conn() as conn:
-            await conn.execute("DELETE FROM acceptances WHERE id = %s", (acceptance_id,))
+            await conn.execute(
+                "WITH a AS (DELETE FROM acceptances WHERE id = %s RETURNING 1) "
+                "SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM a LIMIT 1) AS removed",
+                (acceptance_id, self._channel + "_risk", self.replica),
+            )
 
     async def acceptances(self) -> list[job_service_pb2.RiskAcceptance]:
         async with self._conn() as conn:
@@ -1069,6 +1145,7 @@ picked AS (
 claimed AS (
     UPDATE jobs AS j SET
         status = 2, runs = j.runs + 1, scanner_id = picked.name, replica = %(replica)s,
+        deliverer = %(replica)s,
         lease_until = now() + %(lease)s * interval '1 second',
         started_at = %(at)s, updated_at = %(at)s, version = j.version + 1,
         history = j.history || jsonb_build_array(jsonb_build_array(
@@ -1080,5 +1157,12 @@ SELECT claimed.*, (
     SELECT pg_notify(%(channel)s, %(replica)s || ' ' ||
         string_agg(id || ':' || jsonb_array_length(history), ','))
     FROM claimed
+), (
+    -- Rows this statement locked but did not take (each lane locks up to n, n are taken)
+    -- were skipped by every claim running at the same moment, which may then have found
+    -- nothing: no insert or move will announce them again, so wake the other replicas.
+    SELECT pg_notify(%(work)s, %(replica)s)
+    WHERE (SELECT count(*) FROM interactive) + (SELECT count(*) FROM bulk)
+        > (SELECT count(*) FROM picked)
 ) FROM claimed
 """

@@ -1,0 +1,103 @@
+"""Two PostgreSQL repositories on one schema, as two replicas see it: the races between a claim,
+a rescue and a wake-up, each forced by hand instead of hoped for."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from server.core.model import ImageRef, JobSpec, Lane, ObjectKind, Policy, Trigger
+from server.storage.postgres import PostgresRepository
+from server.storage.repository import Demand
+from tests.postgres import DATABASE_URL, drop_schema, new_schema_name
+
+ALL = frozenset(ObjectKind)
+
+
+def spec(tag: str, lane: Lane = Lane.BULK) -> JobSpec:
+    target = ImageRef("docker.io", "library/app", tag)
+    return JobSpec(target, Trigger.MANUAL, (Policy.VULNERABILITIES,), 600.0, lane, "")
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[PostgresRepository, PostgresRepository]]:
+    schema = new_schema_name()
+    a = PostgresRepository(DATABASE_URL, schema=schema, interactive_share=0.5, replica="a")
+    b = PostgresRepository(DATABASE_URL, schema=schema, interactive_share=0.5, replica="b")
+    await a.open()
+    await b.open()
+    yield a, b
+    await a.close()
+    await b.close()
+    drop_schema(schema)
+
+
+def expire_every_lease(schema: str) -> None:
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("UPDATE {}.jobs SET lease_until = now() - interval '1 second'").format(
+                sql.Identifier(schema)
+            )
+        )
+
+
+async def listening(repository: PostgresRepository, deadline: float = 10) -> None:
+    """Until the repository's listening connection has run its LISTEN (a condition polled
+    with a deadline)."""
+    channel = f"%{repository._channel}_risk%"  # the last of its LISTENs
+    end = time.monotonic() + deadline
+    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
+        while time.monotonic() < end:
+            cursor = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%%' "
+                "AND query LIKE %s",
+                (channel,),
+            )
+            row = await cursor.fetchone()
+            if row and row[0]:
+                return
+            await asyncio.sleep(0.02)  # polling a condition, with the deadline above
+    raise AssertionError("the repository never listened")
+
+
+async def test_a_replica_never_rescues_a_run_it_still_holds(
+    pair: tuple[PostgresRepository, PostgresRepository],
+) -> None:
+    a, b = pair
+    (inserted,) = await a.insert_many([spec("held")], at=datetime.now(UTC))
+    (claimed,) = await a.claim([Demand("s1", ALL, 1)], at=datetime.now(UTC))
+    job_id = claimed.moved.job.id
+    assert job_id == inserted.job.id
+    a.subscribe(work=lambda: None, moved=lambda j, t: None, listened=lambda i: False,
+                held=lambda: [job_id])  # fmt: skip
+    # The holder's renewal came late (a stalled loop): its lease ran out while it holds the run.
+    expire_every_lease(a.schema)
+    assert await a.expired(at=datetime.now(UTC)) == [], "a replica rescued its own live run"
+    rescued = await b.expired(at=datetime.now(UTC))
+    assert [job.id for job in rescued] == [job_id], "another replica takes it over"
+
+
+async def test_a_claim_that_locked_jobs_it_did_not_take_wakes_the_other_replicas(
+    pair: tuple[PostgresRepository, PostgresRepository],
+) -> None:
+    a, b = pair
+    woken = asyncio.Event()
+    b.subscribe(work=woken.set, moved=lambda j, t: None, listened=lambda i: False, held=list)
+    await listening(b)
+    # B's own inserts do not wake B: only A's claim can.
+    await b.insert_many([spec("i", Lane.INTERACTIVE), spec("b", Lane.BULK)], at=datetime.now(UTC))
+    woken.clear()
+    # One slot: the claim locks the head of each lane and takes one of them. A claim of B's
+    # running at that moment skipped the other and found nothing; it must look again.
+    got = await a.claim([Demand("s1", ALL, 1)], at=datetime.now(UTC))
+    assert len(got) == 1
+    await asyncio.wait_for(woken.wait(), timeout=10)
+    again = await b.claim([Demand("s2", ALL, 1)], at=datetime.now(UTC))
+    assert len(again) == 1
+    assert again[0].moved.job.id != got[0].moved.job.id
