@@ -21,10 +21,10 @@ import contextlib
 import hashlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
 import psycopg
@@ -228,12 +228,10 @@ class PostgresRepository:
         self._next_poll = 0.0
         self._next_adoption = 0.0
         self._opened = False
-        # This loop turn's moves, written together (see move).
-        self._moves: list[_MoveRequest] = []
-        self._moves_scheduled = False
+        # This loop turn's moves and inserts, each written together (see move, insert_many).
         self._move_tasks: set[asyncio.Task[None]] = set()
-        self._inserts: list[_InsertRequest] = []
-        self._inserts_scheduled = False
+        self._moves = _PerTurn(self._run_moves, "postgres-moves", self._move_tasks)
+        self._inserts = _PerTurn(self._run_inserts, "postgres-inserts", self._move_tasks)
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[Row]) -> None:
@@ -518,18 +516,8 @@ class PostgresRepository:
         # clients) go together, as moves do.
         loop = asyncio.get_running_loop()
         request = _InsertRequest(list(specs), at, loop.create_future())
-        self._inserts.append(request)
-        if not self._inserts_scheduled:
-            self._inserts_scheduled = True
-            loop.call_soon(self._start_inserts)
+        self._inserts.add(request)
         return await request.done
-
-    def _start_inserts(self) -> None:
-        self._inserts_scheduled = False
-        batch, self._inserts = self._inserts, []
-        task = asyncio.create_task(self._run_inserts(batch), name="postgres-inserts")
-        self._move_tasks.add(task)
-        task.add_done_callback(self._move_tasks.discard)
 
     async def _run_inserts(self, batch: list[_InsertRequest]) -> None:
         specs = [spec for request in batch for spec in request.specs]
@@ -867,18 +855,8 @@ class PostgresRepository:
             job_id, to_status, expect, run, at, reason, scanner_id, error, result, summary,
             loop.create_future(),
         )  # fmt: skip
-        self._moves.append(request)
-        if not self._moves_scheduled:
-            self._moves_scheduled = True
-            loop.call_soon(self._start_moves)
+        self._moves.add(request)
         return await request.done
-
-    def _start_moves(self) -> None:
-        self._moves_scheduled = False
-        batch, self._moves = self._moves, []
-        task = asyncio.create_task(self._run_moves(batch), name="postgres-moves")
-        self._move_tasks.add(task)
-        task.add_done_callback(self._move_tasks.discard)
 
     async def _run_moves(self, batch: list[_MoveRequest]) -> None:
         try:
@@ -1076,6 +1054,36 @@ class PostgresRepository:
             )
             rows = await cursor.fetchall()
         return [row[0] for row in rows]
+
+
+R = TypeVar("R")
+
+
+class _PerTurn(Generic[R]):
+    """Requests made in one loop turn, handed together to one task at the turn's end (the
+    task kept in ``tasks`` so closing the store can wait for it)."""
+
+    def __init__(
+        self,
+        run: Callable[[list[R]], Coroutine[Any, Any, None]],
+        name: str,
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
+        self._run = run
+        self._name = name
+        self._tasks = tasks
+        self._pending: list[R] = []
+
+    def add(self, request: R) -> None:
+        self._pending.append(request)
+        if len(self._pending) == 1:  # the turn's first: the batch is not scheduled yet
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.create_task(self._run(batch), name=self._name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 @dataclass(slots=True)
