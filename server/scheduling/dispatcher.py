@@ -40,8 +40,6 @@ class FreeRing(Generic[M]):
     def members(self, start: int = 0, count: int | None = None) -> list[M]:
         """The Free members, the one to ask first first; ``start``/``count`` take a slice of
         them without building the whole list."""
-        if start == 0 and count is None:
-            return list(self._free.values())
         stop = None if count is None else start + count
         return list(islice(self._free.values(), start, stop))
 
