@@ -7,6 +7,11 @@ sends it back. Over one bidirectional stream this process writes messages of one
 items; and unary echo calls of one item with 32 in flight. No handler code is involved: these
 are the most items per second a Python gRPC peer can move here, the bound for any design that
 sends one message per job (or per 100 jobs).
+
+Each run also gives the CPU each side spent per message (the server's from /proc, this
+process's own): the floor a Python gRPC peer pays per unary call and per message echoed on a
+stream, whatever it does with them. ``bench.run`` adds these floors up for the handler's single
+path (a unary call and a message each way on a scanner stream per job).
 """
 
 from __future__ import annotations
@@ -15,13 +20,13 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from bench.common import ROOT, child_env, free_port
+from bench.common import ROOT, child_env, cpu_seconds, free_port
 
 ITEM = b"x" * 93
 SERVICE = "ihbench.Echo"
@@ -55,6 +60,10 @@ class EchoResult:
     messages: int
     seconds: float
     items_per_second: float
+    # CPU per message: the echo server's (a unary call, or a stream message read and written
+    # back) and this process's (the caller's side of the same).
+    server_cpu_us_per_message: float = float("nan")
+    client_cpu_us_per_message: float = float("nan")
 
 
 async def serve(port: int) -> None:
@@ -146,10 +155,22 @@ def measure(scale: float = 1.0, verbose: bool = True) -> dict[str, EchoResult]:
         if server.stdout.readline().strip() != b"ready":
             raise RuntimeError("the echo server did not start")
         address = f"127.0.0.1:{port}"
+
+        def timed(run: Coroutine[Any, Any, EchoResult]) -> EchoResult:
+            server_before, client_before = cpu_seconds(server.pid), time.process_time()
+            result = asyncio.run(run)
+            result.server_cpu_us_per_message = (
+                (cpu_seconds(server.pid) - server_before) / result.messages * 1e6
+            )
+            result.client_cpu_us_per_message = (
+                (time.process_time() - client_before) / result.messages * 1e6
+            )
+            return result
+
         out = {
-            "stream_1": asyncio.run(stream_echo(address, 1, int(20_000 * scale))),
-            "stream_100": asyncio.run(stream_echo(address, 100, int(4_000 * scale))),
-            "unary_1": asyncio.run(unary_echo(address, int(10_000 * scale))),
+            "stream_1": timed(stream_echo(address, 1, int(20_000 * scale))),
+            "stream_100": timed(stream_echo(address, 100, int(4_000 * scale))),
+            "unary_1": timed(unary_echo(address, int(10_000 * scale))),
         }
     finally:
         server.terminate()
@@ -158,7 +179,9 @@ def measure(scale: float = 1.0, verbose: bool = True) -> dict[str, EchoResult]:
         for result in out.values():
             print(
                 f"  grpc.aio echo, {result.shape:9} {result.items_per_message:3} item(s)/message:"
-                f" {result.items_per_second:9,.0f} items/s",
+                f" {result.items_per_second:9,.0f} items/s; CPU per message: server"
+                f" {result.server_cpu_us_per_message:5.0f} us, caller"
+                f" {result.client_cpu_us_per_message:5.0f} us",
                 flush=True,
             )
     return out

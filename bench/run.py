@@ -296,6 +296,47 @@ def run_peers(workdir: Path, s: Settings) -> list[dict[str, Any]]:
     return found
 
 
+def single_floor_rows(out: dict[str, Any], handler_cpu: float) -> list[Row]:
+    """What gRPC alone costs on the single path, from the echo's CPU per message in this run.
+
+    Per single job the handler's one loop takes a unary call and sends and reads one message
+    on a scanner stream; a scanner reads one and writes one; the submitter makes the call.
+    At the echo's cost for each (nothing else done) this is the most a design with one call
+    and one message each way per job can reach here: on one loop, and on the machine's cores.
+    """
+    echo = out["echo"]
+    unary, stream = echo["unary_1"], echo["stream_1"]
+    server_unary = unary.get("server_cpu_us_per_message", float("nan"))
+    caller_unary = unary.get("client_cpu_us_per_message", float("nan"))
+    message = stream.get("server_cpu_us_per_message", float("nan"))  # one read, one write
+    echo_rate = unary["items_per_second"]
+    loop_floor = server_unary + message
+    cpus = out.get("meta", {}).get("cpus") or os.cpu_count() or 1
+    machine = cpus * 1e6 / (caller_unary + loop_floor + message)
+    rows = [
+        Row("  echo server CPU per unary call", server_unary, "us"),
+        Row("  echo caller CPU per unary call", caller_unary, "us"),
+        Row("  echo server CPU per stream message read and written back", message, "us"),
+        Row(
+            "single path, gRPC alone: handler loop per job (unary + a message each way)",
+            loop_floor,
+            "us",
+        ),
+        Row("  most single jobs/s one loop allows at that floor", 1e6 / loop_floor, "jobs/s"),
+        Row("  the same / unary echo", 1e6 / loop_floor / echo_rate, "x"),
+        Row(
+            f"  most single jobs/s {cpus} cores allow at the floors (submitter, handler, scanner)",
+            machine,
+            "jobs/s",
+        ),
+        Row("  the same / unary echo", machine / echo_rate, "x"),
+    ]
+    if handler_cpu == handler_cpu:
+        rows.append(Row("  handler CPU per single job above the loop's floor",
+                        handler_cpu - loop_floor, "us"))  # fmt: skip
+    return rows
+
+
 def peer_rows(out: dict[str, Any], ours: Callable[[str, str], float]) -> list[Row]:
     """The peers' rates and ours over theirs; ``ours(mode, fsync)`` is our median, 8 scanners."""
     table: list[Row] = []
@@ -482,6 +523,7 @@ def rows(out: dict[str, Any]) -> list[Row]:
             ratio = e2e_rate("single", 8) / echo["unary_1"]["items_per_second"]
             table.append(Row("ours single, fsync batch / unary echo (32 in flight)", ratio, "x",
                              ">= 0.50", ratio >= 0.5 if ratio == ratio else False))  # fmt: skip
+        table += single_floor_rows(out, e2e_cpu("single", 8) if "e2e" in out else nan)
     for r in out.get("scan", []):
         speed = scan_speed.ScanSpeed(**r)
         table.append(Row(f"scan {r['image']} ({r['packages']} packages), builtin, median",
