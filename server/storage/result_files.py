@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from server.storage.embedded.journal import fsync_directory
+from server.storage.disk import fsync_directory
 
 
 class ResultFiles:

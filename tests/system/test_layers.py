@@ -248,3 +248,59 @@ def test_one_status_per_reason() -> None:
     assert set(STATUS_OF) == set(Reason)
     assert len(set(STATUS_OF.values())) == len(Reason)
     assert all(isinstance(status, grpc.StatusCode) for status in STATUS_OF.values())
+
+
+# Imports each module first in a child forked from an interpreter that holds only third-party
+# packages: an import cycle shows only when one of its modules is the first one imported.
+IMPORT_EACH_FIRST = textwrap.dedent(
+    """
+    import importlib, json, os, sys
+    from pathlib import Path
+    # Third-party packages are loaded once, before forking (each child then costs ours only).
+    for heavy in ("google.protobuf", "grpc", "structlog", "prometheus_client", "psycopg",
+                  "psycopg_pool", "httpx", "sortedcontainers", "univers", "cyclonedx"):
+        try:
+            importlib.import_module(heavy)
+        except ImportError:
+            pass
+
+    names = []
+    for package in ("server", "imagehandler", "scanner_client"):
+        for path in sorted(Path(package).rglob("*.py")):
+            parts = list(path.with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            if parts[-1] != "__main__":
+                names.append(".".join(parts))
+    failed, running = [], {}
+    for name in names + [None] * len(names):
+        # As many children at once as there are cores; then wait for one to end.
+        while running and (name is None or len(running) >= (os.cpu_count() or 1)):
+            pid, status = os.wait()
+            if status:
+                failed.append(running[pid])
+            del running[pid]
+        if name is None:
+            continue
+        pid = os.fork()
+        if pid == 0:
+            try:
+                importlib.import_module(name)
+            except BaseException as exc:
+                sys.stderr.write(f"{name}: {type(exc).__name__}: {exc}\\n")
+                os._exit(1)
+            os._exit(0)
+        running[pid] = name
+    print(json.dumps({"modules": len(names), "failed": sorted(failed)}))
+    """
+)
+
+
+def test_every_module_can_be_the_first_one_imported() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_EACH_FIRST],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    outcome = json.loads(done.stdout)
+    assert outcome["modules"] > 100
+    assert outcome["failed"] == [], done.stderr

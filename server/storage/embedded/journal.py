@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from imagehandler.errors import Catalogue, HandlerError, Reason
+from server.storage.disk import fsync_directory
 from server.storage.embedded.framing import frame
 
 
@@ -248,12 +249,3 @@ class Journal:
             self._wake()
         finally:
             os.close(self._fd)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename or a new file in ``directory`` survive a power loss."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from imagehandler.storage.v1 import storage_pb2
 from server.core.model import Job
+from server.storage.disk import fsync_directory
 from server.storage.embedded import codec
 from server.storage.embedded.columns import ColumnsBuilder, ColumnsReader, fits
 from server.storage.embedded.framing import (
@@ -33,7 +34,6 @@ from server.storage.embedded.framing import (
     open_frames,
     salvage_frames,
 )
-from server.storage.embedded.journal import fsync_directory
 
 MAGIC_V1 = b"IHSNAP1\n"
 MAGIC = MAGIC_V2 = b"IHSNAP2\n"

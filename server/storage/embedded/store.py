@@ -23,10 +23,11 @@ from imagehandler.storage.v1 import storage_pb2
 from imagehandler.v1 import common_pb2, job_service_pb2
 from server.core import state_machine
 from server.core.model import Job, JobFailure, Transition
+from server.storage.disk import fsync_directory
 from server.storage.embedded import codec
 from server.storage.embedded.columns import ColumnsBuilder, ColumnsReader, fits
 from server.storage.embedded.framing import FrameStream, open_frames, salvage_frames
-from server.storage.embedded.journal import FsyncPolicy, Journal, fsync_directory, journal_path
+from server.storage.embedded.journal import FsyncPolicy, Journal, journal_path
 from server.storage.embedded.snapshot import (
     SnapshotCorrupt,
     read_snapshot,
