@@ -191,11 +191,15 @@ class MemoryRepository:
         # line per job.
         ordered = list(jobs.values())
         seqs = list(map(_SEQ, ordered))
-        if not all(map(operator.lt, seqs, islice(seqs, 1, None))):  # recovery gives them sorted
+        if all(map(operator.lt, seqs, islice(seqs, 1, None))):  # recovery gives them sorted
+            # Into an empty table the dict is copied whole (its hash table cloned), not
+            # inserted a job at a time.
+            self.jobs.update(jobs)
+        else:
             ordered.sort(key=_SEQ)
             seqs = list(map(_SEQ, ordered))
+            self.jobs.update(zip(map(_ID, ordered), ordered, strict=True))
         statuses = list(map(_STATUS, ordered))
-        self.jobs.update(zip(map(_ID, ordered), ordered, strict=True))
         self._by_seq.update(zip(seqs, ordered, strict=True))
         self._status_counts.update(statuses)
         idempotency_keys = list(map(_IDEMPOTENCY_KEY, ordered))

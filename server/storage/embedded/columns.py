@@ -235,14 +235,26 @@ class ColumnsReader:
         count = len(columns.ids)
         strings = self.decoder.strings()
 
+        # A protobuf column makes a new object per value each time it is read: each is read
+        # once. A column of one value (a batch's time, one registry...) is one list product.
         def shared(column: Sequence[str]) -> list[str]:
-            return list(map(strings.setdefault, column, column))
+            values = list(column)
+            distinct = set(values)
+            if len(distinct) == 1:
+                (value,) = distinct
+                return [strings.setdefault(value, value)] * len(values)
+            return list(map(strings.setdefault, values, values))
 
         def mapped(column: Sequence[int], make: Callable[[int], T]) -> list[T]:
-            values = {value: make(value) for value in set(column)}
-            return list(map(values.__getitem__, column))
+            values = list(column)
+            distinct = set(values)
+            if len(distinct) == 1:
+                return [make(values[0])] * len(values)
+            made_of = {value: make(value) for value in distinct}
+            return list(map(made_of.__getitem__, values))
 
-        created = mapped(columns.created_unix_micros, self.decoder.time_micros)
+        micros = list(columns.created_unix_micros)
+        created = mapped(micros, self.decoder.time_micros)
         registries = shared(columns.registries)
         repositories = shared(columns.repositories)
         tags = list(columns.tags)
@@ -278,7 +290,7 @@ class ColumnsReader:
             # ImageRef.identity() and then the policies, which the columns keep ascending.
             keys = list(zip(repeat("image"), registries, repositories, tags, policies))
         # A creation's entry is the same for the jobs of one time and reason: one tuple each.
-        firsts = list(zip(columns.created_unix_micros, columns.reasons, strict=True))
+        firsts = list(zip(micros, columns.reasons, strict=True))
         entries = {
             (micros, reason): Transition(
                 None, _PENDING, self.decoder.time_micros(micros), "", 0, self.decoder.share(reason)
