@@ -12,7 +12,9 @@ rescans never starve a person waiting on one scan and the bulk lane always moves
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
+from itertools import compress
 from typing import TypeAlias
 
 from sortedcontainers import SortedKeyList
@@ -24,8 +26,11 @@ ALL_KINDS: frozenset[ObjectKind] = frozenset(ObjectKind)
 _KINDS = tuple(ObjectKind)
 
 
-def _seq(job: Job) -> int:
-    return job.seq
+# C calls, not Python functions: the sorted lists call the key at every insertion, and
+# recovery sorts a million jobs with it.
+_seq = operator.attrgetter("seq")
+_LANE = operator.attrgetter("spec.lane")
+_KIND = operator.attrgetter("kind")
 
 
 JobList: TypeAlias = "SortedKeyList[Job, int]"  # jobs by seq
@@ -61,11 +66,12 @@ class JobQueue:
 
     def push_many(self, jobs: Iterable[Job]) -> None:
         """:meth:`push` for many jobs at once (recovery): each list is sorted once, not
-        searched once per job."""
-        by_list: dict[tuple[Lane, ObjectKind], list[Job]] = {}
-        for job in jobs:
-            by_list.setdefault((job.spec.lane, job.kind), []).append(job)
-        for (lane, kind), some in by_list.items():
+        searched once per job, and the jobs are parted among the lists a C pass per list
+        (few lists; nearly always one)."""
+        some_jobs = list(jobs)
+        places = list(zip(map(_LANE, some_jobs), map(_KIND, some_jobs), strict=True))
+        for lane, kind in set(places):
+            some = list(compress(some_jobs, map((lane, kind).__eq__, places)))
             self._lists[lane, kind].update(some)
             self._lane_sizes[lane] += len(some)
             self._size += len(some)

@@ -27,7 +27,7 @@ from server.core.model import (
     Trigger,
 )
 from server.storage.embedded import codec
-from server.storage.embedded.columns import fits
+from server.storage.embedded.columns import ColumnsBuilder, ColumnsReader, fits, made
 from server.storage.embedded.framing import frame, read_frames
 from server.storage.embedded.journal import FsyncPolicy, journal_path
 from server.storage.embedded.snapshot import (
@@ -122,6 +122,56 @@ async def test_a_snapshot_of_either_version_reads_back_every_job(
     assert loaded.header == header
     assert [j.id for j in loaded.jobs] == [j.id for j in jobs]
     assert all(same(a, b) for a, b in zip(jobs, loaded.jobs, strict=True))
+
+
+def slots_of(job: Job) -> dict[str, object]:
+    """Every attribute of a job and of its spec and target, each with its type."""
+    out: dict[str, object] = {}
+    for prefix, obj in (("", job), ("spec.", job.spec), ("target.", job.spec.target)):
+        for name in type(obj).__slots__:
+            value = getattr(obj, name)
+            out[prefix + name] = (type(value), value)
+    out.pop("spec.target")
+    out.pop("spec")
+    return out
+
+
+def test_jobs_read_from_columns_are_the_jobs_init_makes() -> None:
+    """The columns make their objects without __init__ (made): every attribute, the dedup key
+    and the kind __post_init__ computes included, must be what the constructors give."""
+    jobs = [j for j in variety() if fits(j)]
+    builder = ColumnsBuilder()
+    for job in jobs:
+        builder.add(job, job.lsn)
+    message = storage_pb2.JobColumns()
+    builder.fill(message, delivered=True)
+    read = ColumnsReader(codec.Decoder()).jobs(message)
+    for original, back in zip(jobs, read, strict=True):
+        rebuilt = Job(
+            id=original.id,
+            seq=original.seq,
+            spec=JobSpec(**{n: getattr(back.spec, n) for n in JobSpec.__slots__}),
+            created_at=back.created_at,
+            updated_at=back.updated_at,
+            history=list(back.history),
+            lsn=back.lsn,
+            delivered=back.delivered,
+        )
+        assert slots_of(back) == slots_of(original) == slots_of(rebuilt)
+        assert back.key == back.spec.dedup_key()
+    with_digest = next(
+        j for j in read if isinstance(j.spec.target, ImageRef) and j.spec.target.digest
+    )
+    assert with_digest.key == (
+        "image",
+        "sha256:" + "a" * 64,
+        (Policy.VULNERABILITIES, Policy.SECRETS),
+    )
+    with pytest.raises(TypeError):
+        made(ImageRef, 1, registry=["r"])  # no repository, which has no default
+    with pytest.raises(ValueError, match="1 values for 2"):
+        made(ImageRef, 2, registry=["r", "s"], repository=["x"])
+    assert made(ImageRef, 1, registry=["r"], repository=["x"]) == [ImageRef("r", "x")]
 
 
 async def test_version_2_keeps_queued_jobs_in_columns_a_hundred_to_a_frame(

@@ -9,14 +9,27 @@ That shape is every job a queue of a million holds after a burst of submits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import dataclasses
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
+from itertools import repeat
 from typing import TypeVar
 
 from imagehandler.jobpolicy import Submitter
 from imagehandler.storage.v1 import storage_pb2
 from server import mapping
-from server.core.model import ImageRef, Job, JobSpec, JobStatus, Lane, Policy, Transition, Trigger
+from server.core.model import (
+    ImageRef,
+    Job,
+    JobSpec,
+    JobStatus,
+    Lane,
+    ObjectKind,
+    Policy,
+    Transition,
+    Trigger,
+)
 from server.storage.embedded.codec import Decoder, unix_micros
 
 T = TypeVar("T")
@@ -217,67 +230,130 @@ class ColumnsReader:
         """The jobs, each with its lsn: the column's, else ``first_lsn`` + its index.
 
         Each column of few distinct values (times, registries, policies...) is mapped to its
-        shared objects in one pass in C (``map`` over a dict's look-up), so the loop below only
-        builds what is each job's own."""
+        shared objects in one pass in C (``map`` over a dict's look-up), and the objects are
+        made a column at a time (:func:`made`), so no Python code runs per job."""
         count = len(columns.ids)
-        lsns = list(columns.lsns) or range(first_lsn, first_lsn + count)
-        delivered = list(columns.delivered) or [0] * count
-        submitters = [mapping.submitter_from_proto(s) for s in columns.submitters]
         strings = self.decoder.strings()
 
-        def shared(column: Iterable[str]) -> Iterator[str]:
-            return map(strings.setdefault, column, column)
+        # A protobuf column makes a new object per value each time it is read: each is read
+        # once. A column of one value (a batch's time, one registry...) is one list product.
+        def shared(column: Sequence[str]) -> list[str]:
+            values = list(column)
+            distinct = set(values)
+            if len(distinct) == 1:
+                (value,) = distinct
+                return [strings.setdefault(value, value)] * len(values)
+            return list(map(strings.setdefault, values, values))
 
-        def mapped(column: Iterable[int], make: Callable[[int], T]) -> Iterator[T]:
-            values = {value: make(value) for value in set(column)}
-            return map(values.__getitem__, column)
+        def mapped(column: Sequence[int], make: Callable[[int], T]) -> list[T]:
+            values = list(column)
+            distinct = set(values)
+            if len(distinct) == 1:
+                return [make(values[0])] * len(values)
+            made_of = {value: make(value) for value in distinct}
+            return list(map(made_of.__getitem__, values))
 
-        pending = JobStatus.PENDING
-        out = [
-            Job(
-                id=job_id,
-                seq=seq,
-                spec=JobSpec(
-                    ImageRef(registry, repository, tag, digest, credentials, proxy),
-                    trigger,
-                    policies,
-                    run_time,
-                    lane,
-                    key,
-                    {},
-                    submitter,
-                ),
-                created_at=at,
-                status=pending,
-                updated_at=at,
-                history=[Transition(None, pending, at, "", 0, reason)],
-                lsn=lsn,
-                delivered=acknowledged,
+        micros = list(columns.created_unix_micros)
+        created = mapped(micros, self.decoder.time_micros)
+        registries = shared(columns.registries)
+        repositories = shared(columns.repositories)
+        tags = list(columns.tags)
+        digests = list(columns.digests)
+        policies = mapped(columns.policy_bits, self._policy_tuple)
+        targets = made(
+            ImageRef,
+            count,
+            registry=registries,
+            repository=repositories,
+            tag=tags,
+            digest=digests,
+            credentials_ref=shared(columns.credentials_refs),
+            proxy_url=shared(columns.proxy_urls),
+        )
+        submitters = [mapping.submitter_from_proto(s) for s in columns.submitters]
+        specs = made(
+            JobSpec,
+            count,
+            target=targets,
+            trigger=mapped(columns.triggers, _TRIGGER.__getitem__),
+            policies=policies,
+            max_run_time=mapped(columns.max_run_time_nanos, self._run_time),
+            lane=mapped(columns.lanes, _LANE.__getitem__),
+            idempotency_key=columns.idempotency_keys,
+            labels=[{} for _ in range(count)],
+            submitter=list(map(submitters.__getitem__, columns.submitter_of)),
+        )
+        if any(digests):
+            keys = [spec.dedup_key() for spec in specs]
+        else:
+            # JobSpec.dedup_key() of an image without a digest, a tuple at a time in C (zip):
+            # ImageRef.identity() and then the policies, which the columns keep ascending.
+            keys = list(zip(repeat("image"), registries, repositories, tags, policies))
+        # A creation's entry is the same for the jobs of one time and reason: one tuple each.
+        firsts = list(zip(micros, columns.reasons, strict=True))
+        entries = {
+            (micros, reason): Transition(
+                None, _PENDING, self.decoder.time_micros(micros), "", 0, self.decoder.share(reason)
             )
-            for (
-                job_id, seq, lsn, at, registry, repository, tag, digest, credentials, proxy,
-                trigger, lane, run_time, policies, key, reason, submitter, acknowledged,
-            ) in zip(
-                columns.ids,
-                columns.seqs,
-                lsns,
-                mapped(columns.created_unix_micros, self.decoder.time_micros),
-                shared(columns.registries),
-                shared(columns.repositories),
-                columns.tags,
-                columns.digests,
-                shared(columns.credentials_refs),
-                shared(columns.proxy_urls),
-                mapped(columns.triggers, _TRIGGER.__getitem__),
-                mapped(columns.lanes, _LANE.__getitem__),
-                mapped(columns.max_run_time_nanos, self._run_time),
-                mapped(columns.policy_bits, self._policy_tuple),
-                columns.idempotency_keys,
-                shared(columns.reasons),
-                map(submitters.__getitem__, columns.submitter_of),
-                delivered,
-                strict=True,
-            )
-        ]  # fmt: skip
+            for micros, reason in set(firsts)
+        }
+        out = made(
+            Job,
+            count,
+            id=columns.ids,
+            seq=columns.seqs,
+            spec=specs,
+            created_at=created,
+            updated_at=created,
+            history=list(map(list, zip(map(entries.__getitem__, firsts)))),
+            lsn=columns.lsns or range(first_lsn, first_lsn + count),
+            delivered=columns.delivered or [0] * count,
+            key=keys,
+            kind=[ObjectKind.IMAGE] * count,
+        )
         self.decoder.trim()
         return out
+
+
+_PENDING = JobStatus.PENDING
+_DEFAULTS: dict[type, dict[str, object]] = {}
+
+
+def _defaults(cls: type) -> dict[str, object]:
+    """The fields of the dataclass ``cls`` that have a plain default, with it."""
+    found = _DEFAULTS.get(cls)
+    if found is None:
+        found = _DEFAULTS[cls] = {
+            f.name: f.default
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING
+        }
+    return found
+
+
+def made(cls: type[T], count: int, **columns: Collection[object]) -> list[T]:
+    """``count`` objects of the slotted dataclass ``cls``: each field from its column of
+    ``count`` values, a field not given its default. Made without ``__init__``: a loop in C
+    per field (``map`` over the slot's setter) instead of a Python call per object, which
+    costs several times more (a frozen dataclass's most). So nothing is checked or computed:
+    the values must be what ``__init__`` and ``__post_init__`` would have set."""
+    defaults = _defaults(cls)
+    slots: tuple[str, ...] = cls.__slots__  # type: ignore[attr-defined]
+    missing = [name for name in slots if name not in columns and name not in defaults]
+    unknown = columns.keys() - set(slots)
+    if missing or unknown:
+        raise TypeError(f"{cls.__name__}: no values for {missing}, unknown {sorted(unknown)}")
+    for name, column in columns.items():
+        if len(column) != count:
+            raise ValueError(f"{cls.__name__}.{name}: {len(column)} values for {count} objects")
+    objects: list[T] = list(map(object.__new__, repeat(cls, count)))
+    # setattr is the cheaper call, but a frozen class's __setattr__ refuses: its slots' own
+    # setters then. deque(maxlen=0) runs a map to its end in C and keeps nothing.
+    plain = cls.__setattr__ is object.__setattr__
+    for name in slots:
+        column = columns[name] if name in columns else [defaults[name]] * count
+        if plain:
+            deque(map(setattr, objects, repeat(name), column), maxlen=0)
+        else:
+            deque(map(getattr(cls, name).__set__, objects, column), maxlen=0)
+    return objects

@@ -188,15 +188,47 @@ def _read_jobs(
         return jobs, None
     decode = decoder.job
     columns = ColumnsReader(decoder)
+    # Consecutive column frames, merged into one message (a copy in C) to be read with one
+    # call: the call's own cost, paid per frame, would be a good part of a small frame's.
+    gathered: storage_pb2.JobColumns | None = None
+
+    def read_gathered() -> None:
+        nonlocal gathered
+        if gathered is not None:
+            jobs.extend(columns.jobs(gathered))
+            gathered = None
+
     for payload in frames:
         # The frame before this one was not the last: a job (or jobs).
         if version == 1:
             jobs.append(decode(storage_pb2.StoredJob.FromString(previous)))
         else:
             record = storage_pb2.SnapshotRecord.FromString(previous)
-            if record.HasField("columns"):
-                jobs += columns.jobs(record.columns)
-            else:
+            if not record.HasField("columns"):
+                read_gathered()
                 jobs.append(decode(record.job))
+            elif gathered is not None and _mergeable(gathered, record.columns):
+                submitters = len(gathered.submitters)
+                gathered.MergeFrom(record.columns)
+                del gathered.submitters[submitters:]  # the same ones again
+            else:
+                read_gathered()
+                gathered = record.columns
         previous = payload
+    read_gathered()
     return jobs, storage_pb2.SnapshotFooter.FromString(previous)
+
+
+_MERGED = 1000  # queued jobs read with one call at most
+
+
+def _mergeable(gathered: storage_pb2.JobColumns, more: storage_pb2.JobColumns) -> bool:
+    """Whether ``more`` can be appended to ``gathered`` column by column: the same submitters
+    (the index column points into them) and every per-job column full in both (a snapshot
+    writes its lsns and deliveries for every job)."""
+    return (
+        len(gathered.ids) < _MERGED
+        and gathered.submitters == more.submitters
+        and len(gathered.lsns) == len(gathered.delivered) == len(gathered.ids)
+        and len(more.lsns) == len(more.delivered) == len(more.ids)
+    )
