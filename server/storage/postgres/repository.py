@@ -277,7 +277,7 @@ class PostgresRepository:
         return applied
 
     async def close(self) -> None:
-        if self._move_tasks:
+        while self._move_tasks:  # a batch that ends starts the next one
             await asyncio.gather(*self._move_tasks, return_exceptions=True)
         if self._listener is not None:
             self._listener.cancel()
@@ -1060,8 +1060,11 @@ R = TypeVar("R")
 
 
 class _PerTurn(Generic[R]):
-    """Requests made in one loop turn, handed together to one task at the turn's end (the
-    task kept in ``tasks`` so closing the store can wait for it)."""
+    """Requests handed together to one task: those of one loop turn and, while a batch is
+    being written, every request made meanwhile (a group commit: under load a batch carries
+    what arrived during one round trip instead of a statement and a commit each, and single
+    submits, which gRPC delivers one per loop turn, group too). One batch at a time; the task
+    is kept in ``tasks`` so closing the store can wait for it."""
 
     def __init__(
         self,
@@ -1073,17 +1076,26 @@ class _PerTurn(Generic[R]):
         self._name = name
         self._tasks = tasks
         self._pending: list[R] = []
+        self._writing = False
 
     def add(self, request: R) -> None:
         self._pending.append(request)
-        if len(self._pending) == 1:  # the turn's first: the batch is not scheduled yet
+        if len(self._pending) == 1 and not self._writing:  # nothing scheduled yet
             asyncio.get_running_loop().call_soon(self._start)
 
     def _start(self) -> None:
+        if self._writing or not self._pending:
+            return
         batch, self._pending = self._pending, []
+        self._writing = True
         task = asyncio.create_task(self._run(batch), name=self._name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._writing = False
+        self._start()  # what arrived while this batch was written
 
 
 @dataclass(slots=True)
