@@ -227,6 +227,13 @@ class PostgresRepository:
         self._next_rescue = 0.0
         self._next_poll = 0.0
         self._next_adoption = 0.0
+        # Counts what may have queued jobs (own inserts and moves back to PENDING, other
+        # replicas' announcements, the fallback poll); ``_drained[kinds]`` is the count at the
+        # start of a claim that found nothing more of those kinds. While they are equal a
+        # claim of those kinds cannot find anything: dispatch passes asked by results and
+        # Free scanners then cost no statement.
+        self._queued = 0
+        self._drained: dict[frozenset[ObjectKind], int] = {}
         self._opened = False
         # This loop turn's moves and inserts, each written together (see move, insert_many).
         self._move_tasks: set[asyncio.Task[None]] = set()
@@ -320,7 +327,7 @@ class PostgresRepository:
                     )
         if now >= self._next_poll:
             self._next_poll = now + min(POLL_SECONDS, self.lease_seconds / 3)
-            self._on_work()
+            self._work()
 
     async def _alive(self) -> None:
         """This replica is alive for another lease: the deliveries it owes stay its own."""
@@ -380,7 +387,12 @@ class PostgresRepository:
         if self._listener is not None:
             # The listener may have started (and announced itself to the no-op callback)
             # before these callbacks: whatever it heard meanwhile, look for work now.
-            work()
+            self._work()
+
+    def _work(self) -> None:
+        """Jobs may be queued that this replica did not queue itself: claim again."""
+        self._queued += 1
+        self._on_work()
 
     def on_acceptances(self, changed: Callable[[], None]) -> None:
         """``changed()`` when another replica added or removed a risk acceptance (NOTIFY in the
@@ -436,12 +448,12 @@ class PostgresRepository:
                         sql.SQL("LISTEN {}").format(sql.Identifier(self._channel + "_risk"))
                     )
                     backoff = 0.1
-                    self._on_work()
+                    self._work()
                     self._on_acceptances()
                     async for notice in conn.notifies():
                         if notice.channel.endswith("_work"):
                             if notice.payload != self.replica:  # its own asked already
-                                self._on_work()
+                                self._work()
                         elif notice.channel.endswith("_risk"):
                             if notice.payload != self.replica:  # its own are in its memory
                                 self._on_acceptances()
@@ -686,6 +698,7 @@ class PostgresRepository:
             ),
         )
         seqs = {row[0]: int(row[1]) for row in await cursor.fetchall()}
+        self._queued += 1
         inserted = []
         for job in jobs:
             seq = seqs.get(job.id)
@@ -785,36 +798,40 @@ class PostgresRepository:
                 groups.setdefault(demand.kinds, []).append(index)
         out: list[Claimed] = []
         for kinds, members in groups.items():
-            # One slot per demand per pass, in the demands' order.
-            slots: list[int] = []
+            queued = self._queued
+            if self._drained.get(kinds) == queued:
+                continue
             room = {index: demands[index].slots for index in members}
             while room:
-                for index in list(room):
-                    slots.append(index)
-                    room[index] -= 1
-                    if not room[index]:
-                        del room[index]
-            for start in range(0, len(slots), CLAIM_CHUNK):
-                chunk = slots[start : start + CLAIM_CHUNK]
-                got = await self._claim(demands, chunk, kinds, at)
+                n = min(sum(room.values()), CLAIM_CHUNK)
+                got = await self._claim(demands, room, kinds, n, at)
                 out.extend(got)
-                if len(got) < len(chunk):
-                    break  # nothing more of these kinds is queued
+                for item in got:
+                    room[item.demand] -= 1
+                    if not room[item.demand]:
+                        del room[item.demand]
+                if len(got) < n:
+                    # Nothing more of these kinds was queued (or another claim holds it and
+                    # will announce what it leaves).
+                    self._drained[kinds] = queued
+                    break
         return out
 
     async def _claim(
         self,
         demands: Sequence[Demand],
-        slots: list[int],
+        room: dict[int, int],
         kinds: frozenset[ObjectKind],
+        n: int,
         at: datetime,
     ) -> list[Claimed]:
         share = self.interactive_share
         params = {
-            "who": slots,
-            "names": [demands[index].scanner_id for index in slots],
+            "who": list(room),
+            "names": [demands[index].scanner_id for index in room],
+            "room": list(room.values()),
             "kinds": [k.value for k in kinds],
-            "n": len(slots),
+            "n": n,
             # Each lane's k-th job ranks at k / its share: the lanes interleave at the share.
             "wi": 1.0 / share,
             "wb": 1.0 / (1.0 - share) if share < 1 else 1e12,
@@ -980,14 +997,17 @@ class PostgresRepository:
             "finished_at, added, set_result, result, summary, held) "
             "WHERE j.id = u.id AND j.version = u.version "
             "RETURNING j.id, j.status, jsonb_array_length(j.history) AS n) "
-            "SELECT w.id, "
+            "SELECT w.id, w.status, "
             "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':' || n, ',')) FROM w), "
             "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM w WHERE status = 1 LIMIT 1) AS q) "
             "FROM w",
             (self.replica, self.replica, self.lease_seconds, *columns, self._channel + "_moves",
              self.replica, self._channel + "_work", self.replica),
         )  # fmt: skip
-        return {row[0] for row in await cursor.fetchall()}
+        rows = await cursor.fetchall()
+        if any(row[1] == S.PENDING.value for row in rows):
+            self._queued += 1  # a run to do again
+        return {row[0] for row in rows}
 
     # ----- results, deliveries, verdicts, acceptances ----------------------------------------
 
@@ -1137,8 +1157,12 @@ class _CollidedError(Exception):
 
 _CLAIM = f"""
 WITH slots AS (
-    SELECT who, name, k FROM unnest(%(who)s::int[], %(names)s::text[])
-        WITH ORDINALITY AS s(who, name, k)
+    -- The demands' slots one per demand per pass, in the demands' order: the first n.
+    SELECT d.who, d.name, row_number() OVER (ORDER BY pass, d.nth) AS k
+    FROM unnest(%(who)s::int[], %(names)s::text[], %(room)s::int[])
+        WITH ORDINALITY AS d(who, name, room, nth),
+        generate_series(1, d.room) AS pass
+    ORDER BY pass, d.nth LIMIT %(n)s
 ),
 interactive AS (
     SELECT id, seq FROM jobs
