@@ -4,9 +4,12 @@ Every verb is its own committed statement or transaction (``commit`` has nothing
 A claim is one statement: the PENDING jobs of each lane in arrival order, ``FOR UPDATE SKIP
 LOCKED``, interleaved at the interactive share, handed to the Free scanners' slots and marked
 IN_PROGRESS with the run counted, the replica and its lease. A move reads the row, lets the
-state machine decide, and writes it back only if nobody wrote it meanwhile (its ``version``):
-the compare-and-set that keeps a replica that was cut off from overwriting a rescuer. Inserts
-go in one multi-row statement per batch; unique indexes deduplicate across replicas.
+state machine decide, and writes it back only if nobody wrote it meanwhile (its ``version``,
+which every write of a column a job is read from changes): the compare-and-set that keeps a
+replica that was cut off from overwriting a rescuer. The runs this replica claimed or moved
+last are remembered as written, so their next move skips the read and the compare-and-set
+alone checks it. Inserts go in one multi-row statement per batch; unique indexes deduplicate
+across replicas.
 
 Other replicas hear of changes by NOTIFY: ``<channel>_work`` when a job is queued or queued
 again (they dispatch), ``<channel>_moves`` with the job ids and history lengths of every move
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import secrets
 import time
@@ -138,6 +142,14 @@ def _job(row: Row) -> tuple[Job, int]:
     return job, row[17]
 
 
+def _copy(job: Job) -> Job:
+    """A job the state machine can change without touching ``job`` (it appends to the
+    history and sets fields)."""
+    clone = copy.copy(job)
+    clone.history = list(job.history)
+    return clone
+
+
 def dedup_key(spec: JobSpec) -> str:
     """The text form of ``spec.dedup_key()`` the unique index compares."""
     return key_text(spec.dedup_key())
@@ -234,6 +246,10 @@ class PostgresRepository:
         # Free scanners then cost no statement.
         self._queued = 0
         self._drained: dict[frozenset[ObjectKind], int] = {}
+        # The runs this replica claimed or moved last, as their rows are now (a private copy,
+        # and the row's version): a move of one of them writes at once, its compare-and-set
+        # on that version standing in for the read. A hint only: any miss reads.
+        self._known: dict[str, tuple[Job, int]] = {}
         self._opened = False
         # This loop turn's moves and inserts, each written together (see move, insert_many).
         self._move_tasks: set[asyncio.Task[None]] = set()
@@ -315,6 +331,9 @@ class PostgresRepository:
             self._next_renewal = now + self.lease_seconds / 3
             await self._alive()
             held = list(self._held())
+            holding = set(held)
+            for job_id in [k for k in self._known if k not in holding]:
+                del self._known[job_id]  # runs another replica took over, or ended
             if held:
                 # In id order, skipping rows a move holds now (it renews them itself): no
                 # deadlock with this replica's own move batches.
@@ -847,7 +866,8 @@ class PostgresRepository:
             rows = await cursor.fetchall()
         out: list[Claimed] = []
         for row in sorted(rows, key=lambda r: r[0]):
-            job, _ = _job(row[2:-2])
+            job, version = _job(row[2:-2])
+            self._known[job.id] = (_copy(job), version)
             out.append(Claimed(row[1], Moved(job, job.history[-1])))
         return out
 
@@ -910,17 +930,20 @@ class PostgresRepository:
     async def _apply_moves(self, batch: list[_MoveRequest]) -> list[Moved | HandlerError | None]:
         """Read the rows, let the state machine decide each move in the order asked, write
         back every changed row whose version is still the one read (one statement, committed
-        with its notifications). Moves of a job another replica wrote meanwhile are decided
-        again on a fresh read."""
+        with its notifications). A run this replica claimed or moved last is not read: its
+        row as written then stands in, the version checking it. Moves of a job another
+        replica wrote meanwhile are decided again on a fresh read."""
         outcomes: list[Moved | HandlerError | None] = [None] * len(batch)
         todo = list(range(len(batch)))
-        for _ in range(20):
-            ids = sorted({batch[i].job_id for i in todo})
+        for attempt in range(20):
+            jobs = self._remembered(batch, todo) if attempt == 0 else {}
+            ids = sorted({batch[i].job_id for i in todo} - jobs.keys())
             async with self._conn() as conn:
-                cursor = await conn.execute(
-                    f"SELECT {COLUMNS} FROM jobs WHERE id = ANY(%s)", (ids,)
-                )
-                jobs = {row[0]: _job(row) for row in await cursor.fetchall()}
+                if ids:
+                    cursor = await conn.execute(
+                        f"SELECT {COLUMNS} FROM jobs WHERE id = ANY(%s)", (ids,)
+                    )
+                    jobs.update((row[0], _job(row)) for row in await cursor.fetchall())
                 changed: dict[str, _Change] = {}
                 for i in todo:
                     r = batch[i]
@@ -942,7 +965,7 @@ class PostgresRepository:
                         continue
                     change = changed.get(job.id)
                     if change is None:
-                        change = changed[job.id] = _Change(job, version)
+                        change = changed[job.id] = _Change(job, version, job.result)
                     change.added.append(_transition_json(transition))
                     if r.result is not None:
                         job.result = r.result
@@ -956,12 +979,48 @@ class PostgresRepository:
                 written: set[str] = set()
                 for start in range(0, len(changes), CLAIM_CHUNK):
                     written |= await self._write_changes(conn, changes[start : start + CLAIM_CHUNK])
+            self._remember(changes, written)
             todo = [
                 i for i in todo if batch[i].job_id in changed and batch[i].job_id not in written
             ]
             if not todo:
                 return outcomes
         raise StorageError("jobs kept changing under their moves; retry")
+
+    def _remembered(self, batch: list[_MoveRequest], todo: list[int]) -> dict[str, tuple[Job, int]]:
+        """The remembered rows of jobs with one move in ``todo`` that the state machine makes
+        from that row (a copy each): a move it refuses, or that finds another status, is
+        decided on a fresh read instead."""
+        asked: dict[str, int] = {}
+        for i in todo:
+            asked[batch[i].job_id] = asked.get(batch[i].job_id, 0) + 1
+        out: dict[str, tuple[Job, int]] = {}
+        for i in todo:
+            r = batch[i]
+            known = self._known.get(r.job_id)
+            if known is None or asked[r.job_id] > 1:
+                continue
+            job, version = known
+            if (
+                job.status in r.expect
+                and not (r.run and job.runs != r.run)
+                and state_machine.can_move(job, r.to_status)
+            ):
+                out[r.job_id] = (_copy(job), version)
+        return out
+
+    def _remember(self, changes: list[_Change], written: set[str]) -> None:
+        """Rows written that this replica still holds are remembered as written; the others
+        (or a write that lost its compare-and-set) are forgotten."""
+        for change in changes:
+            job = change.job
+            if job.id not in written or job.status.value not in _HELD:
+                self._known.pop(job.id, None)
+                continue
+            row = _copy(job)
+            if change.result is None:
+                row.result = change.stored_result  # what a read finds: not a large result
+            self._known[job.id] = (row, change.version + 1)
 
     async def _write_changes(
         self, conn: psycopg.AsyncConnection[Row], changes: list[_Change]
@@ -1016,9 +1075,11 @@ class PostgresRepository:
             conn.execute(
                 "WITH r AS (INSERT INTO results (job_id, payload) VALUES (%s, %s) "
                 "ON CONFLICT (job_id) DO UPDATE SET payload = EXCLUDED.payload) "
-                "UPDATE jobs SET result_in_file = true, result = NULL WHERE id = %s",
+                "UPDATE jobs SET result_in_file = true, result = NULL, version = version + 1 "
+                "WHERE id = %s",
                 (job_id, payload, job_id),
             )
+        self._known.pop(job_id, None)
 
     def read_result(self, job_id: str) -> bytes | None:
         with _errors(), self.sync_pool.connection() as conn:
@@ -1031,18 +1092,22 @@ class PostgresRepository:
         async with self._conn() as conn:
             await conn.execute(
                 "UPDATE jobs SET delivered = greatest(delivered, %s), "
-                "verdict_delivered = greatest(verdict_delivered, %s) WHERE id = %s",
+                "verdict_delivered = greatest(verdict_delivered, %s), version = version + 1 "
+                "WHERE id = %s",
                 (job.delivered, job.verdict_delivered, job.id),
             )
+        self._known.pop(job.id, None)
 
     async def verdict_changed(self, job: Job) -> None:
         summary = job.result_summary.SerializeToString() if job.result_summary is not None else None
         async with self._conn() as conn:
             await conn.execute(
                 "UPDATE jobs SET summary = coalesce(%s, summary), deliverer = %s, "
-                "verdict_version = greatest(verdict_version, %s) WHERE id = %s",
+                "verdict_version = greatest(verdict_version, %s), version = version + 1 "
+                "WHERE id = %s",
                 (summary, self.replica, job.verdict_version, job.id),
             )
+        self._known.pop(job.id, None)
 
     async def add_acceptance(self, record: job_service_pb2.RiskAcceptance) -> None:
         async with self._conn() as conn:
@@ -1146,6 +1211,7 @@ class _Change:
 
     job: Job
     version: int  # the row's version when read: the write's compare-and-set
+    stored_result: Any  # the job's result column when read
     added: list[list[Any]] = field(default_factory=list)  # history entries, as stored
     result: bytes | None = None
     summary: bytes | None = None
