@@ -678,7 +678,7 @@ class PostgresRepository:
     ) -> list[Job]:
         """One statement: the rows, their arrival numbers, and the notifications."""
         jobs: list[Job] = []
-        columns: list[list[Any]] = [[] for _ in range(10)]
+        documents: list[dict[str, Any]] = []
         for index in fresh:
             spec, at = specs[index], ats[index]
             job = Job(id=new_job_id(), seq=0, spec=spec, created_at=at)
@@ -686,30 +686,31 @@ class PostgresRepository:
             stored = storage_pb2.StoredJob()
             mapping.set_job(stored.job, job, position=0)
             mapping.set_submitter(stored.submitter, spec.submitter)
-            for column, value in zip(
-                columns,
-                (job.id, spec.lane.value, job.kind.value, spec.trigger.value, keys[index],
-                 spec.idempotency_key, stored.SerializeToString(), at,
-                 orjson.dumps([_transition_json(t) for t in job.history]).decode(), 1),
-                strict=True,
-            ):  # fmt: skip
-                column.append(value)
+            documents.append({
+                "id": job.id, "lane": spec.lane.value, "kind": job.kind.value,
+                "trigger": spec.trigger.value, "dedup_key": keys[index],
+                "idempotency_key": spec.idempotency_key,
+                "spec": stored.SerializeToString().hex(), "created_at": at,
+                "history": [_transition_json(t) for t in job.history],
+            })  # fmt: skip
             jobs.append(job)
+        # The rows as one JSON document: psycopg dumps an array parameter element by element
+        # in Python, a cost per row and column that the database's own parser does not have.
         cursor = await conn.execute(
             "WITH ins AS (INSERT INTO jobs (id, seq, lane, kind, trigger, dedup_key, "
             "idempotency_key, spec, created_at, updated_at, history, status, deliverer) "
             "SELECT u.id, nextval('jobs_arrival'), u.lane, u.kind, u.trigger, u.dedup_key, "
-            "u.idempotency_key, u.spec, u.created_at, u.created_at, u.history, u.status, %s "
-            "FROM unnest(%s::text[], %s::smallint[], %s::smallint[], %s::smallint[], "
-            "%s::text[], %s::text[], %s::bytea[], %s::timestamptz[], %s::jsonb[], "
-            "%s::smallint[]) AS u(id, lane, kind, trigger, dedup_key, idempotency_key, spec, "
-            "created_at, history, status) ON CONFLICT DO NOTHING RETURNING id, seq) "
+            "u.idempotency_key, decode(u.spec, 'hex'), u.created_at, u.created_at, u.history, "
+            "1, %s FROM jsonb_to_recordset(%s::jsonb) AS u(id text, lane smallint, "
+            "kind smallint, trigger smallint, dedup_key text, idempotency_key text, spec text, "
+            "created_at timestamptz, history jsonb) "
+            "ON CONFLICT DO NOTHING RETURNING id, seq) "
             "SELECT ins.id, ins.seq, "
             "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM ins LIMIT 1) AS any_row), "
             "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':1', ',')) FROM ins) FROM ins",
             (
                 self.replica,
-                *columns,
+                orjson.dumps(documents).decode(),
                 self._channel + "_work",
                 self.replica,
                 self._channel + "_moves",
@@ -756,13 +757,19 @@ class PostgresRepository:
         return page, (page[-1].seq if len(rows) > size else None)
 
     async def counts(self) -> Counts:
+        # One pass over the table for both figures (clients poll this, as the bench does).
         async with self._conn() as conn:
-            cursor = await conn.execute("SELECT status, count(*) FROM jobs GROUP BY status")
-            by_status = {STATUS[s]: int(n) for s, n in await cursor.fetchall()}
             cursor = await conn.execute(
-                "SELECT lane, count(*), min(created_at) FROM jobs WHERE status = 1 GROUP BY lane"
+                "SELECT status, lane, count(*), min(created_at) FILTER (WHERE status = 1) "
+                "FROM jobs GROUP BY status, lane"
             )
-            lanes = {Lane(lane): (int(n), oldest) for lane, n, oldest in await cursor.fetchall()}
+            rows = await cursor.fetchall()
+        by_status: dict[JobStatus, int] = {}
+        lanes: dict[Lane, tuple[int, datetime | None]] = {}
+        for status, lane, n, oldest in rows:
+            by_status[STATUS[status]] = by_status.get(STATUS[status], 0) + int(n)
+            if status == S.PENDING.value:
+                lanes[Lane(lane)] = (int(n), oldest)
         return Counts(
             by_status=by_status,
             pending_by_lane={lane: lanes.get(lane, (0, None))[0] for lane in Lane},
@@ -1025,43 +1032,42 @@ class PostgresRepository:
     async def _write_changes(
         self, conn: psycopg.AsyncConnection[Row], changes: list[_Change]
     ) -> set[str]:
-        """The rows still at the version read; the ids written."""
-        columns: list[list[Any]] = [[] for _ in range(14)]
+        """The rows still at the version read; the ids written (one JSON document, as the
+        inserts)."""
+        documents: list[dict[str, Any]] = []
         for change in changes:
             job = change.job
-            for column, value in zip(
-                columns,
-                (job.id, change.version, job.status.value, job.runs, job.scanner_id,
-                 orjson.dumps(_failure_json(job.error)).decode() if job.error else None,
-                 job.updated_at, job.started_at, job.finished_at,
-                 orjson.dumps(change.added).decode(), change.result is not None, change.result,
-                 change.summary, job.status.value in _HELD),
-                strict=True,
-            ):  # fmt: skip
-                column.append(value)
+            documents.append({
+                "id": job.id, "version": change.version, "status": job.status.value,
+                "runs": job.runs, "scanner_id": job.scanner_id, "error": _failure_json(job.error),
+                "updated_at": job.updated_at, "started_at": job.started_at,
+                "finished_at": job.finished_at, "added": change.added,
+                "result": change.result.hex() if change.result is not None else None,
+                "summary": change.summary.hex() if change.summary is not None else None,
+                "held": job.status.value in _HELD,
+            })  # fmt: skip
         cursor = await conn.execute(
             "WITH w AS (UPDATE jobs AS j SET status = u.status, runs = u.runs, "
             "scanner_id = u.scanner_id, error = u.error, updated_at = u.updated_at, "
             "started_at = u.started_at, finished_at = u.finished_at, "
             "history = j.history || u.added, "
-            "result = CASE WHEN u.set_result THEN u.result ELSE j.result END, "
-            "summary = coalesce(u.summary, j.summary), "
+            "result = CASE WHEN u.result IS NULL THEN j.result ELSE decode(u.result, 'hex') END, "
+            "summary = coalesce(decode(u.summary, 'hex'), j.summary), "
             "replica = CASE WHEN u.held THEN %s END, deliverer = %s, "
             "lease_until = CASE WHEN u.held THEN now() + %s * interval '1 second' END, "
             "version = j.version + 1 "
-            "FROM unnest(%s::text[], %s::int[], %s::smallint[], %s::int[], %s::text[], "
-            "%s::jsonb[], %s::timestamptz[], %s::timestamptz[], %s::timestamptz[], "
-            "%s::jsonb[], %s::bool[], %s::bytea[], %s::bytea[], %s::bool[]) "
-            "AS u(id, version, status, runs, scanner_id, error, updated_at, started_at, "
-            "finished_at, added, set_result, result, summary, held) "
+            "FROM jsonb_to_recordset(%s::jsonb) AS u(id text, version int, status smallint, "
+            "runs int, scanner_id text, error jsonb, updated_at timestamptz, "
+            "started_at timestamptz, finished_at timestamptz, added jsonb, result text, "
+            "summary text, held bool) "
             "WHERE j.id = u.id AND j.version = u.version "
             "RETURNING j.id, j.status, jsonb_array_length(j.history) AS n) "
             "SELECT w.id, w.status, "
             "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':' || n, ',')) FROM w), "
             "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM w WHERE status = 1 LIMIT 1) AS q) "
             "FROM w",
-            (self.replica, self.replica, self.lease_seconds, *columns, self._channel + "_moves",
-             self.replica, self._channel + "_work", self.replica),
+            (self.replica, self.replica, self.lease_seconds, orjson.dumps(documents).decode(),
+             self._channel + "_moves", self.replica, self._channel + "_work", self.replica),
         )  # fmt: skip
         rows = await cursor.fetchall()
         if any(row[1] == S.PENDING.value for row in rows):
