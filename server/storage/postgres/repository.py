@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import hashlib
 import secrets
 import time
@@ -142,10 +141,15 @@ def _job(row: Row) -> tuple[Job, int]:
     return job, row[17]
 
 
+_JOB_FIELDS = Job.__slots__
+
+
 def _copy(job: Job) -> Job:
     """A job the state machine can change without touching ``job`` (it appends to the
-    history and sets fields)."""
-    clone = copy.copy(job)
+    history and sets fields); field by field, several times faster than ``copy.copy``."""
+    clone = object.__new__(Job)
+    for name in _JOB_FIELDS:
+        setattr(clone, name, getattr(job, name))
     clone.history = list(job.history)
     return clone
 
@@ -996,8 +1000,8 @@ class PostgresRepository:
 
     def _remembered(self, batch: list[_MoveRequest], todo: list[int]) -> dict[str, tuple[Job, int]]:
         """The remembered rows of jobs with one move in ``todo`` that the state machine makes
-        from that row (a copy each): a move it refuses, or that finds another status, is
-        decided on a fresh read instead."""
+        from that row, taken out of memory (the move changes them; a write puts them back): a
+        move it refuses, or that finds another status, is decided on a fresh read instead."""
         asked: dict[str, int] = {}
         for i in todo:
             asked[batch[i].job_id] = asked.get(batch[i].job_id, 0) + 1
@@ -1007,18 +1011,20 @@ class PostgresRepository:
             known = self._known.get(r.job_id)
             if known is None or asked[r.job_id] > 1:
                 continue
-            job, version = known
+            job = known[0]
             if (
                 job.status in r.expect
                 and not (r.run and job.runs != r.run)
                 and state_machine.can_move(job, r.to_status)
             ):
-                out[r.job_id] = (_copy(job), version)
+                out[r.job_id] = known
+                del self._known[r.job_id]
         return out
 
     def _remember(self, changes: list[_Change], written: set[str]) -> None:
-        """Rows written that this replica still holds are remembered as written; the others
-        (or a write that lost its compare-and-set) are forgotten."""
+        """Rows written that this replica still holds are remembered as written (a copy: the
+        job itself goes to the mover); the others (or a write that lost its compare-and-set)
+        are forgotten."""
         for change in changes:
             job = change.job
             if job.id not in written or job.status.value not in _HELD:
