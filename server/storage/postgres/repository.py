@@ -211,7 +211,11 @@ class PostgresRepository:
         self._channel = f"ih_{hashlib.blake2b(schema.encode(), digest_size=6).hexdigest()}"
         kwargs: dict[str, Any] = {
             "autocommit": True,
-            "options": f"-c search_path={schema} -c timezone=UTC",
+            # Generic plans for the prepared statements (psycopg prepares a query from its
+            # fifth run): every statement here has one shape whatever its parameters, and the
+            # claim's custom plan cost more to make than to run.
+            "options": f"-c search_path={schema} -c timezone=UTC "
+            "-c plan_cache_mode=force_generic_plan",
             "connect_timeout": max(1, int(connect_timeout)),
         }
         self._kwargs = kwargs
