@@ -259,10 +259,11 @@ class PostgresRepository:
         # on that version standing in for the read. A hint only: any miss reads.
         self._known: dict[str, tuple[Job, int]] = {}
         self._opened = False
-        # This loop turn's moves and inserts, each written together (see move, insert_many).
+        # The moves, and the inserts, asked while the previous batch of their kind was
+        # written go together in the next one (see _GroupCommit).
         self._move_tasks: set[asyncio.Task[None]] = set()
-        self._moves = _PerTurn(self._run_moves, "postgres-moves", self._move_tasks)
-        self._inserts = _PerTurn(self._run_inserts, "postgres-inserts", self._move_tasks)
+        self._moves = _GroupCommit(self._run_moves, "postgres-moves", self._move_tasks)
+        self._inserts = _GroupCommit(self._run_inserts, "postgres-inserts", self._move_tasks)
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[Row]) -> None:
@@ -551,8 +552,8 @@ class PostgresRepository:
             return []
         if queue_limit:
             return await self._insert_many(specs, [at] * len(specs), queue_limit)
-        # Without a limit, the inserts asked in one loop turn (single submits from many
-        # clients) go together, as moves do.
+        # Without a limit, the inserts asked while the previous batch was written (single
+        # submits from many clients) go together, as moves do.
         loop = asyncio.get_running_loop()
         request = _InsertRequest(list(specs), at, loop.create_future())
         self._inserts.add(request)
@@ -904,8 +905,8 @@ class PostgresRepository:
         result: Any = None,
         summary: Any = None,
     ) -> Moved | None:
-        """Every move asked in one loop turn is written by one statement (one commit, one
-        NOTIFY); see :meth:`_apply_moves`."""
+        """Every move asked while the previous batch of moves was written goes in one
+        statement (one commit, one NOTIFY); see :meth:`_apply_moves`."""
         loop = asyncio.get_running_loop()
         request = _MoveRequest(
             job_id, to_status, expect, run, at, reason, scanner_id, error, result, summary,
@@ -1164,7 +1165,7 @@ class PostgresRepository:
 R = TypeVar("R")
 
 
-class _PerTurn(Generic[R]):
+class _GroupCommit(Generic[R]):
     """Requests handed together to one task: those of one loop turn and, while a batch is
     being written, every request made meanwhile (a group commit: under load a batch carries
     what arrived during one round trip instead of a statement and a commit each, and single
