@@ -341,8 +341,10 @@ class PostgresRepository:
             await self._alive()
             held = list(self._held())
             holding = set(held)
-            for job_id in [k for k in self._known if k not in holding]:
-                del self._known[job_id]  # runs another replica took over, or ended
+            # list(): a snapshot in one step, as write_result forgets rows from a worker thread
+            for job_id in list(self._known):
+                if job_id not in holding:
+                    self._known.pop(job_id, None)  # runs another replica took over, or ended
             if held:
                 # In id order, skipping rows a move holds now (it renews them itself): no
                 # deadlock with this replica's own move batches.
@@ -1027,7 +1029,7 @@ class PostgresRepository:
                 and state_machine.can_move(job, r.to_status)
             ):
                 out[r.job_id] = known
-                del self._known[r.job_id]
+                self._known.pop(r.job_id, None)
         return out
 
     def _remember(self, changes: list[_Change], written: set[str]) -> None:
