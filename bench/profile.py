@@ -4,6 +4,7 @@ to the running handler process, so the handler runs unchanged).
     .venv/bin/python -m bench.profile --mode batched --scanners 8 --jobs 60000
     .venv/bin/python -m bench.profile --mode single --jobs 10000
     .venv/bin/python -m bench.profile --mode batched --metrics   # as the Helm chart runs it
+    .venv/bin/python -m bench.profile --mode single --jobs 5000 --storage postgres
 
 Prints the top functions by own time (where the CPU is) and by total time (what is expensive
 including what it calls), and keeps the collapsed stacks (``--out``, flamegraph input). By
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
+import secrets
 import shutil
 import subprocess
 import sys
@@ -23,7 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import ROOT, Handler, Scanners, free_port, wait_scanners
+import psycopg
+
+from bench import peers, postgres_side
+from bench.common import ROOT, Handler, Scanners, cpu_seconds, free_port, wait_scanners
 from bench.e2e import Variant, default_slots, run_once
 
 
@@ -77,6 +83,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=60_000)
     parser.add_argument("--log-level", default="warning")
     parser.add_argument(
+        "--storage",
+        choices=("journal", "postgres"),
+        default="journal",
+        help="postgres: a fresh schema in BENCH_DATABASE_URL; also prints the database's "
+        "commits per job",
+    )
+    parser.add_argument(
         "--metrics", action="store_true", help="the handler with --metrics-listen, as deployed"
     )
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -102,6 +115,12 @@ def main() -> None:
         workdir = Path(tmp)
         handler = Handler(workdir, log_level=args.log_level, port=free_port(), name="profile")
         handler.extra = Variant(args.mode, metrics=args.metrics).handler_args()
+        schema = ""
+        if args.storage == "postgres":
+            schema = f"bench_{secrets.token_hex(4)}"
+            handler.storage = "postgres"
+            handler.extra = (*handler.extra, "--database-url", peers.database_url(),
+                             "--database-schema", schema)  # fmt: skip
         fleet = Scanners(handler.address, args.scanners, default_slots(args.scanners), workdir)
         fleet.start()
         try:
@@ -118,13 +137,23 @@ def main() -> None:
                 command.append("--gil")
             spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(1.0)  # let py-spy attach
+            commits = _commits() if schema else 0
+            cpu, database_cpu = cpu_seconds(handler.pid), _postgres_cpu()
             seconds, _, errors = asyncio.run(run_once(handler.address, args.jobs, args.mode, "p-"))
+            cpu, database_cpu = cpu_seconds(handler.pid) - cpu, _postgres_cpu() - database_cpu
+            commits = _commits() - commits if schema else 0
             spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
             _, err = spy.communicate(timeout=60)
             print(
                 f"{args.mode}: {args.jobs / seconds:,.0f} jobs/s under the profiler "
-                f"({errors} errors)"
+                f"({errors} errors); handler {1e6 * cpu / args.jobs:,.0f} us CPU per job"
             )
+            if schema:
+                # Every connection's commits, the bench's GetQueueStats polls included.
+                print(
+                    f"database: {commits / args.jobs:.2f} commits per job, postgres processes "
+                    f"{1e6 * database_cpu / args.jobs:,.0f} us CPU per job"
+                )
             if not raw.exists():
                 raise SystemExit(f"py-spy wrote nothing: {err.decode(errors='replace')}")
             if args.out is None:
@@ -137,6 +166,29 @@ def main() -> None:
         finally:
             fleet.stop()
             handler.stop()
+            if schema:
+                postgres_side.drop(schema)
+
+
+def _postgres_cpu() -> float:
+    """CPU seconds of every ``postgres`` process on this machine (its backends and writers)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            if stat.read_text().split(" (", 1)[1].startswith("postgres)"):
+                total += cpu_seconds(int(stat.parent.name))
+    return total
+
+
+def _commits() -> int:
+    """Transactions committed in the bench's database so far (all connections)."""
+    with psycopg.connect(peers.database_url(), autocommit=True) as conn:
+        # The statistics a backend reports are cached for its transaction: a fresh read.
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
 if __name__ == "__main__":

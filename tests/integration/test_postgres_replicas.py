@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from server.core.model import ImageRef, JobSpec, Lane, ObjectKind, Policy, Trigger
+from server.core.model import ImageRef, JobSpec, JobStatus, Lane, ObjectKind, Policy, Trigger
 from server.storage.postgres import PostgresRepository
 from server.storage.repository import Demand
 from tests.postgres import DATABASE_URL, drop_schema, new_schema_name
@@ -101,3 +101,46 @@ async def test_a_claim_that_locked_jobs_it_did_not_take_wakes_the_other_replicas
     again = await b.claim([Demand("s2", ALL, 1)], at=datetime.now(UTC))
     assert len(again) == 1
     assert again[0].moved.job.id != got[0].moved.job.id
+
+
+async def test_a_claim_after_one_that_found_nothing_finds_what_was_queued_since(
+    pair: tuple[PostgresRepository, PostgresRepository],
+) -> None:
+    a, b = pair
+    woken = asyncio.Event()
+    a.subscribe(work=woken.set, moved=lambda j, t: None, listened=lambda i: False, held=list)
+    await listening(a)
+    assert await a.claim([Demand("s1", ALL, 4)], at=datetime.now(UTC)) == []
+    # Its own insert: the next claim looks again at once.
+    (own,) = await a.insert_many([spec("own")], at=datetime.now(UTC))
+    got = await a.claim([Demand("s1", ALL, 4)], at=datetime.now(UTC))
+    assert [c.moved.job.id for c in got] == [own.job.id]
+    # Another replica's insert: once its announcement is heard.
+    woken.clear()
+    (other,) = await b.insert_many([spec("other")], at=datetime.now(UTC))
+    await asyncio.wait_for(woken.wait(), timeout=10)
+    got = await a.claim([Demand("s1", ALL, 4)], at=datetime.now(UTC))
+    assert [c.moved.job.id for c in got] == [other.job.id]
+
+
+async def test_a_run_another_replica_moved_since_is_decided_on_a_fresh_read(
+    pair: tuple[PostgresRepository, PostgresRepository],
+) -> None:
+    a, b = pair
+    await a.insert_many([spec("moved")], at=datetime.now(UTC))
+    (claimed,) = await a.claim([Demand("s1", ALL, 1)], at=datetime.now(UTC))
+    job_id = claimed.moved.job.id
+    # B ends the run (as a rescuer would); A still remembers the row as its claim wrote it.
+    back = await b.move(job_id, JobStatus.PENDING, expect=frozenset({JobStatus.IN_PROGRESS}),
+                        run=1, at=datetime.now(UTC), reason="returned")  # fmt: skip
+    assert back is not None
+    late = await a.move(job_id, JobStatus.PROCESSING_RESULTS,
+                        expect=frozenset({JobStatus.IN_PROGRESS}), run=1, at=datetime.now(UTC),
+                        reason="result received")  # fmt: skip
+    assert late is None, "a move decided on a row another replica changed"
+    job = await a.get(job_id)
+    assert job is not None
+    assert job.status is JobStatus.PENDING
+    assert [t.to_status for t in job.history] == [
+        JobStatus.PENDING, JobStatus.IN_PROGRESS, JobStatus.PENDING,
+    ]  # fmt: skip

@@ -4,9 +4,12 @@ Every verb is its own committed statement or transaction (``commit`` has nothing
 A claim is one statement: the PENDING jobs of each lane in arrival order, ``FOR UPDATE SKIP
 LOCKED``, interleaved at the interactive share, handed to the Free scanners' slots and marked
 IN_PROGRESS with the run counted, the replica and its lease. A move reads the row, lets the
-state machine decide, and writes it back only if nobody wrote it meanwhile (its ``version``):
-the compare-and-set that keeps a replica that was cut off from overwriting a rescuer. Inserts
-go in one multi-row statement per batch; unique indexes deduplicate across replicas.
+state machine decide, and writes it back only if nobody wrote it meanwhile (its ``version``,
+which every write of a column a job is read from changes): the compare-and-set that keeps a
+replica that was cut off from overwriting a rescuer. The runs this replica claimed or moved
+last are remembered as written, so their next move skips the read and the compare-and-set
+alone checks it. Inserts go in one multi-row statement per batch; unique indexes deduplicate
+across replicas.
 
 Other replicas hear of changes by NOTIFY: ``<channel>_work`` when a job is queued or queued
 again (they dispatch), ``<channel>_moves`` with the job ids and history lengths of every move
@@ -138,6 +141,19 @@ def _job(row: Row) -> tuple[Job, int]:
     return job, row[17]
 
 
+_JOB_FIELDS = Job.__slots__
+
+
+def _copy(job: Job) -> Job:
+    """A job the state machine can change without touching ``job`` (it appends to the
+    history and sets fields); field by field, several times faster than ``copy.copy``."""
+    clone = object.__new__(Job)
+    for name in _JOB_FIELDS:
+        setattr(clone, name, getattr(job, name))
+    clone.history = list(job.history)
+    return clone
+
+
 def dedup_key(spec: JobSpec) -> str:
     """The text form of ``spec.dedup_key()`` the unique index compares."""
     return key_text(spec.dedup_key())
@@ -195,7 +211,11 @@ class PostgresRepository:
         self._channel = f"ih_{hashlib.blake2b(schema.encode(), digest_size=6).hexdigest()}"
         kwargs: dict[str, Any] = {
             "autocommit": True,
-            "options": f"-c search_path={schema} -c timezone=UTC",
+            # Generic plans for the prepared statements (psycopg prepares a query from its
+            # fifth run): every statement here has one shape whatever its parameters, and the
+            # claim's custom plan cost more to make than to run.
+            "options": f"-c search_path={schema} -c timezone=UTC "
+            "-c plan_cache_mode=force_generic_plan",
             "connect_timeout": max(1, int(connect_timeout)),
         }
         self._kwargs = kwargs
@@ -227,11 +247,23 @@ class PostgresRepository:
         self._next_rescue = 0.0
         self._next_poll = 0.0
         self._next_adoption = 0.0
+        # Counts what may have queued jobs (own inserts and moves back to PENDING, other
+        # replicas' announcements, the fallback poll); ``_drained[kinds]`` is the count at the
+        # start of a claim that found nothing more of those kinds. While they are equal a
+        # claim of those kinds cannot find anything: dispatch passes asked by results and
+        # Free scanners then cost no statement.
+        self._queued = 0
+        self._drained: dict[frozenset[ObjectKind], int] = {}
+        # The runs this replica claimed or moved last, as their rows are now (a private copy,
+        # and the row's version): a move of one of them writes at once, its compare-and-set
+        # on that version standing in for the read. A hint only: any miss reads.
+        self._known: dict[str, tuple[Job, int]] = {}
         self._opened = False
-        # This loop turn's moves and inserts, each written together (see move, insert_many).
+        # The moves, and the inserts, asked while the previous batch of their kind was
+        # written go together in the next one (see _GroupCommit).
         self._move_tasks: set[asyncio.Task[None]] = set()
-        self._moves = _PerTurn(self._run_moves, "postgres-moves", self._move_tasks)
-        self._inserts = _PerTurn(self._run_inserts, "postgres-inserts", self._move_tasks)
+        self._moves = _GroupCommit(self._run_moves, "postgres-moves", self._move_tasks)
+        self._inserts = _GroupCommit(self._run_inserts, "postgres-inserts", self._move_tasks)
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[Row]) -> None:
@@ -277,7 +309,7 @@ class PostgresRepository:
         return applied
 
     async def close(self) -> None:
-        if self._move_tasks:
+        while self._move_tasks:  # a batch that ends starts the next one
             await asyncio.gather(*self._move_tasks, return_exceptions=True)
         if self._listener is not None:
             self._listener.cancel()
@@ -308,6 +340,11 @@ class PostgresRepository:
             self._next_renewal = now + self.lease_seconds / 3
             await self._alive()
             held = list(self._held())
+            holding = set(held)
+            # list(): a snapshot in one step, as write_result forgets rows from a worker thread
+            for job_id in list(self._known):
+                if job_id not in holding:
+                    self._known.pop(job_id, None)  # runs another replica took over, or ended
             if held:
                 # In id order, skipping rows a move holds now (it renews them itself): no
                 # deadlock with this replica's own move batches.
@@ -320,7 +357,7 @@ class PostgresRepository:
                     )
         if now >= self._next_poll:
             self._next_poll = now + min(POLL_SECONDS, self.lease_seconds / 3)
-            self._on_work()
+            self._work()
 
     async def _alive(self) -> None:
         """This replica is alive for another lease: the deliveries it owes stay its own."""
@@ -380,7 +417,12 @@ class PostgresRepository:
         if self._listener is not None:
             # The listener may have started (and announced itself to the no-op callback)
             # before these callbacks: whatever it heard meanwhile, look for work now.
-            work()
+            self._work()
+
+    def _work(self) -> None:
+        """Jobs may be queued that this replica did not queue itself: claim again."""
+        self._queued += 1
+        self._on_work()
 
     def on_acceptances(self, changed: Callable[[], None]) -> None:
         """``changed()`` when another replica added or removed a risk acceptance (NOTIFY in the
@@ -436,12 +478,12 @@ class PostgresRepository:
                         sql.SQL("LISTEN {}").format(sql.Identifier(self._channel + "_risk"))
                     )
                     backoff = 0.1
-                    self._on_work()
+                    self._work()
                     self._on_acceptances()
                     async for notice in conn.notifies():
                         if notice.channel.endswith("_work"):
                             if notice.payload != self.replica:  # its own asked already
-                                self._on_work()
+                                self._work()
                         elif notice.channel.endswith("_risk"):
                             if notice.payload != self.replica:  # its own are in its memory
                                 self._on_acceptances()
@@ -512,8 +554,8 @@ class PostgresRepository:
             return []
         if queue_limit:
             return await self._insert_many(specs, [at] * len(specs), queue_limit)
-        # Without a limit, the inserts asked in one loop turn (single submits from many
-        # clients) go together, as moves do.
+        # Without a limit, the inserts asked while the previous batch was written (single
+        # submits from many clients) go together, as moves do.
         loop = asyncio.get_running_loop()
         request = _InsertRequest(list(specs), at, loop.create_future())
         self._inserts.add(request)
@@ -647,7 +689,7 @@ class PostgresRepository:
     ) -> list[Job]:
         """One statement: the rows, their arrival numbers, and the notifications."""
         jobs: list[Job] = []
-        columns: list[list[Any]] = [[] for _ in range(10)]
+        documents: list[dict[str, Any]] = []
         for index in fresh:
             spec, at = specs[index], ats[index]
             job = Job(id=new_job_id(), seq=0, spec=spec, created_at=at)
@@ -655,30 +697,31 @@ class PostgresRepository:
             stored = storage_pb2.StoredJob()
             mapping.set_job(stored.job, job, position=0)
             mapping.set_submitter(stored.submitter, spec.submitter)
-            for column, value in zip(
-                columns,
-                (job.id, spec.lane.value, job.kind.value, spec.trigger.value, keys[index],
-                 spec.idempotency_key, stored.SerializeToString(), at,
-                 orjson.dumps([_transition_json(t) for t in job.history]).decode(), 1),
-                strict=True,
-            ):  # fmt: skip
-                column.append(value)
+            documents.append({
+                "id": job.id, "lane": spec.lane.value, "kind": job.kind.value,
+                "trigger": spec.trigger.value, "dedup_key": keys[index],
+                "idempotency_key": spec.idempotency_key,
+                "spec": stored.SerializeToString().hex(), "created_at": at,
+                "history": [_transition_json(t) for t in job.history],
+            })  # fmt: skip
             jobs.append(job)
+        # The rows as one JSON document: psycopg dumps an array parameter element by element
+        # in Python, a cost per row and column that the database's own parser does not have.
         cursor = await conn.execute(
             "WITH ins AS (INSERT INTO jobs (id, seq, lane, kind, trigger, dedup_key, "
             "idempotency_key, spec, created_at, updated_at, history, status, deliverer) "
             "SELECT u.id, nextval('jobs_arrival'), u.lane, u.kind, u.trigger, u.dedup_key, "
-            "u.idempotency_key, u.spec, u.created_at, u.created_at, u.history, u.status, %s "
-            "FROM unnest(%s::text[], %s::smallint[], %s::smallint[], %s::smallint[], "
-            "%s::text[], %s::text[], %s::bytea[], %s::timestamptz[], %s::jsonb[], "
-            "%s::smallint[]) AS u(id, lane, kind, trigger, dedup_key, idempotency_key, spec, "
-            "created_at, history, status) ON CONFLICT DO NOTHING RETURNING id, seq) "
+            "u.idempotency_key, decode(u.spec, 'hex'), u.created_at, u.created_at, u.history, "
+            "1, %s FROM jsonb_to_recordset(%s::jsonb) AS u(id text, lane smallint, "
+            "kind smallint, trigger smallint, dedup_key text, idempotency_key text, spec text, "
+            "created_at timestamptz, history jsonb) "
+            "ON CONFLICT DO NOTHING RETURNING id, seq) "
             "SELECT ins.id, ins.seq, "
             "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM ins LIMIT 1) AS any_row), "
             "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':1', ',')) FROM ins) FROM ins",
             (
                 self.replica,
-                *columns,
+                orjson.dumps(documents).decode(),
                 self._channel + "_work",
                 self.replica,
                 self._channel + "_moves",
@@ -686,6 +729,7 @@ class PostgresRepository:
             ),
         )
         seqs = {row[0]: int(row[1]) for row in await cursor.fetchall()}
+        self._queued += 1
         inserted = []
         for job in jobs:
             seq = seqs.get(job.id)
@@ -724,13 +768,23 @@ class PostgresRepository:
         return page, (page[-1].seq if len(rows) > size else None)
 
     async def counts(self) -> Counts:
+        # One round trip (clients poll this, as the bench does); each half keeps its own plan:
+        # the pending lanes come from the partial index, not from a second grouping of the
+        # whole table.
         async with self._conn() as conn:
-            cursor = await conn.execute("SELECT status, count(*) FROM jobs GROUP BY status")
-            by_status = {STATUS[s]: int(n) for s, n in await cursor.fetchall()}
             cursor = await conn.execute(
-                "SELECT lane, count(*), min(created_at) FROM jobs WHERE status = 1 GROUP BY lane"
+                "SELECT 0, status, count(*), NULL::timestamptz FROM jobs GROUP BY status "
+                "UNION ALL SELECT lane, 1, count(*), min(created_at) FROM jobs WHERE status = 1 "
+                "GROUP BY lane"
             )
-            lanes = {Lane(lane): (int(n), oldest) for lane, n, oldest in await cursor.fetchall()}
+            rows = await cursor.fetchall()
+        by_status: dict[JobStatus, int] = {}
+        lanes: dict[Lane, tuple[int, datetime | None]] = {}
+        for lane, status, n, oldest in rows:
+            if lane:
+                lanes[Lane(lane)] = (int(n), oldest)
+            else:
+                by_status[STATUS[status]] = int(n)
         return Counts(
             by_status=by_status,
             pending_by_lane={lane: lanes.get(lane, (0, None))[0] for lane in Lane},
@@ -785,36 +839,40 @@ class PostgresRepository:
                 groups.setdefault(demand.kinds, []).append(index)
         out: list[Claimed] = []
         for kinds, members in groups.items():
-            # One slot per demand per pass, in the demands' order.
-            slots: list[int] = []
+            queued = self._queued
+            if self._drained.get(kinds) == queued:
+                continue
             room = {index: demands[index].slots for index in members}
             while room:
-                for index in list(room):
-                    slots.append(index)
-                    room[index] -= 1
-                    if not room[index]:
-                        del room[index]
-            for start in range(0, len(slots), CLAIM_CHUNK):
-                chunk = slots[start : start + CLAIM_CHUNK]
-                got = await self._claim(demands, chunk, kinds, at)
+                n = min(sum(room.values()), CLAIM_CHUNK)
+                got = await self._claim(demands, room, kinds, n, at)
                 out.extend(got)
-                if len(got) < len(chunk):
-                    break  # nothing more of these kinds is queued
+                for item in got:
+                    room[item.demand] -= 1
+                    if not room[item.demand]:
+                        del room[item.demand]
+                if len(got) < n:
+                    # Nothing more of these kinds was queued (or another claim holds it and
+                    # will announce what it leaves).
+                    self._drained[kinds] = queued
+                    break
         return out
 
     async def _claim(
         self,
         demands: Sequence[Demand],
-        slots: list[int],
+        room: dict[int, int],
         kinds: frozenset[ObjectKind],
+        n: int,
         at: datetime,
     ) -> list[Claimed]:
         share = self.interactive_share
         params = {
-            "who": slots,
-            "names": [demands[index].scanner_id for index in slots],
+            "who": list(room),
+            "names": [demands[index].scanner_id for index in room],
+            "room": list(room.values()),
             "kinds": [k.value for k in kinds],
-            "n": len(slots),
+            "n": n,
             # Each lane's k-th job ranks at k / its share: the lanes interleave at the share.
             "wi": 1.0 / share,
             "wb": 1.0 / (1.0 - share) if share < 1 else 1e12,
@@ -830,7 +888,8 @@ class PostgresRepository:
             rows = await cursor.fetchall()
         out: list[Claimed] = []
         for row in sorted(rows, key=lambda r: r[0]):
-            job, _ = _job(row[2:-2])
+            job, version = _job(row[2:-2])
+            self._known[job.id] = (_copy(job), version)
             out.append(Claimed(row[1], Moved(job, job.history[-1])))
         return out
 
@@ -848,8 +907,8 @@ class PostgresRepository:
         result: Any = None,
         summary: Any = None,
     ) -> Moved | None:
-        """Every move asked in one loop turn is written by one statement (one commit, one
-        NOTIFY); see :meth:`_apply_moves`."""
+        """Every move asked while the previous batch of moves was written goes in one
+        statement (one commit, one NOTIFY); see :meth:`_apply_moves`."""
         loop = asyncio.get_running_loop()
         request = _MoveRequest(
             job_id, to_status, expect, run, at, reason, scanner_id, error, result, summary,
@@ -893,17 +952,20 @@ class PostgresRepository:
     async def _apply_moves(self, batch: list[_MoveRequest]) -> list[Moved | HandlerError | None]:
         """Read the rows, let the state machine decide each move in the order asked, write
         back every changed row whose version is still the one read (one statement, committed
-        with its notifications). Moves of a job another replica wrote meanwhile are decided
-        again on a fresh read."""
+        with its notifications). A run this replica claimed or moved last is not read: its
+        row as written then stands in, the version checking it. Moves of a job another
+        replica wrote meanwhile are decided again on a fresh read."""
         outcomes: list[Moved | HandlerError | None] = [None] * len(batch)
         todo = list(range(len(batch)))
-        for _ in range(20):
-            ids = sorted({batch[i].job_id for i in todo})
+        for attempt in range(20):
+            jobs = self._remembered(batch, todo) if attempt == 0 else {}
+            ids = sorted({batch[i].job_id for i in todo} - jobs.keys())
             async with self._conn() as conn:
-                cursor = await conn.execute(
-                    f"SELECT {COLUMNS} FROM jobs WHERE id = ANY(%s)", (ids,)
-                )
-                jobs = {row[0]: _job(row) for row in await cursor.fetchall()}
+                if ids:
+                    cursor = await conn.execute(
+                        f"SELECT {COLUMNS} FROM jobs WHERE id = ANY(%s)", (ids,)
+                    )
+                    jobs.update((row[0], _job(row)) for row in await cursor.fetchall())
                 changed: dict[str, _Change] = {}
                 for i in todo:
                     r = batch[i]
@@ -925,7 +987,7 @@ class PostgresRepository:
                         continue
                     change = changed.get(job.id)
                     if change is None:
-                        change = changed[job.id] = _Change(job, version)
+                        change = changed[job.id] = _Change(job, version, job.result)
                     change.added.append(_transition_json(transition))
                     if r.result is not None:
                         job.result = r.result
@@ -939,6 +1001,7 @@ class PostgresRepository:
                 written: set[str] = set()
                 for start in range(0, len(changes), CLAIM_CHUNK):
                     written |= await self._write_changes(conn, changes[start : start + CLAIM_CHUNK])
+            self._remember(changes, written)
             todo = [
                 i for i in todo if batch[i].job_id in changed and batch[i].job_id not in written
             ]
@@ -946,48 +1009,87 @@ class PostgresRepository:
                 return outcomes
         raise StorageError("jobs kept changing under their moves; retry")
 
+    def _remembered(self, batch: list[_MoveRequest], todo: list[int]) -> dict[str, tuple[Job, int]]:
+        """The remembered rows of jobs with one move in ``todo`` that the state machine makes
+        from that row, taken out of memory (the move changes them; a write puts them back): a
+        move it refuses, or that finds another status, is decided on a fresh read instead."""
+        asked: dict[str, int] = {}
+        for i in todo:
+            asked[batch[i].job_id] = asked.get(batch[i].job_id, 0) + 1
+        out: dict[str, tuple[Job, int]] = {}
+        for i in todo:
+            r = batch[i]
+            known = self._known.get(r.job_id)
+            if known is None or asked[r.job_id] > 1:
+                continue
+            job = known[0]
+            if (
+                job.status in r.expect
+                and not (r.run and job.runs != r.run)
+                and state_machine.can_move(job, r.to_status)
+            ):
+                out[r.job_id] = known
+                self._known.pop(r.job_id, None)
+        return out
+
+    def _remember(self, changes: list[_Change], written: set[str]) -> None:
+        """Rows written that this replica still holds are remembered as written (a copy: the
+        job itself goes to the mover); the others (or a write that lost its compare-and-set)
+        are forgotten."""
+        for change in changes:
+            job = change.job
+            if job.id not in written or job.status.value not in _HELD:
+                self._known.pop(job.id, None)
+                continue
+            row = _copy(job)
+            if change.result is None:
+                row.result = change.stored_result  # what a read finds: not a large result
+            self._known[job.id] = (row, change.version + 1)
+
     async def _write_changes(
         self, conn: psycopg.AsyncConnection[Row], changes: list[_Change]
     ) -> set[str]:
-        """The rows still at the version read; the ids written."""
-        columns: list[list[Any]] = [[] for _ in range(14)]
+        """The rows still at the version read; the ids written (one JSON document, as the
+        inserts)."""
+        documents: list[dict[str, Any]] = []
         for change in changes:
             job = change.job
-            for column, value in zip(
-                columns,
-                (job.id, change.version, job.status.value, job.runs, job.scanner_id,
-                 orjson.dumps(_failure_json(job.error)).decode() if job.error else None,
-                 job.updated_at, job.started_at, job.finished_at,
-                 orjson.dumps(change.added).decode(), change.result is not None, change.result,
-                 change.summary, job.status.value in _HELD),
-                strict=True,
-            ):  # fmt: skip
-                column.append(value)
+            documents.append({
+                "id": job.id, "version": change.version, "status": job.status.value,
+                "runs": job.runs, "scanner_id": job.scanner_id, "error": _failure_json(job.error),
+                "updated_at": job.updated_at, "started_at": job.started_at,
+                "finished_at": job.finished_at, "added": change.added,
+                "result": change.result.hex() if change.result is not None else None,
+                "summary": change.summary.hex() if change.summary is not None else None,
+                "held": job.status.value in _HELD,
+            })  # fmt: skip
         cursor = await conn.execute(
             "WITH w AS (UPDATE jobs AS j SET status = u.status, runs = u.runs, "
             "scanner_id = u.scanner_id, error = u.error, updated_at = u.updated_at, "
             "started_at = u.started_at, finished_at = u.finished_at, "
             "history = j.history || u.added, "
-            "result = CASE WHEN u.set_result THEN u.result ELSE j.result END, "
-            "summary = coalesce(u.summary, j.summary), "
+            "result = CASE WHEN u.result IS NULL THEN j.result ELSE decode(u.result, 'hex') END, "
+            "summary = coalesce(decode(u.summary, 'hex'), j.summary), "
             "replica = CASE WHEN u.held THEN %s END, deliverer = %s, "
             "lease_until = CASE WHEN u.held THEN now() + %s * interval '1 second' END, "
             "version = j.version + 1 "
-            "FROM unnest(%s::text[], %s::int[], %s::smallint[], %s::int[], %s::text[], "
-            "%s::jsonb[], %s::timestamptz[], %s::timestamptz[], %s::timestamptz[], "
-            "%s::jsonb[], %s::bool[], %s::bytea[], %s::bytea[], %s::bool[]) "
-            "AS u(id, version, status, runs, scanner_id, error, updated_at, started_at, "
-            "finished_at, added, set_result, result, summary, held) "
+            "FROM jsonb_to_recordset(%s::jsonb) AS u(id text, version int, status smallint, "
+            "runs int, scanner_id text, error jsonb, updated_at timestamptz, "
+            "started_at timestamptz, finished_at timestamptz, added jsonb, result text, "
+            "summary text, held bool) "
             "WHERE j.id = u.id AND j.version = u.version "
             "RETURNING j.id, j.status, jsonb_array_length(j.history) AS n) "
-            "SELECT w.id, "
+            "SELECT w.id, w.status, "
             "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':' || n, ',')) FROM w), "
             "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM w WHERE status = 1 LIMIT 1) AS q) "
             "FROM w",
-            (self.replica, self.replica, self.lease_seconds, *columns, self._channel + "_moves",
-             self.replica, self._channel + "_work", self.replica),
+            (self.replica, self.replica, self.lease_seconds, orjson.dumps(documents).decode(),
+             self._channel + "_moves", self.replica, self._channel + "_work", self.replica),
         )  # fmt: skip
-        return {row[0] for row in await cursor.fetchall()}
+        rows = await cursor.fetchall()
+        if any(row[1] == S.PENDING.value for row in rows):
+            self._queued += 1  # a run to do again
+        return {row[0] for row in rows}
 
     # ----- results, deliveries, verdicts, acceptances ----------------------------------------
 
@@ -996,9 +1098,11 @@ class PostgresRepository:
             conn.execute(
                 "WITH r AS (INSERT INTO results (job_id, payload) VALUES (%s, %s) "
                 "ON CONFLICT (job_id) DO UPDATE SET payload = EXCLUDED.payload) "
-                "UPDATE jobs SET result_in_file = true, result = NULL WHERE id = %s",
+                "UPDATE jobs SET result_in_file = true, result = NULL, version = version + 1 "
+                "WHERE id = %s",
                 (job_id, payload, job_id),
             )
+        self._known.pop(job_id, None)
 
     def read_result(self, job_id: str) -> bytes | None:
         with _errors(), self.sync_pool.connection() as conn:
@@ -1011,18 +1115,22 @@ class PostgresRepository:
         async with self._conn() as conn:
             await conn.execute(
                 "UPDATE jobs SET delivered = greatest(delivered, %s), "
-                "verdict_delivered = greatest(verdict_delivered, %s) WHERE id = %s",
+                "verdict_delivered = greatest(verdict_delivered, %s), version = version + 1 "
+                "WHERE id = %s",
                 (job.delivered, job.verdict_delivered, job.id),
             )
+        self._known.pop(job.id, None)
 
     async def verdict_changed(self, job: Job) -> None:
         summary = job.result_summary.SerializeToString() if job.result_summary is not None else None
         async with self._conn() as conn:
             await conn.execute(
                 "UPDATE jobs SET summary = coalesce(%s, summary), deliverer = %s, "
-                "verdict_version = greatest(verdict_version, %s) WHERE id = %s",
+                "verdict_version = greatest(verdict_version, %s), version = version + 1 "
+                "WHERE id = %s",
                 (summary, self.replica, job.verdict_version, job.id),
             )
+        self._known.pop(job.id, None)
 
     async def add_acceptance(self, record: job_service_pb2.RiskAcceptance) -> None:
         async with self._conn() as conn:
@@ -1059,9 +1167,12 @@ class PostgresRepository:
 R = TypeVar("R")
 
 
-class _PerTurn(Generic[R]):
-    """Requests made in one loop turn, handed together to one task at the turn's end (the
-    task kept in ``tasks`` so closing the store can wait for it)."""
+class _GroupCommit(Generic[R]):
+    """Requests handed together to one task: those of one loop turn and, while a batch is
+    being written, every request made meanwhile (a group commit: under load a batch carries
+    what arrived during one round trip instead of a statement and a commit each, and single
+    submits, which gRPC delivers one per loop turn, group too). One batch at a time; the task
+    is kept in ``tasks`` so closing the store can wait for it."""
 
     def __init__(
         self,
@@ -1073,17 +1184,26 @@ class _PerTurn(Generic[R]):
         self._name = name
         self._tasks = tasks
         self._pending: list[R] = []
+        self._writing = False
 
     def add(self, request: R) -> None:
         self._pending.append(request)
-        if len(self._pending) == 1:  # the turn's first: the batch is not scheduled yet
+        if len(self._pending) == 1 and not self._writing:  # nothing scheduled yet
             asyncio.get_running_loop().call_soon(self._start)
 
     def _start(self) -> None:
+        if self._writing or not self._pending:
+            return
         batch, self._pending = self._pending, []
+        self._writing = True
         task = asyncio.create_task(self._run(batch), name=self._name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._writing = False
+        self._start()  # what arrived while this batch was written
 
 
 @dataclass(slots=True)
@@ -1114,6 +1234,7 @@ class _Change:
 
     job: Job
     version: int  # the row's version when read: the write's compare-and-set
+    stored_result: Any  # the job's result column when read
     added: list[list[Any]] = field(default_factory=list)  # history entries, as stored
     result: bytes | None = None
     summary: bytes | None = None
@@ -1125,8 +1246,12 @@ class _CollidedError(Exception):
 
 _CLAIM = f"""
 WITH slots AS (
-    SELECT who, name, k FROM unnest(%(who)s::int[], %(names)s::text[])
-        WITH ORDINALITY AS s(who, name, k)
+    -- The demands' slots one per demand per pass, in the demands' order: the first n.
+    SELECT d.who, d.name, row_number() OVER (ORDER BY pass, d.nth) AS k
+    FROM unnest(%(who)s::int[], %(names)s::text[], %(room)s::int[])
+        WITH ORDINALITY AS d(who, name, room, nth),
+        generate_series(1, d.room) AS pass
+    ORDER BY pass, d.nth LIMIT %(n)s
 ),
 interactive AS (
     SELECT id, seq FROM jobs
