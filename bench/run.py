@@ -554,9 +554,11 @@ def rows(out: dict[str, Any]) -> list[Row]:
     for p in out.get("pickup", []):
         load = f"{p['load']:.0%}"
         limit = {0.5: 5.0, 0.9: 20.0}.get(p["load"])
+        refused = p.get("refused", 0)
         if limit is not None:
+            met = p["p99_ms"] <= limit and not refused
             table.append(Row(f"pickup p99 at {load} load (submit->assignment)", p["p99_ms"],
-                             "ms", f"<= {limit:g}", p["p99_ms"] <= limit))  # fmt: skip
+                             "ms", f"<= {limit:g}", met))  # fmt: skip
         else:
             table.append(Row(f"pickup p99 at {load} load (submit->assignment)", p["p99_ms"],
                              "ms"))  # fmt: skip
@@ -564,6 +566,9 @@ def rows(out: dict[str, Any]) -> list[Row]:
                          "ms"))  # fmt: skip
         table.append(Row(f"  max at {load}", p["max_ms"], "ms"))
         table.append(Row("  ack->assignment p99", p["ack_p99_ms"], "ms"))
+        if refused:
+            table.append(Row(f"  submits refused at {load} ({p['refused_code']}: too many calls"
+                             " in flight)", refused, "calls"))  # fmt: skip
     for m in out.get("memory", []):
         table.append(Row(f"RSS per PENDING job at {m['pending']:,}", m["bytes_per_job"], "B",
                          "<= 1,500", m["bytes_per_job"] <= 1500))  # fmt: skip
