@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imagehandler.v1 import job_service_pb2, job_service_pb2_grpc
 from tests.helpers import image
+from tests.system.test_crash import free_port
+from tests.system.test_replicas import wait_serving
 
 DEADLINE = 30.0
 # Enough allocations for CPython's own rule to start several full passes (one each ten young
@@ -26,33 +25,11 @@ JOBS = 20_000
 BATCH = 1_000
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def collections(metrics_url: str) -> dict[str, float]:
     with urllib.request.urlopen(metrics_url, timeout=DEADLINE) as reply:
         text = reply.read().decode()
     found = re.findall(r'^python_gc_collections_total\{generation="(\d)"\} (\S+)$', text, re.M)
     return {generation: float(value) for generation, value in found}
-
-
-def wait_serving(address: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + DEADLINE
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert process.poll() is None, "the handler exited during start"
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.02)  # polling a readiness condition, with the deadline above
-    raise AssertionError(f"the handler did not become SERVING within {DEADLINE} s")
 
 
 def test_a_growing_queue_runs_young_collections_but_no_full_pass(tmp_path: Path) -> None:
