@@ -79,8 +79,9 @@ class Start:
     serving_mib: float
 
 
-def _timed_start(handler: Handler, keep: Path | None) -> Start:
-    """A start of the handler, timed to SERVING; ``keep``: copy its data directory first."""
+def _timed_start(handler: Handler, jobs: int, after: str, keep: Path | None) -> Start:
+    """A start of the handler, timed to SERVING, that must find ``jobs`` pending (``after``
+    names what stopped it); ``keep``: copy its data directory first."""
     if keep is not None:
         assert handler.data_dir is not None
         shutil.copytree(handler.data_dir, keep)
@@ -90,7 +91,10 @@ def _timed_start(handler: Handler, keep: Path | None) -> Start:
     cpu = cpu_seconds(handler.pid)
     peak = _status_mib(handler.pid, "VmHWM")
     time.sleep(0.5)
-    return Start(seconds, cpu, peak, rss_bytes(handler.pid) / 2**20)
+    start = Start(seconds, cpu, peak, rss_bytes(handler.pid) / 2**20)
+    if (found := asyncio.run(_pending(handler.address))) != jobs:
+        raise RuntimeError(f"{found:,} jobs pending after {after}, {jobs:,} expected")
+    return start
 
 
 def measure(
@@ -111,9 +115,7 @@ def measure(
             print(f"  recovery: {jobs:,} jobs queued in {fill_seconds:.1f} s ({rate:,.0f} jobs/s);"
                   f" RSS {running:,.0f} MiB", flush=True)  # fmt: skip
         handler.stop()  # kill -9
-        kill = _timed_start(handler, keep / "journal" if keep else None)
-        if (found := asyncio.run(_pending(handler.address))) != jobs:
-            raise RuntimeError(f"{found:,} jobs pending after kill -9, {jobs:,} expected")
+        kill = _timed_start(handler, jobs, "kill -9", keep / "journal" if keep else None)
         if verbose:
             print(f"  recovery: kill -9, start to SERVING {kill.seconds:.2f} s"
                   f" ({kill.cpu_seconds:.2f} s CPU) (journal);"
@@ -125,9 +127,7 @@ def measure(
         handler.process.wait(timeout=600)
         sigterm = time.perf_counter() - stopping
         handler.stop()
-        term = _timed_start(handler, keep / "snapshot" if keep else None)
-        if (found := asyncio.run(_pending(handler.address))) != jobs:
-            raise RuntimeError(f"{found:,} jobs pending after SIGTERM, {jobs:,} expected")
+        term = _timed_start(handler, jobs, "SIGTERM", keep / "snapshot" if keep else None)
         if verbose:
             print(f"  recovery: SIGTERM took {sigterm:.2f} s; start to SERVING {term.seconds:.2f} s"
                   f" ({term.cpu_seconds:.2f} s CPU) (snapshot);"
