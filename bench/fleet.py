@@ -252,9 +252,8 @@ def measure_stock(
     work: Path, names: tuple[str, ...] = ("minbase", "npm-python")
 ) -> list[StockResult]:
     """The layer cache on real layers: a stock root's entry size, a cold and a warm scan."""
-    from bench.scan_speed import _gzip_layer
-    from tests.inventory_images import NPM_PYTHON, stock_tar
-    from tests.oci import OCI_LAYER_GZIP, DiskLayer, disk_layer
+    from bench.scan_speed import stock_layer
+    from tests.inventory_images import NPM_PYTHON
 
     includes = {"minbase": (), "npm-python": NPM_PYTHON}
     registry = LocalRegistry(work / "stock-registry")
@@ -262,14 +261,7 @@ def measure_stock(
     try:
         layout = Layout(work / "stock-layout")
         for name in names:
-            tar = stock_tar(name, includes[name])
-            compressed = _gzip_layer(tar)
-            lay = DiskLayer(
-                compressed,
-                disk_layer(compressed).digest,
-                OCI_LAYER_GZIP,
-                uncompressed_digest=disk_layer(tar).digest,
-            )
+            lay, tar = stock_layer(name, includes[name])
             layout.add(name, Image([lay]))
             registry.push(layout.path, name, f"fleet/{name}")
             cache = work / f"stock-cache-{name}"
@@ -283,7 +275,7 @@ def measure_stock(
             out.append(
                 StockResult(
                     image=name,
-                    layer_mb=compressed.stat().st_size / 1e6,
+                    layer_mb=lay.path.stat().st_size / 1e6,
                     files=files,
                     cold_seconds=cold,
                     warm_seconds=warm,

@@ -33,8 +33,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.common import median
+
+if TYPE_CHECKING:
+    from tests.oci import DiskLayer
 
 IMAGES = ("minbase", "npm-python")
 
@@ -87,6 +91,23 @@ def _gzip_layer(tar: Path) -> Path:
     return compressed
 
 
+def stock_layer(name: str, include: tuple[str, ...]) -> tuple[DiskLayer, Path]:
+    """A stock root (``tests.inventory_images.stock_tar``) as one gzip layer, as a registry
+    serves it (its ``path`` is the compressed file), and the uncompressed tar."""
+    from tests.inventory_images import stock_tar
+    from tests.oci import OCI_LAYER_GZIP, DiskLayer, disk_layer
+
+    tar = stock_tar(name, include)
+    compressed = _gzip_layer(tar)
+    layer = DiskLayer(
+        compressed,
+        disk_layer(compressed).digest,
+        OCI_LAYER_GZIP,
+        uncompressed_digest=disk_layer(tar).digest,
+    )
+    return layer, tar
+
+
 def _usage(who: int) -> float:
     usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
@@ -97,8 +118,8 @@ def measure(workdir: Path, runs: int, images: tuple[str, ...] = IMAGES) -> list[
     from scanner_client.engine import Job, NullProgress
     from scanner_client.engines.builtin import BuiltinEngine, BuiltinSettings
     from scanner_client.job_policy import ScannerPolicy
-    from tests.inventory_images import NPM_PYTHON, stock_tar, syft_binary
-    from tests.oci import OCI_LAYER_GZIP, DiskLayer, Image, Layout, LocalRegistry, disk_layer
+    from tests.inventory_images import NPM_PYTHON, syft_binary
+    from tests.oci import Image, Layout, LocalRegistry
 
     includes = {"minbase": (), "npm-python": NPM_PYTHON}
     registry = LocalRegistry(workdir / "registry")
@@ -107,15 +128,8 @@ def measure(workdir: Path, runs: int, images: tuple[str, ...] = IMAGES) -> list[
     try:
         layout = Layout(workdir / "layout")
         for name in images:
-            tar = stock_tar(name, includes[name])
-            compressed = _gzip_layer(tar)
-            sizes[name] = compressed.stat().st_size
-            layer = DiskLayer(
-                compressed,
-                disk_layer(compressed).digest,
-                OCI_LAYER_GZIP,
-                uncompressed_digest=disk_layer(tar).digest,
-            )
+            layer, _ = stock_layer(name, includes[name])
+            sizes[name] = layer.path.stat().st_size
             layout.add(name, Image([layer]))
             registry.push(layout.path, name, f"bench/{name}")
         # The registry is on loopback: allowed explicitly, as the job policy refuses it.
