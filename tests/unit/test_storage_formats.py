@@ -195,6 +195,41 @@ async def test_a_snapshot_cut_short_is_corrupt(tmp_path: Path) -> None:
         read_snapshot(path)
 
 
+def came_from() -> list[Job]:
+    """A job that finished with a stored result and a rematch of an SBOM: what each came from
+    is part of the job (GetJob shows it; a rematch's findings change is told against it)."""
+    digest = "sha256:" + "b" * 64
+    return [
+        queued(1, target=ImageRef("registry.example", "team/app", "", digest), reused_from="j-0"),
+        queued(2, rematch_of="j-1"),
+    ]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_what_a_job_came_from_survives_the_snapshot_and_the_journal(
+    tmp_path: Path, version: int
+) -> None:
+    jobs = came_from()
+    origins = [(j.spec.reused_from, j.spec.rematch_of) for j in jobs]
+    header = storage_pb2.SnapshotHeader(generation=1, lsn=2000, next_seq=3)
+    path, _size = await write_snapshot(tmp_path, header, jobs, version=version)
+    loaded = read_snapshot(path)
+    assert [(j.spec.reused_from, j.spec.rematch_of) for j in loaded.jobs] == origins
+
+    store = JournalStore(tmp_path / "journal", FsyncPolicy.NEVER)
+    store.open_directory()
+    store.start(store.recover())
+    for job in came_from():
+        job.lsn = 0
+        store.created(job)
+    store.flush()
+    await store.close()
+    again = JournalStore(tmp_path / "journal", FsyncPolicy.NEVER)
+    again.open_directory()
+    recovered = again.recover()
+    assert [(j.spec.reused_from, j.spec.rematch_of) for j in recovered.jobs.values()] == origins
+
+
 async def test_new_jobs_of_a_turn_are_one_record_and_old_per_job_records_still_replay(
     tmp_path: Path,
 ) -> None:

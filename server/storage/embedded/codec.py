@@ -97,10 +97,6 @@ def _time(ts: timestamp_pb2.Timestamp) -> datetime:
     return ts.ToDatetime(tzinfo=UTC)
 
 
-def _optional_time(message: common_pb2.Job, field: str) -> datetime | None:
-    return _time(getattr(message, field)) if message.HasField(field) else None  # type: ignore[arg-type]
-
-
 def failure(error: common_pb2.JobError) -> JobFailure:
     return JobFailure(error.code, error.message, error.detail)
 
@@ -118,10 +114,10 @@ def transition(t: common_pb2.JobTransition) -> Transition:
 
 
 class Decoder:
-    """:func:`job` for many records in a row (recovery): the values that jobs share (a
-    batch's timestamps, the same registry, policies or run time) are made once and shared,
-    as they are in the running handler, so a recovered queue costs the memory it cost before
-    the restart, and each is made once instead of once per job. Its caches are bounded."""
+    """Jobs from their stored records. Kept for many records in a row (recovery), it makes
+    the values that jobs share (a batch's timestamps, the same registry, policies or run
+    time) once and shares them, as they are in the running handler, so a recovered queue
+    costs the memory it cost before the restart. Its caches are bounded."""
 
     LIMIT = 4096  # entries per cache before it starts over
 
@@ -229,6 +225,8 @@ class Decoder:
             idempotency_key=message.idempotency_key,
             labels=dict(message.labels),
             submitter=mapping.submitter_from_proto(record.submitter),
+            reused_from=message.reused_from,
+            rematch_of=message.rematch_of,
         )
         return Job(
             id=message.id,
@@ -254,37 +252,5 @@ class Decoder:
 
 
 def job(record: storage_pb2.StoredJob) -> Job:
-    message = record.job
-    spec = JobSpec(
-        target=_target(message.object),
-        trigger=_TRIGGER[message.trigger],
-        policies=tuple(_POLICY[p] for p in message.policies),
-        max_run_time=message.max_run_time.ToNanoseconds() / 1e9,
-        lane=_LANE[message.lane],
-        idempotency_key=message.idempotency_key,
-        labels=dict(message.labels),
-        submitter=mapping.submitter_from_proto(record.submitter),
-        reused_from=message.reused_from,
-        rematch_of=message.rematch_of,
-    )
-    return Job(
-        id=message.id,
-        seq=record.seq,
-        spec=spec,
-        created_at=_time(message.created_at),
-        status=STATUS[message.status],
-        runs=message.runs,
-        scanner_id=message.scanner_id,
-        error=failure(message.error) if message.HasField("error") else None,
-        updated_at=_optional_time(message, "updated_at"),
-        started_at=_optional_time(message, "started_at"),
-        finished_at=_optional_time(message, "finished_at"),
-        history=[transition(t) for t in message.history],
-        result=message.full_result if message.HasField("full_result") else None,
-        result_summary=message.result if message.HasField("result") else None,
-        lsn=record.lsn,
-        result_in_file=record.result_in_file,
-        delivered=record.delivered,
-        verdict_version=record.verdict_version,
-        verdict_delivered=record.verdict_delivered,
-    )
+    """One record's job (a decoder of its own: nothing is shared with other jobs)."""
+    return Decoder().job(record)

@@ -71,6 +71,8 @@ def fits(job: Job) -> bool:
         or job.runs
         or type(spec.target) is not ImageRef
         or spec.labels
+        or spec.reused_from
+        or spec.rematch_of
         or len(job.history) != 1
         or job.error is not None
         or job.result is not None
