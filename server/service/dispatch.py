@@ -43,6 +43,12 @@ class Dispatch:
         self.assigned: Assigned = lambda session, moves: None
         self._wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # One claim at a time, so no two claims count the same free slots: a pass, or a loan
+        # of the Free scanners to a batch of inserts that claims in its own transaction.
+        self._passing = False
+        self._loan: list[ScannerSession] | None = None
+        self._skipped = False  # a pass was asked while the loan was out
+        repository.claim_with_inserts(self.lend, self.hand)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="dispatch")
@@ -66,9 +72,42 @@ class Dispatch:
             except Exception:  # the dispatcher must outlive any one failed pass
                 log.exception("dispatch.failed")
 
+    def lend(self) -> list[Demand]:
+        """The Free scanners' demands for a batch of inserts that claims in its own
+        transaction (the store calls it; see ``JobRepository.claim_with_inserts``), in ring
+        order as a pass asks them; none while a pass or another loan is claiming."""
+        if self._passing or self._loan is not None or self._backlog() >= self._backlog_limit:
+            return []
+        sessions = self.ring.members()
+        if not sessions:
+            return []
+        self._loan = sessions
+        return [Demand(s.scanner_id, s.kinds, s.free_slots) for s in sessions]
+
+    def hand(self, claimed: list[Claimed]) -> None:
+        """What a loan's demands took: sent as a pass sends it; the loan ends."""
+        sessions, self._loan = self._loan, None
+        if sessions is None:
+            return
+        for session in self._hand_out(sessions, claimed):
+            self.ring.took(session)
+        if self._skipped:
+            self._skipped = False
+            self.request()
+
     async def once(self) -> None:
         if self._backlog() >= self._backlog_limit:
             return
+        if self._loan is not None:  # the loan's claim serves these scanners; a pass follows
+            self._skipped = True
+            return
+        self._passing = True
+        try:
+            await self._pass()
+        finally:
+            self._passing = False
+
+    async def _pass(self) -> None:
         wanted = self._repository.pending_hint()
         if wanted == 0:
             return

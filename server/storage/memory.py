@@ -157,6 +157,11 @@ class MemoryRepository:
     async def maintain(self) -> None:
         pass
 
+    def claim_with_inserts(
+        self, lend: Callable[[], Sequence[Demand]], hand: Callable[[list[Claimed]], None]
+    ) -> None:
+        pass  # a claim here costs no round trip: dispatch claims after the insert
+
     def subscribe(
         self,
         *,

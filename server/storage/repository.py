@@ -149,6 +149,16 @@ class JobRepository(Protocol):
         """Periodic upkeep the backend needs (snapshots, leases); called about twice a second."""
         ...
 
+    def claim_with_inserts(
+        self, lend: Callable[[], Sequence[Demand]], hand: Callable[[list[Claimed]], None]
+    ) -> None:
+        """A store whose claim is a round trip of its own may claim in the transaction of a
+        batch of inserts (one commit, and no second round trip before a new job is on its
+        way to a scanner): as the batch starts it calls ``lend()`` for the Free scanners'
+        demands, and after it, once for every non-empty loan, ``hand(claimed)`` with what
+        they took (nothing if the batch failed). A store that claims in memory ignores it."""
+        ...
+
     # ----- other replicas (a store only this process changes calls nothing) ------------------
 
     def subscribe(

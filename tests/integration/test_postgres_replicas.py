@@ -12,9 +12,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from imagehandler.errors import HandlerError
 from server.core.model import ImageRef, JobSpec, JobStatus, Lane, ObjectKind, Policy, Trigger
 from server.storage.postgres import PostgresRepository
-from server.storage.repository import Demand
+from server.storage.repository import Demand, JobFilter
 from tests.postgres import DATABASE_URL, drop_schema, new_schema_name
 
 ALL = frozenset(ObjectKind)
@@ -144,3 +145,77 @@ async def test_a_run_another_replica_moved_since_is_decided_on_a_fresh_read(
     assert [t.to_status for t in job.history] == [
         JobStatus.PENDING, JobStatus.IN_PROGRESS, JobStatus.PENDING,
     ]  # fmt: skip
+
+
+async def test_an_insert_batch_claims_for_lent_scanners_in_its_own_commit(
+    pair: tuple[PostgresRepository, PostgresRepository],
+) -> None:
+    """The oldest queued jobs go first, the batch's own included, and what was claimed is
+    handed out before the insert returns: the job is ASSIGNED when its submit is answered."""
+    a, b = pair
+    (older,) = await b.insert_many([spec("older")], at=datetime.now(UTC))
+    handed: list[list[str]] = []
+    a.claim_with_inserts(
+        lambda: [Demand("s1", ALL, 3)],
+        lambda claimed: handed.append([item.moved.job.id for item in claimed]),
+    )
+    (new,) = await a.insert_many([spec("new")], at=datetime.now(UTC))
+    assert handed == [[older.job.id, new.job.id]]
+    for job_id in (older.job.id, new.job.id):
+        job = await b.get(job_id)
+        assert job is not None
+        assert job.status is JobStatus.IN_PROGRESS
+        assert job.runs == 1
+    # Nothing is left for another claim, and the claim took no slot twice.
+    assert await b.claim([Demand("s2", ALL, 5)], at=datetime.now(UTC)) == []
+
+
+async def test_a_lent_claim_stands_when_the_insert_collides_with_another_replica(
+    pair: tuple[PostgresRepository, PostgresRepository],
+) -> None:
+    """Another replica queued the same object first: the claim in the insert's transaction
+    still takes that job (it is queued, whoever queued it), and the submit answers it as a
+    duplicate; the loan comes back exactly once."""
+    a, b = pair
+    (first,) = await b.insert_many([spec("same")], at=datetime.now(UTC))
+    handed: list[list[str]] = []
+    a.claim_with_inserts(
+        lambda: [Demand("s1", ALL, 1)],
+        lambda claimed: handed.append([item.moved.job.id for item in claimed]),
+    )
+    (again,) = await a.insert_many([spec("same")], at=datetime.now(UTC))
+    assert again.duplicate
+    assert again.job.id == first.job.id
+    assert handed == [[first.job.id]]
+    job = await b.get(first.job.id)
+    assert job is not None
+    assert job.status is JobStatus.IN_PROGRESS
+
+
+async def test_an_insert_and_its_claim_commit_together_or_not_at_all(
+    pair: tuple[PostgresRepository, PostgresRepository],
+) -> None:
+    """The claim fails in the database (a trigger refuses it): the batch's insert is rolled
+    back with it, so the failed submit queued nothing, the older job stays PENDING for a
+    pass, and the loan comes back empty."""
+    a, b = pair
+    (queued,) = await b.insert_many([spec("queued")], at=datetime.now(UTC))
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'claims refused by the test'; END $$; "
+                "CREATE TRIGGER refuse BEFORE UPDATE ON {schema}.jobs FOR EACH ROW "
+                "WHEN (NEW.status = 2) EXECUTE FUNCTION {schema}.refuse()"
+            ).format(schema=sql.Identifier(a.schema))
+        )
+    handed: list[list[str]] = []
+    a.claim_with_inserts(
+        lambda: [Demand("s1", ALL, 2)],
+        lambda claimed: handed.append([item.moved.job.id for item in claimed]),
+    )
+    with pytest.raises(HandlerError):
+        await a.insert_many([spec("refused")], at=datetime.now(UTC))
+    assert handed == [[]]
+    page, _ = await b.page(JobFilter(), 0, 10)
+    assert [(job.id, job.status) for job in page] == [(queued.job.id, JobStatus.PENDING)]

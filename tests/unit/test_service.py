@@ -186,6 +186,24 @@ async def test_a_job_only_later_scanners_take_is_still_assigned() -> None:
         await handler.stop()
 
 
+async def test_a_pass_waits_while_the_free_scanners_are_lent_to_an_insert(
+    handler: Handler,
+) -> None:
+    """A store that claims in an insert's transaction borrows the Free scanners' demands:
+    while they are lent, no pass claims for the same free slots (and no second loan is
+    made); once the loan comes back, what is still queued is dispatched."""
+    _, far = connect(handler, "s1", slots=2)
+    lent = handler.dispatch.lend()
+    assert lent == [Demand("s1", frozenset(ObjectKind), 2)]
+    assert handler.dispatch.lend() == []  # one loan at a time
+    (submitted,) = await handler.submit_many([spec("queued")])
+    await handler.dispatch.once()  # the pass the submit asked for: it claims nothing now
+    assert far.messages == []
+    handler.dispatch.hand([])  # the insert's claim took nothing
+    (job,) = await far.assigned()
+    assert job.id == submitted.job.id
+
+
 async def test_three_failed_runs_then_error_with_the_last_code(handler: Handler) -> None:
     session, far = connect(handler, "s1")
     (submitted,) = await handler.submit_many([spec("a")])

@@ -242,6 +242,8 @@ class PostgresRepository:
         self._listened: Callable[[str], bool] = lambda job_id: False
         self._held: Callable[[], Iterable[str]] = tuple
         self._on_acceptances: Callable[[], None] = lambda: None
+        self._lend: Callable[[], Sequence[Demand]] = tuple
+        self._hand: Callable[[list[Claimed]], None] = lambda claimed: None
         self._listener: asyncio.Task[None] | None = None
         self._next_renewal = 0.0
         self._next_rescue = 0.0
@@ -396,6 +398,14 @@ class PostgresRepository:
         if rows:
             log.warning("deliveries.adopted", jobs=len(rows), replica=self.replica)
         return [row[0] for row in rows]
+
+    def claim_with_inserts(
+        self, lend: Callable[[], Sequence[Demand]], hand: Callable[[list[Claimed]], None]
+    ) -> None:
+        """A batch of single inserts claims for the lent demands in its own transaction (see
+        :meth:`_run_inserts`)."""
+        self._lend = lend
+        self._hand = hand
 
     # ----- other replicas --------------------------------------------------------------------
 
@@ -562,10 +572,16 @@ class PostgresRepository:
         return await request.done
 
     async def _run_inserts(self, batch: list[_InsertRequest]) -> None:
+        """The batch's rows and, for the Free scanners dispatch lends, a claim in the same
+        transaction: a new job is on its way to a scanner with the insert's one commit, not
+        after a second round trip that a dispatch pass would start once the insert returned.
+        What the claim took is handed out before the submits are answered."""
         specs = [spec for request in batch for spec in request.specs]
         ats = [request.at for request in batch for _ in request.specs]
+        demands = self._lend()
+        claimed: list[Claimed] = []
         try:
-            inserted = await self._insert_many(specs, ats, 0)
+            inserted = await self._insert_many(specs, ats, 0, demands, claimed)
         except asyncio.CancelledError:
             for request in batch:
                 request.done.cancel()
@@ -575,6 +591,9 @@ class PostgresRepository:
                 if not request.done.done():
                     request.done.set_exception(exc)
             return
+        finally:
+            if demands:
+                self._hand(claimed)
         start = 0
         for request in batch:
             if not request.done.done():
@@ -582,7 +601,12 @@ class PostgresRepository:
             start += len(request.specs)
 
     async def _insert_many(
-        self, specs: Sequence[JobSpec], ats: list[datetime], queue_limit: int
+        self,
+        specs: Sequence[JobSpec],
+        ats: list[datetime],
+        queue_limit: int,
+        demands: Sequence[Demand] = (),
+        claimed: list[Claimed] | None = None,
     ) -> list[Inserted]:
         keys = [dedup_key(spec) for spec in specs]
         mine: set[str] = set()
@@ -592,6 +616,11 @@ class PostgresRepository:
                     if not queue_limit:
                         # First as if every job were new (one statement, the usual case); a
                         # unique index that refuses one sends us round again, reading first.
+                        # The claim for lent demands goes with the first round only.
+                        if attempt == 0 and demands and claimed is not None:
+                            return await self._insert_claiming(
+                                conn, specs, keys, ats, mine, demands, claimed
+                            )
                         return await self._insert(
                             conn, specs, keys, ats, 0, mine, optimistic=attempt == 0
                         )
@@ -600,6 +629,50 @@ class PostgresRepository:
             except _CollidedError:
                 continue
         raise StorageError("inserts kept colliding with other replicas' inserts; retry")
+
+    async def _insert_claiming(
+        self,
+        conn: psycopg.AsyncConnection[Row],
+        specs: Sequence[JobSpec],
+        keys: list[str],
+        ats: list[datetime],
+        mine: set[str],
+        demands: Sequence[Demand],
+        claimed: list[Claimed],
+    ) -> list[Inserted]:
+        """The optimistic insert and a claim for ``demands`` in one pipeline: the statements
+        up to its one Sync are one implicit transaction (one round trip, one commit; an error
+        in the database rolls back both). What the claim took is handed out only once that
+        commit returned. A collision (another replica queued one of the objects) leaves the
+        claim standing: it took only queued jobs, whoever queued them; the retry reads and
+        decides. (Should this process fail between the two statements, the Sync still
+        commits what was sent, as two autocommitted statements would have.)"""
+        collided: _CollidedError | None = None
+        async with conn.pipeline():
+            try:
+                inserted = await self._insert(conn, specs, keys, ats, 0, mine, optimistic=True)
+            except _CollidedError as exc:
+                collided, inserted = exc, []
+            queued = self._queued  # the insert's own count included: nothing is missed
+            groups = []
+            for kinds, room in self._groups(demands).items():
+                if self._drained.get(kinds) == queued:
+                    continue
+                n = min(sum(room.values()), CLAIM_CHUNK)
+                params = self._claim_params(demands, room, kinds, n, datetime.now(UTC))
+                cursor = await conn.execute(_CLAIM, params)
+                groups.append((kinds, n, cursor))
+            fetched = [(kinds, n, await cursor.fetchall()) for kinds, n, cursor in groups]
+        # Committed (leaving the pipeline is its Sync): now the claims are real. A group
+        # that got all it asked for may have more waiting: the pass after the insert asks.
+        for kinds, n, rows in fetched:
+            got = self._claimed(rows)
+            if len(got) < n:
+                self._drained[kinds] = queued
+            claimed.extend(got)
+        if collided is not None:
+            raise collided
+        return inserted
 
     async def _insert(
         self,
@@ -831,18 +904,22 @@ class PostgresRepository:
 
     # ----- runs ------------------------------------------------------------------------------
 
-    async def claim(self, demands: Sequence[Demand], *, at: datetime) -> list[Claimed]:
-        """Demands that scan the same kinds share one statement (usually all of them)."""
-        groups: dict[frozenset[ObjectKind], list[int]] = {}
+    @staticmethod
+    def _groups(demands: Sequence[Demand]) -> dict[frozenset[ObjectKind], dict[int, int]]:
+        """Demands that scan the same kinds (usually all of them): their free slots by index."""
+        groups: dict[frozenset[ObjectKind], dict[int, int]] = {}
         for index, demand in enumerate(demands):
             if demand.slots > 0:
-                groups.setdefault(demand.kinds, []).append(index)
+                groups.setdefault(demand.kinds, {})[index] = demand.slots
+        return groups
+
+    async def claim(self, demands: Sequence[Demand], *, at: datetime) -> list[Claimed]:
+        """Demands that scan the same kinds share one statement (usually all of them)."""
         out: list[Claimed] = []
-        for kinds, members in groups.items():
+        for kinds, room in self._groups(demands).items():
             queued = self._queued
             if self._drained.get(kinds) == queued:
                 continue
-            room = {index: demands[index].slots for index in members}
             while room:
                 n = min(sum(room.values()), CLAIM_CHUNK)
                 got = await self._claim(demands, room, kinds, n, at)
@@ -866,8 +943,22 @@ class PostgresRepository:
         n: int,
         at: datetime,
     ) -> list[Claimed]:
+        params = self._claim_params(demands, room, kinds, n, at)
+        async with self._conn() as conn:
+            cursor = await conn.execute(_CLAIM, params)
+            rows = await cursor.fetchall()
+        return self._claimed(rows)
+
+    def _claim_params(
+        self,
+        demands: Sequence[Demand],
+        room: dict[int, int],
+        kinds: frozenset[ObjectKind],
+        n: int,
+        at: datetime,
+    ) -> dict[str, Any]:
         share = self.interactive_share
-        params = {
+        return {
             "who": list(room),
             "names": [demands[index].scanner_id for index in room],
             "room": list(room.values()),
@@ -883,9 +974,8 @@ class PostgresRepository:
             "channel": self._channel + "_moves",
             "work": self._channel + "_work",
         }
-        async with self._conn() as conn:
-            cursor = await conn.execute(_CLAIM, params)
-            rows = await cursor.fetchall()
+
+    def _claimed(self, rows: list[Row]) -> list[Claimed]:
         out: list[Claimed] = []
         for row in sorted(rows, key=lambda r: r[0]):
             job, version = _job(row[2:-2])
