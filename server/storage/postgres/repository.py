@@ -642,37 +642,39 @@ class PostgresRepository:
     ) -> list[Inserted]:
         """The optimistic insert and a claim for ``demands`` in one pipeline: the statements
         up to its one Sync are one implicit transaction (one round trip, one commit; an error
-        in the database rolls back both). What the claim took is handed out only once that
-        commit returned. A collision (another replica queued one of the objects) leaves the
-        claim standing: it took only queued jobs, whoever queued them; the retry reads and
-        decides. (Should this process fail between the two statements, the Sync still
-        commits what was sent, as two autocommitted statements would have.)"""
-        collided: _CollidedError | None = None
+        in the database rolls back both). Nothing is read before the Sync, so the whole is one
+        wait on the network. What the claim took is handed out only once that commit
+        returned. A collision (another replica queued one of the objects) leaves the claim
+        standing: it took only queued jobs, whoever queued them; the retry reads and decides.
+        (Should this process fail between the two statements, the Sync still commits what
+        was sent, as two autocommitted statements would have.)"""
+        plan, fresh = self._plan(specs, keys, [])
+        at = datetime.now(UTC)
         async with conn.pipeline():
-            try:
-                inserted = await self._insert(conn, specs, keys, ats, 0, mine, optimistic=True)
-            except _CollidedError as exc:
-                collided, inserted = exc, []
+            sent = [
+                await self._send_rows(conn, specs, keys, fresh[start : start + CLAIM_CHUNK], ats)
+                for start in range(0, len(fresh), CLAIM_CHUNK)
+            ]
+            self._queued += 1
             queued = self._queued  # the insert's own count included: nothing is missed
             groups = []
             for kinds, room in self._groups(demands).items():
                 if self._drained.get(kinds) == queued:
                     continue
                 n = min(sum(room.values()), CLAIM_CHUNK)
-                params = self._claim_params(demands, room, kinds, n, datetime.now(UTC))
-                cursor = await conn.execute(_CLAIM, params)
-                groups.append((kinds, n, cursor))
-            fetched = [(kinds, n, await cursor.fetchall()) for kinds, n, cursor in groups]
+                params = self._claim_params(demands, room, kinds, n, at)
+                groups.append((kinds, n, await conn.execute(_CLAIM, params)))
         # Committed (leaving the pipeline is its Sync): now the claims are real. A group
         # that got all it asked for may have more waiting: the pass after the insert asks.
-        for kinds, n, rows in fetched:
-            got = self._claimed(rows)
+        created: list[Job] = []
+        for jobs, cursor in sent:
+            created += await self._rows_inserted(jobs, cursor)
+        for kinds, n, cursor in groups:
+            got = self._claimed(await cursor.fetchall())
             if len(got) < n:
                 self._drained[kinds] = queued
             claimed.extend(got)
-        if collided is not None:
-            raise collided
-        return inserted
+        return self._outcome(plan, fresh, created, mine)
 
     async def _insert(
         self,
@@ -685,8 +687,6 @@ class PostgresRepository:
         *,
         optimistic: bool = False,
     ) -> list[Inserted]:
-        by_idem: dict[str, Job] = {}
-        by_key: dict[str, Job] = {}
         rows: list[Row] = []
         if not optimistic:
             idem = [spec.idempotency_key for spec in specs if spec.idempotency_key]
@@ -697,13 +697,42 @@ class PostgresRepository:
                 (idem, keys),
             )
             rows = await cursor.fetchall()
+        plan, fresh = self._plan(specs, keys, rows)
+        if queue_limit and fresh:
+            # One replica at a time decides against the limit.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(%s)", (migrations.lock_key(self.schema) + 1,)
+            )
+            cursor = await conn.execute("SELECT count(*) FROM jobs WHERE status = 1")
+            counted = await cursor.fetchone()
+            pending = int(counted[0]) if counted else 0
+            if pending + len(fresh) > queue_limit:
+                raise queue_full(queue_limit, pending, len(fresh))
+        created: list[Job] = []
+        for start in range(0, len(fresh), CLAIM_CHUNK):
+            jobs, cursor = await self._send_rows(
+                conn, specs, keys, fresh[start : start + CLAIM_CHUNK], ats
+            )
+            created += await self._rows_inserted(jobs, cursor)
+            self._queued += 1
+        return self._outcome(plan, fresh, created, mine)
+
+    @staticmethod
+    def _plan(
+        specs: Sequence[JobSpec], keys: list[str], rows: list[Row]
+    ) -> tuple[list[Job | int], list[int]]:
+        """Per spec an existing job (``rows``: those with its idempotency key or an active
+        one of its object) or the index of a new one in ``fresh``; ``fresh``: the specs to
+        insert, a batch's repeats of one object or key folded into the first."""
+        by_idem: dict[str, Job] = {}
+        by_key: dict[str, Job] = {}
         for row in rows:
             job, _ = _job(row[:-2])
             if row[-1]:
                 by_idem[row[-1]] = job
             if job.status.active:
                 by_key[row[-2]] = job
-        plan: list[Job | int] = []  # an existing job, or the index of a new one in fresh
+        plan: list[Job | int] = []
         fresh: list[int] = []
         batch_idem: dict[str, int] = {}
         batch_key: dict[str, int] = {}
@@ -726,21 +755,14 @@ class PostgresRepository:
             if spec.idempotency_key:
                 batch_idem[spec.idempotency_key] = slot
             plan.append(slot)
-        if queue_limit and fresh:
-            # One replica at a time decides against the limit.
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(%s)", (migrations.lock_key(self.schema) + 1,)
-            )
-            cursor = await conn.execute("SELECT count(*) FROM jobs WHERE status = 1")
-            counted = await cursor.fetchone()
-            pending = int(counted[0]) if counted else 0
-            if pending + len(fresh) > queue_limit:
-                raise queue_full(queue_limit, pending, len(fresh))
-        created: list[Job] = []
-        for start in range(0, len(fresh), CLAIM_CHUNK):
-            created += await self._insert_rows(
-                conn, specs, keys, fresh[start : start + CLAIM_CHUNK], ats
-            )
+        return plan, fresh
+
+    @staticmethod
+    def _outcome(
+        plan: list[Job | int], fresh: list[int], created: list[Job], mine: set[str]
+    ) -> list[Inserted]:
+        """The submit's answer per spec; a unique index that refused a row (another replica
+        queued that object first) raises :class:`_CollidedError` to decide again."""
         mine.update(job.id for job in created)
         if len(created) != len(fresh):
             raise _CollidedError
@@ -752,15 +774,16 @@ class PostgresRepository:
             seen.add(job.id)
         return out
 
-    async def _insert_rows(
+    async def _send_rows(
         self,
         conn: psycopg.AsyncConnection[Row],
         specs: Sequence[JobSpec],
         keys: list[str],
         fresh: list[int],
         ats: list[datetime],
-    ) -> list[Job]:
-        """One statement: the rows, their arrival numbers, and the notifications."""
+    ) -> tuple[list[Job], psycopg.AsyncCursor[Row]]:
+        """One statement: the rows, their arrival numbers, and the notifications (its result
+        is read by :meth:`_rows_inserted`, in a pipeline after the Sync)."""
         jobs: list[Job] = []
         documents: list[dict[str, Any]] = []
         for index in fresh:
@@ -801,8 +824,12 @@ class PostgresRepository:
                 self.replica,
             ),
         )
+        return jobs, cursor
+
+    @staticmethod
+    async def _rows_inserted(jobs: list[Job], cursor: psycopg.AsyncCursor[Row]) -> list[Job]:
+        """The jobs whose rows went in (the others collided), with their arrival numbers."""
         seqs = {row[0]: int(row[1]) for row in await cursor.fetchall()}
-        self._queued += 1
         inserted = []
         for job in jobs:
             seq = seqs.get(job.id)
