@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -87,19 +88,27 @@ def run_once(
 
 def measure(
     workdir: Path, peers: tuple[str, ...], modes: tuple[str, ...], jobs: int, workers: int,
-    repeats: int,
+    repeats: int, before: Callable[[str], None] | None = None,
+    report: Callable[[PeerResult], None] | None = None,
 ) -> list[PeerResult]:  # fmt: skip
-    """Every peer in every mode, `repeats` times each, on a Redis started for the purpose."""
+    """Every peer in every mode, `repeats` times each, on a Redis started for the purpose.
+    Round by round (each mode once, every peer in turn), and ``before(mode)`` first: our own
+    run of the same shape, so each round's ratio compares runs minutes apart at most, not
+    parts of a bench that the machine's drift set apart. ``report(result)`` as each run ends."""
     results: list[PeerResult] = []
     redis = RedisServer(workdir) if "bullmq" in peers else None
     if redis is not None:
         redis.start()
     try:
-        for peer in peers:
+        for _ in range(repeats):
             for mode in modes:
-                for _ in range(repeats):
+                if before is not None:
+                    before(mode)
+                for peer in peers:
                     port = redis.port if redis is not None else 0
                     results.append(run_once(peer, mode, jobs, workers, redis_port=port))
+                    if report is not None:
+                        report(results[-1])
     finally:
         if redis is not None:
             redis.stop()
