@@ -268,3 +268,33 @@ def median(values: Sequence[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+@dataclass
+class DiskSync:
+    """This machine's disk as a commit sees it: 300-byte appends, each followed by
+    ``fdatasync``, 100 a second. A commit (the journal's fsync round, PostgreSQL's WAL flush)
+    cannot be faster than this, and a pickup that waits on one inherits its tail."""
+
+    syncs: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+def disk_sync(directory: Path, seconds: float = 3.0) -> DiskSync:
+    path = directory / f"disk-sync-{os.getpid()}.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    took: list[float] = []
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            os.write(fd, b"x" * 300)
+            started = time.perf_counter()
+            os.fdatasync(fd)
+            took.append((time.perf_counter() - started) * 1000)
+            time.sleep(0.01)  # the pace of a commit now and then, not a disk benchmark
+    finally:
+        os.close(fd)
+        path.unlink()
+    return DiskSync(len(took), percentile(took, 50), percentile(took, 99), max(took))

@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from bench import e2e, peers, pickup
-from bench.common import Handler, Scanners, free_port, wait_scanners
+from bench.common import DiskSync, Handler, Scanners, disk_sync, free_port, wait_scanners
 
 MODES = ("batched", "single")
 
@@ -71,8 +71,13 @@ def drop(schema: str) -> None:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
-def measure_pickup(workdir: Path, max_rate: float) -> pickup.PickupResult:
-    """Pickup latency on one PostgreSQL replica at half its measured single-submit rate."""
+def measure_pickup(workdir: Path, max_rate: float) -> tuple[pickup.PickupResult, DiskSync]:
+    """Pickup latency on one PostgreSQL replica at half its measured single-submit rate. A
+    pickup waits for the commit that queues the job (and claims it): the disk's fdatasync
+    tail, measured just before, is printed beside it."""
+    disk = disk_sync(workdir)
+    print(f"  the disk's fdatasync ({disk.syncs} at 100/s): p50 {disk.p50_ms:.2f} ms, "
+          f"p99 {disk.p99_ms:.2f} ms, max {disk.max_ms:.1f} ms", flush=True)  # fmt: skip
     schema = f"bench_{secrets.token_hex(4)}"
     try:
         (result,) = pickup.measure(
@@ -81,7 +86,7 @@ def measure_pickup(workdir: Path, max_rate: float) -> pickup.PickupResult:
         )  # fmt: skip
     finally:
         drop(schema)
-    return result
+    return result, disk
 
 
 def measure(workdir: Path, jobs: int, workers: int, replicas: tuple[int, ...] = (1, 2, 3),
@@ -125,7 +130,9 @@ def main() -> None:
             r.jobs_per_second for r in results if r.store == "postgres-1" and r.mode == "single"
         ]
         if args.pickup and single:
-            out["pickup"] = asdict(measure_pickup(Path(tmp), single[0]))
+            picked, disk = measure_pickup(Path(tmp), single[0])
+            out["pickup"] = asdict(picked)
+            out["disk_sync"] = asdict(disk)
     print(json.dumps(out, indent=1))
 
 

@@ -275,7 +275,9 @@ def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any])
         one = [r for r in out["postgres"] if r["store"] == "postgres-1" and r["mode"] == "single"]
         if one:
             rate = one[0]["jobs_per_second"]
-            out["postgres_pickup"] = asdict(postgres_side.measure_pickup(workdir, rate))
+            picked, disk = postgres_side.measure_pickup(workdir, rate)
+            out["postgres_pickup"] = asdict(picked)
+            out["disk_sync"] = asdict(disk)
 
 
 def run_peers(workdir: Path, s: Settings) -> list[dict[str, Any]]:
@@ -642,6 +644,10 @@ def rows(out: dict[str, Any]) -> list[Row]:
     if "postgres_pickup" in out:
         p99 = out["postgres_pickup"]["p99_ms"]
         table.append(Row("postgres-1 pickup p99 at 50 % load", p99, "ms", "<= 10", p99 <= 10))
+        table.append(Row("  p50 at 50 %", out["postgres_pickup"]["p50_ms"], "ms"))
+    if "disk_sync" in out:  # what a commit waits for on this machine (bench.common.disk_sync)
+        table.append(Row("  the disk's fdatasync p99", out["disk_sync"]["p99_ms"], "ms"))
+        table.append(Row("  the disk's fdatasync max", out["disk_sync"]["max_ms"], "ms"))
     speeds = out.get("meta", {}).get("speed", {})
     if len(speeds) > 1:
         # Past ~1.15 x, a ratio between two parts (ours / Celery) is off by as much.
