@@ -11,6 +11,7 @@ journal record of moves per turn) works as before.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -137,6 +138,9 @@ class MemoryRepository:
         self._finished_by_key: dict[tuple[Any, ...], Job] = {}
         self._by_idempotency_key: dict[str, Job] = {}
         self._status_counts: Counter[JobStatus] = Counter()
+        # Ended jobs (FINISHED, ERROR, CANCELLED) as a heap by finish time: retention takes
+        # them from the top, so a sweep costs what it prunes, not a walk over every job.
+        self._ended: list[tuple[datetime, int, Job]] = []
         self.queue = JobQueue(interactive_share)
         self._acceptances: dict[str, job_service_pb2.RiskAcceptance] = {}
 
@@ -223,6 +227,13 @@ class MemoryRepository:
         out.interrupted += compress(ordered, map(under_way.__contains__, statuses))
         for job in compress(ordered, map(JobStatus.FINISHED.__eq__, statuses)):
             self._finished(job)
+        ended = frozenset(status for status in JobStatus if status.terminal)
+        self._ended.extend(
+            (job.finished_at, job.seq, job)
+            for job in compress(ordered, map(ended.__contains__, statuses))
+            if job.finished_at is not None  # no finish time to judge by: kept
+        )
+        heapq.heapify(self._ended)
         self._acceptances = dict(acceptances)
         return out
 
@@ -449,6 +460,8 @@ class MemoryRepository:
             del self._active_by_key[job.key]
         if to_status is JobStatus.FINISHED:
             self._finished(job)
+        if to_status.terminal and job.finished_at is not None:
+            heapq.heappush(self._ended, (job.finished_at, job.seq, job))
         return Moved(job, transition)
 
     # ----- results, deliveries, verdicts, acceptances ----------------------------------------
@@ -477,11 +490,12 @@ class MemoryRepository:
         return list(self._acceptances.values())
 
     async def prune(self, before: datetime) -> list[str]:
-        old = [
-            job
-            for job in self._by_seq.values()
-            if job.status.terminal and job.finished_at is not None and job.finished_at < before
-        ]
+        old: list[Job] = []
+        ended = self._ended
+        while ended and ended[0][0] < before:
+            job = heapq.heappop(ended)[2]
+            if self.jobs.get(job.id) is job:  # not forgotten already
+                old.append(job)
         if not old:
             return []
         ids = [job.id for job in old]

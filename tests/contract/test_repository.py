@@ -333,6 +333,26 @@ async def test_old_ended_jobs_are_pruned(repo: JobRepository) -> None:
     assert await repo.get(b) is not None
 
 
+async def test_retention_prunes_by_finish_time_also_after_a_reopen(backend: Backend) -> None:
+    """Jobs ended three days and one day ago, and one still queued: a cutoff between the two
+    prunes only the older; after a restart (where the store keeps jobs) the other is pruned
+    when its time comes."""
+    repo = await backend.make()
+    old, recent, waiting = await insert(repo, spec("old"), spec("recent"), spec("waiting"))
+    await repo.move(recent, S.CANCELLED, expect=frozenset({S.PENDING}),
+                    at=now() - timedelta(days=1), reason="x")  # fmt: skip
+    await repo.move(old, S.CANCELLED, expect=frozenset({S.PENDING}),
+                    at=now() - timedelta(days=3), reason="x")  # fmt: skip
+    assert await repo.prune(now() - timedelta(days=2)) == [old]
+    if backend.durable:
+        await repo.commit()
+        await repo.close()
+        repo = await backend.make()
+    assert await repo.prune(now() - timedelta(days=2)) == []
+    assert await repo.prune(now()) == [recent]
+    assert await repo.get(waiting) is not None
+
+
 # ----- durability --------------------------------------------------------------------------
 
 
