@@ -13,12 +13,15 @@ assignment queued for the scanner's stream). Each dispatch is timed alone by wra
 - **idle**: every scanner free and the queue empty; each step queues one job (assigned at once
   to the next scanner in the ring) and then cancels it.
 
-Each case runs in a fresh interpreter so the 1,000,000-job heap does not slow the others.
+Each case runs in an interpreter of its own so the 1,000,000-job heap does not slow the
+others; all are set up first and then timed in rounds, a block of dispatches of each in turn,
+so the machine's drift over minutes touches every case alike.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import statistics
@@ -58,7 +61,9 @@ def _spec(n: int) -> Any:
     )
 
 
-async def _case(pending: int, scanners: int, mode: str, steps: int, workdir: Path) -> DispatchCost:
+async def _case(pending: int, scanners: int, mode: str, workdir: Path) -> None:
+    """Set the case up, say ``ready``, then for each line ``N`` on stdin time N dispatches
+    and print their timings (ns) as one JSON line; an empty line ends it."""
     from server.config import Config
     from server.core.model import ObjectKind
     from server.observability import logs
@@ -106,16 +111,12 @@ async def _case(pending: int, scanners: int, mode: str, steps: int, workdir: Pat
         for n in range(scanners)
     ]
     timings: list[int] = []
-    assigned_per_pass: list[int] = []
     original: Callable[[], Awaitable[None]] = manager.dispatch.once
 
     async def timed() -> None:
-        held = sum(len(s.held) for s in sessions) if len(timings) < 3 else 0
         started = time.perf_counter_ns()
         await original()
         timings.append(time.perf_counter_ns() - started)
-        if len(timings) <= 3:
-            assigned_per_pass.append(sum(len(s.held) for s in sessions) - held)
 
     async def one_pass() -> None:
         """Let the dispatch task run the pass it was asked for."""
@@ -131,46 +132,86 @@ async def _case(pending: int, scanners: int, mode: str, steps: int, workdir: Pat
     manager.dispatch.once = timed  # type: ignore[method-assign]
     gc.collect()
     ring = 0
-    for _ in range(steps):
-        if mode == "loaded":
-            session = sessions[ring % scanners]
-            ring += 1
-            (job_id,) = list(session.held)
-            await manager.cancel(job_id)
-            await submit(1)
-            await one_pass()  # one pass: assigns exactly one job
-        else:
-            await submit(1)
-            await one_pass()  # one pass: the job goes to the next Free scanner
-            for session in sessions:
-                if session.held:
-                    (job_id,) = list(session.held)
-                    await manager.cancel(job_id)
-            await one_pass()  # (the cancel's pass finds no job; not counted below)
-    if mode == "idle":
-        # Every second pass followed a cancel and had nothing to assign: keep the others.
-        timings = timings[0::2]
+    loop = asyncio.get_running_loop()
+    print("ready", flush=True)
+    while line := (await loop.run_in_executor(None, sys.stdin.readline)).strip():
+        timings.clear()
+        for _ in range(int(line)):
+            if mode == "loaded":
+                session = sessions[ring % scanners]
+                ring += 1
+                (job_id,) = list(session.held)
+                await manager.cancel(job_id)
+                await submit(1)
+                await one_pass()  # one pass: assigns exactly one job
+            else:
+                await submit(1)
+                await one_pass()  # one pass: the job goes to the next Free scanner
+                for session in sessions:
+                    if session.held:
+                        (job_id,) = list(session.held)
+                        await manager.cancel(job_id)
+                await one_pass()  # (the cancel's pass finds no job; not counted below)
+        # Idle: every second pass followed a cancel and had nothing to assign.
+        print(json.dumps(timings[0::2] if mode == "idle" else timings), flush=True)
     await manager.stop()
-    ordered = sorted(timings)
-    return DispatchCost(
-        pending=pending,
-        scanners=scanners,
-        mode=mode,
-        dispatches=len(timings),
-        median_us=statistics.median(timings) / 1000,
-        mean_us=statistics.fmean(timings) / 1000,
-        p99_us=ordered[int(len(ordered) * 0.99)] / 1000,
-    )
 
 
-def run_case(pending: int, scanners: int, mode: str, steps: int) -> DispatchCost:
-    with tempfile.TemporaryDirectory(prefix="ih-scale-") as tmp:
-        out = subprocess.run(
+class _Child:
+    """One case in an interpreter of its own (the 1,000,000-job heap slows no other case),
+    set up once and then asked for blocks of dispatches."""
+
+    def __init__(self, case: tuple[int, int, str], workdir: str) -> None:
+        self.case = case
+        pending, scanners, mode = case
+        self.process = subprocess.Popen(
             [sys.executable, "-m", "bench.scale", "--child", str(pending), str(scanners), mode,
-             str(steps), tmp],
-            check=True, capture_output=True, text=True, env=child_env(), cwd=ROOT,
+             workdir],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(), cwd=ROOT,
         )  # fmt: skip
-    return DispatchCost(**json.loads(out.stdout.strip().splitlines()[-1]))
+        self.timings: list[int] = []
+        self._expect("ready")
+
+    def _line(self) -> str:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the scale case {self.case} exited ({self.process.wait()})")
+        return line.strip()
+
+    def _expect(self, word: str) -> None:
+        while self._line() != word:
+            pass  # anything the handler printed before
+
+    def block(self, steps: int) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{steps}\n")
+        self.process.stdin.flush()
+        self.timings += json.loads(self._line())
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.write("\n")
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def cost(self) -> DispatchCost:
+        pending, scanners, mode = self.case
+        ordered = sorted(self.timings)
+        return DispatchCost(
+            pending=pending,
+            scanners=scanners,
+            mode=mode,
+            dispatches=len(ordered),
+            median_us=statistics.median(ordered) / 1000,
+            mean_us=statistics.fmean(ordered) / 1000,
+            p99_us=ordered[int(len(ordered) * 0.99)] / 1000,
+        )
 
 
 def measure(
@@ -184,28 +225,42 @@ def measure(
         "idle_10": (0, 10, "idle"),
         "idle_1000": (0, 1000, "idle"),
     }
+    # Every case set up first, then timed in rounds, a block of each in turn: the machine's
+    # speed drifts over minutes, and cases timed one after the other would carry that drift
+    # into their ratios.
+    rounds = 10
+    children: dict[tuple[int, int, str], _Child] = {}
+    with tempfile.TemporaryDirectory(prefix="ih-scale-") as tmp:
+        try:
+            for index, case in enumerate(dict.fromkeys(cases.values())):
+                children[case] = _Child(case, str(Path(tmp) / str(index)))
+            for _ in range(rounds):
+                for child in children.values():
+                    child.block(max(1, steps // rounds))
+        finally:
+            for child in children.values():
+                child.close()
     out: dict[str, DispatchCost] = {}
-    done: dict[tuple[int, int, str], DispatchCost] = {}
-    for name, case in cases.items():
-        if case not in done:
-            done[case] = run_case(*case, steps)
-            cost = done[case]
-            if verbose:
-                print(
-                    f"  dispatch, {cost.pending:>9,} pending, {cost.scanners:4} scanners"
-                    f" ({cost.mode}): median {cost.median_us:6.1f} us, mean"
-                    f" {cost.mean_us:6.1f} us, p99 {cost.p99_us:6.1f} us",
-                    flush=True,
-                )
-        out[name] = done[case]
+    for case, child in children.items():
+        cost = child.cost()
+        if verbose:
+            print(
+                f"  dispatch, {cost.pending:>9,} pending, {cost.scanners:4} scanners"
+                f" ({cost.mode}): median {cost.median_us:6.1f} us, mean"
+                f" {cost.mean_us:6.1f} us, p99 {cost.p99_us:6.1f} us",
+                flush=True,
+            )
+        for name, named in cases.items():
+            if named == case:
+                out[name] = cost
     return out
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        pending, scanners, mode, steps, workdir = sys.argv[2:7]
-        cost = asyncio.run(_case(int(pending), int(scanners), mode, int(steps), Path(workdir)))
-        print(json.dumps(cost.__dict__))
+        pending, scanners, mode, workdir = sys.argv[2:6]
+        Path(workdir).mkdir()
+        asyncio.run(_case(int(pending), int(scanners), mode, Path(workdir)))
         return
     import argparse
 
