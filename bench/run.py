@@ -51,15 +51,6 @@ PARTS = (
 LATEST = ROOT / "bench" / "results" / "latest.json"
 
 
-def _previous_max_rate() -> float:
-    """Without an e2e run in this one (``--only pickup``): the single-submit maximum the last
-    full run measured, else a low guess (a rate beyond the handler's would only queue up)."""
-    try:
-        return float(json.loads(LATEST.read_text())["pickup_max_rate"])
-    except (OSError, ValueError, KeyError):
-        return 300.0
-
-
 @dataclass
 class Row:
     figure: str
@@ -220,28 +211,15 @@ def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any])
                 asdict(r) for r in celery_side.measure(workdir, s.jobs, 8, s.celery_plan, s.repeats)
             ]
     if "pickup" in parts:
-        # The single-mode maximum: the plain single runs (fsync batch, asyncio, log level
-        # warning, no metrics), not the variants beside them (fsync never, uvloop).
-        single8 = [
-            r
-            for r in out.get("e2e", [])
-            if r["mode"] == "single" and r["scanners"] == 8 and r.get("fsync", "batch") == "batch"
-            and r.get("event_loop", "asyncio") == "asyncio" and r["log_level"] == "warning"
-            and not r.get("metrics", False)
-        ]  # fmt: skip
-        rates = [r["jobs_per_second"] for r in single8]
-        # and our single runs in the peers' rounds, the same shape
-        rates += [r["jobs_per_second"] for r in out.get("peers", [])
-                  if r["peer"] == "ours" and r["mode"] == "single"]  # fmt: skip
-        max_rate = median(rates) if rates else _previous_max_rate()
-        section("pickup", f"pickup latency (100 % = {max_rate:,.0f} single submits/s, 8 scanners)")
-        out["pickup_max_rate"] = max_rate
+        section("pickup", "pickup latency (100 % = the single-submit maximum, 8 scanners)")
         out["pickup"] = [
             asdict(r)
             for r in pickup.measure(
-                workdir, max_rate, seconds=s.pickup_seconds, min_jobs=s.pickup_min_jobs
+                workdir, 0.0, seconds=s.pickup_seconds, min_jobs=s.pickup_min_jobs
             )
         ]
+        first = out["pickup"][0]
+        out["pickup_max_rate"] = first["target_rate"] / first["load"]
     if "memory" in parts:
         section("memory", "memory per PENDING job")
         out["memory"] = [asdict(r) for r in memory.measure(workdir, s.memory_sizes)]
