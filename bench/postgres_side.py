@@ -3,7 +3,10 @@ graphile-worker on the same database, with the same jobs and workers (scanners).
 
 Each PostgreSQL run gets a fresh schema; the scanners are spread over the replicas; the
 submits go to the first replica and its ``GetQueueStats`` (the same figures from every replica)
-sees the end. The embedded figure is :mod:`bench.e2e`'s run with the same counts.
+sees the end. The embedded figure is :mod:`bench.e2e`'s run with the same counts. One
+replica and graphile-worker, the target's pair, run side by side in three rounds per mode, and
+their ratio is the median of the rounds' ratios: this machine's speed drifts by a third over
+minutes, which one run of each would carry into the ratio.
 
     .venv/bin/python -m bench.postgres_side --jobs 5000 --workers 8
 """
@@ -14,9 +17,11 @@ import argparse
 import asyncio
 import json
 import secrets
+import statistics
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -35,6 +40,7 @@ class SideResult:
     workers: int
     jobs_per_second: float
     errors: int = 0
+    round: int = 0  # which round of measure() (one replica and graphile-worker run in each)
 
 
 def run_postgres(workdir: Path, replicas: int, mode: str, jobs: int, workers: int) -> SideResult:
@@ -90,27 +96,52 @@ def measure_pickup(workdir: Path, max_rate: float) -> tuple[pickup.PickupResult,
 
 
 def measure(workdir: Path, jobs: int, workers: int, replicas: tuple[int, ...] = (1, 2, 3),
-            modes: tuple[str, ...] = MODES, verbose: bool = True) -> list[SideResult]:  # fmt: skip
-    """Every store in every mode once, alternating, so the machine's drift touches all."""
+            modes: tuple[str, ...] = MODES, verbose: bool = True,
+            rounds: int = 3) -> list[SideResult]:  # fmt: skip
+    """Per mode, in rounds: one replica on PostgreSQL, then graphile-worker, side by side (the
+    target's pair, so its ratio is a median of ratios of runs seconds apart); the first round
+    also runs 2 and 3 replicas and the embedded store."""
     out: list[SideResult] = []
+
+    def note(result: SideResult) -> None:
+        out.append(result)
+        if verbose:
+            print(f"  {result.store:15} {result.mode:7}: {result.jobs_per_second:8,.0f} jobs/s",
+                  flush=True)  # fmt: skip
+
+    graphile = peers.missing("graphile-worker")
+    if graphile:
+        print(f"  graphile-worker skipped: {graphile}")
     for mode in modes:
-        for count in replicas:
-            out.append(run_postgres(workdir, count, mode, jobs, workers))
-            if verbose:
-                print(f"  postgres x{count} {mode:7}: {out[-1].jobs_per_second:8,.0f} jobs/s")
-        (embedded,) = e2e.measure(workdir, workers, [e2e.Variant(mode)], jobs, 1, verbose=False)
-        out.append(SideResult("embedded", mode, jobs, workers, embedded.jobs_per_second))
-        if verbose:
-            print(f"  embedded    {mode:7}: {embedded.jobs_per_second:8,.0f} jobs/s")
-        why = peers.missing("graphile-worker")
-        if why:
-            print(f"  graphile-worker skipped: {why}")
-            continue
-        peer = peers.run_once("graphile-worker", mode, jobs, workers)
-        out.append(SideResult("graphile-worker", mode, jobs, workers, peer.jobs_per_second))
-        if verbose:
-            print(f"  graphile    {mode:7}: {peer.jobs_per_second:8,.0f} jobs/s")
+        for turn in range(rounds):
+            for count in replicas if turn == 0 else replicas[:1]:
+                result = run_postgres(workdir, count, mode, jobs, workers)
+                result.round = turn
+                note(result)
+            if not graphile:
+                peer = peers.run_once("graphile-worker", mode, jobs, workers)
+                note(SideResult("graphile-worker", mode, jobs, workers, peer.jobs_per_second,
+                                round=turn))  # fmt: skip
+            if turn == 0:
+                (embedded,) = e2e.measure(workdir, workers, [e2e.Variant(mode)], jobs, 1,
+                                          verbose=False)  # fmt: skip
+                note(SideResult("embedded", mode, jobs, workers, embedded.jobs_per_second))
     return out
+
+
+def ratio(results: list[dict[str, Any]], mode: str) -> float:
+    """One replica on PostgreSQL over graphile-worker: the median of the rounds' ratios."""
+    by_round: dict[int, dict[str, float]] = {}
+    for r in results:
+        if r["mode"] == mode and r["store"] in ("postgres-1", "graphile-worker"):
+            pair = by_round.setdefault(int(r.get("round", 0)), {})
+            pair[str(r["store"])] = float(r["jobs_per_second"])
+    ratios = [
+        pair["postgres-1"] / pair["graphile-worker"]
+        for pair in by_round.values()
+        if pair.get("postgres-1") and pair.get("graphile-worker")
+    ]
+    return statistics.median(ratios) if ratios else float("nan")
 
 
 def main() -> None:
@@ -125,10 +156,15 @@ def main() -> None:
     counts = tuple(int(n) for n in args.replicas.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         results = measure(Path(tmp), args.jobs, args.workers, counts, modes)
-        out: dict[str, object] = {"throughput": [asdict(r) for r in results]}
+        rows = [asdict(r) for r in results]
+        out: dict[str, object] = {"throughput": rows}
+        for mode in modes:
+            print(f"  postgres x1 / graphile-worker, {mode}: {ratio(rows, mode):.2f} x "
+                  "(median of the rounds)")  # fmt: skip
         single = [
             r.jobs_per_second for r in results if r.store == "postgres-1" and r.mode == "single"
         ]
+        single = [statistics.median(single)] if single else []
         if args.pickup and single:
             picked, disk = measure_pickup(Path(tmp), single[0])
             out["pickup"] = asdict(picked)
