@@ -949,7 +949,10 @@ class PostgresRepository:
                 continue
             while room:
                 n = min(sum(room.values()), CLAIM_CHUNK)
-                got = await self._claim(demands, room, kinds, n, at)
+                params = self._claim_params(demands, room, kinds, n, at)
+                async with self._conn() as conn:
+                    cursor = await conn.execute(_CLAIM, params)
+                    got = self._claimed(await cursor.fetchall())
                 out.extend(got)
                 for item in got:
                     room[item.demand] -= 1
@@ -961,20 +964,6 @@ class PostgresRepository:
                     self._drained[kinds] = queued
                     break
         return out
-
-    async def _claim(
-        self,
-        demands: Sequence[Demand],
-        room: dict[int, int],
-        kinds: frozenset[ObjectKind],
-        n: int,
-        at: datetime,
-    ) -> list[Claimed]:
-        params = self._claim_params(demands, room, kinds, n, at)
-        async with self._conn() as conn:
-            cursor = await conn.execute(_CLAIM, params)
-            rows = await cursor.fetchall()
-        return self._claimed(rows)
 
     def _claim_params(
         self,
