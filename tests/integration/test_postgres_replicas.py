@@ -147,6 +147,17 @@ async def test_a_run_another_replica_moved_since_is_decided_on_a_fresh_read(
     ]  # fmt: skip
 
 
+def lend(repository: PostgresRepository, slots: int) -> list[list[str]]:
+    """Lend each of the repository's insert batches one scanner's demand of ``slots``; the
+    ids of what each loan came back with, one list per loan."""
+    handed: list[list[str]] = []
+    repository.claim_with_inserts(
+        lambda: [Demand("s1", ALL, slots)],
+        lambda claimed: handed.append([item.moved.job.id for item in claimed]),
+    )
+    return handed
+
+
 async def test_an_insert_batch_claims_for_lent_scanners_in_its_own_commit(
     pair: tuple[PostgresRepository, PostgresRepository],
 ) -> None:
@@ -154,11 +165,7 @@ async def test_an_insert_batch_claims_for_lent_scanners_in_its_own_commit(
     handed out before the insert returns: the job is ASSIGNED when its submit is answered."""
     a, b = pair
     (older,) = await b.insert_many([spec("older")], at=datetime.now(UTC))
-    handed: list[list[str]] = []
-    a.claim_with_inserts(
-        lambda: [Demand("s1", ALL, 3)],
-        lambda claimed: handed.append([item.moved.job.id for item in claimed]),
-    )
+    handed = lend(a, 3)
     (new,) = await a.insert_many([spec("new")], at=datetime.now(UTC))
     assert handed == [[older.job.id, new.job.id]]
     for job_id in (older.job.id, new.job.id):
@@ -178,11 +185,7 @@ async def test_a_lent_claim_stands_when_the_insert_collides_with_another_replica
     duplicate; the loan comes back exactly once."""
     a, b = pair
     (first,) = await b.insert_many([spec("same")], at=datetime.now(UTC))
-    handed: list[list[str]] = []
-    a.claim_with_inserts(
-        lambda: [Demand("s1", ALL, 1)],
-        lambda claimed: handed.append([item.moved.job.id for item in claimed]),
-    )
+    handed = lend(a, 1)
     (again,) = await a.insert_many([spec("same")], at=datetime.now(UTC))
     assert again.duplicate
     assert again.job.id == first.job.id
@@ -209,11 +212,7 @@ async def test_an_insert_and_its_claim_commit_together_or_not_at_all(
                 "WHEN (NEW.status = 2) EXECUTE FUNCTION {schema}.refuse()"
             ).format(schema=sql.Identifier(a.schema))
         )
-    handed: list[list[str]] = []
-    a.claim_with_inserts(
-        lambda: [Demand("s1", ALL, 2)],
-        lambda claimed: handed.append([item.moved.job.id for item in claimed]),
-    )
+    handed = lend(a, 2)
     with pytest.raises(HandlerError):
         await a.insert_many([spec("refused")], at=datetime.now(UTC))
     assert handed == [[]]
