@@ -15,7 +15,7 @@ from psycopg import sql
 from imagehandler.errors import HandlerError
 from server.core.model import ImageRef, JobSpec, JobStatus, Lane, ObjectKind, Policy, Trigger
 from server.storage.postgres import PostgresRepository
-from server.storage.repository import Demand, JobFilter
+from server.storage.repository import Claimed, Demand, JobFilter
 from tests.postgres import DATABASE_URL, drop_schema, new_schema_name
 
 ALL = frozenset(ObjectKind)
@@ -218,3 +218,73 @@ async def test_an_insert_and_its_claim_commit_together_or_not_at_all(
     assert handed == [[]]
     page, _ = await b.page(JobFilter(), 0, 10)
     assert [(job.id, job.status) for job in page] == [(queued.job.id, JobStatus.PENDING)]
+
+
+async def test_a_lent_claim_leaves_before_the_wal_flush_and_its_submit_is_answered_after(
+    pair: tuple[PostgresRepository, PostgresRepository],
+) -> None:
+    """The insert and its claim commit without waiting for the disk (``synchronous_commit``
+    off for that transaction only, seen here by a trigger), so the job is handed out at
+    once; its submit is answered only after a commit that waits for the WAL flush, which
+    a lock held on the replica's alive row keeps waiting here. A plain insert (no Free
+    scanner) commits durably as before."""
+    a, b = pair
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE {schema}.seen (setting text); "
+                "CREATE FUNCTION {schema}.note() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN INSERT INTO seen VALUES (current_setting('synchronous_commit')); "
+                "RETURN NULL; END $$; "
+                "CREATE TRIGGER note AFTER INSERT ON {schema}.jobs FOR EACH ROW "
+                "EXECUTE FUNCTION {schema}.note()"
+            ).format(schema=sql.Identifier(a.schema))
+        )
+    (plain,) = await b.insert_many([spec("plain")], at=datetime.now(UTC))
+    handed: list[str] = []
+    out = asyncio.Event()
+
+    def hand(claimed: list[Claimed]) -> None:
+        handed.extend(item.moved.job.id for item in claimed)
+        out.set()
+
+    a.claim_with_inserts(lambda: [Demand("s1", ALL, 2)], hand)
+    async with await psycopg.AsyncConnection.connect(DATABASE_URL) as holder:
+        await holder.execute(
+            sql.SQL("SELECT 1 FROM {}.replicas WHERE id = 'a' FOR UPDATE").format(
+                sql.Identifier(a.schema)
+            )
+        )
+        submit = asyncio.create_task(a.insert_many([spec("fused")], at=datetime.now(UTC)))
+        await asyncio.wait_for(out.wait(), 10)
+        older, job_id = handed  # oldest first
+        assert older == plain.job.id
+        job = await b.get(job_id)
+        assert job is not None
+        assert job.status is JobStatus.IN_PROGRESS
+        await waiting_on_a_lock(a.schema)
+        assert not submit.done()
+        await holder.rollback()
+    (inserted,) = await asyncio.wait_for(submit, 10)
+    assert inserted.job.id == job_id
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        rows = conn.execute(sql.SQL("SELECT setting FROM {}.seen").format(
+            sql.Identifier(a.schema))).fetchall()  # fmt: skip
+    assert [row[0] for row in rows] == ["on", "off"]
+
+
+async def waiting_on_a_lock(schema: str, deadline: float = 10) -> None:
+    """Until a statement on ``schema``'s replicas row waits for a lock (polled, with a
+    deadline)."""
+    end = time.monotonic() + deadline
+    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
+        while time.monotonic() < end:
+            cursor = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE 'INSERT INTO replicas%%'"
+            )
+            row = await cursor.fetchone()
+            if row and row[0]:
+                return
+            await asyncio.sleep(0.02)  # polling a condition, with the deadline above
+    raise AssertionError("the durable commit never waited for the held row")

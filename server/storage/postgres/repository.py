@@ -266,6 +266,7 @@ class PostgresRepository:
         self._move_tasks: set[asyncio.Task[None]] = set()
         self._moves = _GroupCommit(self._run_moves, "postgres-moves", self._move_tasks)
         self._inserts = _GroupCommit(self._run_inserts, "postgres-inserts", self._move_tasks)
+        self._durable = _GroupCommit(self._run_durable, "postgres-durable", self._move_tasks)
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[Row]) -> None:
@@ -594,11 +595,43 @@ class PostgresRepository:
         finally:
             if demands:
                 self._hand(claimed)
+        answers: list[tuple[asyncio.Future[list[Inserted]], list[Inserted]]] = []
         start = 0
         for request in batch:
-            if not request.done.done():
-                request.done.set_result(inserted[start : start + len(request.specs)])
+            answers.append((request.done, inserted[start : start + len(request.specs)]))
             start += len(request.specs)
+        # The insert and claim committed asynchronously; an answered duplicate may be
+        # another replica's row that is not on disk yet either. Such answers wait for a
+        # durable commit in their own group commit: the next insert batch does not wait
+        # for this one's disk flush.
+        if demands or any(item.duplicate for item in inserted):
+            for answer in answers:
+                self._durable.add(answer)
+            return
+        for done, value in answers:
+            if not done.done():
+                done.set_result(value)
+
+    async def _run_durable(
+        self, batch: list[tuple[asyncio.Future[list[Inserted]], list[Inserted]]]
+    ) -> None:
+        """Answer submits once a commit that waits for the WAL flush returned: PostgreSQL
+        writes the WAL in order, so that flush carries every asynchronous commit before it.
+        The write is this replica's alive row, renewed as :meth:`_alive` does."""
+        try:
+            await self._alive()
+        except asyncio.CancelledError:
+            for done, _ in batch:
+                done.cancel()
+            raise
+        except Exception as exc:
+            for done, _ in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for done, value in batch:
+            if not done.done():
+                done.set_result(value)
 
     async def _insert_many(
         self,
@@ -647,10 +680,17 @@ class PostgresRepository:
         returned. A collision (another replica queued one of the objects) leaves the claim
         standing: it took only queued jobs, whoever queued them; the retry reads and decides.
         (Should this process fail between the two statements, the Sync still commits what
-        was sent, as two autocommitted statements would have.)"""
+        was sent, as two autocommitted statements would have.)
+
+        The commit does not wait for the WAL flush (``synchronous_commit`` off for this
+        transaction only), so the assignment leaves without waiting for the disk; the
+        submits are answered after a durable commit (:meth:`_run_durable`). A database
+        crash in between loses the insert and its claim together: no submit was answered,
+        and the scanner's result for a job the database no longer has moves nothing."""
         plan, fresh = self._plan(specs, keys, [])
         at = datetime.now(UTC)
         async with conn.pipeline():
+            await conn.execute("SELECT set_config('synchronous_commit', 'off', true)")
             sent = [
                 await self._send_rows(conn, specs, keys, fresh[start : start + CLAIM_CHUNK], ats)
                 for start in range(0, len(fresh), CLAIM_CHUNK)
