@@ -66,6 +66,8 @@ _HELD = (S.IN_PROGRESS.value, S.PROCESSING_RESULTS.value)
 # A claim statement hands out at most this many jobs: its NOTIFY payload (job ids) must stay
 # under PostgreSQL's 8000 bytes.
 CLAIM_CHUNK = 150
+# Batches of moves in flight at once (see PostgresRepository.__init__).
+MOVE_BATCHES = 2
 _PAYLOAD_BYTES = 7000
 # The fallback poll for work a lost notification did not announce: one claim query a second
 # per replica bounds such a stall.
@@ -264,7 +266,12 @@ class PostgresRepository:
         # The moves, and the inserts, asked while the previous batch of their kind was
         # written go together in the next one (see _GroupCommit).
         self._move_tasks: set[asyncio.Task[None]] = set()
-        self._moves = _GroupCommit(self._run_moves, "postgres-moves", self._move_tasks)
+        # Two batches of moves at a time: while one waits for its commit the handler builds
+        # the next, and the database runs both on two cores. Each writes its rows in id
+        # order, so two batches that share rows lock them in the same order.
+        self._moves = _GroupCommit(
+            self._run_moves, "postgres-moves", self._move_tasks, depth=MOVE_BATCHES
+        )
         self._inserts = _GroupCommit(self._run_inserts, "postgres-inserts", self._move_tasks)
         self._durable = _GroupCommit(self._run_durable, "postgres-durable", self._move_tasks)
 
@@ -1143,7 +1150,7 @@ class PostgresRepository:
                         job.result_summary = r.summary
                         change.summary = r.summary.SerializeToString()
                     outcomes[i] = Moved(job, transition)
-                changes = list(changed.values())
+                changes = sorted(changed.values(), key=lambda change: change.job.id)
                 written: set[str] = set()
                 for start in range(0, len(changes), CLAIM_CHUNK):
                     written |= await self._write_changes(conn, changes[start : start + CLAIM_CHUNK])
@@ -1317,38 +1324,42 @@ class _GroupCommit(Generic[R]):
     """Requests handed together to one task: those of one loop turn and, while a batch is
     being written, every request made meanwhile (a group commit: under load a batch carries
     what arrived during one round trip instead of a statement and a commit each, and single
-    submits, which gRPC delivers one per loop turn, group too). One batch at a time; the task
-    is kept in ``tasks`` so closing the store can wait for it."""
+    submits, which gRPC delivers one per loop turn, group too). ``depth`` batches at a time
+    (one unless asked); the tasks are kept in ``tasks`` so closing the store can wait for
+    them."""
 
     def __init__(
         self,
         run: Callable[[list[R]], Coroutine[Any, Any, None]],
         name: str,
         tasks: set[asyncio.Task[None]],
+        *,
+        depth: int = 1,
     ) -> None:
         self._run = run
         self._name = name
         self._tasks = tasks
+        self._depth = depth  # batches written at once
         self._pending: list[R] = []
-        self._writing = False
+        self._writing = 0
 
     def add(self, request: R) -> None:
         self._pending.append(request)
-        if len(self._pending) == 1 and not self._writing:  # nothing scheduled yet
+        if len(self._pending) == 1 and self._writing < self._depth:  # nothing scheduled yet
             asyncio.get_running_loop().call_soon(self._start)
 
     def _start(self) -> None:
-        if self._writing or not self._pending:
+        if self._writing >= self._depth or not self._pending:
             return
         batch, self._pending = self._pending, []
-        self._writing = True
+        self._writing += 1
         task = asyncio.create_task(self._run(batch), name=self._name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._writing = False
+        self._writing -= 1
         self._start()  # what arrived while this batch was written
 
 
