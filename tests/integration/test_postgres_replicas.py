@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -288,3 +288,63 @@ async def waiting_on_a_lock(schema: str, deadline: float = 10) -> None:
                 return
             await asyncio.sleep(0.02)  # polling a condition, with the deadline above
     raise AssertionError("the durable commit never waited for the held row")
+
+
+def counted(schema: str) -> tuple[dict[JobStatus, int], dict[Lane, int]]:
+    """The jobs counted from their rows: by status, and PENDING by lane."""
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        rows = conn.execute(
+            sql.SQL("SELECT status, lane, count(*) FROM {}.jobs GROUP BY status, lane").format(
+                sql.Identifier(schema)
+            )
+        ).fetchall()
+    by_status: dict[JobStatus, int] = {}
+    pending = dict.fromkeys(Lane, 0)
+    for status, lane, n in rows:
+        by_status[JobStatus(status)] = by_status.get(JobStatus(status), 0) + n
+        if status == JobStatus.PENDING.value:
+            pending[Lane(lane)] = n
+    return by_status, pending
+
+
+async def assert_counts_agree(schema: str, *repositories: PostgresRepository) -> None:
+    by_status, pending = counted(schema)
+    for repository in repositories:
+        counts = await repository.counts()
+        assert {s: n for s, n in counts.by_status.items() if n} == by_status
+        assert counts.pending_by_lane == pending
+
+
+async def test_the_counts_follow_every_write_and_a_recount_mends_a_drift(
+    pair: tuple[PostgresRepository, PostgresRepository],
+) -> None:
+    """GetQueueStats' figures come from job_counts, not from reading the jobs: after inserts,
+    a claim, moves, a cancel and a prune on two replicas they equal a count of the rows, from
+    either replica, before and after a fold; a row that does not belong (a drift) is gone
+    after a recount."""
+    a, b = pair
+    now = datetime.now(UTC)
+    queued = await a.insert_many([spec(f"j{n}") for n in range(6)], at=now)
+    (urgent,) = await b.insert_many([spec("urgent", Lane.INTERACTIVE)], at=now)
+    claimed = await b.claim([Demand("s1", ALL, 3)], at=now)
+    assert urgent.job.id in {item.moved.job.id for item in claimed}
+    done = claimed[0].moved.job
+    await b.move(done.id, JobStatus.PROCESSING_RESULTS, expect=frozenset({JobStatus.IN_PROGRESS}),
+                 run=done.runs, at=now, reason="result received")  # fmt: skip
+    await b.move(done.id, JobStatus.FINISHED, expect=frozenset({JobStatus.PROCESSING_RESULTS}),
+                 at=now, reason="processed")  # fmt: skip
+    await a.move(queued[-1].job.id, JobStatus.CANCELLED, expect=frozenset({JobStatus.PENDING}),
+                 at=now, reason="cancelled by the test")  # fmt: skip
+    await assert_counts_agree(a.schema, a, b)
+    pruned = await a.prune(now + timedelta(seconds=1))
+    assert set(pruned) == {done.id, queued[-1].job.id}  # FINISHED and CANCELLED
+    await assert_counts_agree(a.schema, a, b)
+    await b._fold_counts()
+    await assert_counts_agree(a.schema, a, b)
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("INSERT INTO {}.job_counts VALUES (1, 1, 40)").format(sql.Identifier(a.schema))
+        )
+    assert (await a.counts()).pending_by_lane[Lane.BULK] == counted(a.schema)[1][Lane.BULK] + 40
+    await a._fold_counts(recount=True)
+    await assert_counts_agree(a.schema, a, b)

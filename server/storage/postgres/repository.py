@@ -72,6 +72,8 @@ _PAYLOAD_BYTES = 7000
 # The fallback poll for work a lost notification did not announce: one claim query a second
 # per replica bounds such a stall.
 POLL_SECONDS = 1.0
+# How often a replica recounts job_counts from the jobs (a read of the whole table).
+RECOUNT_SECONDS = 3600.0
 
 COLUMNS = (
     "id, seq, spec, status, runs, scanner_id, error, updated_at, started_at, finished_at, "
@@ -250,6 +252,7 @@ class PostgresRepository:
         self._next_renewal = 0.0
         self._next_rescue = 0.0
         self._next_poll = 0.0
+        self._next_recount = 0.0
         self._next_adoption = 0.0
         # Counts what may have queued jobs (own inserts and moves back to PENDING, other
         # replicas' announcements, the fallback poll); ``_drained[kinds]`` is the count at the
@@ -368,6 +371,32 @@ class PostgresRepository:
         if now >= self._next_poll:
             self._next_poll = now + min(POLL_SECONDS, self.lease_seconds / 3)
             self._work()
+            await self._fold_counts(recount=now >= self._next_recount)
+            if now >= self._next_recount:
+                self._next_recount = now + RECOUNT_SECONDS
+
+    async def _fold_counts(self, *, recount: bool = False) -> None:
+        """Fold job_counts into one row per status and lane, or (``recount``) replace it with
+        a count of the jobs, which mends any drift (a replica of an older version writing
+        meanwhile). Either is one statement, whose deletes and count see one snapshot, after
+        a lock that keeps folds and recounts of every replica apart: a second one waiting
+        on the first's rows would add back what it deleted."""
+        if recount:
+            statement = (
+                "WITH gone AS (DELETE FROM job_counts) INSERT INTO job_counts (status, lane, n) "
+                "SELECT status, lane, count(*) FROM jobs GROUP BY status, lane"
+            )
+        else:
+            statement = (
+                "WITH gone AS (DELETE FROM job_counts RETURNING status, lane, n) "
+                "INSERT INTO job_counts (status, lane, n) SELECT status, lane, sum(n) "
+                "FROM gone GROUP BY status, lane HAVING sum(n) <> 0"
+            )
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(%s)", (migrations.lock_key(self.schema) + 2,)
+            )
+            await conn.execute(statement)
 
     async def _alive(self) -> None:
         """This replica is alive for another lease: the deliveries it owes stay its own."""
@@ -750,7 +779,9 @@ class PostgresRepository:
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(%s)", (migrations.lock_key(self.schema) + 1,)
             )
-            cursor = await conn.execute("SELECT count(*) FROM jobs WHERE status = 1")
+            cursor = await conn.execute(
+                "SELECT coalesce(sum(n), 0) FROM job_counts WHERE status = 1"
+            )
             counted = await cursor.fetchone()
             pending = int(counted[0]) if counted else 0
             if pending + len(fresh) > queue_limit:
@@ -858,7 +889,9 @@ class PostgresRepository:
             "1, %s FROM jsonb_to_recordset(%s::jsonb) AS u(id text, lane smallint, "
             "kind smallint, trigger smallint, dedup_key text, idempotency_key text, spec text, "
             "created_at timestamptz, history jsonb) "
-            "ON CONFLICT DO NOTHING RETURNING id, seq) "
+            "ON CONFLICT DO NOTHING RETURNING id, seq, lane), "
+            "counted AS (INSERT INTO job_counts (status, lane, n) "
+            "SELECT 1, lane, count(*) FROM ins GROUP BY lane) "
             "SELECT ins.id, ins.seq, "
             "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM ins LIMIT 1) AS any_row), "
             "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':1', ',')) FROM ins) FROM ins",
@@ -915,14 +948,16 @@ class PostgresRepository:
         return page, (page[-1].seq if len(rows) > size else None)
 
     async def counts(self) -> Counts:
-        # One round trip (clients poll this, as the bench does); each half keeps its own plan:
-        # the pending lanes come from the partial index, not from a second grouping of the
-        # whole table.
+        # One round trip (clients poll this, as the bench does) that reads no job but each
+        # lane's oldest PENDING one (the head of the partial index): the numbers are the sums
+        # of job_counts, which every write keeps.
         async with self._conn() as conn:
             cursor = await conn.execute(
-                "SELECT 0, status, count(*), NULL::timestamptz FROM jobs GROUP BY status "
-                "UNION ALL SELECT lane, 1, count(*), min(created_at) FROM jobs WHERE status = 1 "
-                "GROUP BY lane"
+                "SELECT 0, status, sum(n)::bigint, NULL::timestamptz FROM job_counts "
+                "GROUP BY status "
+                "UNION ALL SELECT lane, 1, sum(n)::bigint, (SELECT created_at FROM jobs "
+                "WHERE status = 1 AND lane = c.lane ORDER BY seq LIMIT 1) "
+                "FROM job_counts AS c WHERE status = 1 GROUP BY lane"
             )
             rows = await cursor.fetchall()
         by_status: dict[JobStatus, int] = {}
@@ -1140,7 +1175,8 @@ class PostgresRepository:
                         continue
                     change = changed.get(job.id)
                     if change is None:
-                        change = changed[job.id] = _Change(job, version, job.result)
+                        was = transition.from_status or job.status
+                        change = changed[job.id] = _Change(job, version, job.result, was.value)
                     change.added.append(_transition_json(transition))
                     if r.result is not None:
                         job.result = r.result
@@ -1214,7 +1250,7 @@ class PostgresRepository:
                 "finished_at": job.finished_at, "added": change.added,
                 "result": change.result.hex() if change.result is not None else None,
                 "summary": change.summary.hex() if change.summary is not None else None,
-                "held": job.status.value in _HELD,
+                "held": job.status.value in _HELD, "was": change.was,
             })  # fmt: skip
         cursor = await conn.execute(
             "WITH w AS (UPDATE jobs AS j SET status = u.status, runs = u.runs, "
@@ -1229,9 +1265,13 @@ class PostgresRepository:
             "FROM jsonb_to_recordset(%s::jsonb) AS u(id text, version int, status smallint, "
             "runs int, scanner_id text, error jsonb, updated_at timestamptz, "
             "started_at timestamptz, finished_at timestamptz, added jsonb, result text, "
-            "summary text, held bool) "
+            "summary text, held bool, was smallint) "
             "WHERE j.id = u.id AND j.version = u.version "
-            "RETURNING j.id, j.status, jsonb_array_length(j.history) AS n) "
+            "RETURNING j.id, j.status, j.lane, u.was, jsonb_array_length(j.history) AS n), "
+            "counted AS (INSERT INTO job_counts (status, lane, n) "
+            "SELECT d.status, w.lane, sum(d.n) FROM w, "
+            "LATERAL (VALUES (w.status, 1), (w.was, -1)) AS d(status, n) "
+            "GROUP BY d.status, w.lane HAVING sum(d.n) <> 0) "
             "SELECT w.id, w.status, "
             "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':' || n, ',')) FROM w), "
             "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM w WHERE status = 1 LIMIT 1) AS q) "
@@ -1310,7 +1350,11 @@ class PostgresRepository:
     async def prune(self, before: datetime) -> list[str]:
         async with self._conn() as conn:
             cursor = await conn.execute(
-                "DELETE FROM jobs WHERE status IN (4, 5, 6) AND finished_at < %s RETURNING id",
+                "WITH gone AS (DELETE FROM jobs WHERE status IN (4, 5, 6) AND finished_at < %s "
+                "RETURNING id, status, lane), "
+                "counted AS (INSERT INTO job_counts (status, lane, n) "
+                "SELECT status, lane, -count(*) FROM gone GROUP BY status, lane) "
+                "SELECT id FROM gone",
                 (before,),
             )
             rows = await cursor.fetchall()
@@ -1392,6 +1436,7 @@ class _Change:
     job: Job
     version: int  # the row's version when read: the write's compare-and-set
     stored_result: Any  # the job's result column when read
+    was: int  # the status when read, for job_counts
     added: list[list[Any]] = field(default_factory=list)  # history entries, as stored
     result: bytes | None = None
     summary: bytes | None = None
@@ -1421,7 +1466,7 @@ bulk AS (
     ORDER BY seq LIMIT %(n)s FOR UPDATE SKIP LOCKED
 ),
 ranked AS (
-    SELECT id, row_number() OVER (ORDER BY rank, lane DESC, seq) AS k FROM (
+    SELECT id, lane, row_number() OVER (ORDER BY rank, lane DESC, seq) AS k FROM (
         SELECT id, seq, 2 AS lane, (row_number() OVER (ORDER BY seq) - 1) * %(wi)s AS rank
         FROM interactive
         UNION ALL
@@ -1430,7 +1475,8 @@ ranked AS (
     ) AS both_lanes
 ),
 picked AS (
-    SELECT ranked.id, slots.who, slots.name, slots.k FROM ranked JOIN slots ON slots.k = ranked.k
+    SELECT ranked.id, ranked.lane, slots.who, slots.name, slots.k
+    FROM ranked JOIN slots ON slots.k = ranked.k
 ),
 claimed AS (
     UPDATE jobs AS j SET
@@ -1442,6 +1488,12 @@ claimed AS (
             1, 2, %(micros)s::bigint, picked.name, j.runs + 1, 'assigned', NULL))
     FROM picked WHERE j.id = picked.id
     RETURNING picked.k, picked.who, {_J_COLUMNS}
+),
+counted AS (
+    INSERT INTO job_counts (status, lane, n)
+    SELECT d.status, picked.lane, d.sign * count(*)
+    FROM claimed JOIN picked USING (k), (VALUES (1, -1), (2, 1)) AS d(status, sign)
+    GROUP BY d.status, picked.lane, d.sign
 )
 SELECT claimed.*, (
     SELECT pg_notify(%(channel)s, %(replica)s || ' ' ||
