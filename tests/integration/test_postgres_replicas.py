@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -348,3 +349,23 @@ async def test_the_counts_follow_every_write_and_a_recount_mends_a_drift(
     assert (await a.counts()).pending_by_lane[Lane.BULK] == counted(a.schema)[1][Lane.BULK] + 40
     await a._fold_counts(recount=True)
     await assert_counts_agree(a.schema, a, b)
+
+
+async def test_a_claim_of_a_job_this_replica_queued_makes_the_job_a_read_makes(
+    pair: tuple[PostgresRepository, PostgresRepository],
+) -> None:
+    """The claiming replica builds the job from the spec it queued instead of decoding the
+    row: what it hands out equals what another replica reads from the database."""
+    a, b = pair
+    labelled = replace(spec("mine"), labels={"team": "a"}, idempotency_key="k1", fresh=True)
+    (mine,) = await a.insert_many([labelled], at=datetime.now(UTC))
+    (theirs,) = await b.insert_many([spec("theirs")], at=datetime.now(UTC))
+    claimed = await a.claim([Demand("s1", ALL, 2)], at=datetime.now(UTC))
+    assert [item.moved.job.id for item in claimed] == [mine.job.id, theirs.job.id]
+    for item in claimed:
+        read = await b.get(item.moved.job.id)
+        assert read is not None
+        job = item.moved.job
+        assert (job.spec, job.created_at, job.seq, job.status, job.runs, job.history) == (
+            read.spec, read.created_at, read.seq, read.status, read.runs, read.history,
+        )  # fmt: skip
