@@ -15,7 +15,7 @@ from psycopg import sql
 
 from imagehandler.errors import HandlerError
 from server.core.model import ImageRef, JobSpec, JobStatus, Lane, ObjectKind, Policy, Trigger
-from server.storage.postgres import PostgresRepository
+from server.storage.postgres import PostgresRepository, migrations
 from server.storage.repository import Claimed, Demand, JobFilter
 from tests.postgres import DATABASE_URL, drop_schema, new_schema_name
 
@@ -369,3 +369,36 @@ async def test_a_claim_of_a_job_this_replica_queued_makes_the_job_a_read_makes(
         assert (job.spec, job.created_at, job.seq, job.status, job.runs, job.history) == (
             read.spec, read.created_at, read.seq, read.status, read.runs, read.history,
         )  # fmt: skip
+
+
+async def test_a_fold_skips_its_turn_while_another_replica_folds_and_a_start_recounts(
+    pair: tuple[PostgresRepository, PostgresRepository],
+) -> None:
+    """A fold never waits (it runs in the replica's maintenance, before the next lease
+    renewal): while the counts' lock is held elsewhere it leaves the rows for the next one.
+    A replica's first maintenance starts a recount in a task of its own, which waits for
+    the lock and then mends a drift."""
+    a, _ = pair
+    await a.insert_many([spec(f"j{n}") for n in range(3)], at=datetime.now(UTC))
+    table = sql.Identifier(a.schema, "job_counts")
+
+    def rows() -> int:
+        with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+            found = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()
+        return int(found[0]) if found else 0
+
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("INSERT INTO {} VALUES (1, 1, 40)").format(table))
+    before = rows()
+    assert before == 2  # the insert's difference and the drift
+    key = migrations.lock_key(a.schema) + 2
+    async with await psycopg.AsyncConnection.connect(DATABASE_URL) as holder:
+        await holder.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+        await asyncio.wait_for(a.maintain(), 10)  # returns: the fold skipped, the recount waits
+        assert rows() == before
+        assert a._recount is not None
+        assert not a._recount.done()
+        await holder.rollback()
+    await asyncio.wait_for(a._recount, 10)
+    await assert_counts_agree(a.schema, a)
+    assert rows() == 1  # one status and lane

@@ -73,7 +73,7 @@ _PAYLOAD_BYTES = 7000
 # per replica bounds such a stall.
 POLL_SECONDS = 1.0
 # Specs of jobs this replica queued, kept for their claim (see PostgresRepository.__init__).
-QUEUED_SPECS = 65_536
+QUEUED_SPECS = 16_384
 # How often a replica recounts job_counts from the jobs (a read of the whole table).
 RECOUNT_SECONDS = 3600.0
 
@@ -258,6 +258,7 @@ class PostgresRepository:
         self._next_rescue = 0.0
         self._next_poll = 0.0
         self._next_recount = 0.0
+        self._recount: asyncio.Task[None] | None = None
         self._next_adoption = 0.0
         # Counts what may have queued jobs (own inserts and moves back to PENDING, other
         # replicas' announcements, the fallback poll); ``_drained[kinds]`` is the count at the
@@ -331,6 +332,9 @@ class PostgresRepository:
         return applied
 
     async def close(self) -> None:
+        if self._recount is not None:
+            self._recount.cancel()
+            await asyncio.gather(self._recount, return_exceptions=True)
         while self._move_tasks:  # a batch that ends starts the next one
             await asyncio.gather(*self._move_tasks, return_exceptions=True)
         if self._listener is not None:
@@ -380,16 +384,19 @@ class PostgresRepository:
         if now >= self._next_poll:
             self._next_poll = now + min(POLL_SECONDS, self.lease_seconds / 3)
             self._work()
-            await self._fold_counts(recount=now >= self._next_recount)
-            if now >= self._next_recount:
-                self._next_recount = now + RECOUNT_SECONDS
+            await self._fold_counts()
+        if now >= self._next_recount and (self._recount is None or self._recount.done()):
+            # A read of every job: in a task of its own, so renewals never wait for it.
+            self._next_recount = now + RECOUNT_SECONDS
+            self._recount = asyncio.create_task(self._recount_counts(), name="postgres-recount")
 
     async def _fold_counts(self, *, recount: bool = False) -> None:
         """Fold job_counts into one row per status and lane, or (``recount``) replace it with
         a count of the jobs, which mends any drift (a replica of an older version writing
-        meanwhile). Either is one statement, whose deletes and count see one snapshot, after
-        a lock that keeps folds and recounts of every replica apart: a second one waiting
-        on the first's rows would add back what it deleted."""
+        meanwhile). Either is one statement, whose deletes and count see one snapshot, under
+        a lock that keeps folds and recounts of every replica apart (a second one waiting on
+        the first's rows would add back what it deleted). A fold skips its turn while
+        another holds the lock; a recount waits for it."""
         if recount:
             statement = (
                 "WITH gone AS (DELETE FROM job_counts) INSERT INTO job_counts (status, lane, n) "
@@ -401,11 +408,25 @@ class PostgresRepository:
                 "INSERT INTO job_counts (status, lane, n) SELECT status, lane, sum(n) "
                 "FROM gone GROUP BY status, lane HAVING sum(n) <> 0"
             )
+        key = migrations.lock_key(self.schema) + 2
         async with self._conn() as conn, conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(%s)", (migrations.lock_key(self.schema) + 2,)
-            )
+            if recount:
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+            else:
+                cursor = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (key,))
+                row = await cursor.fetchone()
+                if row is None or not row[0]:
+                    return
             await conn.execute(statement)
+
+    async def _recount_counts(self) -> None:
+        started = time.perf_counter()
+        try:
+            await self._fold_counts(recount=True)
+        except HandlerError as error:  # the next hour's recount tries again
+            log.warning("database.recount_failed", error=error.message)
+            return
+        log.info("database.recounted", seconds=round(time.perf_counter() - started, 3))
 
     async def _alive(self) -> None:
         """This replica is alive for another lease: the deliveries it owes stay its own."""
