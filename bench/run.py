@@ -211,7 +211,7 @@ def run(parts: tuple[str, ...], s: Settings, workdir: Path, out: dict[str, Any])
                 asdict(r) for r in celery_side.measure(workdir, s.jobs, 8, s.celery_plan, s.repeats)
             ]
     if "pickup" in parts:
-        section("pickup", "pickup latency (100 % = the single-submit maximum, 8 scanners)")
+        section("pickup", "pickup latency (100 % = the single-mode maximum, 8 scanners)")
         out["pickup"] = [
             asdict(r)
             for r in pickup.measure(
