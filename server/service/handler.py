@@ -159,7 +159,7 @@ class Handler:
                 max_backoff=config.delivery_max_backoff,
                 on_failure=on_delivery_failure,
                 load_result=self.completion.load_result,
-                position=repository.position,
+                position=self._position_now,
                 policy=self.policy,
             )
             self.completion.deliver = self.delivery.deliver_result
@@ -368,8 +368,13 @@ class Handler:
         not PENDING, or when only a query could tell)."""
         return self.repository.position_hint(job)
 
-    async def position_of(self, job: Job) -> int:
-        return await self.repository.position(job)
+    async def positions(self, jobs: Sequence[Job]) -> list[int]:
+        """Each job's place in its lane as the store has it now (asks a shared database)."""
+        return await self.repository.positions(jobs)
+
+    async def _position_now(self, job: Job) -> int:
+        (position,) = await self.repository.positions([job])
+        return position
 
     def owed(self, job: Job) -> int:
         return self.delivery.owed(job) if self.delivery is not None else 0

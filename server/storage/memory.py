@@ -363,8 +363,8 @@ class MemoryRepository:
             return counts
         raise RuntimeError("MemoryRepository.counts suspended")  # it never does
 
-    async def position(self, job: Job) -> int:
-        return self.queue.position(job) if job.status is JobStatus.PENDING else 0
+    async def positions(self, jobs: Sequence[Job]) -> list[int]:
+        return [self.position_hint(job) for job in jobs]
 
     def position_hint(self, job: Job) -> int:
         return self.queue.position(job) if job.status is JobStatus.PENDING else 0

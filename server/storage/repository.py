@@ -210,8 +210,9 @@ class JobRepository(Protocol):
 
     async def counts(self) -> Counts: ...
 
-    async def position(self, job: Job) -> int:
-        """1-based place of a PENDING job in its lane (0 when not PENDING)."""
+    async def positions(self, jobs: Sequence[Job]) -> list[int]:
+        """Each job's 1-based place in its lane as the store has it now (0 for a job that is
+        not PENDING), in one request however many jobs are asked."""
         ...
 
     def position_hint(self, job: Job) -> int:

@@ -115,15 +115,32 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         # Watchers of every job share one encoding of each event.
         handler.events.encode = self._encode_event
 
-    def _job(self, job: Job, *, history: bool = False, full_result: bool = False) -> common_pb2.Job:
+    def _job(
+        self,
+        job: Job,
+        *,
+        history: bool = False,
+        full_result: bool = False,
+        position: int | None = None,
+    ) -> common_pb2.Job:
+        if position is None:
+            position = self.handler.position(job)
         message = mapping.job_to_proto(
-            job, position=self.handler.position(job), history=history, full_result=full_result
+            job, position=position, history=history, full_result=full_result
         )
         owed = self.handler.owed(job)
         if owed:
             message.deliveries_owed = owed
             message.delivery_error = self.handler.delivery_error(job)
         return message
+
+    async def _positions(self, jobs: list[Job]) -> list[int]:
+        """Each job's place in its lane: a shared database tells only when asked (other
+        replicas move the queue), in one statement for all of them; elsewhere the store's
+        own figure."""
+        if not self.handler.shared_store:
+            return [self.handler.position(job) for job in jobs]
+        return await self.handler.positions(jobs)
 
     def _encode_event(self, job: Job, transition: Transition, sequence: int) -> tuple[object, int]:
         """One event as the bytes every watcher of every job is sent (see register())."""
@@ -318,7 +335,8 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     ) -> job_service_pb2.GetJobResponse:
         job = await self.handler.get(request.job_id)
         full = request.view == job_service_pb2.JOB_VIEW_FULL
-        message = self._job(job, history=full, full_result=full)
+        (position,) = await self._positions([job])
+        message = self._job(job, history=full, full_result=full, position=position)
         if full and job.result is None and job.result_in_file:
             result = await self.handler.load_result(job)
             if result is not None:
@@ -337,8 +355,12 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         jobs, next_seq = await self.handler.page(
             where, decode_page_token(request.page_token), request.page_size
         )
+        positions = await self._positions(jobs)
         return job_service_pb2.ListJobsResponse(
-            jobs=[self._job(job) for job in jobs],
+            jobs=[
+                self._job(job, position=position)
+                for job, position in zip(jobs, positions, strict=True)
+            ],
             next_page_token=encode_page_token(next_seq) if next_seq is not None else "",
         )
 

@@ -105,8 +105,7 @@ async def test_new_jobs_are_pending_in_arrival_order_with_their_creation(
     assert first.status is S.PENDING
     assert [(t.from_status, t.to_status) for t in first.history] == [(None, S.PENDING)]
     assert inserted[0].message is None or inserted[0].message.id == first.id
-    assert await repo.position(first) == 1
-    assert await repo.position(second) == 2
+    assert await repo.positions([first, second]) == [1, 2]
     fetched = await repo.get(first.id)
     assert fetched is not None
     assert fetched.spec == first.spec
@@ -215,7 +214,7 @@ async def test_a_retried_job_goes_back_to_its_place_ahead_of_later_arrivals(
     assert moved is not None
     assert moved.job.error == failure
     assert moved.transition.error == failure
-    assert await repo.position(moved.job) == 1
+    assert await repo.positions([moved.job]) == [1]
     claimed = await repo.claim([demand("s1", 3)], at=now())
     assert [c.moved.job.id for c in claimed] == [first, *later]
     assert claimed[0].moved.job.runs == 2

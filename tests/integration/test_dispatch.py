@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+
+import pytest
 
 from imagehandler.v1 import common_pb2, job_service_pb2, scanner_service_pb2
 from tests.conftest import Handler, MakeHandler
 from tests.helpers import RawScanner, image, node
+from tests.postgres import DATABASE_URL, schema
 
 
 async def submit_many(
@@ -118,3 +122,33 @@ async def test_queue_positions_follow_arrival_order(handler: Handler) -> None:
     listed = await handler.jobs.ListJobs(job_service_pb2.ListJobsRequest())
     assert [j.id for j in listed.jobs] == ids
     assert [j.queue_position for j in listed.jobs] == [1, 2, 3, 4, 5]
+
+
+@pytest.fixture
+def shared_schema() -> Iterator[str]:
+    """A PostgreSQL schema of its own, dropped after the handlers using it have stopped (set
+    up before ``make_handler``, so torn down after it)."""
+    with schema() as name:
+        yield name
+
+
+async def test_queue_positions_on_a_shared_database_from_another_replica(
+    shared_schema: str, make_handler: MakeHandler
+) -> None:
+    """On PostgreSQL a replica asks the database for positions (other replicas move the
+    queue): GetJob and every page of ListJobs on a second replica show them, not 0."""
+    shared = {"storage": "postgres", "database_url": DATABASE_URL, "database_schema": shared_schema}
+    a = await make_handler(**shared)
+    b = await make_handler(**shared)
+    ids = await submit_many(a, [image(tag=f"p{n}") for n in range(5)])
+    first = await b.jobs.ListJobs(job_service_pb2.ListJobsRequest(page_size=3))
+    rest = await b.jobs.ListJobs(
+        job_service_pb2.ListJobsRequest(page_size=3, page_token=first.next_page_token)
+    )
+    assert [j.id for j in [*first.jobs, *rest.jobs]] == ids
+    assert [j.queue_position for j in [*first.jobs, *rest.jobs]] == [1, 2, 3, 4, 5]
+    got = await b.jobs.GetJob(job_service_pb2.GetJobRequest(job_id=ids[3]))
+    assert got.job.queue_position == 4
+    await a.jobs.CancelJob(job_service_pb2.CancelJobRequest(job_id=ids[0]))
+    got = await b.jobs.GetJob(job_service_pb2.GetJobRequest(job_id=ids[3]))
+    assert got.job.queue_position == 3

@@ -402,3 +402,20 @@ async def test_a_fold_skips_its_turn_while_another_replica_folds_and_a_start_rec
     await asyncio.wait_for(a._recount, 10)
     await assert_counts_agree(a.schema, a)
     assert rows() == 1  # one status and lane
+
+
+async def test_positions_count_the_queue_as_every_replica_left_it(
+    pair: tuple[PostgresRepository, PostgresRepository],
+) -> None:
+    """A page's positions in one statement: per lane, from the jobs queued before the page
+    and along the page's span; a job claimed or cancelled since it was read is 0."""
+    a, b = pair
+    now = datetime.now(UTC)
+    bulk = [item.job for item in await a.insert_many([spec(f"b{n}") for n in range(6)], at=now)]
+    (urgent,) = await b.insert_many([spec("u", Lane.INTERACTIVE)], at=now)
+    assert await b.positions([*bulk, urgent.job]) == [1, 2, 3, 4, 5, 6, 1]
+    await a.move(bulk[1].id, JobStatus.CANCELLED, expect=frozenset({JobStatus.PENDING}),
+                 at=now, reason="cancelled by the test")  # fmt: skip
+    # A later page (as ListJobs asks it): only what is still queued ahead counts.
+    assert await b.positions(bulk[3:5]) == [3, 4]
+    assert await b.positions([bulk[1], bulk[2], bulk[5]]) == [0, 2, 5]

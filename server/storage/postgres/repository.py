@@ -1004,16 +1004,31 @@ class PostgresRepository:
             oldest_pending={lane: lanes.get(lane, (0, None))[1] for lane in Lane},
         )
 
-    async def position(self, job: Job) -> int:
-        if job.status is not JobStatus.PENDING:
-            return 0
+    async def positions(self, jobs: Sequence[Job]) -> list[int]:
+        """One statement for a page: per lane, the PENDING jobs before the page's first one
+        are counted once, then the page's jobs are numbered along the PENDING jobs of its
+        span, so a page costs the depth of its first job and its span, not each job's
+        depth."""
+        asked = [job for job in jobs if job.status is JobStatus.PENDING]
+        if not asked:
+            return [0] * len(jobs)
         async with self._conn() as conn:
             cursor = await conn.execute(
-                "SELECT count(*) FROM jobs WHERE status = 1 AND lane = %s AND seq <= %s",
-                (job.spec.lane.value, job.seq),
+                "WITH p AS (SELECT * FROM unnest(%s::smallint[], %s::bigint[]) AS p(lane, seq)), "
+                "f AS (SELECT lane, min(seq) AS first, max(seq) AS last FROM p GROUP BY lane), "
+                "ahead AS (SELECT f.lane, (SELECT count(*) FROM jobs WHERE status = 1 "
+                "AND lane = f.lane AND seq < f.first) AS n FROM f), "
+                "span AS (SELECT j.lane, j.seq, "
+                "row_number() OVER (PARTITION BY j.lane ORDER BY j.seq) AS k FROM f "
+                "JOIN jobs AS j ON j.status = 1 AND j.lane = f.lane "
+                "AND j.seq BETWEEN f.first AND f.last) "
+                "SELECT span.seq, ahead.n + span.k FROM p JOIN ahead USING (lane) "
+                "JOIN span ON span.lane = p.lane AND span.seq = p.seq",
+                ([job.spec.lane.value for job in asked], [job.seq for job in asked]),
             )
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+            found = {int(seq): int(n) for seq, n in await cursor.fetchall()}
+        # A job claimed since it was read is no longer in the queue: 0, as for any other.
+        return [found.get(job.seq, 0) if job.status is JobStatus.PENDING else 0 for job in jobs]
 
     def position_hint(self, job: Job) -> int:
         return 0  # only a query can tell, and other replicas change it
