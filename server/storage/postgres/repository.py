@@ -1014,16 +1014,15 @@ class PostgresRepository:
             return [0] * len(jobs)
         async with self._conn() as conn:
             cursor = await conn.execute(
+                # ``b`` is materialized so that each lane's count runs once, not once per job.
                 "WITH p AS (SELECT * FROM unnest(%s::smallint[], %s::bigint[]) AS p(lane, seq)), "
-                "f AS (SELECT lane, min(seq) AS first, max(seq) AS last FROM p GROUP BY lane), "
-                "ahead AS (SELECT f.lane, (SELECT count(*) FROM jobs WHERE status = 1 "
-                "AND lane = f.lane AND seq < f.first) AS n FROM f), "
-                "span AS (SELECT j.lane, j.seq, "
-                "row_number() OVER (PARTITION BY j.lane ORDER BY j.seq) AS k FROM f "
-                "JOIN jobs AS j ON j.status = 1 AND j.lane = f.lane "
-                "AND j.seq BETWEEN f.first AND f.last) "
-                "SELECT span.seq, ahead.n + span.k FROM p JOIN ahead USING (lane) "
-                "JOIN span ON span.lane = p.lane AND span.seq = p.seq",
+                "b AS MATERIALIZED (SELECT lane, min(seq) AS first, max(seq) AS last, "
+                "(SELECT count(*) FROM jobs WHERE status = 1 AND jobs.lane = p.lane "
+                "AND jobs.seq < min(p.seq)) AS ahead FROM p GROUP BY lane) "
+                "SELECT s.seq, b.ahead + s.k FROM b CROSS JOIN LATERAL (SELECT seq, "
+                "row_number() OVER (ORDER BY seq) AS k FROM jobs WHERE status = 1 "
+                "AND lane = b.lane AND seq BETWEEN b.first AND b.last) AS s "
+                "JOIN p ON p.lane = b.lane AND p.seq = s.seq",
                 ([job.spec.lane.value for job in asked], [job.seq for job in asked]),
             )
             found = {int(seq): int(n) for seq, n in await cursor.fetchall()}
