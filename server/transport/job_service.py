@@ -134,14 +134,6 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             message.delivery_error = self.handler.delivery_error(job)
         return message
 
-    async def _positions(self, jobs: list[Job]) -> list[int]:
-        """Each job's place in its lane: a shared database tells only when asked (other
-        replicas move the queue), in one statement for all of them; elsewhere the store's
-        own figure."""
-        if not self.handler.shared_store:
-            return [self.handler.position(job) for job in jobs]
-        return await self.handler.positions(jobs)
-
     def _encode_event(self, job: Job, transition: Transition, sequence: int) -> tuple[object, int]:
         """One event as the bytes every watcher of every job is sent (see register())."""
         message = job_service_pb2.WatchJobsResponse(sequence=sequence)
@@ -335,7 +327,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     ) -> job_service_pb2.GetJobResponse:
         job = await self.handler.get(request.job_id)
         full = request.view == job_service_pb2.JOB_VIEW_FULL
-        (position,) = await self._positions([job])
+        (position,) = await self.handler.positions([job])
         message = self._job(job, history=full, full_result=full, position=position)
         if full and job.result is None and job.result_in_file:
             result = await self.handler.load_result(job)
@@ -355,7 +347,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         jobs, next_seq = await self.handler.page(
             where, decode_page_token(request.page_token), request.page_size
         )
-        positions = await self._positions(jobs)
+        positions = await self.handler.positions(jobs)
         return job_service_pb2.ListJobsResponse(
             jobs=[
                 self._job(job, position=position)
