@@ -49,23 +49,28 @@ def expire_every_lease(schema: str) -> None:
         )
 
 
-async def listening(repository: PostgresRepository, deadline: float = 10) -> None:
-    """Until the repository's listening connection has run its LISTEN (a condition polled
-    with a deadline)."""
-    channel = f"%{repository._channel}_risk%"  # the last of its LISTENs
-    end = time.monotonic() + deadline
+async def until_a_session(where: str, params: tuple[str, ...], never: str) -> None:
+    """Until some session in pg_stat_activity matches ``where`` (a condition polled with a
+    deadline of 10 s); ``never``: the failure's message."""
+    end = time.monotonic() + 10
     async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
         while time.monotonic() < end:
             cursor = await conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%%' "
-                "AND query LIKE %s",
-                (channel,),
+                f"SELECT count(*) FROM pg_stat_activity WHERE {where}", params
             )
             row = await cursor.fetchone()
             if row and row[0]:
                 return
             await asyncio.sleep(0.02)  # polling a condition, with the deadline above
-    raise AssertionError("the repository never listened")
+    raise AssertionError(never)
+
+
+async def listening(repository: PostgresRepository) -> None:
+    """Until the repository's listening connection has run its LISTEN."""
+    channel = f"%{repository._channel}_risk%"  # the last of its LISTENs
+    await until_a_session(
+        "query LIKE 'LISTEN%%' AND query LIKE %s", (channel,), "the repository never listened"
+    )
 
 
 async def test_a_replica_never_rescues_a_run_it_still_holds(
@@ -263,7 +268,11 @@ async def test_a_lent_claim_leaves_before_the_wal_flush_and_its_submit_is_answer
         job = await b.get(job_id)
         assert job is not None
         assert job.status is JobStatus.IN_PROGRESS
-        await waiting_on_a_lock(a.schema)
+        await until_a_session(
+            "wait_event_type = 'Lock' AND query LIKE 'INSERT INTO replicas%%'",
+            (),
+            "the durable commit never waited for the held row",
+        )
         assert not submit.done()
         await holder.rollback()
     (inserted,) = await asyncio.wait_for(submit, 10)
@@ -272,23 +281,6 @@ async def test_a_lent_claim_leaves_before_the_wal_flush_and_its_submit_is_answer
         rows = conn.execute(sql.SQL("SELECT setting FROM {}.seen").format(
             sql.Identifier(a.schema))).fetchall()  # fmt: skip
     assert [row[0] for row in rows] == ["on", "off"]
-
-
-async def waiting_on_a_lock(schema: str, deadline: float = 10) -> None:
-    """Until a statement on ``schema``'s replicas row waits for a lock (polled, with a
-    deadline)."""
-    end = time.monotonic() + deadline
-    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
-        while time.monotonic() < end:
-            cursor = await conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE 'INSERT INTO replicas%%'"
-            )
-            row = await cursor.fetchone()
-            if row and row[0]:
-                return
-            await asyncio.sleep(0.02)  # polling a condition, with the deadline above
-    raise AssertionError("the durable commit never waited for the held row")
 
 
 def counted(schema: str) -> tuple[dict[JobStatus, int], dict[Lane, int]]:
