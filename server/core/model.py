@@ -222,3 +222,15 @@ class Job:
     def __post_init__(self) -> None:
         self.key = self.spec.dedup_key()
         self.kind = self.spec.kind
+
+    def copy(self) -> Job:
+        """A job the state machine can change without touching this one (it appends to the
+        history and sets fields); field by field, several times faster than ``copy.copy``."""
+        clone = object.__new__(Job)
+        for name in _JOB_FIELDS:
+            setattr(clone, name, getattr(self, name))
+        clone.history = list(self.history)
+        return clone
+
+
+_JOB_FIELDS: tuple[str, ...] = Job.__slots__

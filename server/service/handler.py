@@ -123,6 +123,7 @@ class Handler:
         self.sessions.runs = self.runs
         self.dispatch.assigned = self.runs.assigned
         self.runs.on_result = self.completion.submit
+        self.runs.process_now = self.completion.process_now
         # Scan once, match many (rematch.py): the newest database the scanners reported,
         # results reused by digest, stored SBOMs matched again.
         self.databases = DatabaseWatch()

@@ -28,7 +28,7 @@ from server.service.events import Subscription
 from server.service.sessions import RejectMessage, ScannerRegistry
 from server.service.summaries import summarize
 from server.service.transitions import Transitions
-from server.storage.repository import INLINE_RESULT_BYTES, JobRepository
+from server.storage.repository import INLINE_RESULT_BYTES, RESULTS_STORED, JobRepository
 
 log = structlog.get_logger("imagehandler.results")
 
@@ -300,6 +300,28 @@ class Completion:
         accepted = acceptances.accepted_for(job, datetime.now(UTC)) if acceptances.by_id else set()
         return job.result, accepted
 
+    def process_now(
+        self, job: Job, result: common_pb2.ScanResult
+    ) -> common_pb2.ResultSummary | None:
+        """The summary of a small result, processed as it arrives when no other result waits
+        for a worker (so results still finish in arrival order) and no receiving server
+        waits for it: the job can go to FINISHED in the same write as PROCESSING_RESULTS.
+        None: the result goes the long way (a worker, then FINISHED or ERROR), as a large,
+        rejected or delivered one does."""
+        if (
+            self.deliver is not None
+            or self.pipeline.backlog
+            or result.ByteSize() > INLINE_PROCESS_BYTES
+        ):
+            return None
+        acceptances = self._acceptances
+        accepted = acceptances.accepted_for(job, datetime.now(UTC)) if acceptances.by_id else set()
+        try:
+            processed = process(job.id, result, self.pipeline.policy, accepted, self._repository)
+        except Exception:  # the long way rejects it, or logs what failed
+            return None
+        return processed.summary
+
     async def _finish(self, job: Job, outcome: Processed | HandlerError) -> None:
         self._request_dispatch()  # the backlog shrank: held-back assignments may go
         if job.status is not JobStatus.PROCESSING_RESULTS:
@@ -327,7 +349,7 @@ class Completion:
             job.id,
             JobStatus.FINISHED,
             expect=PROCESSING,
-            reason="results stored",
+            reason=RESULTS_STORED,
             summary=outcome.summary,
         )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 
 import structlog
 
@@ -23,7 +24,7 @@ from server.scheduling.timers import BucketTimers
 from server.service.background import Background
 from server.service.sessions import CancelRun, RejectMessage, ScannerRegistry, ScannerSession
 from server.service.transitions import Transitions
-from server.storage.repository import JobRepository, Moved
+from server.storage.repository import RESULT_RECEIVED, JobRepository, Moved
 
 log = structlog.get_logger("imagehandler")
 
@@ -57,6 +58,10 @@ class RunSupervisor:
         self._timers: BucketTimers[Job] = BucketTimers(asyncio.get_running_loop, self._on_run_timer)
         # A result arrived: the result pipeline takes the job (set by the handler).
         self.on_result: Callable[[Job], None] = lambda job: None
+        # A small result's summary when it can be processed as it arrives (Completion's
+        # process_now); None: it goes to the result workers.
+        self.process_now: Callable[[Job, common_pb2.ScanResult], common_pb2.ResultSummary | None]
+        self.process_now = lambda job, result: None
 
     def stop(self) -> None:
         self._timers.clear()
@@ -123,16 +128,25 @@ class RunSupervisor:
             return
         self.release(job_id, session)
         session.jobs_finished += 1
-        moved = await self._transitions.move(
-            job_id,
-            JobStatus.PROCESSING_RESULTS,
-            expect=IN_PROGRESS,
-            run=job.runs,
-            reason="result received",
-            result=result,
-        )
-        if moved is not None:
-            self.on_result(moved.job)
+        received_at = datetime.now(UTC)
+        summary = self.process_now(job, result)
+        if summary is not None:
+            moves = await self._transitions.settle(
+                job_id, run=job.runs, result=result, received_at=received_at, summary=summary
+            )
+            if len(moves) == 1:  # received, not stored (cannot happen in one write): go on
+                self.on_result(moves[0].job)
+        else:
+            moved = await self._transitions.move(
+                job_id,
+                JobStatus.PROCESSING_RESULTS,
+                expect=IN_PROGRESS,
+                run=job.runs,
+                reason=RESULT_RECEIVED,
+                result=result,
+            )
+            if moved is not None:
+                self.on_result(moved.job)
         self._request_dispatch()
 
     async def failure(self, session: ScannerSession, job_id: str, failure: RunFailure) -> None:

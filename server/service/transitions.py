@@ -88,3 +88,26 @@ class Transitions:
         if moved is not None:
             self.moved(moved)
         return moved
+
+    async def settle(
+        self,
+        job_id: str,
+        *,
+        run: int,
+        result: Any,
+        received_at: datetime,
+        summary: Any,
+    ) -> list[Moved]:
+        """A result processed as it arrived: PROCESSING_RESULTS and FINISHED in one write
+        (the repository's ``settle``), each move published as :meth:`move` does."""
+        moves = await self._repository.settle(
+            job_id,
+            run=run,
+            result=result,
+            received_at=received_at,
+            summary=summary,
+            stored_at=datetime.now(UTC),
+        )
+        for moved in moves:
+            self.moved(moved)
+        return moves

@@ -29,6 +29,8 @@ from server.core.model import Job, JobFailure, JobSpec, JobStatus, Lane, Transit
 from server.scheduling.queue import JobQueue
 from server.storage.repository import (
     INLINE_RESULT_BYTES,
+    RESULT_RECEIVED,
+    RESULTS_STORED,
     Claimed,
     Counts,
     Demand,
@@ -429,6 +431,26 @@ class MemoryRepository:
         if to_status is JobStatus.PENDING:
             self.queue.push(job)
         return moved
+
+    async def settle(
+        self,
+        job_id: str,
+        *,
+        run: int,
+        result: Any,
+        received_at: datetime,
+        summary: Any,
+        stored_at: datetime,
+    ) -> list[Moved]:
+        job = self.jobs.get(job_id)
+        if job is None or job.status is not JobStatus.IN_PROGRESS or job.runs != run:
+            return []
+        received = self._moved(
+            job, JobStatus.PROCESSING_RESULTS, received_at, RESULT_RECEIVED, result=result
+        )
+        received = Moved(job.copy(), received.transition)  # its event shows the job then
+        stored = self._moved(job, JobStatus.FINISHED, stored_at, RESULTS_STORED, summary=summary)
+        return [received, stored]
 
     def _moved(
         self,

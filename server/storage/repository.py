@@ -39,6 +39,9 @@ from server.core.model import (
 # A result up to this size is kept with its job's move to PROCESSING_RESULTS; a larger one the
 # result workers keep apart with ``write_result`` (a crash before that runs the job again).
 INLINE_RESULT_BYTES = 64 * 1024
+# The reasons of a result's two moves, as its history shows them (settle() writes both).
+RESULT_RECEIVED = "result received"
+RESULTS_STORED = "results stored"
 
 
 class StorageError(HandlerError):
@@ -265,6 +268,22 @@ class JobRepository(Protocol):
         run); None otherwise. A move to PENDING puts the job back at its place in the queue.
         ``result`` (a ScanResult) is kept with a move to PROCESSING_RESULTS, ``summary`` (a
         ResultSummary) with a move to FINISHED or ERROR."""
+        ...
+
+    async def settle(
+        self,
+        job_id: str,
+        *,
+        run: int,
+        result: Any,
+        received_at: datetime,
+        summary: Any,
+        stored_at: datetime,
+    ) -> list[Moved]:
+        """A result processed as it arrived: the job, IN_PROGRESS in ``run``, moves to
+        PROCESSING_RESULTS with ``result`` and on to FINISHED with ``summary`` in one write
+        (both history entries; one row version instead of two on a database). The moves made,
+        in order: both, or none when the job is not in that run any more."""
         ...
 
     # ----- results, deliveries, verdicts, acceptances ----------------------------------------

@@ -247,6 +247,45 @@ async def test_a_result_and_its_summary_are_kept_with_their_moves(repo: JobRepos
     assert done.job.status is S.FINISHED
 
 
+async def test_a_result_settled_on_arrival_takes_both_moves_in_one_write(
+    backend: Backend,
+) -> None:
+    repo = await backend.make()
+    (job_id,) = await insert(repo, spec("a"))
+    (claimed,) = await repo.claim([demand("s1")], at=now())
+    run = claimed.moved.job.runs
+    result = common_pb2.ScanResult(job_id=job_id, verdict=common_pb2.VERDICT_PASSED)
+    summary = common_pb2.ResultSummary(verdict=common_pb2.VERDICT_PASSED)
+    received_at = now()
+    assert await repo.settle(job_id, run=run + 1, result=result, received_at=received_at,
+                             summary=summary, stored_at=now()) == []  # fmt: skip
+    moves = await repo.settle(job_id, run=run, result=result, received_at=received_at,
+                              summary=summary, stored_at=now())  # fmt: skip
+    assert [(m.transition.from_status, m.transition.to_status) for m in moves] == [
+        (S.IN_PROGRESS, S.PROCESSING_RESULTS),
+        (S.PROCESSING_RESULTS, S.FINISHED),
+    ]
+    # The first move's job is the job as that move left it (its event shows it so).
+    assert moves[0].job.status is S.PROCESSING_RESULTS
+    assert moves[0].job.finished_at is None
+    assert moves[0].transition.at == received_at
+    assert moves[1].job.status is S.FINISHED
+    # Nothing is left to settle twice.
+    assert await repo.settle(job_id, run=run, result=result, received_at=now(),
+                             summary=summary, stored_at=now()) == []  # fmt: skip
+    await repo.commit()
+    if backend.durable:
+        await repo.close()
+        repo = await backend.make()
+    job = await repo.get(job_id)
+    assert job is not None
+    assert job.status is S.FINISHED
+    assert [t.to_status for t in job.history][-2:] == [S.PROCESSING_RESULTS, S.FINISHED]
+    assert (job.result, job.result_summary) == (result, summary)
+    assert (await repo.counts()).by_status.get(S.FINISHED) == 1
+    assert await repo.latest_finished(job.key) is not None
+
+
 # ----- reading -----------------------------------------------------------------------------
 
 

@@ -14,7 +14,18 @@ import pytest
 from psycopg import sql
 
 from imagehandler.errors import HandlerError
-from server.core.model import ImageRef, JobSpec, JobStatus, Lane, ObjectKind, Policy, Trigger
+from imagehandler.v1 import common_pb2
+from server.core.model import (
+    ImageRef,
+    Job,
+    JobSpec,
+    JobStatus,
+    Lane,
+    ObjectKind,
+    Policy,
+    Transition,
+    Trigger,
+)
 from server.storage.postgres import PostgresRepository, migrations
 from server.storage.repository import Claimed, Demand, JobFilter
 from tests.postgres import DATABASE_URL, drop_schema, new_schema_name
@@ -411,3 +422,41 @@ async def test_positions_count_the_queue_as_every_replica_left_it(
     # A later page (as ListJobs asks it): only what is still queued ahead counts.
     assert await b.positions(bulk[3:5]) == [3, 4]
     assert await b.positions([bulk[1], bulk[2], bulk[5]]) == [0, 2, 5]
+
+
+async def test_a_settled_result_is_one_row_version_and_the_other_replica_hears_both_moves(
+    pair: tuple[PostgresRepository, PostgresRepository],
+) -> None:
+    a, b = pair
+    heard: list[JobStatus] = []
+    both = asyncio.Event()
+
+    def moved(job: Job, transition: Transition) -> None:
+        if transition.to_status in (JobStatus.PROCESSING_RESULTS, JobStatus.FINISHED):
+            heard.append(transition.to_status)  # not the insert's or the claim's
+        if len(heard) == 2:
+            both.set()
+
+    b.subscribe(work=lambda: None, moved=moved, listened=lambda i: True, held=list)
+    await listening(b)
+    (inserted,) = await a.insert_many([spec("settled")], at=datetime.now(UTC))
+    (claimed,) = await a.claim([Demand("s1", ALL, 1)], at=datetime.now(UTC))
+    job_id = inserted.job.id
+    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
+        query = sql.SQL("SELECT version FROM {}.jobs WHERE id = %s").format(
+            sql.Identifier(a.schema)
+        )
+        before = await (await conn.execute(query, (job_id,))).fetchone()
+        summary = common_pb2.ResultSummary(verdict=common_pb2.VERDICT_PASSED)
+        moves = await a.settle(job_id, run=claimed.moved.job.runs,
+                               result=common_pb2.ScanResult(job_id=job_id), summary=summary,
+                               received_at=datetime.now(UTC), stored_at=datetime.now(UTC))  # fmt: skip
+        assert len(moves) == 2
+        after = await (await conn.execute(query, (job_id,))).fetchone()
+    assert before is not None
+    assert after is not None
+    assert after[0] == before[0] + 1, "PROCESSING_RESULTS and FINISHED are one row version"
+    async with asyncio.timeout(10):
+        await both.wait()
+    # B publishes both moves for its watchers, in order.
+    assert heard == [JobStatus.PROCESSING_RESULTS, JobStatus.FINISHED]

@@ -47,6 +47,8 @@ from server.storage.embedded import codec
 from server.storage.postgres import migrations
 from server.storage.repository import (
     INLINE_RESULT_BYTES,
+    RESULT_RECEIVED,
+    RESULTS_STORED,
     Claimed,
     Counts,
     Demand,
@@ -63,6 +65,8 @@ log = structlog.get_logger("imagehandler.storage")
 S = JobStatus
 STATUS = {m.value: m for m in JobStatus}
 _HELD = (S.IN_PROGRESS.value, S.PROCESSING_RESULTS.value)
+_IN_PROGRESS = frozenset({S.IN_PROGRESS})
+_PROCESSING = frozenset({S.PROCESSING_RESULTS})
 # A claim statement hands out at most this many jobs: its NOTIFY payload (job ids) must stay
 # under PostgreSQL's 8000 bytes.
 CLAIM_CHUNK = 150
@@ -148,19 +152,6 @@ def _job(row: Row, queued: tuple[JobSpec, datetime] | None = None) -> tuple[Job,
     job.result_in_file = row[13]
     job.delivered, job.verdict_version, job.verdict_delivered = row[14], row[15], row[16]
     return job, row[17]
-
-
-_JOB_FIELDS = Job.__slots__
-
-
-def _copy(job: Job) -> Job:
-    """A job the state machine can change without touching ``job`` (it appends to the
-    history and sets fields); field by field, several times faster than ``copy.copy``."""
-    clone = object.__new__(Job)
-    for name in _JOB_FIELDS:
-        setattr(clone, name, getattr(job, name))
-    clone.history = list(job.history)
-    return clone
 
 
 def dedup_key(spec: JobSpec) -> str:
@@ -579,12 +570,19 @@ class PostgresRepository:
         replica, _, items = payload.partition(" ")
         if replica == self.replica or not items:
             return
-        wanted: dict[str, int] = {}
+        # job id -> (first, last) history entries to publish, counted from 1: an item is
+        # ``id:length`` or ``id:length:added`` (a write that added more than one entry).
+        wanted: dict[str, tuple[int, int]] = {}
         listened = self._listened
         for item in items.split(","):
-            job_id, _, length = item.partition(":")
+            job_id, _, rest = item.partition(":")
             if listened(job_id):
-                wanted[job_id] = max(wanted.get(job_id, 0), int(length))
+                length, _, added = rest.partition(":")
+                last = int(length)
+                first = last - int(added or 1) + 1
+                if job_id in wanted:
+                    first, last = min(first, wanted[job_id][0]), max(last, wanted[job_id][1])
+                wanted[job_id] = (first, last)
         if not wanted:
             return
         try:
@@ -598,9 +596,10 @@ class PostgresRepository:
             return
         for row in rows:
             job, _ = _job(row)
-            upto = wanted[job.id]
-            if 0 < upto <= len(job.history):
-                self._on_moved(job, job.history[upto - 1])
+            first, last = wanted[job.id]
+            if 0 < last <= len(job.history):
+                for transition in job.history[max(first, 1) - 1 : last]:
+                    self._on_moved(job, transition)
 
     def _moves_payload(self, jobs: Sequence[tuple[str, int]]) -> list[str]:
         """``<replica> id:length,...`` in pieces under the NOTIFY payload limit."""
@@ -1129,7 +1128,7 @@ class PostgresRepository:
         specs = self._queued_specs
         for row in sorted(rows, key=lambda r: r[0]):
             job, version = _job(row[2:-2], specs.pop(row[2], None))
-            self._known[job.id] = (_copy(job), version)
+            self._known[job.id] = (job.copy(), version)
             out.append(Claimed(row[1], Moved(job, job.history[-1])))
         return out
 
@@ -1156,6 +1155,31 @@ class PostgresRepository:
         )  # fmt: skip
         self._moves.add(request)
         return await request.done
+
+    async def settle(
+        self,
+        job_id: str,
+        *,
+        run: int,
+        result: Any,
+        received_at: datetime,
+        summary: Any,
+        stored_at: datetime,
+    ) -> list[Moved]:
+        """Both moves in the same batch of moves: one change of the row, one version."""
+        loop = asyncio.get_running_loop()
+        received = _MoveRequest(
+            job_id, S.PROCESSING_RESULTS, _IN_PROGRESS, run, received_at, RESULT_RECEIVED, "",
+            None, result, None, loop.create_future(),
+        )  # fmt: skip
+        stored = _MoveRequest(
+            job_id, S.FINISHED, _PROCESSING, run, stored_at, RESULTS_STORED, "", None, None,
+            summary, loop.create_future(), follows=True,
+        )  # fmt: skip
+        self._moves.add(received)
+        self._moves.add(stored)
+        moves = await asyncio.gather(received.done, stored.done)
+        return [moved for moved in moves if moved is not None]
 
     async def _run_moves(self, batch: list[_MoveRequest]) -> None:
         try:
@@ -1237,7 +1261,9 @@ class PostgresRepository:
                     if r.summary is not None:
                         job.result_summary = r.summary
                         change.summary = r.summary.SerializeToString()
-                    outcomes[i] = Moved(job, transition)
+                    follower = i + 1 < len(batch) and batch[i + 1].follows
+                    # settle()'s first move: its event shows the job as that move left it.
+                    outcomes[i] = Moved(job.copy() if follower else job, transition)
                 changes = sorted(changed.values(), key=lambda change: change.job.id)
                 written: set[str] = set()
                 for start in range(0, len(changes), CLAIM_CHUNK):
@@ -1256,12 +1282,13 @@ class PostgresRepository:
         move it refuses, or that finds another status, is decided on a fresh read instead."""
         asked: dict[str, int] = {}
         for i in todo:
-            asked[batch[i].job_id] = asked.get(batch[i].job_id, 0) + 1
+            if not batch[i].follows:
+                asked[batch[i].job_id] = asked.get(batch[i].job_id, 0) + 1
         out: dict[str, tuple[Job, int]] = {}
         for i in todo:
             r = batch[i]
             known = self._known.get(r.job_id)
-            if known is None or asked[r.job_id] > 1:
+            if known is None or r.follows or asked[r.job_id] > 1:
                 continue
             job = known[0]
             if (
@@ -1282,7 +1309,7 @@ class PostgresRepository:
             if job.id not in written or job.status.value not in _HELD:
                 self._known.pop(job.id, None)
                 continue
-            row = _copy(job)
+            row = job.copy()
             if change.result is None:
                 row.result = change.stored_result  # what a read finds: not a large result
             self._known[job.id] = (row, change.version + 1)
@@ -1319,13 +1346,15 @@ class PostgresRepository:
             "started_at timestamptz, finished_at timestamptz, added jsonb, result text, "
             "summary text, held bool, was smallint) "
             "WHERE j.id = u.id AND j.version = u.version "
-            "RETURNING j.id, j.status, j.lane, u.was, jsonb_array_length(j.history) AS n), "
+            "RETURNING j.id, j.status, j.lane, u.was, jsonb_array_length(j.history) AS n, "
+            "jsonb_array_length(u.added) AS k), "
             "counted AS (INSERT INTO job_counts (status, lane, n) "
             "SELECT d.status, w.lane, sum(d.n) FROM w, "
             "LATERAL (VALUES (w.status, 1), (w.was, -1)) AS d(status, n) "
             "GROUP BY d.status, w.lane HAVING sum(d.n) <> 0) "
             "SELECT w.id, w.status, "
-            "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':' || n, ',')) FROM w), "
+            "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':' || n || ':' || k, ',')) "
+            "FROM w), "
             "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM w WHERE status = 1 LIMIT 1) AS q) "
             "FROM w",
             (self.replica, self.replica, self.lease_seconds, orjson.dumps(documents).decode(),
@@ -1472,6 +1501,7 @@ class _MoveRequest:
     result: Any
     summary: Any
     done: asyncio.Future[Moved | None]
+    follows: bool = False  # the second of settle()'s moves: decided on the first one's row
 
 
 @dataclass(slots=True)
