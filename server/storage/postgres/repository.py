@@ -1178,8 +1178,14 @@ class PostgresRepository:
         )  # fmt: skip
         self._moves.add(received)
         self._moves.add(stored)
-        moves = await asyncio.gather(received.done, stored.done)
-        return [moved for moved in moves if moved is not None]
+        # One batch settles both futures in the same loop turn (no gather: a task per job).
+        try:
+            first = await received.done
+        finally:
+            if stored.done.done() and not stored.done.cancelled():
+                stored.done.exception()  # retrieved, so an error is not reported twice
+        second = await stored.done
+        return [moved for moved in (first, second) if moved is not None]
 
     async def _run_moves(self, batch: list[_MoveRequest]) -> None:
         try:
