@@ -164,6 +164,18 @@ def key_text(key: tuple[Any, ...]) -> str:
     return hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest()
 
 
+def _failed(waiters: Iterable[asyncio.Future[Any]], exc: BaseException) -> None:
+    """A batch's write did not finish: its waiters are cancelled with it (the store is
+    closing) or get its error."""
+    for waiter in waiters:
+        if waiter.done():
+            continue
+        if isinstance(exc, asyncio.CancelledError):
+            waiter.cancel()
+        else:
+            waiter.set_exception(exc)
+
+
 def unavailable(exc: BaseException) -> HandlerError:
     return HandlerError(
         Catalogue.SYSTEM_ERROR,
@@ -648,14 +660,11 @@ class PostgresRepository:
         claimed: list[Claimed] = []
         try:
             inserted = await self._insert_many(specs, ats, 0, demands, claimed)
-        except asyncio.CancelledError:
-            for request in batch:
-                request.done.cancel()
+        except asyncio.CancelledError as exc:
+            _failed((request.done for request in batch), exc)
             raise
         except Exception as exc:
-            for request in batch:
-                if not request.done.done():
-                    request.done.set_exception(exc)
+            _failed((request.done for request in batch), exc)
             return
         finally:
             if demands:
@@ -685,14 +694,11 @@ class PostgresRepository:
         The write is this replica's alive row, renewed as :meth:`_alive` does."""
         try:
             await self._alive()
-        except asyncio.CancelledError:
-            for done, _ in batch:
-                done.cancel()
+        except asyncio.CancelledError as exc:
+            _failed((done for done, _ in batch), exc)
             raise
         except Exception as exc:
-            for done, _ in batch:
-                if not done.done():
-                    done.set_exception(exc)
+            _failed((done for done, _ in batch), exc)
             return
         for done, value in batch:
             if not done.done():
@@ -1202,14 +1208,11 @@ class PostgresRepository:
                         raise
                     # A deadlock or serialization failure rolled everything back: again.
                     log.info("database.moves_retried", error=str(exc.__context__).strip())
-        except asyncio.CancelledError:
-            for request in batch:
-                request.done.cancel()
+        except asyncio.CancelledError as exc:
+            _failed((request.done for request in batch), exc)
             raise
         except Exception as exc:
-            for request in batch:
-                if not request.done.done():
-                    request.done.set_exception(exc)
+            _failed((request.done for request in batch), exc)
             return
         for request, outcome in zip(batch, outcomes, strict=True):
             if request.done.done():
