@@ -160,7 +160,7 @@ class Handler:
                 max_backoff=config.delivery_max_backoff,
                 on_failure=on_delivery_failure,
                 load_result=self.completion.load_result,
-                position=self._position_now,
+                position=self.position_now,
                 policy=self.policy,
             )
             self.completion.deliver = self.delivery.deliver_result
@@ -373,7 +373,8 @@ class Handler:
         """Each job's place in its lane as the store has it now (asks a shared database)."""
         return await self.repository.positions(jobs)
 
-    async def _position_now(self, job: Job) -> int:
+    async def position_now(self, job: Job) -> int:
+        """The job's place as the store has it now (asks a shared database)."""
         (position,) = await self.repository.positions([job])
         return position
 

@@ -296,9 +296,11 @@ class Completion:
     def _prepare(self, job: Job) -> tuple[common_pb2.ScanResult | None, set[str]]:
         """On the loop, for a worker: the result (None: read it from where it was kept) and
         the findings accepted for this job."""
+        return job.result, self._accepted(job)
+
+    def _accepted(self, job: Job) -> set[str]:
         acceptances = self._acceptances
-        accepted = acceptances.accepted_for(job, datetime.now(UTC)) if acceptances.by_id else set()
-        return job.result, accepted
+        return acceptances.accepted_for(job, datetime.now(UTC)) if acceptances.by_id else set()
 
     def process_now(
         self, job: Job, result: common_pb2.ScanResult
@@ -314,10 +316,10 @@ class Completion:
             or result.ByteSize() > INLINE_PROCESS_BYTES
         ):
             return None
-        acceptances = self._acceptances
-        accepted = acceptances.accepted_for(job, datetime.now(UTC)) if acceptances.by_id else set()
         try:
-            processed = process(job.id, result, self.pipeline.policy, accepted, self._repository)
+            processed = process(
+                job.id, result, self.pipeline.policy, self._accepted(job), self._repository
+            )
         except Exception:  # the long way rejects it, or logs what failed
             return None
         return processed.summary

@@ -117,6 +117,8 @@ _STATUS = operator.attrgetter("status")
 _KEY = operator.attrgetter("key")
 _IDEMPOTENCY_KEY = operator.attrgetter("spec.idempotency_key")
 
+_IN_PROGRESS = frozenset({JobStatus.IN_PROGRESS})
+
 
 class MemoryRepository:
     """The job repository in memory. With ``log`` every change is also journaled."""
@@ -442,12 +444,13 @@ class MemoryRepository:
         summary: Any,
         stored_at: datetime,
     ) -> list[Moved]:
-        job = self.jobs.get(job_id)
-        if job is None or job.status is not JobStatus.IN_PROGRESS or job.runs != run:
+        received = await self.move(
+            job_id, JobStatus.PROCESSING_RESULTS, expect=_IN_PROGRESS, run=run, at=received_at,
+            reason=RESULT_RECEIVED, result=result,
+        )  # fmt: skip
+        if received is None:
             return []
-        received = self._moved(
-            job, JobStatus.PROCESSING_RESULTS, received_at, RESULT_RECEIVED, result=result
-        )
+        job = received.job
         received = Moved(job.copy(), received.transition)  # its event shows the job then
         stored = self._moved(job, JobStatus.FINISHED, stored_at, RESULTS_STORED, summary=summary)
         return [received, stored]

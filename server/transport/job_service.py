@@ -327,7 +327,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     ) -> job_service_pb2.GetJobResponse:
         job = await self.handler.get(request.job_id)
         full = request.view == job_service_pb2.JOB_VIEW_FULL
-        (position,) = await self.handler.positions([job])
+        position = await self.handler.position_now(job)
         message = self._job(job, history=full, full_result=full, position=position)
         if full and job.result is None and job.result_in_file:
             result = await self.handler.load_result(job)
