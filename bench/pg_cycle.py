@@ -1,0 +1,112 @@
+"""The PostgreSQL store's own cost per job, without gRPC, scanners or a handler: the database's
+CPU (every ``postgres`` process) and this process's, for the store's cycle of a job as the
+batched end-to-end run drives it: an insert of 100 jobs, one claim of the 100, a settle of each
+(PROCESSING_RESULTS and FINISHED in one write), the settles of a batch at once.
+
+It measures one change to the schema or the statements with far less noise than the end to end
+runs, where the scanners and the submitter share the cores: run it on two trees, alternating,
+and compare the medians.
+
+    .venv/bin/python -m bench.pg_cycle --jobs 30000 --rounds 5
+    .venv/bin/python -m bench.pg_cycle --receiver   # as a replica with a receiving server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from bench import peers, postgres_side
+from bench.common import cpu_seconds
+from bench.profile import _postgres_cpu
+from imagehandler.v1 import common_pb2
+from server.core.model import ImageRef, JobSpec, Lane, ObjectKind, Policy, Trigger
+from server.storage.postgres import PostgresRepository
+from server.storage.repository import Demand
+
+BATCH = 100
+ALL = frozenset(ObjectKind)
+
+
+@dataclass
+class CycleResult:
+    jobs: int
+    seconds: float
+    database_us_per_job: float
+    client_us_per_job: float
+
+
+def _spec(tag: str) -> JobSpec:
+    return JobSpec(
+        ImageRef("docker.io", "library/app", tag),
+        Trigger.MANUAL,
+        (Policy.VULNERABILITIES,),
+        600.0,
+        Lane.BULK,
+        "",
+    )
+
+
+async def cycle(jobs: int, *, receiver: bool) -> CycleResult:
+    schema = f"bench_{secrets.token_hex(4)}"
+    store = PostgresRepository(peers.database_url(), schema=schema, delivers=receiver)
+    await store.open()
+    summary = common_pb2.ResultSummary(verdict=common_pb2.VERDICT_PASSED)
+    try:
+        database, client, started = _postgres_cpu(), cpu_seconds(os.getpid()), time.perf_counter()
+        done = 0
+        for start in range(0, jobs, BATCH):
+            specs = [_spec(f"c{n}") for n in range(start, min(jobs, start + BATCH))]
+            await store.insert_many(specs, at=datetime.now(UTC))
+            claimed = await store.claim([Demand("s1", ALL, len(specs))], at=datetime.now(UTC))
+            at = datetime.now(UTC)
+            await asyncio.gather(*(
+                store.settle(
+                    item.moved.job.id, run=item.moved.job.runs,
+                    result=common_pb2.ScanResult(job_id=item.moved.job.id),
+                    received_at=at, summary=summary, stored_at=at,
+                )
+                for item in claimed
+            ))  # fmt: skip
+            done += len(claimed)
+        seconds = time.perf_counter() - started
+        database = _postgres_cpu() - database
+        client = cpu_seconds(os.getpid()) - client
+    finally:
+        await store.close()
+        postgres_side.drop(schema)
+    return CycleResult(done, seconds, database / done * 1e6, client / done * 1e6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=30_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--receiver", action="store_true", help="as a replica with a receiving server"
+    )
+    args = parser.parse_args()
+    results = []
+    for _ in range(args.rounds):
+        result = asyncio.run(cycle(args.jobs, receiver=args.receiver))
+        results.append(result)
+        print(f"  {result.jobs} jobs: database {result.database_us_per_job:4.0f} us/job, "
+              f"client {result.client_us_per_job:4.0f} us/job, "
+              f"{result.jobs / result.seconds:6,.0f} jobs/s", flush=True)  # fmt: skip
+    print(f"  median: database {statistics.median(r.database_us_per_job for r in results):.0f}"
+          f" us/job, client {statistics.median(r.client_us_per_job for r in results):.0f}"
+          " us/job")  # fmt: skip
+    print(json.dumps([asdict(r) for r in results], indent=1))
+
+
+if __name__ == "__main__":
+    main()
