@@ -239,6 +239,8 @@ def open_postgres(config: Config) -> JobRepository:
         schema=config.database_schema,
         interactive_share=config.interactive_share,
         lease_seconds=config.lease_seconds,
+        # Without a receiving server this replica's changes are owed to no one.
+        delivers=bool(config.receiver_url),
     )
 
 

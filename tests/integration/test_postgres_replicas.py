@@ -460,3 +460,26 @@ async def test_a_settled_result_is_one_row_version_and_the_other_replica_hears_b
         await both.wait()
     # B publishes both moves for its watchers, in order.
     assert heard == [JobStatus.PROCESSING_RESULTS, JobStatus.FINISHED]
+
+
+async def test_what_a_replica_without_a_receiver_changed_is_owed_to_no_one() -> None:
+    """A replica with no receiving server records no deliverer: once it and a delivering
+    replica are gone, a replica that delivers adopts what the delivering one left owed, even
+    after the other moved it, and nothing the other alone changed."""
+    schema = new_schema_name()
+    quiet = PostgresRepository(DATABASE_URL, schema=schema, replica="quiet", delivers=False)
+    gone = PostgresRepository(DATABASE_URL, schema=schema, replica="gone")
+    heir = PostgresRepository(DATABASE_URL, schema=schema, replica="heir")
+    for repository in (quiet, gone, heir):
+        await repository.open()
+    try:
+        (silent,) = await quiet.insert_many([spec("silent")], at=datetime.now(UTC))
+        (owed,) = await gone.insert_many([spec("owed")], at=datetime.now(UTC))
+        claimed = await quiet.claim([Demand("s1", ALL, 2)], at=datetime.now(UTC))
+        assert {item.moved.job.id for item in claimed} == {silent.job.id, owed.job.id}
+        await quiet.close()
+        await gone.close()  # its replicas row goes: what it owed is an orphan now
+        assert await heir.orphaned_deliveries() == [owed.job.id]
+    finally:
+        await heir.close()
+        drop_schema(schema)

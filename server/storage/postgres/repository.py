@@ -213,12 +213,18 @@ class PostgresRepository:
         pool_size: int = 10,
         connect_timeout: float = 5.0,
         replica: str = "",
+        delivers: bool = True,
     ) -> None:
         self.url = url
         self.schema = schema
         self.interactive_share = interactive_share
         self.lease_seconds = lease_seconds
         self.replica = replica or secrets.token_hex(8)
+        # What each write records as the job's deliverer: this replica when it has a
+        # receiving server, else NULL (a new job) or whoever it was (a change). A change made
+        # with no receiver anywhere is owed to no one, and keeps its row out of jobs_owing:
+        # three index entries a job fewer when no receiver is configured.
+        self._deliverer = self.replica if delivers else None
         self.connect_timeout = connect_timeout
         self._channel = f"ih_{hashlib.blake2b(schema.encode(), digest_size=6).hexdigest()}"
         kwargs: dict[str, Any] = {
@@ -452,9 +458,9 @@ class PostgresRepository:
         async with self._conn() as conn:
             cursor = await conn.execute(
                 "WITH x AS (SELECT id FROM jobs AS j "
-                "WHERE (delivered < jsonb_array_length(history) "
+                "WHERE deliverer IS NOT NULL AND (delivered < jsonb_array_length(history) "
                 "OR verdict_delivered < verdict_version) "
-                "AND deliverer IS DISTINCT FROM %(me)s AND NOT EXISTS (SELECT 1 FROM replicas "
+                "AND deliverer <> %(me)s AND NOT EXISTS (SELECT 1 FROM replicas "
                 "AS r WHERE r.id = j.deliverer AND r.alive_until >= now()) "
                 "ORDER BY seq LIMIT 1000 FOR UPDATE SKIP LOCKED) "
                 "UPDATE jobs AS j SET deliverer = %(me)s FROM x WHERE j.id = x.id RETURNING j.id",
@@ -932,7 +938,7 @@ class PostgresRepository:
             "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM ins LIMIT 1) AS any_row), "
             "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':1', ',')) FROM ins) FROM ins",
             (
-                self.replica,
+                self._deliverer,
                 orjson.dumps(documents).decode(),
                 self._channel + "_work",
                 self.replica,
@@ -1116,6 +1122,7 @@ class PostgresRepository:
             "wi": 1.0 / share,
             "wb": 1.0 / (1.0 - share) if share < 1 else 1e12,
             "replica": self.replica,
+            "deliverer": self._deliverer,
             "lease": self.lease_seconds,
             "at": at,
             "micros": _micros(at),
@@ -1347,7 +1354,7 @@ class PostgresRepository:
             "history = j.history || u.added, "
             "result = CASE WHEN u.result IS NULL THEN j.result ELSE decode(u.result, 'hex') END, "
             "summary = coalesce(decode(u.summary, 'hex'), j.summary), "
-            "replica = CASE WHEN u.held THEN %s END, deliverer = %s, "
+            "replica = CASE WHEN u.held THEN %s END, deliverer = coalesce(%s, j.deliverer), "
             "lease_until = CASE WHEN u.held THEN now() + %s * interval '1 second' END, "
             "version = j.version + 1 "
             "FROM jsonb_to_recordset(%s::jsonb) AS u(id text, version int, status smallint, "
@@ -1366,7 +1373,7 @@ class PostgresRepository:
             "FROM w), "
             "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM w WHERE status = 1 LIMIT 1) AS q) "
             "FROM w",
-            (self.replica, self.replica, self.lease_seconds, orjson.dumps(documents).decode(),
+            (self.replica, self._deliverer, self.lease_seconds, orjson.dumps(documents).decode(),
              self._channel + "_moves", self.replica, self._channel + "_work", self.replica),
         )  # fmt: skip
         rows = await cursor.fetchall()
@@ -1408,10 +1415,11 @@ class PostgresRepository:
         summary = job.result_summary.SerializeToString() if job.result_summary is not None else None
         async with self._conn() as conn:
             await conn.execute(
-                "UPDATE jobs SET summary = coalesce(%s, summary), deliverer = %s, "
+                "UPDATE jobs SET summary = coalesce(%s, summary), "
+                "deliverer = coalesce(%s, deliverer), "
                 "verdict_version = greatest(verdict_version, %s), version = version + 1 "
                 "WHERE id = %s",
-                (summary, self.replica, job.verdict_version, job.id),
+                (summary, self._deliverer, job.verdict_version, job.id),
             )
         self._known.pop(job.id, None)
 
@@ -1572,7 +1580,7 @@ picked AS (
 claimed AS (
     UPDATE jobs AS j SET
         status = 2, runs = j.runs + 1, scanner_id = picked.name, replica = %(replica)s,
-        deliverer = %(replica)s,
+        deliverer = coalesce(%(deliverer)s, j.deliverer),
         lease_until = now() + %(lease)s * interval '1 second',
         started_at = %(at)s, updated_at = %(at)s, version = j.version + 1,
         history = j.history || jsonb_build_array(jsonb_build_array(
