@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 
 from bench import peers, postgres_side
 from bench.common import cpu_seconds
-from bench.profile import _postgres_cpu
+from bench.profile import postgres_cpu
 from imagehandler.v1 import common_pb2
 from server.core.model import ImageRef, JobSpec, Lane, ObjectKind, Policy, Trigger
 from server.storage.postgres import PostgresRepository
@@ -60,7 +60,7 @@ async def cycle(jobs: int, *, receiver: bool) -> CycleResult:
     await store.open()
     summary = common_pb2.ResultSummary(verdict=common_pb2.VERDICT_PASSED)
     try:
-        database, client, started = _postgres_cpu(), cpu_seconds(os.getpid()), time.perf_counter()
+        database, client, started = postgres_cpu(), cpu_seconds(os.getpid()), time.perf_counter()
         done = 0
         for start in range(0, jobs, BATCH):
             specs = [_spec(f"c{n}") for n in range(start, min(jobs, start + BATCH))]
@@ -77,7 +77,7 @@ async def cycle(jobs: int, *, receiver: bool) -> CycleResult:
             ))  # fmt: skip
             done += len(claimed)
         seconds = time.perf_counter() - started
-        database = _postgres_cpu() - database
+        database = postgres_cpu() - database
         client = cpu_seconds(os.getpid()) - client
     finally:
         await store.close()

@@ -138,9 +138,9 @@ def main() -> None:
             spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(1.0)  # let py-spy attach
             commits = _commits() if schema else 0
-            cpu, database_cpu = cpu_seconds(handler.pid), _postgres_cpu()
+            cpu, database_cpu = cpu_seconds(handler.pid), postgres_cpu()
             seconds, _, errors = asyncio.run(run_once(handler.address, args.jobs, args.mode, "p-"))
-            cpu, database_cpu = cpu_seconds(handler.pid) - cpu, _postgres_cpu() - database_cpu
+            cpu, database_cpu = cpu_seconds(handler.pid) - cpu, postgres_cpu() - database_cpu
             commits = _commits() - commits if schema else 0
             spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
             _, err = spy.communicate(timeout=60)
@@ -170,7 +170,7 @@ def main() -> None:
                 postgres_side.drop(schema)
 
 
-def _postgres_cpu() -> float:
+def postgres_cpu() -> float:
     """CPU seconds of every ``postgres`` process on this machine (its backends and writers)."""
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
