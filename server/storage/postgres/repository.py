@@ -26,7 +26,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import orjson
@@ -92,12 +92,6 @@ Row = tuple[Any, ...]
 OnWork = Callable[[], None]
 OnMoved = Callable[[Job, Transition], None]
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _micros(at: datetime) -> int:
-    return (at - _EPOCH) // timedelta(microseconds=1)
-
 
 def _failure(value: Any) -> JobFailure | None:
     return JobFailure(value[0], value[1], value[2]) if value else None
@@ -111,7 +105,7 @@ def _transition_json(t: Transition) -> list[Any]:
     return [
         t.from_status.value if t.from_status is not None else 0,
         t.to_status.value,
-        _micros(t.at),
+        codec.unix_micros(t.at),
         t.scanner_id,
         t.run,
         t.reason,
@@ -123,7 +117,7 @@ def _transition(value: list[Any]) -> Transition:
     return Transition(
         STATUS[value[0]] if value[0] else None,
         STATUS[value[1]],
-        _EPOCH + timedelta(microseconds=value[2]),
+        codec.from_unix_micros(value[2]),
         value[3],
         value[4],
         value[5],
@@ -1125,7 +1119,7 @@ class PostgresRepository:
             "deliverer": self._deliverer,
             "lease": self.lease_seconds,
             "at": at,
-            "micros": _micros(at),
+            "micros": codec.unix_micros(at),
             "channel": self._channel + "_moves",
             "work": self._channel + "_work",
         }
