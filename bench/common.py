@@ -26,6 +26,7 @@ from imagehandler.v1 import (
     job_service_pb2,
     job_service_pb2_grpc,
 )
+from server.core.model import ImageRef, JobSpec, Lane, Policy, Trigger
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,6 +61,17 @@ def cpu_seconds(pid: int) -> float:
         fields = stat.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def image_spec(tag: str) -> JobSpec:
+    """A distinct image's spec, for the benches that call the service or a store directly."""
+    return JobSpec(
+        ImageRef("docker.io", "library/app", tag),
+        Trigger.SCHEDULED,
+        (Policy.VULNERABILITIES,),
+        600.0,
+        Lane.BULK,
+    )
 
 
 def image_request(n: int, prefix: str = "b") -> job_service_pb2.SubmitJobRequest:

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import grpc
 
-from bench.common import free_port, wait_serving
+from bench.common import free_port, image_spec, wait_serving
 from imagehandler.v1 import job_service_pb2, job_service_pb2_grpc
-from server.core.model import ImageRef, JobSpec, Lane, Policy, Trigger
 from server.observability import logs
 from server.storage.embedded import EmbeddedRepository
 from server.storage.embedded.journal import FsyncPolicy
@@ -83,16 +82,7 @@ async def fill_and_snapshot(directory: Path, count: int) -> dict[str, float]:
     await repository.open()
     started = time.perf_counter()
     for start in range(0, count, 10_000):
-        specs = [
-            JobSpec(
-                ImageRef("docker.io", "library/app", f"v{n}"),
-                Trigger.SCHEDULED,
-                (Policy.VULNERABILITIES,),
-                600.0,
-                Lane.BULK,
-            )
-            for n in range(start, min(count, start + 10_000))
-        ]
+        specs = [image_spec(f"v{n}") for n in range(start, min(count, start + 10_000))]
         await repository.insert_many(specs, at=datetime.now(UTC))
         await asyncio.sleep(0)
     fill_seconds = time.perf_counter() - started

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from bench import peers, postgres_side
-from bench.common import cpu_seconds
+from bench.common import cpu_seconds, image_spec
 from bench.profile import postgres_cpu
 from imagehandler.v1 import common_pb2
-from server.core.model import ImageRef, JobSpec, Lane, ObjectKind, Policy, Trigger
+from server.core.model import ObjectKind
 from server.storage.postgres import PostgresRepository
 from server.storage.repository import Demand
 
@@ -43,17 +43,6 @@ class CycleResult:
     client_us_per_job: float
 
 
-def _spec(tag: str) -> JobSpec:
-    return JobSpec(
-        ImageRef("docker.io", "library/app", tag),
-        Trigger.MANUAL,
-        (Policy.VULNERABILITIES,),
-        600.0,
-        Lane.BULK,
-        "",
-    )
-
-
 async def cycle(jobs: int, *, receiver: bool) -> CycleResult:
     schema = f"bench_{secrets.token_hex(4)}"
     store = PostgresRepository(peers.database_url(), schema=schema, delivers=receiver)
@@ -63,7 +52,7 @@ async def cycle(jobs: int, *, receiver: bool) -> CycleResult:
         database, client, started = postgres_cpu(), cpu_seconds(os.getpid()), time.perf_counter()
         done = 0
         for start in range(0, jobs, BATCH):
-            specs = [_spec(f"c{n}") for n in range(start, min(jobs, start + BATCH))]
+            specs = [image_spec(f"c{n}") for n in range(start, min(jobs, start + BATCH))]
             await store.insert_many(specs, at=datetime.now(UTC))
             claimed = await store.claim([Demand("s1", ALL, len(specs))], at=datetime.now(UTC))
             at = datetime.now(UTC)

@@ -17,10 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import image_spec
 from imagehandler.errors import Catalogue
 from imagehandler.v1 import common_pb2
 from server.config import Config
-from server.core.model import ImageRef, JobSpec, JobStatus, Lane, ObjectKind, Policy, Trigger
+from server.core.model import JobStatus, ObjectKind
 from server.core.retry import RunFailure
 from server.observability import logs
 from server.service.events import Subscription
@@ -43,16 +44,6 @@ def make_result(findings: int) -> common_pb2.ScanResult:
             )
             for n in range(findings)
         ]
-    )
-
-
-def spec(n: int) -> JobSpec:
-    return JobSpec(
-        ImageRef("docker.io", "library/app", f"r{n}"),
-        Trigger.SCHEDULED,
-        (Policy.VULNERABILITIES,),
-        600.0,
-        Lane.BULK,
     )
 
 
@@ -87,7 +78,7 @@ async def run(workers: int, findings: int, jobs: int, directory: Path) -> tuple[
                 done.set()
 
     manager.events.subscribe(Subscription(on_event))
-    await manager.submit_many([spec(n) for n in range(jobs)])
+    await manager.submit_many([image_spec(f"r{n}") for n in range(jobs)])
     await asyncio.wait_for(assignment.wait(), timeout=60)  # the dispatch pass assigned them
     result = make_result(findings)
     started = time.perf_counter()
@@ -100,7 +91,7 @@ async def run(workers: int, findings: int, jobs: int, directory: Path) -> tuple[
     for n in range(20):
         assignment.clear()
         submitted = time.perf_counter()
-        (new,) = await manager.submit_many([spec(jobs + n)])
+        (new,) = await manager.submit_many([image_spec(f"r{jobs + n}")])
         job = new.job
         await asyncio.wait_for(assignment.wait(), timeout=60)
         latencies.append((assigned[job.id] - submitted) * 1000)

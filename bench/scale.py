@@ -33,9 +33,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from bench.common import ROOT, child_env
+from bench.common import ROOT, child_env, image_spec
 
 
 @dataclass
@@ -47,18 +46,6 @@ class DispatchCost:
     median_us: float
     mean_us: float
     p99_us: float
-
-
-def _spec(n: int) -> Any:
-    from server.core.model import ImageRef, JobSpec, Lane, Policy, Trigger
-
-    return JobSpec(
-        ImageRef("docker.io", "library/app", f"s{n}"),
-        Trigger.SCHEDULED,
-        (Policy.VULNERABILITIES,),
-        600.0,
-        Lane.BULK,
-    )
 
 
 async def _case(pending: int, scanners: int, mode: str, workdir: Path) -> None:
@@ -89,7 +76,7 @@ async def _case(pending: int, scanners: int, mode: str, workdir: Path) -> None:
         nonlocal counter
         for start in range(0, count, 10_000):
             n = min(10_000, count - start)
-            await manager.submit_many([_spec(counter + i) for i in range(n)])
+            await manager.submit_many([image_spec(f"s{counter + i}") for i in range(n)])
             counter += n
 
     await submit(pending)
