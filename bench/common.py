@@ -63,6 +63,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def postgres_cpu() -> float:
+    """CPU seconds of every ``postgres`` process on this machine (its backends and writers)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            if stat.read_text().split(" (", 1)[1].startswith("postgres)"):
+                total += cpu_seconds(int(stat.parent.name))
+    return total
+
+
 def image_spec(tag: str) -> JobSpec:
     """A distinct image's spec, for the benches that call the service or a store directly."""
     return JobSpec(

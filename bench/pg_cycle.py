@@ -24,8 +24,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from bench import peers, postgres_side
-from bench.common import cpu_seconds, image_spec
-from bench.profile import postgres_cpu
+from bench.common import cpu_seconds, image_spec, postgres_cpu
 from imagehandler.v1 import common_pb2
 from server.core.model import ObjectKind
 from server.storage.postgres import PostgresRepository

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import secrets
 import shutil
 import subprocess
@@ -29,7 +28,15 @@ from pathlib import Path
 import psycopg
 
 from bench import peers, postgres_side
-from bench.common import ROOT, Handler, Scanners, cpu_seconds, free_port, wait_scanners
+from bench.common import (
+    ROOT,
+    Handler,
+    Scanners,
+    cpu_seconds,
+    free_port,
+    postgres_cpu,
+    wait_scanners,
+)
 from bench.e2e import Variant, default_slots, run_once
 
 
@@ -168,16 +175,6 @@ def main() -> None:
             handler.stop()
             if schema:
                 postgres_side.drop(schema)
-
-
-def postgres_cpu() -> float:
-    """CPU seconds of every ``postgres`` process on this machine (its backends and writers)."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError):
-            if stat.read_text().split(" (", 1)[1].startswith("postgres)"):
-                total += cpu_seconds(int(stat.parent.name))
-    return total
 
 
 def _commits() -> int:

@@ -481,5 +481,6 @@ async def test_what_a_replica_without_a_receiver_changed_is_owed_to_no_one() -> 
         await gone.close()  # its replicas row goes: what it owed is an orphan now
         assert await heir.orphaned_deliveries() == [owed.job.id]
     finally:
-        await heir.close()
+        for repository in (quiet, gone, heir):
+            await repository.close()  # a second close does nothing
         drop_schema(schema)
