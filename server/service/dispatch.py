@@ -48,6 +48,12 @@ class Dispatch:
         self._passing = False
         self._loan: list[ScannerSession] | None = None
         self._skipped = False  # a pass was asked while the loan was out
+        # A batch of inserts waits for the running pass to lend it the Free scanners, and no
+        # new pass starts while one waits (see lend).
+        self._lenders = 0
+        self._pass_ended = asyncio.Event()
+        self._pass_ended.set()
+        self._room = True  # the last pass left a scanner Free
         repository.claim_with_inserts(self.lend, self.hand)
 
     def start(self) -> None:
@@ -72,17 +78,42 @@ class Dispatch:
             except Exception:  # the dispatcher must outlive any one failed pass
                 log.exception("dispatch.failed")
 
-    def lend(self) -> list[Demand]:
+    async def lend(self) -> list[Demand]:
         """The Free scanners' demands for a batch of inserts that claims in its own
         transaction (the store calls it; see ``JobRepository.claim_with_inserts``), in ring
-        order as a pass asks them; none while a pass or another loan is claiming."""
+        order as a pass asks them; none while another loan is claiming.
+
+        While a pass is claiming, and the last pass left scanners Free (the queue was empty
+        when it claimed), the batch waits for the pass to end rather than go unclaimed. An
+        unclaimed job waits for the next pass, a round trip more than the wait, and the pass
+        its insert asks for would make the next batches wait in turn: under a steady trickle
+        of single submits about half of them went that long way. When passes fill every
+        Free scanner (a queue with a backlog), nothing would be left to lend after the pass,
+        and the batch goes at once, unclaimed, beside it."""
+        if self._passing and self._room:
+            self._lenders += 1
+            try:
+                await self._pass_ended.wait()
+            except BaseException:
+                self._lenders -= 1
+                self._resume()
+                raise
+            self._lenders -= 1
         if self._passing or self._loan is not None or self._backlog() >= self._backlog_limit:
+            self._resume()
             return []
         sessions = self.ring.members()
         if not sessions:
+            self._resume()
             return []
         self._loan = sessions
         return [Demand(s.scanner_id, s.kinds, s.free_slots) for s in sessions]
+
+    def _resume(self) -> None:
+        """A pass skipped for a loan that did not come is asked again."""
+        if self._skipped and self._loan is None and not self._lenders:
+            self._skipped = False
+            self.request()
 
     def hand(self, claimed: list[Claimed]) -> None:
         """What a loan's demands took: sent as a pass sends it; the loan ends."""
@@ -98,14 +129,17 @@ class Dispatch:
     async def once(self) -> None:
         if self._backlog() >= self._backlog_limit:
             return
-        if self._loan is not None:  # the loan's claim serves these scanners; a pass follows
+        if self._loan is not None or self._lenders:
+            # The loan's claim serves these scanners; a pass follows it.
             self._skipped = True
             return
         self._passing = True
+        self._pass_ended.clear()
         try:
             await self._pass()
         finally:
             self._passing = False
+            self._pass_ended.set()
 
     async def _pass(self) -> None:
         wanted = self._repository.pending_hint()
@@ -138,6 +172,7 @@ class Dispatch:
         # Reordered only after the pass, so the chunks above are consecutive slices of one ring.
         for session in took:
             self.ring.took(session)
+        self._room = len(self.ring) > 0
 
     def _hand_out(
         self, sessions: list[ScannerSession], claimed: list[Claimed]

@@ -36,6 +36,7 @@ from server.storage.repository import (
     Demand,
     Inserted,
     JobFilter,
+    Lend,
     Moved,
     Recovered,
     queue_full,
@@ -165,9 +166,7 @@ class MemoryRepository:
     async def maintain(self) -> None:
         pass
 
-    def claim_with_inserts(
-        self, lend: Callable[[], Sequence[Demand]], hand: Callable[[list[Claimed]], None]
-    ) -> None:
+    def claim_with_inserts(self, lend: Lend, hand: Callable[[list[Claimed]], None]) -> None:
         pass  # a claim here costs no round trip: dispatch claims after the insert
 
     def subscribe(

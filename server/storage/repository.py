@@ -18,7 +18,7 @@ no longer in the expected status (another move won) returns None and changes not
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
@@ -76,6 +76,10 @@ class Demand(NamedTuple):
     scanner_id: str
     kinds: frozenset[ObjectKind]
     slots: int
+
+
+# The Free scanners' demands lent to a batch of inserts (see claim_with_inserts).
+Lend = Callable[[], Awaitable[Sequence[Demand]]]
 
 
 class Claimed(NamedTuple):
@@ -152,14 +156,13 @@ class JobRepository(Protocol):
         """Periodic upkeep the backend needs (snapshots, leases); called about twice a second."""
         ...
 
-    def claim_with_inserts(
-        self, lend: Callable[[], Sequence[Demand]], hand: Callable[[list[Claimed]], None]
-    ) -> None:
+    def claim_with_inserts(self, lend: Lend, hand: Callable[[list[Claimed]], None]) -> None:
         """A store whose claim is a round trip of its own may claim in the transaction of a
         batch of inserts (one commit, and no second round trip before a new job is on its
-        way to a scanner): as the batch starts it calls ``lend()`` for the Free scanners'
-        demands, and after it, once for every non-empty loan, ``hand(claimed)`` with what
-        they took (nothing if the batch failed). A store that claims in memory ignores it."""
+        way to a scanner): as the batch starts it awaits ``lend()`` for the Free scanners'
+        demands (it may wait for a dispatch pass to end), and after it, once for every
+        non-empty loan, ``hand(claimed)`` with what they took (nothing if the batch failed).
+        A store that claims in memory ignores it."""
         ...
 
     # ----- other replicas (a store only this process changes calls nothing) ------------------

@@ -27,7 +27,7 @@ from server.core.model import (
     Trigger,
 )
 from server.storage.postgres import PostgresRepository, migrations
-from server.storage.repository import Claimed, Demand, JobFilter
+from server.storage.repository import Claimed, Demand, Inserted, JobFilter
 from tests.postgres import DATABASE_URL, drop_schema, new_schema_name
 
 ALL = frozenset(ObjectKind)
@@ -168,8 +168,12 @@ def lend(repository: PostgresRepository, slots: int) -> list[list[str]]:
     """Lend each of the repository's insert batches one scanner's demand of ``slots``; the
     ids of what each loan came back with, one list per loan."""
     handed: list[list[str]] = []
+
+    async def demands() -> list[Demand]:
+        return [Demand("s1", ALL, slots)]
+
     repository.claim_with_inserts(
-        lambda: [Demand("s1", ALL, slots)],
+        demands,
         lambda claimed: handed.append([item.moved.job.id for item in claimed]),
     )
     return handed
@@ -237,14 +241,13 @@ async def test_an_insert_and_its_claim_commit_together_or_not_at_all(
     assert [(job.id, job.status) for job in page] == [(queued.job.id, JobStatus.PENDING)]
 
 
-async def test_a_lent_claim_leaves_before_the_wal_flush_and_its_submit_is_answered_after(
+async def test_a_lent_claim_commits_with_its_insert_and_is_handed_out_before_the_answer(
     pair: tuple[PostgresRepository, PostgresRepository],
 ) -> None:
-    """The insert and its claim commit without waiting for the disk (``synchronous_commit``
-    off for that transaction only, seen here by a trigger), so the job is handed out at
-    once; its submit is answered only after a commit that waits for the WAL flush, which
-    a lock held on the replica's alive row keeps waiting here. A plain insert (no Free
-    scanner) commits durably as before."""
+    """The insert and its claim are one commit that waits for the WAL flush
+    (``synchronous_commit`` on, seen here by a trigger): what the claim took, the oldest
+    queued job first, is handed out once it returns and before the submit is answered, and
+    the answer needs no second commit."""
     a, b = pair
     with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
         conn.execute(
@@ -259,39 +262,28 @@ async def test_a_lent_claim_leaves_before_the_wal_flush_and_its_submit_is_answer
         )
     (plain,) = await b.insert_many([spec("plain")], at=datetime.now(UTC))
     handed: list[str] = []
-    out = asyncio.Event()
+    answered_when_handed: list[bool] = []
+    submit: asyncio.Task[list[Inserted]] | None = None
 
     def hand(claimed: list[Claimed]) -> None:
         handed.extend(item.moved.job.id for item in claimed)
-        out.set()
+        answered_when_handed.append(submit is not None and submit.done())
 
-    a.claim_with_inserts(lambda: [Demand("s1", ALL, 2)], hand)
-    async with await psycopg.AsyncConnection.connect(DATABASE_URL) as holder:
-        await holder.execute(
-            sql.SQL("SELECT 1 FROM {}.replicas WHERE id = 'a' FOR UPDATE").format(
-                sql.Identifier(a.schema)
-            )
-        )
-        submit = asyncio.create_task(a.insert_many([spec("fused")], at=datetime.now(UTC)))
-        await asyncio.wait_for(out.wait(), 10)
-        older, job_id = handed  # oldest first
-        assert older == plain.job.id
-        job = await b.get(job_id)
-        assert job is not None
-        assert job.status is JobStatus.IN_PROGRESS
-        await until_a_session(
-            "wait_event_type = 'Lock' AND query LIKE 'INSERT INTO replicas%%'",
-            (),
-            "the durable commit never waited for the held row",
-        )
-        assert not submit.done()
-        await holder.rollback()
+    async def demands() -> list[Demand]:
+        return [Demand("s1", ALL, 2)]
+
+    a.claim_with_inserts(demands, hand)
+    submit = asyncio.create_task(a.insert_many([spec("fused")], at=datetime.now(UTC)))
     (inserted,) = await asyncio.wait_for(submit, 10)
-    assert inserted.job.id == job_id
+    assert answered_when_handed == [False]
+    assert handed == [plain.job.id, inserted.job.id]  # oldest first
+    job = await b.get(inserted.job.id)
+    assert job is not None
+    assert job.status is JobStatus.IN_PROGRESS
     with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
         rows = conn.execute(sql.SQL("SELECT setting FROM {}.seen").format(
             sql.Identifier(a.schema))).fetchall()  # fmt: skip
-    assert [row[0] for row in rows] == ["on", "off"]
+    assert [row[0] for row in rows] == ["on", "on"]
 
 
 def counted(schema: str) -> tuple[dict[JobStatus, int], dict[Lane, int]]:

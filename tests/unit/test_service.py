@@ -193,15 +193,112 @@ async def test_a_pass_waits_while_the_free_scanners_are_lent_to_an_insert(
     while they are lent, no pass claims for the same free slots (and no second loan is
     made); once the loan comes back, what is still queued is dispatched."""
     _, far = connect(handler, "s1", slots=2)
-    lent = handler.dispatch.lend()
+    lent = await handler.dispatch.lend()
     assert lent == [Demand("s1", frozenset(ObjectKind), 2)]
-    assert handler.dispatch.lend() == []  # one loan at a time
+    assert await handler.dispatch.lend() == []  # one loan at a time
     (submitted,) = await handler.submit_many([spec("queued")])
     await handler.dispatch.once()  # the pass the submit asked for: it claims nothing now
     assert far.messages == []
     handler.dispatch.hand([])  # the insert's claim took nothing
     (job,) = await far.assigned()
     assert job.id == submitted.job.id
+
+
+class GatedClaims(MemoryRepository):
+    """Claims that wait for ``gate``: a pass held in its round trip, as on PostgreSQL."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.claiming = asyncio.Event()
+
+    async def claim(self, demands: Sequence[Demand], *, at: datetime) -> list[Claimed]:
+        self.claiming.set()
+        await self.gate.wait()
+        return await super().claim(demands, at=at)
+
+
+async def test_a_loan_asked_while_a_pass_claims_waits_for_it_and_no_pass_cuts_in() -> None:
+    """A batch of inserts that asks for the Free scanners while a pass is claiming gets them
+    once that pass ends (instead of none, which would leave its jobs for another pass);
+    a pass asked meanwhile waits for the loan to come back."""
+    repository = GatedClaims()
+    handler = Handler(CONFIG, repository)
+    await handler.open()
+    try:
+        _, far = connect(handler, "s1", slots=2)
+        (submitted,) = await handler.submit_many([spec("first")])  # asks for a pass
+        async with asyncio.timeout(5):
+            await repository.claiming.wait()
+        loan = asyncio.create_task(handler.dispatch.lend())
+        await asyncio.sleep(0)
+        assert not loan.done()  # waiting for the pass
+        repository.claiming.clear()
+        handler.dispatch.request()  # a pass asked while the loan waits
+        repository.gate.set()
+        (first,) = await far.assigned()
+        async with asyncio.timeout(5):
+            lent = await loan
+        assert lent == [Demand("s1", frozenset(ObjectKind), 1)]  # what the pass left free
+        await asyncio.sleep(0)
+        assert not repository.claiming.is_set()  # no pass while the loan is out
+        (second,) = await handler.submit_many([spec("second")])
+        handler.dispatch.hand([])  # the loan's claim took nothing: the skipped pass runs
+        (job,) = await far.assigned()
+        assert first.id == submitted.job.id
+        assert job.id == second.job.id
+    finally:
+        await handler.stop()
+
+
+async def test_a_loan_asked_while_a_pass_claims_a_backlog_goes_at_once() -> None:
+    """When the last pass left no scanner Free, a pass claiming now would leave nothing to
+    lend either: the batch of inserts is not held up behind it."""
+    repository = GatedClaims()
+    handler = Handler(CONFIG, repository)
+    await handler.open()
+    try:
+        _, far1 = connect(handler, "s1", slots=1)
+        repository.gate.set()
+        await handler.submit_many([spec("one"), spec("two")])
+        (first,) = await far1.assigned()  # the pass filled the only Free scanner
+        repository.gate.clear()
+        repository.claiming.clear()
+        _, far2 = connect(handler, "s2", slots=1)  # Free: asks for a pass, which claims
+        async with asyncio.timeout(5):
+            await repository.claiming.wait()
+        async with asyncio.timeout(5):
+            assert await handler.dispatch.lend() == []
+        repository.gate.set()
+        (second,) = await far2.assigned()
+        assert (first.spec.target, second.spec.target) == (spec("one").target, spec("two").target)
+    finally:
+        await handler.stop()
+
+
+async def test_a_loan_cancelled_while_it_waits_leaves_no_job_behind() -> None:
+    """A batch of inserts cancelled while it waits for a pass (its submits gone): a job
+    queued meanwhile, whose pass was put off for that loan, is still dispatched."""
+    repository = GatedClaims()
+    handler = Handler(CONFIG, repository)
+    await handler.open()
+    try:
+        _, far = connect(handler, "s1", slots=2)
+        (first,) = await handler.submit_many([spec("first")])
+        async with asyncio.timeout(5):
+            await repository.claiming.wait()
+        loan = asyncio.create_task(handler.dispatch.lend())
+        await asyncio.sleep(0)
+        (second,) = await handler.submit_many([spec("second")])  # asks for a pass
+        repository.gate.set()
+        loan.cancel()
+        await asyncio.gather(loan, return_exceptions=True)
+        got = {job.id for job in await far.assigned()}
+        if len(got) < 2:  # one pass may have claimed both
+            got |= {job.id for job in await far.assigned()}
+        assert got == {first.job.id, second.job.id}
+    finally:
+        await handler.stop()
 
 
 async def test_three_failed_runs_then_error_with_the_last_code(handler: Handler) -> None:
