@@ -159,6 +159,23 @@ def key_text(key: tuple[Any, ...]) -> str:
     return hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest()
 
 
+def passes_for(rooms: Iterable[int], n: int) -> int:
+    """How many passes over the demands (one slot each per pass, while it has room) hand out
+    ``n`` slots: the claim numbers no slot past them, so it sorts about ``n`` rows, not
+    every free slot of every scanner."""
+    ordered = sorted(rooms)
+    covered = 0
+    done = 0  # passes fully counted
+    for index, room in enumerate(ordered):
+        left = len(ordered) - index  # demands with room for pass done + 1
+        more = (room - done) * left
+        if covered + more >= n:
+            return done + -(-(n - covered) // left)
+        covered += more
+        done = room
+    return done
+
+
 async def _lend_nothing() -> Sequence[Demand]:
     return ()
 
@@ -1112,6 +1129,7 @@ class PostgresRepository:
             "who": list(room),
             "names": [demands[index].scanner_id for index in room],
             "room": list(room.values()),
+            "passes": passes_for(room.values(), n),
             "kinds": [k.value for k in kinds],
             "n": n,
             # Each lane's k-th job ranks at k / its share: the lanes interleave at the share.
@@ -1547,7 +1565,7 @@ WITH slots AS (
     SELECT d.who, d.name, row_number() OVER (ORDER BY pass, d.nth) AS k
     FROM unnest(%(who)s::int[], %(names)s::text[], %(room)s::int[])
         WITH ORDINALITY AS d(who, name, room, nth),
-        generate_series(1, d.room) AS pass
+        generate_series(1, least(d.room, %(passes)s)) AS pass
     ORDER BY pass, d.nth LIMIT %(n)s
 ),
 interactive AS (
