@@ -3,12 +3,17 @@ CPU (every ``postgres`` process) and this process's, for the store's cycle of a 
 batched end-to-end run drives it: an insert of 100 jobs, one claim of the 100, a settle of each
 (PROCESSING_RESULTS and FINISHED in one write), the settles of a batch at once.
 
+``--single`` drives the single-submit path instead: each job is a batch of its own, whose
+insert claims it in the same transaction for the Free scanners dispatch lends it (``--scanners``
+of ``--slots`` each, as the pickup bench's), then its settle.
+
 It measures one change to the schema or the statements with far less noise than the end to end
 runs, where the scanners and the submitter share the cores: run it on two trees, alternating,
 and compare the medians.
 
     .venv/bin/python -m bench.pg_cycle --jobs 30000 --rounds 5
     .venv/bin/python -m bench.pg_cycle --receiver   # as a replica with a receiving server
+    .venv/bin/python -m bench.pg_cycle --single --jobs 3000 --scanners 8 --slots 128
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from bench.common import cpu_seconds, image_spec, postgres_cpu
 from imagehandler.v1 import common_pb2
 from server.core.model import ObjectKind
 from server.storage.postgres import PostgresRepository
-from server.storage.repository import Demand
+from server.storage.repository import Claimed, Demand
 
 BATCH = 100
 ALL = frozenset(ObjectKind)
@@ -42,18 +47,32 @@ class CycleResult:
     client_us_per_job: float
 
 
-async def cycle(jobs: int, *, receiver: bool) -> CycleResult:
+async def cycle(
+    jobs: int, *, receiver: bool, single: bool = False, scanners: int = 8, slots: int = 128
+) -> CycleResult:
     schema = f"bench_{secrets.token_hex(4)}"
     store = PostgresRepository(peers.database_url(), schema=schema, delivers=receiver)
     await store.open()
     summary = common_pb2.ResultSummary(verdict=common_pb2.VERDICT_PASSED)
+    handed: list[Claimed] = []
+    if single:
+        free = [Demand(f"s{n}", ALL, slots) for n in range(scanners)]
+
+        async def lend() -> list[Demand]:
+            return free
+
+        store.claim_with_inserts(lend, handed.extend)
+    batch = 1 if single else BATCH
     try:
         database, client, started = postgres_cpu(), cpu_seconds(os.getpid()), time.perf_counter()
         done = 0
-        for start in range(0, jobs, BATCH):
-            specs = [image_spec(f"c{n}") for n in range(start, min(jobs, start + BATCH))]
+        for start in range(0, jobs, batch):
+            specs = [image_spec(f"c{n}") for n in range(start, min(jobs, start + batch))]
             await store.insert_many(specs, at=datetime.now(UTC))
-            claimed = await store.claim([Demand("s1", ALL, len(specs))], at=datetime.now(UTC))
+            if single:
+                claimed, handed[:] = handed[:], []
+            else:
+                claimed = await store.claim([Demand("s1", ALL, len(specs))], at=datetime.now(UTC))
             at = datetime.now(UTC)
             await asyncio.gather(*(
                 store.settle(
@@ -82,10 +101,21 @@ def main() -> None:
     parser.add_argument(
         "--receiver", action="store_true", help="as a replica with a receiving server"
     )
+    parser.add_argument("--single", action="store_true", help="one job per insert, lent claims")
+    parser.add_argument("--scanners", type=int, default=8, help="with --single: Free scanners")
+    parser.add_argument("--slots", type=int, default=128, help="with --single: free slots each")
     args = parser.parse_args()
     results = []
     for _ in range(args.rounds):
-        result = asyncio.run(cycle(args.jobs, receiver=args.receiver))
+        result = asyncio.run(
+            cycle(
+                args.jobs,
+                receiver=args.receiver,
+                single=args.single,
+                scanners=args.scanners,
+                slots=args.slots,
+            )
+        )
         results.append(result)
         print(f"  {result.jobs} jobs: database {result.database_us_per_job:4.0f} us/job, "
               f"client {result.client_us_per_job:4.0f} us/job, "

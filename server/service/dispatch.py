@@ -86,10 +86,10 @@ class Dispatch:
         While a pass is claiming, and the last pass left scanners Free (the queue was empty
         when it claimed), the batch waits for the pass to end rather than go unclaimed. An
         unclaimed job waits for the next pass, a round trip more than the wait, and the pass
-        its insert asks for would make the next batches wait in turn: under a steady trickle
-        of single submits about half of them went that long way. When passes fill every
-        Free scanner (a queue with a backlog), nothing would be left to lend after the pass,
-        and the batch goes at once, unclaimed, beside it."""
+        its insert asks for would make the next batches go unclaimed in turn, so that under a
+        steady trickle of single submits a share of them kept going that long way. When
+        passes fill every Free scanner (a queue with a backlog), nothing would be left to lend
+        after the pass, and the batch goes at once, unclaimed, beside it."""
         if self._passing and self._room:
             self._lenders += 1
             try:
