@@ -34,6 +34,8 @@ from scanner_client.vulndb.versions import Event, Range
 
 FORMAT: Final = "image-handler-vulndb"
 SCHEMA_VERSION: Final = 1
+# Enough to map the whole database file (a few MiB); SQLite maps only what the file holds.
+MMAP_BYTES: Final = 256 << 20
 PAGE_SIZE: Final = 4096
 
 _SCHEMA: Final = """
@@ -300,6 +302,11 @@ class VulnStore:
                 connection = sqlite3.connect(_uri(self.path), uri=True, check_same_thread=False)
             except sqlite3.Error as exc:
                 raise DatabaseError(f"{self.path}: cannot open: {exc}") from None
+            # The file mapped rather than read a page at a time: a first scan looks up every
+            # package once, and each lookup's pages would otherwise be a read() and a copy.
+            # Safe because a database file is never rewritten in place, only replaced by a
+            # rename, which leaves a mapping of the old file intact.
+            connection.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
             self._local.connection = connection
         return connection
 
