@@ -43,16 +43,16 @@ class Dispatch:
         self.assigned: Assigned = lambda session, moves: None
         self._wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        # One claim at a time, so no two claims count the same free slots: a pass, or a loan
-        # of the Free scanners to a batch of inserts that claims in its own transaction.
-        self._passing = False
-        self._loan: list[ScannerSession] | None = None
-        self._skipped = False  # a pass was asked while the loan was out
-        # A batch of inserts waits for the running pass to lend it the Free scanners, and no
-        # new pass starts while one waits (see lend).
-        self._lenders = 0
+        # One claim at a time, so no two claims count the same free slots: a pass (clear
+        # while it runs), or a loan of the Free scanners to a batch of inserts that claims in
+        # its own transaction.
         self._pass_ended = asyncio.Event()
         self._pass_ended.set()
+        self._loan: list[ScannerSession] | None = None
+        self._skipped = False  # a pass was asked while the loan was out
+        # Batches of inserts waiting for the running pass to lend them the Free scanners; no
+        # new pass starts while one waits (see lend).
+        self._lenders = 0
         self._room = True  # the last pass left a scanner Free
         repository.claim_with_inserts(self.lend, self.hand)
 
@@ -90,7 +90,7 @@ class Dispatch:
         steady trickle of single submits a share of them kept going that long way. When
         passes fill every Free scanner (a queue with a backlog), nothing would be left to lend
         after the pass, and the batch goes at once, unclaimed, beside it."""
-        if self._passing and self._room:
+        if not self._pass_ended.is_set() and self._room:
             self._lenders += 1
             try:
                 await self._pass_ended.wait()
@@ -99,7 +99,11 @@ class Dispatch:
                 self._resume()
                 raise
             self._lenders -= 1
-        if self._passing or self._loan is not None or self._backlog() >= self._backlog_limit:
+        if (
+            not self._pass_ended.is_set()
+            or self._loan is not None
+            or self._backlog() >= self._backlog_limit
+        ):
             self._resume()
             return []
         sessions = self.ring.members()
@@ -133,12 +137,10 @@ class Dispatch:
             # The loan's claim serves these scanners; a pass follows it.
             self._skipped = True
             return
-        self._passing = True
         self._pass_ended.clear()
         try:
             await self._pass()
         finally:
-            self._passing = False
             self._pass_ended.set()
 
     async def _pass(self) -> None:
