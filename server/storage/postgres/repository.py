@@ -774,10 +774,9 @@ class PostgresRepository:
         was sent, as two autocommitted statements would have.)
 
         The commit waits for the WAL flush, so the submits are answered as soon as it
-        returns. (It once did not, so that the assignment left before the disk's flush, and
-        the submits were answered after a second, durable commit. The flush costs the
-        assignment about half a millisecond, the second commit cost the answer a round
-        trip, which at full load made the submits wait longer than a pass.)"""
+        returns: one round trip each for the assignment and the answer. (An asynchronous
+        commit would let the assignment leave before the flush, but then the answer needs a
+        second, durable commit; ADR 0002 says what that cost.)"""
         plan, fresh = self._plan(specs, keys, [])
         at = datetime.now(UTC)
         async with conn.pipeline():
