@@ -286,6 +286,33 @@ async def test_a_lent_claim_commits_with_its_insert_and_is_handed_out_before_the
     assert [row[0] for row in rows] == ["on", "on"]
 
 
+async def test_a_duplicate_is_answered_only_after_a_durable_commit(
+    pair: tuple[PostgresRepository, PostgresRepository],
+) -> None:
+    """A submit answered as a duplicate names another replica's row, which that replica may
+    have committed without waiting for the flush: the answer waits for a commit of its own
+    that does wait (its alive row, held locked here)."""
+    a, b = pair
+    (first,) = await b.insert_many([spec("same")], at=datetime.now(UTC))
+    async with await psycopg.AsyncConnection.connect(DATABASE_URL) as holder:
+        await holder.execute(
+            sql.SQL("SELECT 1 FROM {}.replicas WHERE id = 'a' FOR UPDATE").format(
+                sql.Identifier(a.schema)
+            )
+        )
+        submit = asyncio.create_task(a.insert_many([spec("same")], at=datetime.now(UTC)))
+        await until_a_session(
+            "wait_event_type = 'Lock' AND query LIKE 'INSERT INTO replicas%%'",
+            (),
+            "the duplicate's durable commit never waited for the held row",
+        )
+        assert not submit.done()
+        await holder.rollback()
+    (again,) = await asyncio.wait_for(submit, 10)
+    assert again.duplicate
+    assert again.job.id == first.job.id
+
+
 def counted(schema: str) -> tuple[dict[JobStatus, int], dict[Lane, int]]:
     """The jobs counted from their rows: by status, and PENDING by lane."""
     with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
