@@ -73,6 +73,9 @@ _PROCESSING = frozenset({S.PROCESSING_RESULTS})
 CLAIM_CHUNK = 150
 # Batches of moves in flight at once (see PostgresRepository.__init__).
 MOVE_BATCHES = 2
+# The table is analyzed again (its statistics, and so every cached plan on it) each time this
+# replica has inserted as many rows as it held when last analyzed, from this many on.
+ANALYZE_FROM = 1_000
 _PAYLOAD_BYTES = 7000
 # The fallback poll for work a lost notification did not announce: one claim query a second
 # per replica bounds such a stall.
@@ -284,6 +287,14 @@ class PostgresRepository:
         self._next_poll = 0.0
         self._next_recount = 0.0
         self._recount: asyncio.Task[None] | None = None
+        # Plans are cached generic, made on a statement's fifth run on a connection: on a young
+        # table, a plan that scans every row is the cheap one, and stays cached as the table
+        # grows until its statistics change. Autovacuum analyzes within a minute or so; this
+        # replica does it sooner, each time its own inserts doubled the rows (geometric: a
+        # handful of analyzes over the table's life, each reading a bounded sample).
+        self._rows_analyzed = 0  # the rows when last analyzed (or counted at open)
+        self._rows_added = 0  # the rows this replica inserted since
+        self._analyze: asyncio.Task[None] | None = None
         self._next_adoption = 0.0
         # Counts what may have queued jobs (own inserts and moves back to PENDING, other
         # replicas' announcements, the fallback poll); ``_drained[kinds]`` is the count at the
@@ -338,9 +349,10 @@ class PostgresRepository:
         async with self._conn() as conn:
             cursor = await conn.execute("SELECT count(*) FROM jobs")
             row = await cursor.fetchone()
+        self._rows_analyzed = int(row[0]) if row else 0
         # Runs a previous life of this replica held are rescued by lease expiry like any
         # other replica's: this one cannot tell them apart.
-        return Recovered(jobs=int(row[0]) if row else 0, seconds=time.perf_counter() - started)
+        return Recovered(jobs=self._rows_analyzed, seconds=time.perf_counter() - started)
 
     async def migrate(self) -> list[str]:
         """Apply the migrations this code knows (``image-handler migrate`` calls it alone)."""
@@ -357,9 +369,10 @@ class PostgresRepository:
         return applied
 
     async def close(self) -> None:
-        if self._recount is not None:
-            self._recount.cancel()
-            await asyncio.gather(self._recount, return_exceptions=True)
+        for task in (self._recount, self._analyze):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         while self._move_tasks:  # a batch that ends starts the next one
             await asyncio.gather(*self._move_tasks, return_exceptions=True)
         if self._listener is not None:
@@ -731,6 +744,44 @@ class PostgresRepository:
         queue_limit: int,
         demands: Sequence[Demand] = (),
         claimed: list[Claimed] | None = None,
+    ) -> list[Inserted]:
+        inserted = await self._insert_rows(specs, ats, queue_limit, demands, claimed)
+        self._grew(sum(not item.duplicate for item in inserted))
+        return inserted
+
+    def _grew(self, rows: int) -> None:
+        """Count the rows this replica inserted; analyze the table once they reach the rows
+        it had when last analyzed."""
+        self._rows_added += rows
+        if self._rows_added < max(ANALYZE_FROM, self._rows_analyzed):
+            return
+        if self._analyze is not None and not self._analyze.done():
+            return
+        self._rows_analyzed += self._rows_added
+        self._rows_added = 0
+        self._analyze = asyncio.create_task(self._analyze_jobs(), name="postgres-analyze")
+
+    async def _analyze_jobs(self) -> None:
+        started = time.perf_counter()
+        try:
+            async with self._conn() as conn:
+                await conn.execute("ANALYZE jobs")
+        except HandlerError as error:  # autovacuum analyzes in any case
+            log.warning("database.analyze_failed", error=error.message)
+            return
+        log.info(
+            "database.analyzed",
+            rows=self._rows_analyzed,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+
+    async def _insert_rows(
+        self,
+        specs: Sequence[JobSpec],
+        ats: list[datetime],
+        queue_limit: int,
+        demands: Sequence[Demand],
+        claimed: list[Claimed] | None,
     ) -> list[Inserted]:
         keys = [dedup_key(spec) for spec in specs]
         mine: set[str] = set()
