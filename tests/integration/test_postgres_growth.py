@@ -1,17 +1,22 @@
-"""A young jobs table that grows under the store: its statistics follow, so the plans cached on
-the store's connections (generic, made when the table was nearly empty) are made again."""
+"""A jobs table that grows under the store: its statistics follow, so the plans cached on the
+store's connections (generic, made when the table was nearly empty) are made again; and the
+plans of the claim and of the moves find their rows through the primary key whatever the table
+holds, instead of a scan of every row per statement."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 import psycopg
+from psycopg import sql
 
 from server.core.model import ImageRef, JobSpec, Lane, Policy, Trigger
 from server.storage.postgres import PostgresRepository
-from server.storage.postgres.repository import ANALYZE_FROM
+from server.storage.postgres.repository import _CLAIM, _WRITE_CHANGES, ANALYZE_FROM
 from tests.postgres import DATABASE_URL, drop_schema, new_schema_name
 
 
@@ -55,4 +60,59 @@ async def test_the_jobs_table_is_analyzed_each_time_the_rows_a_replica_inserted_
         assert await analyzed(schema, 2) == (2, 2 * ANALYZE_FROM)
     finally:
         await store.close()
+        drop_schema(schema)
+
+
+def generic_plan(
+    conn: psycopg.Connection[tuple[object, ...]],
+    query: str,
+    params: Sequence[object] | Mapping[str, object],
+) -> str:
+    """The plan a store's connection caches for ``query`` (its connections force generic
+    plans): the statement prepared with $n parameters, explained with these values."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1) or str(len(names))
+        if name not in names or not match.group(1):
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    text = re.sub(r"%(?:\((\w+)\))?s", number, query)
+    values = [params[n] for n in names] if isinstance(params, Mapping) else list(params)
+    conn.execute(sql.SQL("PREPARE probe AS {}").format(sql.SQL(text)))
+    arguments = sql.SQL(", ").join(sql.Literal(value) for value in values)
+    rows = conn.execute(sql.SQL("EXPLAIN EXECUTE probe({})").format(arguments)).fetchall()
+    conn.execute("DEALLOCATE probe")
+    return "\n".join(str(row[0]) for row in rows)
+
+
+async def test_the_claim_and_the_moves_find_their_rows_by_key_on_a_table_with_a_backlog() -> None:
+    schema = new_schema_name()
+    store = PostgresRepository(DATABASE_URL, schema=schema)
+    await store.open()
+    try:
+        at = datetime.now(UTC)
+        for start in range(0, 3000, 150):
+            await store.insert_many([spec(f"a{n}") for n in range(start, start + 150)], at=at)
+    finally:
+        await store.close()
+    try:
+        options = f"-c search_path={schema} -c plan_cache_mode=force_generic_plan"
+        with psycopg.connect(DATABASE_URL, autocommit=True, options=options) as conn:
+            conn.execute("ANALYZE jobs")
+            claim = generic_plan(conn, _CLAIM, {
+                "who": [0], "names": ["s1"], "room": [8], "passes": 8, "kinds": [1], "n": 8,
+                "wi": 1.25, "wb": 5.0, "replica": "r", "deliverer": None, "lease": 15.0,
+                "at": at, "micros": 0, "channel": "c", "work": "w",
+            })  # fmt: skip
+            moves = generic_plan(
+                conn, _WRITE_CHANGES, ["r", None, 15.0, "[]", ["x"], "c", "r", "w", "r"]
+            )
+        # The queue's own CTEs read the pending index; no statement reads the whole table.
+        assert "Seq Scan on jobs" not in claim, claim
+        assert "Seq Scan on jobs" not in moves, moves
+        assert "jobs_pkey" in claim
+        assert "jobs_pkey" in moves
+    finally:
         drop_schema(schema)

@@ -1412,33 +1412,10 @@ class PostgresRepository:
                 "held": job.status.value in _HELD, "was": change.was,
             })  # fmt: skip
         cursor = await conn.execute(
-            "WITH w AS (UPDATE jobs AS j SET status = u.status, runs = u.runs, "
-            "scanner_id = u.scanner_id, error = u.error, updated_at = u.updated_at, "
-            "started_at = u.started_at, finished_at = u.finished_at, "
-            "history = j.history || u.added, "
-            "result = CASE WHEN u.result IS NULL THEN j.result ELSE decode(u.result, 'hex') END, "
-            "summary = coalesce(decode(u.summary, 'hex'), j.summary), "
-            "replica = CASE WHEN u.held THEN %s END, deliverer = coalesce(%s, j.deliverer), "
-            "lease_until = CASE WHEN u.held THEN now() + %s * interval '1 second' END, "
-            "version = j.version + 1 "
-            "FROM jsonb_to_recordset(%s::jsonb) AS u(id text, version int, status smallint, "
-            "runs int, scanner_id text, error jsonb, updated_at timestamptz, "
-            "started_at timestamptz, finished_at timestamptz, added jsonb, result text, "
-            "summary text, held bool, was smallint) "
-            "WHERE j.id = u.id AND j.version = u.version "
-            "RETURNING j.id, j.status, j.lane, u.was, jsonb_array_length(j.history) AS n, "
-            "jsonb_array_length(u.added) AS k), "
-            "counted AS (INSERT INTO job_counts (status, lane, n) "
-            "SELECT d.status, w.lane, sum(d.n) FROM w, "
-            "LATERAL (VALUES (w.status, 1), (w.was, -1)) AS d(status, n) "
-            "GROUP BY d.status, w.lane HAVING sum(d.n) <> 0) "
-            "SELECT w.id, w.status, "
-            "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':' || n || ':' || k, ',')) "
-            "FROM w), "
-            "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM w WHERE status = 1 LIMIT 1) AS q) "
-            "FROM w",
+            _WRITE_CHANGES,
             (self.replica, self._deliverer, self.lease_seconds, orjson.dumps(documents).decode(),
-             self._channel + "_moves", self.replica, self._channel + "_work", self.replica),
+             [change.job.id for change in changes], self._channel + "_moves", self.replica,
+             self._channel + "_work", self.replica),
         )  # fmt: skip
         rows = await cursor.fetchall()
         if any(row[1] == S.PENDING.value for row in rows):
@@ -1609,6 +1586,38 @@ class _CollidedError(Exception):
     """Another replica inserted one of the batch's objects first (a unique index refused)."""
 
 
+# Every changed row of a batch of moves at the version read (the compare-and-set), with the
+# job counts and the notifications. The ids come again as an array: the rows are found through
+# the primary key, as many as there are ids, whatever the JSON function's fixed estimate of 100
+# rows would weigh against a scan of a table of a few thousand.
+_WRITE_CHANGES = (
+    "WITH w AS (UPDATE jobs AS j SET status = u.status, runs = u.runs, "
+    "scanner_id = u.scanner_id, error = u.error, updated_at = u.updated_at, "
+    "started_at = u.started_at, finished_at = u.finished_at, "
+    "history = j.history || u.added, "
+    "result = CASE WHEN u.result IS NULL THEN j.result ELSE decode(u.result, 'hex') END, "
+    "summary = coalesce(decode(u.summary, 'hex'), j.summary), "
+    "replica = CASE WHEN u.held THEN %s END, deliverer = coalesce(%s, j.deliverer), "
+    "lease_until = CASE WHEN u.held THEN now() + %s * interval '1 second' END, "
+    "version = j.version + 1 "
+    "FROM jsonb_to_recordset(%s::jsonb) AS u(id text, version int, status smallint, "
+    "runs int, scanner_id text, error jsonb, updated_at timestamptz, "
+    "started_at timestamptz, finished_at timestamptz, added jsonb, result text, "
+    "summary text, held bool, was smallint) "
+    "WHERE j.id = ANY(%s::text[]) AND j.id = u.id AND j.version = u.version "
+    "RETURNING j.id, j.status, j.lane, u.was, jsonb_array_length(j.history) AS n, "
+    "jsonb_array_length(u.added) AS k), "
+    "counted AS (INSERT INTO job_counts (status, lane, n) "
+    "SELECT d.status, w.lane, sum(d.n) FROM w, "
+    "LATERAL (VALUES (w.status, 1), (w.was, -1)) AS d(status, n) "
+    "GROUP BY d.status, w.lane HAVING sum(d.n) <> 0) "
+    "SELECT w.id, w.status, "
+    "(SELECT pg_notify(%s, %s || ' ' || string_agg(id || ':' || n || ':' || k, ',')) "
+    "FROM w), "
+    "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM w WHERE status = 1 LIMIT 1) AS q) "
+    "FROM w"
+)
+
 _CLAIM = f"""
 WITH slots AS (
     -- The demands' slots one per demand per pass, in the demands' order: the first n.
@@ -1649,7 +1658,10 @@ claimed AS (
         started_at = %(at)s, updated_at = %(at)s, version = j.version + 1,
         history = j.history || jsonb_build_array(jsonb_build_array(
             1, 2, %(micros)s::bigint, picked.name, j.runs + 1, 'assigned', NULL))
-    FROM picked WHERE j.id = picked.id
+    -- The ids again as an array: the rows are found through the primary key, as many as
+    -- were picked, however many the generic plan guesses the CTEs above give (an unknown
+    -- LIMIT is a tenth of their input: thousands on a backlog, then a hash of every row).
+    FROM picked WHERE j.id = picked.id AND j.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING picked.k, picked.who, {_J_COLUMNS}
 ),
 counted AS (
