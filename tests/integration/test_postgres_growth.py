@@ -25,6 +25,13 @@ def spec(tag: str) -> JobSpec:
     return JobSpec(target, Trigger.MANUAL, (Policy.VULNERABILITIES,), 600.0, Lane.BULK, "")
 
 
+async def queue(store: PostgresRepository, prefix: str, count: int, batch: int) -> None:
+    """``count`` new jobs, ``batch`` per insert."""
+    at = datetime.now(UTC)
+    for start in range(0, count, batch):
+        await store.insert_many([spec(f"{prefix}{n}") for n in range(start, start + batch)], at=at)
+
+
 async def analyzed(schema: str, times: int) -> tuple[int, float]:
     """Until the jobs table was analyzed by hand (not by autovacuum) ``times`` times, with a
     deadline of 10 s: how many times, and the rows its statistics now hold."""
@@ -49,14 +56,11 @@ async def test_the_jobs_table_is_analyzed_each_time_the_rows_a_replica_inserted_
     store = PostgresRepository(DATABASE_URL, schema=schema)
     await store.open()
     try:
-        at = datetime.now(UTC)
-        for start in range(0, ANALYZE_FROM, 100):
-            await store.insert_many([spec(f"a{n}") for n in range(start, start + 100)], at=at)
+        await queue(store, "a", ANALYZE_FROM, 100)
         assert await analyzed(schema, 1) == (1, ANALYZE_FROM)
         # Duplicates add no rows: the next analyze waits for as many new rows again.
-        await store.insert_many([spec("a0"), spec("a1")], at=at)
-        for start in range(0, ANALYZE_FROM, 100):
-            await store.insert_many([spec(f"b{n}") for n in range(start, start + 100)], at=at)
+        await store.insert_many([spec("a0"), spec("a1")], at=datetime.now(UTC))
+        await queue(store, "b", ANALYZE_FROM, 100)
         assert await analyzed(schema, 2) == (2, 2 * ANALYZE_FROM)
     finally:
         await store.close()
@@ -92,9 +96,7 @@ async def test_the_claim_and_the_moves_find_their_rows_by_key_on_a_table_with_a_
     store = PostgresRepository(DATABASE_URL, schema=schema)
     await store.open()
     try:
-        at = datetime.now(UTC)
-        for start in range(0, 3000, 150):
-            await store.insert_many([spec(f"a{n}") for n in range(start, start + 150)], at=at)
+        await queue(store, "a", 3000, 150)
     finally:
         await store.close()
     try:
@@ -104,7 +106,7 @@ async def test_the_claim_and_the_moves_find_their_rows_by_key_on_a_table_with_a_
             claim = generic_plan(conn, _CLAIM, {
                 "who": [0], "names": ["s1"], "room": [8], "passes": 8, "kinds": [1], "n": 8,
                 "wi": 1.25, "wb": 5.0, "replica": "r", "deliverer": None, "lease": 15.0,
-                "at": at, "micros": 0, "channel": "c", "work": "w",
+                "at": datetime.now(UTC), "micros": 0, "channel": "c", "work": "w",
             })  # fmt: skip
             moves = generic_plan(
                 conn, _WRITE_CHANGES, ["r", None, 15.0, "[]", ["x"], "c", "r", "w", "r"]
