@@ -91,6 +91,15 @@ def generic_plan(
     return "\n".join(str(row[0]) for row in rows)
 
 
+def claim_plan(conn: psycopg.Connection[tuple[object, ...]]) -> str:
+    """The claim's cached plan, for one scanner of 8 slots."""
+    return generic_plan(conn, _CLAIM, {
+        "who": [0], "names": ["s1"], "room": [8], "passes": 8, "kinds": [1], "n": 8,
+        "wi": 1.25, "wb": 5.0, "replica": "r", "deliverer": None, "lease": 15.0,
+        "at": datetime.now(UTC), "micros": 0, "channel": "c", "work": "w",
+    })  # fmt: skip
+
+
 async def test_the_claim_and_the_moves_find_their_rows_by_key_on_a_table_with_a_backlog() -> None:
     schema = new_schema_name()
     store = PostgresRepository(DATABASE_URL, schema=schema)
@@ -103,11 +112,7 @@ async def test_the_claim_and_the_moves_find_their_rows_by_key_on_a_table_with_a_
         options = f"-c search_path={schema} -c plan_cache_mode=force_generic_plan"
         with psycopg.connect(DATABASE_URL, autocommit=True, options=options) as conn:
             conn.execute("ANALYZE jobs")
-            claim = generic_plan(conn, _CLAIM, {
-                "who": [0], "names": ["s1"], "room": [8], "passes": 8, "kinds": [1], "n": 8,
-                "wi": 1.25, "wb": 5.0, "replica": "r", "deliverer": None, "lease": 15.0,
-                "at": datetime.now(UTC), "micros": 0, "channel": "c", "work": "w",
-            })  # fmt: skip
+            claim = claim_plan(conn)
             moves = generic_plan(
                 conn, _WRITE_CHANGES, ["r", None, 15.0, "[]", ["x"], "c", "r", "w", "r"]
             )
@@ -116,5 +121,34 @@ async def test_the_claim_and_the_moves_find_their_rows_by_key_on_a_table_with_a_
         assert "Seq Scan on jobs" not in moves, moves
         assert "jobs_pkey" in claim
         assert "jobs_pkey" in moves
+    finally:
+        drop_schema(schema)
+
+
+async def test_claims_read_each_lane_queue_even_with_statistics_taken_when_every_job_waited() -> (
+    None
+):
+    """A burst of submits is analyzed while its jobs still wait. Once most of them finished,
+    the cached claim must still read the lane's queue, not walk the table in arrival order over
+    every finished job (which took ~10 ms of database time per claim at 18,000 finished)."""
+    schema = new_schema_name()
+    store = PostgresRepository(DATABASE_URL, schema=schema)
+    await store.open()
+    try:
+        await queue(store, "a", 3000, 150)
+    finally:
+        await store.close()
+    try:
+        options = f"-c search_path={schema} -c plan_cache_mode=force_generic_plan"
+        with psycopg.connect(DATABASE_URL, autocommit=True, options=options) as conn:
+            conn.execute("ANALYZE jobs")  # every row PENDING in the statistics
+            conn.execute(
+                "UPDATE jobs SET status = 4 WHERE seq <= (SELECT min(seq) + 2700 FROM jobs)"
+            )
+            claim = claim_plan(conn)
+        assert "jobs_pending_bulk" in claim, claim
+        assert "jobs_pending_interactive" in claim, claim
+        assert "jobs_seq_key" not in claim, claim
+        assert "jobs_status" not in claim, claim
     finally:
         drop_schema(schema)
