@@ -1053,17 +1053,8 @@ class PostgresRepository:
         return page, (page[-1].seq if len(rows) > size else None)
 
     async def counts(self) -> Counts:
-        # One round trip (clients poll this, as the bench does) that reads no job but each
-        # lane's oldest PENDING one (the head of the partial index): the numbers are the sums
-        # of job_counts, which every write keeps.
         async with self._conn() as conn:
-            cursor = await conn.execute(
-                "SELECT 0, status, sum(n)::bigint, NULL::timestamptz FROM job_counts "
-                "GROUP BY status "
-                "UNION ALL SELECT lane, 1, sum(n)::bigint, (SELECT created_at FROM jobs "
-                "WHERE status = 1 AND lane = c.lane ORDER BY seq LIMIT 1) "
-                "FROM job_counts AS c WHERE status = 1 GROUP BY lane"
-            )
+            cursor = await conn.execute(_COUNTS)
             rows = await cursor.fetchall()
         by_status: dict[JobStatus, int] = {}
         lanes: dict[Lane, tuple[int, datetime | None]] = {}
@@ -1088,16 +1079,7 @@ class PostgresRepository:
             return [0] * len(jobs)
         async with self._conn() as conn:
             cursor = await conn.execute(
-                # ``b`` is materialized so that each lane's count runs once, not once per job.
-                "WITH p AS (SELECT * FROM unnest(%s::smallint[], %s::bigint[]) AS p(lane, seq)), "
-                "b AS MATERIALIZED (SELECT lane, min(seq) AS first, max(seq) AS last, "
-                "(SELECT count(*) FROM jobs WHERE status = 1 AND jobs.lane = p.lane "
-                "AND jobs.seq < min(p.seq)) AS ahead FROM p GROUP BY lane) "
-                "SELECT s.seq, b.ahead + s.k FROM b CROSS JOIN LATERAL (SELECT seq, "
-                "row_number() OVER (ORDER BY seq) AS k FROM jobs WHERE status = 1 "
-                "AND lane = b.lane AND seq BETWEEN b.first AND b.last) AS s "
-                "JOIN p ON p.lane = b.lane AND p.seq = s.seq",
-                ([job.spec.lane.value for job in asked], [job.seq for job in asked]),
+                _POSITIONS, ([job.spec.lane.value for job in asked], [job.seq for job in asked])
             )
             found = {int(seq): int(n) for seq, n in await cursor.fetchall()}
         # A job claimed since it was read is no longer in the queue: 0, as for any other.
@@ -1616,6 +1598,38 @@ _WRITE_CHANGES = (
     "FROM w), "
     "(SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM w WHERE status = 1 LIMIT 1) AS q) "
     "FROM w"
+)
+
+# The statements that read a lane's queue name the lane as a constant, one part per lane, so
+# that each reads its lane's own partial index (jobs_pending_bulk, jobs_pending_interactive)
+# whatever the table's statistics say (migration 0006 says why).
+_COUNTS = (
+    # One round trip (clients poll this, as the bench does) that reads no job but each lane's
+    # oldest PENDING one (the head of its index): the numbers are the sums of job_counts,
+    # which every write keeps.
+    "SELECT 0, status, sum(n)::bigint, NULL::timestamptz FROM job_counts GROUP BY status"
+    + "".join(
+        f" UNION ALL SELECT {lane.value}, 1, (SELECT coalesce(sum(n), 0)::bigint "
+        f"FROM job_counts WHERE status = 1 AND lane = {lane.value}), (SELECT created_at "
+        f"FROM jobs WHERE status = 1 AND lane = {lane.value} ORDER BY seq LIMIT 1)"
+        for lane in Lane
+    )
+)
+_POSITIONS = (
+    # Per lane: the PENDING jobs before the page's first one of the lane are counted once,
+    # then the page's jobs are numbered along the PENDING jobs of their span.
+    "WITH p AS MATERIALIZED "
+    "(SELECT * FROM unnest(%s::smallint[], %s::bigint[]) AS p(lane, seq)) "
+    + " UNION ALL ".join(
+        f"SELECT s.seq, a.ahead + s.k FROM (SELECT min(seq) AS first, max(seq) AS last "
+        f"FROM p WHERE lane = {lane.value}) AS b "
+        f"CROSS JOIN LATERAL (SELECT count(*) AS ahead FROM jobs WHERE status = 1 "
+        f"AND lane = {lane.value} AND seq < b.first) AS a "
+        f"CROSS JOIN LATERAL (SELECT seq, row_number() OVER (ORDER BY seq) AS k FROM jobs "
+        f"WHERE status = 1 AND lane = {lane.value} AND seq BETWEEN b.first AND b.last) AS s "
+        f"JOIN p ON p.lane = {lane.value} AND p.seq = s.seq"
+        for lane in Lane
+    )
 )
 
 _CLAIM = f"""
