@@ -27,6 +27,7 @@ from server.core.model import (
     Trigger,
 )
 from server.storage.postgres import PostgresRepository, migrations
+from server.storage.postgres.repository import CLAIM_CHUNK
 from server.storage.repository import Claimed, Demand, Inserted, JobFilter
 from tests.postgres import DATABASE_URL, drop_schema, new_schema_name
 
@@ -503,3 +504,36 @@ async def test_what_a_replica_without_a_receiver_changed_is_owed_to_no_one() -> 
         for repository in (quiet, gone, heir):
             await repository.close()  # a second close does nothing
         drop_schema(schema)
+
+
+async def test_a_claim_of_many_jobs_takes_them_in_one_statement_and_announces_every_one(
+    pair: tuple[PostgresRepository, PostgresRepository],
+) -> None:
+    """More jobs than one NOTIFY payload holds (CLAIM_CHUNK) are claimed at once for many
+    free slots; the other replica hears every assignment, for its watchers."""
+    a, b = pair
+    count = 2 * CLAIM_CHUNK + 100
+    heard: set[str] = set()
+    everything = asyncio.Event()
+
+    def moved(job: Job, transition: Transition) -> None:
+        if transition.to_status is JobStatus.IN_PROGRESS:
+            heard.add(job.id)
+            if len(heard) == count:
+                everything.set()
+
+    b.subscribe(work=lambda: None, moved=moved, listened=lambda i: True, held=list)
+    await listening(b)
+    inserted = await a.insert_many([spec(f"many{n}") for n in range(count)], at=datetime.now(UTC))
+    claimed = await a.claim(
+        [Demand("s1", ALL, count), Demand("s2", ALL, count)], at=datetime.now(UTC)
+    )
+    assert sorted(c.moved.job.seq for c in claimed) == sorted(i.job.seq for i in inserted)
+    # Rows one transaction wrote share its id: one claim statement wrote them all.
+    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
+        query = sql.SQL("SELECT count(DISTINCT xmin::text) FROM {}.jobs WHERE status = 2")
+        row = await (await conn.execute(query.format(sql.Identifier(a.schema)))).fetchone()
+    assert row == (1,)
+    async with asyncio.timeout(10):
+        await everything.wait()
+    assert heard == {i.job.id for i in inserted}

@@ -68,9 +68,13 @@ STATUS = {m.value: m for m in JobStatus}
 _HELD = (S.IN_PROGRESS.value, S.PROCESSING_RESULTS.value)
 _IN_PROGRESS = frozenset({S.IN_PROGRESS})
 _PROCESSING = frozenset({S.PROCESSING_RESULTS})
-# A claim statement hands out at most this many jobs: its NOTIFY payload (job ids) must stay
-# under PostgreSQL's 8000 bytes.
+# Inserts and moves are written at most this many rows per statement: each statement's NOTIFY
+# payload (job ids) must stay under PostgreSQL's 8000 bytes. A claim announces its rows in
+# pieces of this many, one NOTIFY each.
 CLAIM_CHUNK = 150
+# A claim statement hands out at most this many jobs: a burst of submits with many Free slots
+# is claimed in one statement and one commit rather than a round trip per CLAIM_CHUNK.
+CLAIM_MAX = 1_000
 # Batches of moves in flight at once (see PostgresRepository.__init__).
 MOVE_BATCHES = 2
 # The table is analyzed again (its statistics, and so every cached plan on it) each time this
@@ -838,12 +842,17 @@ class PostgresRepository:
             self._queued += 1
             queued = self._queued  # the insert's own count included: nothing is missed
             groups = []
+            # Dispatch lends its Free scanners only when its last pass emptied the queue: the
+            # claim asks for about this batch's jobs (a few more may be other replicas'), not
+            # for every free slot (its statement's work grows with what it asks).
+            wanted = min(max(len(fresh), CLAIM_CHUNK), CLAIM_MAX)
             for kinds, room in self._groups(demands).items():
                 if self._drained.get(kinds) == queued:
                     continue
-                n = min(sum(room.values()), CLAIM_CHUNK)
+                n = min(sum(room.values()), wanted)
                 params = self._claim_params(demands, room, kinds, n, at)
-                groups.append((kinds, n, await conn.execute(_CLAIM, params)))
+                statement = _CLAIM if n <= CLAIM_CHUNK else _CLAIM_MANY
+                groups.append((kinds, n, await conn.execute(statement, params)))
         # Committed (leaving the pipeline is its Sync): now the claims are real. A group
         # that got all it asked for may have more waiting: the pass after the insert asks.
         created: list[Job] = []
@@ -1131,10 +1140,11 @@ class PostgresRepository:
             if self._drained.get(kinds) == queued:
                 continue
             while room:
-                n = min(sum(room.values()), CLAIM_CHUNK)
+                n = min(sum(room.values()), CLAIM_MAX)
                 params = self._claim_params(demands, room, kinds, n, at)
                 async with self._conn() as conn:
-                    cursor = await conn.execute(_CLAIM, params)
+                    statement = _CLAIM if n <= CLAIM_CHUNK else _CLAIM_MANY
+                    cursor = await conn.execute(statement, params)
                     got = self._claimed(await cursor.fetchall())
                 out.extend(got)
                 for item in got:
@@ -1632,7 +1642,19 @@ _POSITIONS = (
     )
 )
 
-_CLAIM = f"""
+# The claim announces the rows it took (one NOTIFY) or, above CLAIM_CHUNK rows, in pieces
+# (one NOTIFY each: a payload must stay under 8000 bytes). Two statements, so that the claims
+# of a few jobs (single submits) do not pay for the numbering of pieces.
+_ANNOUNCE_ONE = """SELECT pg_notify(%(channel)s, %(replica)s || ' ' ||
+        string_agg(id || ':' || jsonb_array_length(history), ','))
+    FROM claimed"""
+_ANNOUNCE_PIECES = f"""SELECT count(pg_notify(%(channel)s, %(replica)s || ' ' || items)) FROM (
+        SELECT string_agg(id || ':' || jsonb_array_length(history), ',') AS items
+        FROM (SELECT id, history, (row_number() OVER () - 1) / {CLAIM_CHUNK} AS piece
+            FROM claimed) AS numbered
+        GROUP BY piece
+    ) AS pieces"""
+_CLAIM_TEMPLATE = f"""
 WITH slots AS (
     -- The demands' slots one per demand per pass, in the demands' order: the first n.
     SELECT d.who, d.name, row_number() OVER (ORDER BY pass, d.nth) AS k
@@ -1685,9 +1707,7 @@ counted AS (
     GROUP BY d.status, picked.lane, d.sign
 )
 SELECT claimed.*, (
-    SELECT pg_notify(%(channel)s, %(replica)s || ' ' ||
-        string_agg(id || ':' || jsonb_array_length(history), ','))
-    FROM claimed
+    {{announce}}
 ), (
     -- Rows this statement locked but did not take (each lane locks up to n, n are taken)
     -- were skipped by every claim running at the same moment, which may then have found
@@ -1697,3 +1717,5 @@ SELECT claimed.*, (
         > (SELECT count(*) FROM picked)
 ) FROM claimed
 """
+_CLAIM = _CLAIM_TEMPLATE.format(announce=_ANNOUNCE_ONE)  # at most CLAIM_CHUNK rows
+_CLAIM_MANY = _CLAIM_TEMPLATE.format(announce=_ANNOUNCE_PIECES)
