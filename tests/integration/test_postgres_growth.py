@@ -98,6 +98,24 @@ def generic_plan(
     return "\n".join(str(row[0]) for row in rows)
 
 
+async def backlog(count: int) -> str:
+    """A new schema with ``count`` jobs queued by a store (closed since): its name."""
+    schema = new_schema_name()
+    store = PostgresRepository(DATABASE_URL, schema=schema)
+    await store.open()
+    try:
+        await queue(store, "a", count, 150)
+    finally:
+        await store.close()
+    return schema
+
+
+def planning(schema: str) -> psycopg.Connection[tuple[object, ...]]:
+    """A connection to ``schema`` that plans as the store's do (generic plans)."""
+    options = f"-c search_path={schema} -c plan_cache_mode=force_generic_plan"
+    return psycopg.connect(DATABASE_URL, autocommit=True, options=options)
+
+
 def claim_plan(conn: psycopg.Connection[tuple[object, ...]]) -> str:
     """The claim's cached plan, for one scanner of 8 slots."""
     return generic_plan(conn, _CLAIM, {
@@ -108,16 +126,9 @@ def claim_plan(conn: psycopg.Connection[tuple[object, ...]]) -> str:
 
 
 async def test_the_claim_and_the_moves_find_their_rows_by_key_on_a_table_with_a_backlog() -> None:
-    schema = new_schema_name()
-    store = PostgresRepository(DATABASE_URL, schema=schema)
-    await store.open()
+    schema = await backlog(3000)
     try:
-        await queue(store, "a", 3000, 150)
-    finally:
-        await store.close()
-    try:
-        options = f"-c search_path={schema} -c plan_cache_mode=force_generic_plan"
-        with psycopg.connect(DATABASE_URL, autocommit=True, options=options) as conn:
+        with planning(schema) as conn:
             conn.execute("ANALYZE jobs")
             claim = claim_plan(conn)
             moves = generic_plan(
@@ -137,16 +148,9 @@ async def test_the_queue_is_read_through_each_lane_index_after_statistics_of_a_b
     the cached claim, queue counts and positions must still read each lane's queue, not walk
     the table in arrival order over every finished job (each took 7-10 ms of database time
     with 18,000 finished)."""
-    schema = new_schema_name()
-    store = PostgresRepository(DATABASE_URL, schema=schema)
-    await store.open()
+    schema = await backlog(3000)
     try:
-        await queue(store, "a", 3000, 150)
-    finally:
-        await store.close()
-    try:
-        options = f"-c search_path={schema} -c plan_cache_mode=force_generic_plan"
-        with psycopg.connect(DATABASE_URL, autocommit=True, options=options) as conn:
+        with planning(schema) as conn:
             conn.execute("ANALYZE jobs")  # every row PENDING in the statistics
             conn.execute(
                 "UPDATE jobs SET status = 4 WHERE seq <= (SELECT min(seq) + 2700 FROM jobs)"
