@@ -27,7 +27,7 @@ from server.core.model import (
     Trigger,
 )
 from server.storage.postgres import PostgresRepository, migrations
-from server.storage.postgres.repository import CLAIM_CHUNK
+from server.storage.postgres.repository import NOTIFY_IDS
 from server.storage.repository import Claimed, Demand, Inserted, JobFilter
 from tests.postgres import DATABASE_URL, drop_schema, new_schema_name
 
@@ -509,10 +509,10 @@ async def test_what_a_replica_without_a_receiver_changed_is_owed_to_no_one() -> 
 async def test_a_claim_of_many_jobs_takes_them_in_one_statement_and_announces_every_one(
     pair: tuple[PostgresRepository, PostgresRepository],
 ) -> None:
-    """More jobs than one NOTIFY payload holds (CLAIM_CHUNK) are claimed at once for many
+    """More jobs than one NOTIFY payload holds (NOTIFY_IDS) are claimed at once for many
     free slots; the other replica hears every assignment, for its watchers."""
     a, b = pair
-    count = 2 * CLAIM_CHUNK + 100
+    count = 2 * NOTIFY_IDS + 100
     heard: set[str] = set()
     everything = asyncio.Event()
 

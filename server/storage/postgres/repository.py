@@ -68,12 +68,12 @@ STATUS = {m.value: m for m in JobStatus}
 _HELD = (S.IN_PROGRESS.value, S.PROCESSING_RESULTS.value)
 _IN_PROGRESS = frozenset({S.IN_PROGRESS})
 _PROCESSING = frozenset({S.PROCESSING_RESULTS})
-# Inserts and moves are written at most this many rows per statement: each statement's NOTIFY
-# payload (job ids) must stay under PostgreSQL's 8000 bytes. A claim announces its rows in
+# The most job ids one NOTIFY names (its payload must stay under PostgreSQL's 8000 bytes): inserts
+# and moves write at most this many rows per statement, and a claim announces its rows in
 # pieces of this many, one NOTIFY each.
-CLAIM_CHUNK = 150
+NOTIFY_IDS = 150
 # A claim statement hands out at most this many jobs: a burst of submits with many Free slots
-# is claimed in one statement and one commit rather than a round trip per CLAIM_CHUNK.
+# is claimed in one statement and one commit rather than a round trip per NOTIFY_IDS.
 CLAIM_MAX = 1_000
 # Batches of moves in flight at once (see PostgresRepository.__init__).
 MOVE_BATCHES = 2
@@ -836,8 +836,8 @@ class PostgresRepository:
         at = datetime.now(UTC)
         async with conn.pipeline():
             sent = [
-                await self._send_rows(conn, specs, keys, fresh[start : start + CLAIM_CHUNK], ats)
-                for start in range(0, len(fresh), CLAIM_CHUNK)
+                await self._send_rows(conn, specs, keys, fresh[start : start + NOTIFY_IDS], ats)
+                for start in range(0, len(fresh), NOTIFY_IDS)
             ]
             self._queued += 1
             queued = self._queued  # the insert's own count included: nothing is missed
@@ -845,13 +845,13 @@ class PostgresRepository:
             # Dispatch lends its Free scanners only when its last pass emptied the queue: the
             # claim asks for about this batch's jobs (a few more may be other replicas'), not
             # for every free slot (its statement's work grows with what it asks).
-            wanted = min(max(len(fresh), CLAIM_CHUNK), CLAIM_MAX)
+            wanted = min(max(len(fresh), NOTIFY_IDS), CLAIM_MAX)
             for kinds, room in self._groups(demands).items():
                 if self._drained.get(kinds) == queued:
                     continue
                 n = min(sum(room.values()), wanted)
                 params = self._claim_params(demands, room, kinds, n, at)
-                statement = _CLAIM if n <= CLAIM_CHUNK else _CLAIM_MANY
+                statement = _CLAIM if n <= NOTIFY_IDS else _CLAIM_MANY
                 groups.append((kinds, n, await conn.execute(statement, params)))
         # Committed (leaving the pipeline is its Sync): now the claims are real. A group
         # that got all it asked for may have more waiting: the pass after the insert asks.
@@ -900,9 +900,9 @@ class PostgresRepository:
             if pending + len(fresh) > queue_limit:
                 raise queue_full(queue_limit, pending, len(fresh))
         created: list[Job] = []
-        for start in range(0, len(fresh), CLAIM_CHUNK):
+        for start in range(0, len(fresh), NOTIFY_IDS):
             jobs, cursor = await self._send_rows(
-                conn, specs, keys, fresh[start : start + CLAIM_CHUNK], ats
+                conn, specs, keys, fresh[start : start + NOTIFY_IDS], ats
             )
             created += await self._rows_inserted(jobs, cursor)
             self._queued += 1
@@ -1143,7 +1143,7 @@ class PostgresRepository:
                 n = min(sum(room.values()), CLAIM_MAX)
                 params = self._claim_params(demands, room, kinds, n, at)
                 async with self._conn() as conn:
-                    statement = _CLAIM if n <= CLAIM_CHUNK else _CLAIM_MANY
+                    statement = _CLAIM if n <= NOTIFY_IDS else _CLAIM_MANY
                     cursor = await conn.execute(statement, params)
                     got = self._claimed(await cursor.fetchall())
                 out.extend(got)
@@ -1338,8 +1338,8 @@ class PostgresRepository:
                     outcomes[i] = Moved(job.copy() if follower else job, transition)
                 changes = sorted(changed.values(), key=lambda change: change.job.id)
                 written: set[str] = set()
-                for start in range(0, len(changes), CLAIM_CHUNK):
-                    written |= await self._write_changes(conn, changes[start : start + CLAIM_CHUNK])
+                for start in range(0, len(changes), NOTIFY_IDS):
+                    written |= await self._write_changes(conn, changes[start : start + NOTIFY_IDS])
             self._remember(changes, written)
             todo = [
                 i for i in todo if batch[i].job_id in changed and batch[i].job_id not in written
@@ -1642,7 +1642,7 @@ _POSITIONS = (
     )
 )
 
-# The claim announces the rows it took (one NOTIFY) or, above CLAIM_CHUNK rows, in pieces
+# The claim announces the rows it took (one NOTIFY) or, above NOTIFY_IDS rows, in pieces
 # (one NOTIFY each: a payload must stay under 8000 bytes). Two statements, so that the claims
 # of a few jobs (single submits) do not pay for the numbering of pieces.
 _ANNOUNCE_ONE = """SELECT pg_notify(%(channel)s, %(replica)s || ' ' ||
@@ -1650,7 +1650,7 @@ _ANNOUNCE_ONE = """SELECT pg_notify(%(channel)s, %(replica)s || ' ' ||
     FROM claimed"""
 _ANNOUNCE_PIECES = f"""SELECT count(pg_notify(%(channel)s, %(replica)s || ' ' || items)) FROM (
         SELECT string_agg(id || ':' || jsonb_array_length(history), ',') AS items
-        FROM (SELECT id, history, (row_number() OVER () - 1) / {CLAIM_CHUNK} AS piece
+        FROM (SELECT id, history, (row_number() OVER () - 1) / {NOTIFY_IDS} AS piece
             FROM claimed) AS numbered
         GROUP BY piece
     ) AS pieces"""
@@ -1717,5 +1717,5 @@ SELECT claimed.*, (
         > (SELECT count(*) FROM picked)
 ) FROM claimed
 """
-_CLAIM = _CLAIM_TEMPLATE.format(announce=_ANNOUNCE_ONE)  # at most CLAIM_CHUNK rows
+_CLAIM = _CLAIM_TEMPLATE.format(announce=_ANNOUNCE_ONE)  # at most NOTIFY_IDS rows
 _CLAIM_MANY = _CLAIM_TEMPLATE.format(announce=_ANNOUNCE_PIECES)
