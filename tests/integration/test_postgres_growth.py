@@ -134,7 +134,7 @@ async def test_the_claim_and_the_moves_find_their_rows_by_key_on_a_table_with_a_
             moves = generic_plan(
                 conn, _WRITE_CHANGES, ["r", None, 15.0, "[]", ["x"], "c", "r", "w", "r"]
             )
-        # The queue's own CTEs read the pending index; no statement reads the whole table.
+        # The queue's own CTEs read each lane's index; no statement reads the whole table.
         assert "Seq Scan on jobs" not in claim, claim
         assert "Seq Scan on jobs" not in moves, moves
         assert "jobs_pkey" in claim

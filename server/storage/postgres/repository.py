@@ -851,8 +851,7 @@ class PostgresRepository:
                     continue
                 n = min(sum(room.values()), wanted)
                 params = self._claim_params(demands, room, kinds, n, at)
-                statement = _CLAIM if n <= NOTIFY_IDS else _CLAIM_MANY
-                groups.append((kinds, n, await conn.execute(statement, params)))
+                groups.append((kinds, n, await conn.execute(_claim_statement(n), params)))
         # Committed (leaving the pipeline is its Sync): now the claims are real. A group
         # that got all it asked for may have more waiting: the pass after the insert asks.
         created: list[Job] = []
@@ -1143,8 +1142,7 @@ class PostgresRepository:
                 n = min(sum(room.values()), CLAIM_MAX)
                 params = self._claim_params(demands, room, kinds, n, at)
                 async with self._conn() as conn:
-                    statement = _CLAIM if n <= NOTIFY_IDS else _CLAIM_MANY
-                    cursor = await conn.execute(statement, params)
+                    cursor = await conn.execute(_claim_statement(n), params)
                     got = self._claimed(await cursor.fetchall())
                 out.extend(got)
                 for item in got:
@@ -1719,3 +1717,8 @@ SELECT claimed.*, (
 """
 _CLAIM = _CLAIM_TEMPLATE.format(announce=_ANNOUNCE_ONE)  # at most NOTIFY_IDS rows
 _CLAIM_MANY = _CLAIM_TEMPLATE.format(announce=_ANNOUNCE_PIECES)
+
+
+def _claim_statement(n: int) -> str:
+    """The claim for at most ``n`` jobs."""
+    return _CLAIM if n <= NOTIFY_IDS else _CLAIM_MANY
