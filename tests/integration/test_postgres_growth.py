@@ -23,7 +23,7 @@ from server.storage.postgres.repository import (
     _WRITE_CHANGES,
     ANALYZE_FROM,
 )
-from tests.postgres import DATABASE_URL, drop_schema, new_schema_name
+from tests.postgres import DATABASE_URL, schema
 
 
 def spec(tag: str) -> JobSpec:
@@ -38,7 +38,7 @@ async def queue(store: PostgresRepository, prefix: str, count: int, batch: int) 
         await store.insert_many([spec(f"{prefix}{n}") for n in range(start, start + batch)], at=at)
 
 
-async def analyzed(schema: str, times: int) -> tuple[int, float]:
+async def analyzed(name: str, times: int) -> tuple[int, float]:
     """Until the jobs table was analyzed by hand (not by autovacuum) ``times`` times, with a
     deadline of 10 s: how many times, and the rows its statistics now hold."""
     end = time.monotonic() + 10
@@ -48,7 +48,7 @@ async def analyzed(schema: str, times: int) -> tuple[int, float]:
                 "SELECT s.analyze_count, c.reltuples FROM pg_stat_user_tables AS s "
                 "JOIN pg_class AS c ON c.oid = s.relid "
                 "WHERE s.schemaname = %s AND s.relname = 'jobs'",
-                (schema,),
+                (name,),
             )
             row = await cursor.fetchone()
             assert row is not None
@@ -58,19 +58,18 @@ async def analyzed(schema: str, times: int) -> tuple[int, float]:
 
 
 async def test_the_jobs_table_is_analyzed_each_time_the_rows_a_replica_inserted_double() -> None:
-    schema = new_schema_name()
-    store = PostgresRepository(DATABASE_URL, schema=schema)
-    await store.open()
-    try:
-        await queue(store, "a", ANALYZE_FROM, 100)
-        assert await analyzed(schema, 1) == (1, ANALYZE_FROM)
-        # Duplicates add no rows: the next analyze waits for as many new rows again.
-        await store.insert_many([spec("a0"), spec("a1")], at=datetime.now(UTC))
-        await queue(store, "b", ANALYZE_FROM, 100)
-        assert await analyzed(schema, 2) == (2, 2 * ANALYZE_FROM)
-    finally:
-        await store.close()
-        drop_schema(schema)
+    with schema() as name:
+        store = PostgresRepository(DATABASE_URL, schema=name)
+        await store.open()
+        try:
+            await queue(store, "a", ANALYZE_FROM, 100)
+            assert await analyzed(name, 1) == (1, ANALYZE_FROM)
+            # Duplicates add no rows: the next analyze waits for as many new rows again.
+            await store.insert_many([spec("a0"), spec("a1")], at=datetime.now(UTC))
+            await queue(store, "b", ANALYZE_FROM, 100)
+            assert await analyzed(name, 2) == (2, 2 * ANALYZE_FROM)
+        finally:
+            await store.close()
 
 
 def generic_plan(
@@ -98,21 +97,19 @@ def generic_plan(
     return "\n".join(str(row[0]) for row in rows)
 
 
-async def backlog(count: int) -> str:
-    """A new schema with ``count`` jobs queued by a store (closed since): its name."""
-    schema = new_schema_name()
-    store = PostgresRepository(DATABASE_URL, schema=schema)
+async def backlog(name: str, count: int) -> None:
+    """``count`` jobs queued in schema ``name`` by a store (closed since)."""
+    store = PostgresRepository(DATABASE_URL, schema=name)
     await store.open()
     try:
         await queue(store, "a", count, 150)
     finally:
         await store.close()
-    return schema
 
 
-def planning(schema: str) -> psycopg.Connection[tuple[object, ...]]:
-    """A connection to ``schema`` that plans as the store's do (generic plans)."""
-    options = f"-c search_path={schema} -c plan_cache_mode=force_generic_plan"
+def planning(name: str) -> psycopg.Connection[tuple[object, ...]]:
+    """A connection to schema ``name`` that plans as the store's do (generic plans)."""
+    options = f"-c search_path={name} -c plan_cache_mode=force_generic_plan"
     return psycopg.connect(DATABASE_URL, autocommit=True, options=options)
 
 
@@ -126,21 +123,19 @@ def claim_plan(conn: psycopg.Connection[tuple[object, ...]]) -> str:
 
 
 async def test_the_claim_and_the_moves_find_their_rows_by_key_on_a_table_with_a_backlog() -> None:
-    schema = await backlog(3000)
-    try:
-        with planning(schema) as conn:
+    with schema() as name:
+        await backlog(name, 3000)
+        with planning(name) as conn:
             conn.execute("ANALYZE jobs")
             claim = claim_plan(conn)
             moves = generic_plan(
                 conn, _WRITE_CHANGES, ["r", None, 15.0, "[]", ["x"], "c", "r", "w", "r"]
             )
-        # The queue's own CTEs read each lane's index; no statement reads the whole table.
-        assert "Seq Scan on jobs" not in claim, claim
-        assert "Seq Scan on jobs" not in moves, moves
-        assert "jobs_pkey" in claim
-        assert "jobs_pkey" in moves
-    finally:
-        drop_schema(schema)
+    # The queue's own CTEs read each lane's index; no statement reads the whole table.
+    assert "Seq Scan on jobs" not in claim, claim
+    assert "Seq Scan on jobs" not in moves, moves
+    assert "jobs_pkey" in claim
+    assert "jobs_pkey" in moves
 
 
 async def test_the_queue_is_read_through_each_lane_index_after_statistics_of_a_burst() -> None:
@@ -148,9 +143,9 @@ async def test_the_queue_is_read_through_each_lane_index_after_statistics_of_a_b
     the cached claim, queue counts and positions must still read each lane's queue, not walk
     the table in arrival order over every finished job (each took 7-10 ms of database time
     with 18,000 finished)."""
-    schema = await backlog(3000)
-    try:
-        with planning(schema) as conn:
+    with schema() as name:
+        await backlog(name, 3000)
+        with planning(name) as conn:
             conn.execute("ANALYZE jobs")  # every row PENDING in the statistics
             conn.execute(
                 "UPDATE jobs SET status = 4 WHERE seq <= (SELECT min(seq) + 2700 FROM jobs)"
@@ -160,10 +155,8 @@ async def test_the_queue_is_read_through_each_lane_index_after_statistics_of_a_b
                 "counts": generic_plan(conn, _COUNTS, []),
                 "positions": generic_plan(conn, _POSITIONS, [[1, 2], [2800, 2900]]),
             }
-        for name, plan in plans.items():
-            assert "jobs_pending_bulk" in plan, (name, plan)
-            assert "jobs_pending_interactive" in plan, (name, plan)
-            assert "jobs_seq_key" not in plan, (name, plan)
-            assert "jobs_status" not in plan, (name, plan)
-    finally:
-        drop_schema(schema)
+    for statement, plan in plans.items():
+        assert "jobs_pending_bulk" in plan, (statement, plan)
+        assert "jobs_pending_interactive" in plan, (statement, plan)
+        assert "jobs_seq_key" not in plan, (statement, plan)
+        assert "jobs_status" not in plan, (statement, plan)
